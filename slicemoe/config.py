@@ -1,0 +1,105 @@
+"""Run configuration as plain dataclasses.
+
+These are the schema of one run (DESIGN.md section 1). They double as Hydra structured configs
+(the sweep registers them), but nothing here imports Hydra: a run can be built in a notebook
+with `RunConfig(cache=CacheConfig(frac=0.25))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # Local directory (or hub id where a network exists). None = the shipped tiny checkpoint.
+    path: Optional[str] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class BitsConfig:
+    name: str = "mat84"
+    # high=None means no expert quantization (fp16/fp32 weights as loaded).
+    high: Optional[int] = 8
+    # low=None means a single precision (no Matryoshka slicing).
+    low: Optional[int] = 4
+    scheme: str = "amat"  # amat | trunc | base
+    symmetric: bool = False
+    group: int = 32
+    # Non-expert weights: symmetric INT8 group 128 in the paper; None leaves them as loaded.
+    nonexpert_bits: Optional[int] = 8
+    nonexpert_group: int = 128
+
+
+@dataclass
+class CacheConfig:
+    name: str = "frac_25"
+    # Exactly one of the two: a fraction of all routed-expert bytes at high precision, or bytes.
+    frac: Optional[float] = 0.25
+    bytes: Optional[int] = None
+    eviction: str = "lru"  # lru | lfu | fifo | belady
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "dbsc"
+    routing: str = "topk"  # topk | cache_prior | cumsum | max_rank
+    precision: str = "dbsc"  # high | low | dbsc
+    tau: float = 0.5  # DBSC: critical when normalised gate score >= tau
+    lsb_miss: str = "fetch"  # fetch | skip
+    lam: float = 0.0  # cache_prior strength (multiplies max-min logit range)
+    cumsum_p: float = 0.9  # cumsum: cumulative-probability threshold for candidates
+    max_rank_keep: int = 1  # max_rank: top-J always kept
+    max_rank_m: int = 8  # max_rank: cached experts within rank M may fill the rest
+    warmup: str = "lru"  # empty | last_layer | random | lru | pcw
+    warmup_steps: int = 10  # decode steps before statistics start counting
+    # Optional online controller: adapt lam to hold miss_rate_hbn under this target.
+    miss_rate_target: Optional[float] = None
+
+
+@dataclass
+class HardwareConfig:
+    """Energy/latency model parameters; defaults are the SliceMoE mobile platform."""
+
+    name: str = "mobile_lpddr4_ufs31"
+    xpu_tops: float = 16.4
+    xpu_tops_per_w: float = 3.18
+    dram_gbps: float = 104.0  # gigabit/s
+    dram_pj_per_bit: float = 1.5
+    dram_gb: float = 8.0  # gigabyte
+    flash_gbps: float = 10.0
+    flash_pj_per_bit: float = 103.0
+    flash_gb: float = 128.0
+    kv_bits: int = 8
+    act_bits: int = 16
+    overlap_flash: bool = False  # True: Flash time overlaps compute/DRAM time of the layer
+
+
+@dataclass
+class EvalConfig:
+    task: str = "arith"  # arith | gsm8k | wikitext
+    limit: Optional[int] = 40  # number of documents (None = all)
+    num_fewshot: int = 5
+    max_new_tokens: int = 64
+    data_path: Optional[str] = None  # gsm8k dir with train/test jsonl, or a text file
+    seq_len: int = 256  # wikitext window
+    stride: int = 256  # wikitext stride
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bits: BitsConfig = field(default_factory=BitsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    batch_size: int = 8  # independent sequences simulated at once, each with its own cache
+    trace: bool = False  # record every slice request to a parquet file
+    trace_path: Optional[str] = None

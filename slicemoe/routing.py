@@ -1,0 +1,147 @@
+"""Cache-aware expert selection and DBSC precision (DESIGN.md section 4).
+
+Every policy takes router logits for a batch of tokens `[B, E]` (one row per token, each row
+possibly on its own device/cache) and the cache state `cached[B, E]` (an MSB or FULL slice of
+that expert is in DRAM for that row), and returns `(idx[B, k], weights[B, k])`. The weights are
+always the model's own gate weights of the chosen experts (its scoring, top-k normalisation and
+scaling), so a policy changes *which* experts run, never how their outputs are mixed.
+
+The cache-aware rules follow Skliar et al., "Mixture of Cache-Conditional Experts" (TMLR 2025).
+All of them are written as "rank by a priority, break ties by probability" so that one `topk`
+call selects for the whole batch at once:
+- cache_prior: logits + lam * (max - min logit) on cached experts, then the model's top-k.
+- cumsum: candidates = the smallest prefix (by probability) whose mass reaches p, at least k of
+  them; cached candidates first, then the remaining candidates by rank.
+- max_rank: the top-J always run; the other k-J slots go to cached experts ranked within the
+  top M, falling back to rank order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How a model turns router logits into gate weights."""
+
+    top_k: int
+    scoring: str = "softmax"  # softmax | sigmoid
+    norm_topk: bool = False  # renormalise the k chosen weights to sum to 1
+    scale: float = 1.0  # DeepSeek's routed_scaling_factor
+    n_group: int = 1  # DeepSeek group-limited greedy: experts split into n_group groups ...
+    topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
+
+    def allowed(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """Mask of experts in the selected groups (None when routing is not group limited)."""
+        if self.n_group <= 1 or self.topk_group >= self.n_group:
+            return None
+        b, e = probs.shape
+        group_score = probs.view(b, self.n_group, -1).amax(-1)
+        top = group_score.topk(self.topk_group, dim=-1).indices
+        gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top, True)
+        return gmask.repeat_interleave(e // self.n_group, dim=1)
+
+    def weights(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        w = probs.gather(-1, idx)
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
+        return w * self.scale
+
+
+@dataclass(frozen=True)
+class RoutingParams:
+    lam: float = 0.0
+    cumsum_p: float = 0.9
+    max_rank_keep: int = 1
+    max_rank_m: int = 8
+
+
+def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor):
+    # Priorities are small integers; adding probabilities in [0, 1) breaks ties by rank.
+    key = priority.float() * 2.0 + probs
+    allowed = gate.allowed(probs)
+    if allowed is not None:
+        key = key.masked_fill(~allowed, float("-inf"))
+    idx = key.topk(gate.top_k, dim=-1).indices
+    return idx, gate.weights(probs, idx)
+
+
+def _ranks(probs: torch.Tensor) -> torch.Tensor:
+    order = probs.argsort(-1, descending=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(probs.shape[-1]).expand_as(order))
+
+
+def topk(gate: Gate, logits, cached, p: RoutingParams):
+    probs = gate.probs(logits)
+    return _select(gate, probs, torch.zeros_like(probs))
+
+
+def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
+    logits = logits.float()
+    spread = logits.amax(-1, keepdim=True) - logits.amin(-1, keepdim=True)
+    boosted = gate.probs(logits + p.lam * spread * cached.float())
+    allowed = gate.allowed(boosted)
+    if allowed is not None:
+        boosted = boosted.masked_fill(~allowed, float("-inf"))
+    idx = boosted.topk(gate.top_k, dim=-1).indices
+    return idx, gate.weights(gate.probs(logits), idx)
+
+
+def cumsum(gate: Gate, logits, cached, p: RoutingParams):
+    probs = gate.probs(logits)
+    sorted_p, order = probs.sort(-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    cand_sorted = (mass_before < p.cumsum_p * sorted_p.sum(-1, keepdim=True)) | (
+        torch.arange(probs.shape[-1]) < gate.top_k
+    )
+    cand = torch.zeros_like(cand_sorted).scatter_(-1, order, cand_sorted)
+    priority = cand.long() + (cand & cached).long()
+    return _select(gate, probs, priority)
+
+
+def max_rank(gate: Gate, logits, cached, p: RoutingParams):
+    probs = gate.probs(logits)
+    rank = _ranks(probs)
+    keep = rank < p.max_rank_keep
+    fill = cached & (rank < p.max_rank_m)
+    return _select(gate, probs, 2 * keep.long() + fill.long())
+
+
+ROUTING: dict[str, Callable] = {
+    "topk": topk,
+    "cache_prior": cache_prior,
+    "cumsum": cumsum,
+    "max_rank": max_rank,
+}
+
+
+def route(name: str, gate: Gate, logits, cached, params: RoutingParams):
+    if name not in ROUTING:
+        raise ValueError(f"policy.routing={name!r} is unknown; choose one of {sorted(ROUTING)}")
+    return ROUTING[name](gate, logits, torch.as_tensor(cached, dtype=torch.bool), params)
+
+
+def critical(weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """DBSC: an expert is critical (runs high-bit) when its gate weight, normalised over the
+    chosen experts of its token, is >= tau. tau=0 -> all high-bit; tau>1 -> all low-bit."""
+    norm = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    return norm >= tau
+
+
+def precision(mode: str, weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """Which chosen experts request the high-bit path: policy.precision high | low | dbsc."""
+    if mode == "high":
+        return torch.ones_like(weights, dtype=torch.bool)
+    if mode == "low":
+        return torch.zeros_like(weights, dtype=torch.bool)
+    if mode == "dbsc":
+        return critical(weights, tau)
+    raise ValueError(f"policy.precision={mode!r} is unknown; choose high, low or dbsc")
