@@ -18,8 +18,8 @@ call selects for the whole batch at once:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -76,7 +76,9 @@ def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor):
 
 def _ranks(probs: torch.Tensor) -> torch.Tensor:
     order = probs.argsort(-1, descending=True)
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(probs.shape[-1]).expand_as(order))
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(probs.shape[-1]).expand_as(order)
+    )
 
 
 def topk(gate: Gate, logits, cached, p: RoutingParams):

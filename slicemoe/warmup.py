@@ -10,7 +10,7 @@ tokens routed to that expert and `kind` is the slice that makes an expert usable
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
