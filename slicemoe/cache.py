@@ -215,7 +215,10 @@ class SliceCache:
         self.resident = np.zeros((num_layers, num_experts), dtype=bool)
         self.stats = Stats()
         self.counting = True
-        self.trace: list | None = None  # list of (layer, expert, kind, bytes, hit) when enabled
+        # When a list: every request is appended as (*tag, layer, expert, kind, bytes, hit), the
+        # owner setting `tag` (e.g. sequence, phase, step) before issuing requests.
+        self.trace: list | None = None
+        self.tag: tuple = ()
 
     def __contains__(self, key: Key) -> bool:
         return key in self.entries
@@ -246,14 +249,16 @@ class SliceCache:
         if key[2] != "LSB":
             self.resident[key[0], key[1]] = True
 
-    def request(self, key: Key) -> bool:
-        """One slice request: a hit refreshes the entry, a miss fetches it from Flash."""
+    def request(self, key: Key, fetch: bool = True) -> bool:
+        """One slice request: a hit refreshes the entry, a miss fetches it from Flash.
+
+        With fetch=False a miss is counted but nothing moves (DBSC's lsb_miss=skip)."""
         hit = key in self.entries
         if hit:
             self._pool(key).touch(key)
-        else:
+        elif fetch:
             self.insert(key)
-        nbytes = self.sizes[key[2]]
+        nbytes = self.sizes[key[2]] if hit or fetch else 0
         if self.counting:
             s = self.stats
             s.requests[key[2]] += 1
@@ -265,14 +270,14 @@ class SliceCache:
                 s.bytes_missed[key[2]] += nbytes
                 s.layer_misses[key[0]] += 1
         if self.trace is not None:
-            self.trace.append((key[0], key[1], key[2], nbytes, hit))
+            self.trace.append((*self.tag, key[0], key[1], key[2], nbytes, hit))
         return hit
 
-    def access(self, layer: int, expert: int, kinds: Iterable[str]) -> list[bool]:
+    def access(self, layer: int, expert: int, kinds: Iterable[str], fetch_lsb=True) -> list[bool]:
         """One expert activation requesting the given slices, in order."""
         if self.counting:
             self.stats.activations += 1
-        return [self.request((layer, expert, k)) for k in kinds]
+        return [self.request((layer, expert, k), fetch_lsb or k != "LSB") for k in kinds]
 
     def contents(self) -> set[Key]:
         return set(self.entries)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 from slicemoe.config import HardwareConfig
 
 
@@ -41,15 +43,16 @@ class Cost:
 def charge(hw: HardwareConfig, ops: float, dram_bytes: float, flash_bytes: float) -> Cost:
     """Cost of one layer step that does `ops` operations and moves the given bytes.
 
+    Scalars or numpy arrays (one entry per simulated device) work alike.
     Flash fills land in DRAM, so callers include the filled bytes in `dram_bytes` too.
     """
     compute_s = ops / (hw.xpu_tops * 1e12)
     dram_s = dram_bytes * 8 / (hw.dram_gbps * 1e9)
     flash_s = flash_bytes * 8 / (hw.flash_gbps * 1e9)
     if hw.overlap_flash:
-        latency = max(compute_s, dram_s, flash_s)
+        latency = np.maximum(np.maximum(compute_s, dram_s), flash_s)
     else:
-        latency = max(compute_s, dram_s) + flash_s
+        latency = np.maximum(compute_s, dram_s) + flash_s
     return Cost(
         ops=ops,
         dram_bytes=dram_bytes,

@@ -1,0 +1,283 @@
+"""Put the slice cache, AMAT precision and hardware accounting inside a HF MoE model.
+
+Two in-place changes per sparse block, both through the seams the model already has:
+- `experts`: its fused weights become the quantized high-bit experts followed by the low-path
+  experts (2E "virtual experts"); index e runs expert e at high precision, e + E at low. The
+  model's own experts implementation (eager / grouped_mm) then computes whatever mix a token
+  needs in one call.
+- `gate`: its class is swapped for a subclass whose forward still computes the model's router
+  logits (so `output_router_logits` keeps working) but hands the choice of experts and
+  precision to the `Runtime`, which talks to the caches.
+
+The runtime simulates B independent single-batch devices: row b of a batch has its own cache,
+statistics and hardware meter, so a batch of prompts gives the same per-sequence results as
+running them one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from slicemoe import quant
+from slicemoe.cache import SliceCache
+from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
+from slicemoe.hardware import Cost, charge
+from slicemoe.models import Shape, gate_rule, moe_blocks
+from slicemoe.routing import Gate, RoutingParams, precision, route
+
+# --- quantization of a loaded model ---------------------------------------------------------
+
+
+def _qdq(w: torch.Tensor, bits: BitsConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized (high path, low path) weights of one fused expert tensor."""
+    qt = quant.quantize(w, bits.high, bits.group, bits.symmetric)
+    high = qt.dequantize(w.dtype)
+    if bits.low is None:
+        return high, high
+    return high, quant.low_path(w, qt, bits.low, bits.scheme).dequantize(w.dtype)
+
+
+@torch.no_grad()
+def quantize_model(model, bits: BitsConfig) -> None:
+    """Quantize experts (high and low path) and, optionally, the non-expert linear weights.
+
+    Routers stay as loaded: they are a negligible share of the bytes and routing decisions
+    are what the cache policies study, so they should not move with the expert precision.
+    """
+    blocks = moe_blocks(model)
+    for block in blocks:
+        ex = block.experts
+        e = ex.gate_up_proj.shape[0]
+        pairs = [_qdq(p.data, bits) for p in (ex.gate_up_proj, ex.down_proj)]
+        if bits.high is None:  # fp16/fp32 as loaded: low path = high path
+            pairs = [(p.data, p.data) for p in (ex.gate_up_proj, ex.down_proj)]
+        ex.gate_up_proj = torch.nn.Parameter(torch.cat(pairs[0]), requires_grad=False)
+        ex.down_proj = torch.nn.Parameter(torch.cat(pairs[1]), requires_grad=False)
+        ex.num_experts = 2 * e
+    if bits.nonexpert_bits is None:
+        return
+    routers = {id(b.gate.weight) for b in blocks}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in routers:
+            w = module.weight.data
+            if w.shape[-1] % bits.nonexpert_group == 0:
+                qt = quant.quantize(w, bits.nonexpert_bits, bits.nonexpert_group, symmetric=True)
+                module.weight.data = qt.dequantize(w.dtype)
+
+
+# --- accounting constants -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Per-layer bytes and operations the hardware model charges (weights as stored)."""
+
+    shape: Shape
+    sizes: dict  # slice kind -> bytes (FULL = high-bit expert)
+    low_bytes: int  # bytes an expert computed on the low path reads (its MSB slice)
+    dense_params: int  # non-expert params per MoE layer (attention, shared expert, norms)
+    dense_bytes: int
+    head_params: int  # embedding read + LM head, once per token
+    head_bytes: int
+    kv_bytes_per_token: int  # per layer, K and V at kv_bits
+    attn_dim: int  # heads x head_dim, for the attention-score operations
+
+
+def footprint(model, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Footprint:
+    c = model.config
+    n_exp = shape.expert_params
+    if bits.high is None:
+        wbytes = 2 if model.dtype != torch.float32 else 4
+        sizes = {"FULL": n_exp * wbytes, "MSB": n_exp * wbytes, "LSB": 0}
+    else:
+        sizes = quant.slice_bytes(n_exp, bits.high, bits.low, bits.group, bits.symmetric)
+    low = sizes["MSB"] if bits.low is not None else sizes["FULL"]
+    layers = c.num_hidden_layers
+    total = sum(p.numel() for p in model.parameters())
+    experts = (
+        sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in moe_blocks(model))
+        // 2
+    )
+    head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    dense = (total - experts - head) // layers
+    dense_w = (bits.nonexpert_bits or 16) / 8
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    return Footprint(
+        shape=shape,
+        sizes=sizes,
+        low_bytes=low,
+        dense_params=dense,
+        dense_bytes=int(dense * dense_w),
+        head_params=c.vocab_size * c.hidden_size,
+        head_bytes=int(c.vocab_size * c.hidden_size * dense_w),
+        kv_bytes_per_token=2 * kv_heads * head_dim * hw.kv_bits // 8,
+        attn_dim=c.num_attention_heads * head_dim,
+    )
+
+
+# --- the runtime ----------------------------------------------------------------------------
+
+
+@dataclass
+class SeqState:
+    """One simulated device: its cache, prefill counts, meters and decode tallies."""
+
+    cache: SliceCache
+    counts: np.ndarray  # [layer, expert] prefill routing counts (PCW's hotness)
+    cost: dict = field(default_factory=lambda: {"prefill": Cost(), "decode": Cost()})
+    expert_calls: int = 0
+    highbit_calls: int = 0
+    resident_sum: float = 0.0
+    resident_steps: int = 0
+    decode_tokens: int = 0
+
+
+class Runtime:
+    def __init__(self, gate: Gate, fp: Footprint, policy: PolicyConfig, hw: HardwareConfig):
+        self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
+        self.params = RoutingParams(
+            policy.lam, policy.cumsum_p, policy.max_rank_keep, policy.max_rank_m
+        )
+        self.sliced = policy.precision in ("low", "dbsc")
+        self.E = fp.shape.num_experts
+        self.seqs: list[SeqState] = []
+        self.phase = "prefill"
+        self.valid: torch.Tensor | None = None  # [B, S] prefill token mask (no padding)
+        self.active: np.ndarray | None = None  # [B] decode rows still generating
+        self.context: np.ndarray | None = None  # [B] tokens in each row's KV cache
+        self.step_cost = np.zeros(0)  # decode energy of the current step, per row
+
+    def start(self, caches: list[SliceCache]) -> None:
+        shape = (self.fp.shape.num_moe_layers, self.E)
+        self.seqs = [SeqState(c, np.zeros(shape, dtype=np.int64)) for c in caches]
+
+    def _charge(self, b_rows, ops, dram, flash) -> None:
+        cost = charge(
+            self.hw, np.asarray(ops, float), np.asarray(dram, float), np.asarray(flash, float)
+        )
+        for i, b in enumerate(b_rows):
+            one = Cost(*(float(getattr(cost, f)[i]) for f in Cost.__dataclass_fields__))
+            self.seqs[b].cost[self.phase] = self.seqs[b].cost[self.phase] + one
+            if self.phase == "decode":
+                self.step_cost[b] += one.energy_j
+
+    def head(self, n_tokens: np.ndarray) -> None:
+        """Embedding + LM head for n_tokens[b] tokens of each row (weights read once)."""
+        rows = np.nonzero(n_tokens)[0]
+        fp = self.fp
+        self._charge(
+            rows,
+            2.0 * fp.head_params * n_tokens[rows],
+            np.full(len(rows), fp.head_bytes),
+            np.zeros(len(rows)),
+        )
+
+    def route(self, layer: int, logits: torch.Tensor):
+        """Choose experts and precision for one MoE layer; returns (weights, virtual idx)."""
+        if self.phase == "prefill":
+            return self._prefill(layer, logits)
+        return self._decode(layer, logits)
+
+    def _prefill(self, layer, logits):
+        b, s = self.valid.shape
+        probs = self.gate.probs(logits)
+        allowed = self.gate.allowed(probs)
+        masked = probs if allowed is None else probs.masked_fill(~allowed, -1.0)
+        idx = masked.topk(self.gate.top_k, dim=-1).indices
+        w = self.gate.weights(probs, idx)
+        onehot = torch.zeros(b * s, self.E, dtype=torch.int64).scatter_(1, idx.cpu(), 1)
+        counts = (onehot.view(b, s, self.E) * self.valid.view(b, s, 1)).sum(1).numpy()
+        kinds = ("MSB", "LSB") if self.sliced else ("FULL",)
+        fp, ops, dram, flash = self.fp, [], [], []
+        for row in range(b):
+            st = self.seqs[row]
+            st.counts[layer] += counts[row]
+            used = np.nonzero(counts[row])[0]
+            missed = 0
+            for e in used:
+                hits = st.cache.access(layer, int(e), kinds)
+                missed += sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h)
+            n = int(self.valid[row].sum())
+            ctx = int(self.context[row])
+            ops.append(
+                2.0 * n * (fp.dense_params + self.gate.top_k * fp.shape.expert_params)
+                + 2.0 * fp.attn_dim * n * (ctx + n)
+            )
+            dram.append(
+                fp.dense_bytes + len(used) * fp.sizes["FULL"] + n * fp.kv_bytes_per_token + missed
+            )
+            flash.append(missed)
+        self._charge(range(b), ops, dram, flash)
+        return w.to(logits.dtype), idx
+
+    def _decode(self, layer, logits):
+        cached = np.stack([st.cache.resident[layer] for st in self.seqs])
+        idx, w = route(
+            self.policy.routing, self.gate, logits, torch.from_numpy(cached), self.params
+        )
+        high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
+        idx_np = idx.cpu().numpy()
+        fp, fetch = self.fp, self.policy.lsb_miss == "fetch"
+        use_high = np.zeros_like(high)
+        rows, ops, dram, flash = [], [], [], []
+        for row, st in enumerate(self.seqs):
+            if not self.active[row]:
+                use_high[row] = high[row]
+                continue
+            missed = read = 0
+            for j, e in enumerate(idx_np[row]):
+                if not self.sliced:
+                    kinds = ("FULL",)
+                else:
+                    kinds = ("MSB", "LSB") if high[row, j] else ("MSB",)
+                hits = st.cache.access(layer, int(e), kinds, fetch_lsb=fetch)
+                got_lsb = len(kinds) == 2 and (hits[1] or fetch)
+                use_high[row, j] = (not self.sliced) or got_lsb
+                missed += sum(
+                    fp.sizes[k] for k, h in zip(kinds, hits) if not h and (fetch or k != "LSB")
+                )
+                read += fp.sizes["FULL"] if use_high[row, j] else fp.low_bytes
+            if layer == 0:
+                st.decode_tokens += 1
+            st.expert_calls += len(idx_np[row])
+            st.highbit_calls += int(use_high[row].sum())
+            if layer == 0 and st.cache.counting:
+                st.resident_sum += float(st.cache.resident.sum())
+                st.resident_steps += 1
+            ctx = int(self.context[row])
+            rows.append(row)
+            ops.append(
+                2.0 * (fp.dense_params + len(idx_np[row]) * fp.shape.expert_params)
+                + 4.0 * fp.attn_dim * ctx
+            )
+            dram.append(fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed)
+            flash.append(missed)
+        self._charge(rows, ops, dram, flash)
+        virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
+        return w.to(logits.dtype), virt
+
+
+def install(model, runtime: Runtime) -> None:
+    """Swap each block's router class for one that defers to the runtime."""
+    for layer, block in enumerate(moe_blocks(model)):
+        gate = block.gate
+        base = type(gate)
+        if not getattr(base, "_slicemoe", False):
+            gate.__class__ = type(
+                f"Slice{base.__name__}", (base,), {"forward": _routed_forward, "_slicemoe": True}
+            )
+        gate._slicemoe_layer = layer
+        gate._slicemoe_runtime = runtime
+
+
+def _routed_forward(self, hidden_states):
+    logits = super(type(self), self).forward(hidden_states)[0]
+    weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits)
+    return logits, weights, idx
+
+
+__all__ = ["Runtime", "install", "quantize_model", "footprint", "gate_rule"]

@@ -1,0 +1,475 @@
+"""One run end to end: a model, a cache, a precision policy and a task -> a flat metrics dict.
+
+`run(cfg)` is a pure function of the resolved config (and its seed). `load(cfg)` does the heavy
+part (reading and quantizing the model) so that a process serving many runs of one model (a
+sweep worker) loads it once per `load_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slicemoe.cache import EVICTION, SliceCache
+from slicemoe.config import RunConfig
+from slicemoe.eval import TASKS, get_task
+from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
+from slicemoe.models.adapter import Runtime, footprint, install, quantize_model
+from slicemoe.routing import ROUTING
+from slicemoe.warmup import WARMUP, apply_warmup
+
+METRICS = (
+    "accuracy",
+    "accuracy_flexible",
+    "perplexity",
+    "miss_rate",
+    "miss_rate_hbn",
+    "miss_rate_msb",
+    "miss_rate_lsb",
+    "flash_bytes",
+    "dram_bytes",
+    "energy_prefill_j",
+    "energy_decode_j",
+    "energy_decode_compute_j",
+    "energy_decode_dram_j",
+    "energy_decode_flash_j",
+    "latency_prefill_s",
+    "latency_decode_s",
+    "decode_tokens",
+    "prefill_tokens",
+    "highbit_fraction",
+    "cached_experts_mean",
+    "wall_s",
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; `field` is its dotted name."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def validate(cfg: RunConfig) -> None:
+    """Fail before any work with a message naming the field and the fix."""
+    b, p, c, e = cfg.bits, cfg.policy, cfg.cache, cfg.eval
+    if b.high is not None and not 2 <= b.high <= 8:
+        raise ConfigError("bits.high", f"{b.high} is out of range; use 2..8 or null for fp16")
+    if b.low is not None:
+        if b.high is None:
+            raise ConfigError("bits.low", "slicing needs quantized experts; set bits.high too")
+        if not 1 <= b.low < b.high:
+            raise ConfigError("bits.low", f"low bits {b.low} must be below bits.high={b.high}")
+    if b.scheme not in ("amat", "trunc", "base"):
+        raise ConfigError("bits.scheme", f"{b.scheme!r} is unknown; use amat, trunc or base")
+    if b.group < 1:
+        raise ConfigError("bits.group", "must be a positive divisor of the input dims")
+    if p.routing not in ROUTING:
+        raise ConfigError(
+            "policy.routing", f"{p.routing!r} is unknown; use one of {sorted(ROUTING)}"
+        )
+    if p.precision not in ("high", "low", "dbsc"):
+        raise ConfigError("policy.precision", f"{p.precision!r} is unknown; use high, low or dbsc")
+    if p.precision != "high" and b.low is None:
+        raise ConfigError(
+            "policy.precision",
+            f"{p.precision} needs Matryoshka bits (bits.low); pick bits=mat84/mat63/mat42",
+        )
+    if p.warmup not in WARMUP:
+        raise ConfigError("policy.warmup", f"{p.warmup!r} is unknown; use one of {sorted(WARMUP)}")
+    if p.lsb_miss not in ("fetch", "skip"):
+        raise ConfigError("policy.lsb_miss", f"{p.lsb_miss!r} is unknown; use fetch or skip")
+    if p.warmup_steps < 0:
+        raise ConfigError("policy.warmup_steps", "must be >= 0")
+    if c.eviction not in EVICTION:
+        raise ConfigError(
+            "cache.eviction", f"{c.eviction!r} is unknown; use one of {sorted(EVICTION)}"
+        )
+    if c.eviction == "belady":
+        # The oracle replays a recorded request sequence, so requests must not depend on it.
+        if p.routing != "topk" or p.lsb_miss != "fetch" or p.warmup in ("random", "pcw"):
+            raise ConfigError(
+                "cache.eviction",
+                "belady needs cache-independent requests: policy.routing=topk, "
+                "policy.lsb_miss=fetch and a warmup that inserts nothing (lru/empty/last_layer)",
+            )
+    if (c.frac is None) == (c.bytes is None):
+        raise ConfigError("cache", "set exactly one of cache.frac and cache.bytes (the other null)")
+    if c.frac is not None and not 0 < c.frac <= 1:
+        raise ConfigError("cache.frac", f"{c.frac} must be in (0, 1]")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError("model.dtype", "use float32, bfloat16 or float16")
+    try:
+        shape = read_shape(cfg.model.path)
+    except FileNotFoundError as err:
+        raise ConfigError("model.path", str(err)) from None
+    sizes = expert_sizes(cfg, shape)
+    need = max(sizes["MSB"], sizes["FULL"] if p.precision == "high" else 0)
+    if capacity_bytes(cfg, shape) < need:
+        raise ConfigError(
+            "cache",
+            f"capacity {capacity_bytes(cfg, shape):,} B is below one expert slice ({need:,} B); "
+            "raise cache.frac or cache.bytes",
+        )
+    get_task_or_error(e.task)
+    if e.data_path is not None and not Path(e.data_path).exists():
+        raise ConfigError("eval.data_path", f"{e.data_path} does not exist; point it at the data")
+    if e.task != "arith" and e.data_path is None:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "eval.data_path",
+                f"task {e.task} needs local data (no `datasets` here): set eval.data_path",
+            ) from None
+    if e.limit is not None and e.limit < 1:
+        raise ConfigError("eval.limit", "must be >= 1 or null for all documents")
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size", "must be >= 1")
+
+
+def get_task_or_error(name: str):
+    try:
+        return get_task(name)
+    except ValueError:
+        raise ConfigError("eval.task", f"{name!r} is unknown; use one of {sorted(TASKS)}") from None
+
+
+def expert_sizes(cfg: RunConfig, shape: Shape) -> dict:
+    from slicemoe.quant import slice_bytes
+
+    b = cfg.bits
+    if b.high is None:
+        n = shape.expert_params * (4 if cfg.model.dtype == "float32" else 2)
+        return {"FULL": n, "MSB": n, "LSB": 0}
+    return slice_bytes(shape.expert_params, b.high, b.low, b.group, b.symmetric)
+
+
+def capacity_bytes(cfg: RunConfig, shape: Shape) -> int:
+    if cfg.cache.bytes is not None:
+        return int(cfg.cache.bytes)
+    total = shape.num_moe_layers * shape.num_experts * expert_sizes(cfg, shape)["FULL"]
+    return int(cfg.cache.frac * total)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    key: str
+    model: object
+    tokenizer: object
+    shape: Shape
+    device: torch.device
+
+
+def load_key(cfg: RunConfig) -> str:
+    return json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.bits)], sort_keys=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load(cfg: RunConfig) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_path(cfg.model.path)
+    device = _device(cfg.model.device)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype))
+    model = model.to(device).eval()
+    quantize_model(model, cfg.bits)
+    return Loaded(load_key(cfg), model, tok, read_shape(path), device)
+
+
+# --- simulation ------------------------------------------------------------------------------
+
+
+def _batches(items, n):
+    for i in range(0, len(items), n):
+        yield i, items[i : i + n]
+
+
+class _Simulator:
+    """Runs batches of sequences through prefill, warmup and decode with the runtime in the loop."""
+
+    def __init__(self, cfg: RunConfig, loaded: Loaded, eviction: str, futures=None, record=False):
+        self.cfg, self.loaded = cfg, loaded
+        self.model = loaded.model
+        fp = footprint(loaded.model, loaded.shape, cfg.bits, cfg.hardware)
+        self.fp = fp
+        self.rt = Runtime(gate_rule(loaded.model.config), fp, cfg.policy, cfg.hardware)
+        install(loaded.model, self.rt)
+        self.capacity = capacity_bytes(cfg, loaded.shape)
+        self.eviction, self.futures = eviction, futures or {}
+        self.record = record or cfg.trace
+        self.rng = np.random.default_rng(cfg.seed)
+        self.states, self.traces = [], []
+        self.curve_requests = np.zeros(cfg.eval.max_new_tokens + 1)
+        self.curve_misses = np.zeros_like(self.curve_requests)
+        self.curve_energy = np.zeros_like(self.curve_requests)
+        tok = loaded.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def _caches(self, first_seq: int, n: int):
+        shape = self.loaded.shape
+        caches = []
+        for i in range(n):
+            c = SliceCache(
+                self.capacity,
+                self.fp.sizes,
+                shape.num_moe_layers,
+                shape.num_experts,
+                self.eviction,
+                future=self.futures.get(first_seq + i),
+            )
+            c.trace = [] if self.record else None
+            c.counting = False
+            caches.append(c)
+        return caches
+
+    @torch.no_grad()
+    def batch(self, first_seq, prompts, forced=None, max_new=0, stop=(), eos=None):
+        """Prefill `prompts` (token lists), then decode. With `forced` (token lists to score),
+        decode is teacher-forced and the NLL of each forced token is returned; otherwise decode
+        is greedy until a stop string / eos / max_new tokens and the generated ids are returned."""
+        cfg, rt, dev = self.cfg, self.rt, self.loaded.device
+        b = len(prompts)
+        caches = self._caches(first_seq, b)
+        rt.start(caches)
+        lens = torch.tensor([len(p) for p in prompts])
+        s = int(lens.max())
+        ids = torch.full((b, s), self.pad, dtype=torch.long)
+        mask = torch.zeros((b, s), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, s - len(p) :] = torch.tensor(p)
+            mask[i, s - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        for i, c in enumerate(caches):
+            c.tag = (first_seq + i, "prefill", -1)
+        rt.phase, rt.valid = "prefill", mask.bool()
+        rt.context = np.zeros(b, dtype=np.int64)
+        out = self.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            use_cache=True,
+            output_router_logits=False,
+        )
+        rt.head(np.ones(b, dtype=np.int64))
+        past, logits = out.past_key_values, out.logits[:, -1].float()
+        kind = "MSB" if rt.sliced else "FULL"
+        for st in rt.seqs:
+            apply_warmup(cfg.policy.warmup, st.cache, st.counts, kind, self.rng)
+
+        steps = max(len(f) for f in forced) if forced is not None else max_new
+        active = np.ones(b, dtype=bool)
+        context = lens.numpy().copy()
+        nll = [[] for _ in range(b)]
+        gen = [[] for _ in range(b)]
+        texts = ["" for _ in range(b)]
+        tok = self.loaded.tokenizer
+        next_pos = pos[:, -1] + 1
+        for t in range(steps):
+            # Choose this step's input token per row, and retire rows that are done.
+            logp = torch.log_softmax(logits, -1).cpu()
+            step_tokens = torch.full((b,), self.pad, dtype=torch.long)
+            for i in range(b):
+                if not active[i]:
+                    continue
+                if forced is not None:
+                    if t >= len(forced[i]):
+                        active[i] = False
+                        continue
+                    step_tokens[i] = forced[i][t]
+                    nll[i].append(-float(logp[i, forced[i][t]]))
+                else:
+                    nxt = int(logp[i].argmax())
+                    gen[i].append(nxt)
+                    texts[i] = tok.decode(gen[i])
+                    if nxt == eos or any(x in texts[i] for x in stop):
+                        active[i] = False
+                        continue
+                    step_tokens[i] = nxt
+            if not active.any() or (forced is None and t == steps - 1):
+                break
+            for i, c in enumerate(caches):
+                c.counting = t >= cfg.policy.warmup_steps
+                c.tag = (first_seq + i, "decode", t)
+            before = [(c.stats.total_requests(), c.stats.misses()) for c in caches]
+            rt.phase, rt.active, rt.context = "decode", active.copy(), context.copy()
+            rt.step_cost = np.zeros(b)
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+            out = self.model(
+                input_ids=step_tokens.view(b, 1).to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=next_pos.view(b, 1).to(dev),
+                past_key_values=past,
+                use_cache=True,
+                output_router_logits=False,
+            )
+            rt.head(active.astype(np.int64))
+            past, logits = out.past_key_values, out.logits[:, -1].float()
+            next_pos = next_pos + 1
+            context += active
+            for i, c in enumerate(caches):
+                self.curve_requests[t] += c.stats.total_requests() - before[i][0]
+                self.curve_misses[t] += c.stats.misses() - before[i][1]
+            self.curve_energy[t] += rt.step_cost.sum()
+        self.states.extend(rt.seqs)
+        for c in caches:
+            if c.trace is not None:
+                self.traces.append(c.trace)
+        if forced is not None:
+            return nll
+        return [_cut(t, stop) for t in texts]
+
+
+def _cut(text: str, stop) -> str:
+    cut = min([text.find(s) for s in stop if s in text] or [len(text)])
+    return text[:cut]
+
+
+def _evaluate(cfg: RunConfig, loaded: Loaded, eviction: str, futures=None, record=False):
+    task = get_task_or_error(cfg.eval.task)
+    sim = _Simulator(cfg, loaded, eviction, futures, record)
+    tok = loaded.tokenizer
+    scores: dict[str, list] = {}
+    prefill_tokens = 0
+    if task.kind == "generate":
+        docs = task.docs(cfg.eval, tok)
+        for start, chunk in _batches(docs, cfg.batch_size):
+            prompts = [tok(d.prompt)["input_ids"] for d in chunk]
+            texts = sim.batch(
+                start,
+                prompts,
+                max_new=cfg.eval.max_new_tokens,
+                stop=task.stop,
+                eos=tok.eos_token_id,
+            )
+            for d, text in zip(chunk, texts):
+                for k, v in task.score(d, text).items():
+                    scores.setdefault(k, []).append(v)
+            prefill_tokens += sum(len(p) for p in prompts)
+    else:
+        windows = task.windows(cfg.eval, tok)
+        nlls = []
+        for start, chunk in _batches(windows, cfg.batch_size):
+            prompts = [w.input_ids[: max(w.n_context, 1)] for w in chunk]
+            forced = [w.input_ids[max(w.n_context, 1) :] for w in chunk]
+            for row in sim.batch(start, prompts, forced=forced):
+                nlls.extend(row)
+            prefill_tokens += sum(len(p) for p in prompts)
+        scores["perplexity"] = [math.exp(float(np.mean(nlls)))] if nlls else [float("nan")]
+    return sim, scores, prefill_tokens
+
+
+def _futures(sim: _Simulator) -> dict:
+    """Per-sequence request sequences recorded by a first pass (for the Belady oracle)."""
+    out = {}
+    for trace in sim.traces:
+        if trace:
+            out[trace[0][0]] = [(r[3], r[4], r[5]) for r in trace]
+    return out
+
+
+def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
+    t0 = time.time()
+    validate(cfg)
+    if loaded is None:
+        loaded = load(cfg)
+    elif loaded.key != load_key(cfg):
+        raise ValueError("`loaded` was made for another model/bits config; call load(cfg)")
+    torch.manual_seed(cfg.seed)
+    futures = None
+    if cfg.cache.eviction == "belady":
+        first, _, _ = _evaluate(cfg, loaded, "lru", record=True)
+        futures = _futures(first)
+    sim, scores, prefill_tokens = _evaluate(cfg, loaded, cfg.cache.eviction, futures)
+    result = _metrics(cfg, sim, scores, prefill_tokens)
+    result["trace_path"] = _write_trace(cfg, sim) if cfg.trace else None
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def _metrics(cfg, sim: _Simulator, scores, prefill_tokens) -> dict:
+    from slicemoe.cache import Stats
+
+    total = Stats()
+    for st in sim.states:
+        s = st.cache.stats
+        for name in ("requests", "hits", "bytes_requested", "bytes_missed"):
+            for k, v in getattr(s, name).items():
+                getattr(total, name)[k] += v
+        total.activations += s.activations
+    pre = sum(
+        (st.cost["prefill"] for st in sim.states), start=type(sim.states[0].cost["prefill"])()
+    )
+    dec = sum((st.cost["decode"] for st in sim.states), start=type(pre)())
+    calls = sum(st.expert_calls for st in sim.states)
+    steps = sum(st.resident_steps for st in sim.states)
+    nan = float("nan")
+    mean = lambda k: float(np.mean(scores[k])) if k in scores else nan  # noqa: E731
+    req = np.maximum(sim.curve_requests, 1)
+    n_steps = int(np.nonzero(sim.curve_energy)[0].max() + 1) if sim.curve_energy.any() else 0
+    return {
+        "accuracy": mean("accuracy"),
+        "accuracy_flexible": mean("accuracy_flexible"),
+        "perplexity": mean("perplexity"),
+        "miss_rate": total.miss_rate(),
+        "miss_rate_hbn": total.miss_rate_hbn(sim.fp.sizes["FULL"]),
+        "miss_rate_msb": total.miss_rate("MSB")
+        if total.requests["MSB"]
+        else total.miss_rate("FULL"),
+        "miss_rate_lsb": total.miss_rate("LSB"),
+        "flash_bytes": float(pre.flash_bytes + dec.flash_bytes),
+        "dram_bytes": float(pre.dram_bytes + dec.dram_bytes),
+        "energy_prefill_j": pre.energy_j,
+        "energy_decode_j": dec.energy_j,
+        "energy_decode_compute_j": dec.compute_j,
+        "energy_decode_dram_j": dec.dram_j,
+        "energy_decode_flash_j": dec.flash_j,
+        "latency_prefill_s": pre.latency_s,
+        "latency_decode_s": dec.latency_s,
+        "decode_tokens": float(sum(st.decode_tokens for st in sim.states)),
+        "prefill_tokens": float(prefill_tokens),
+        "highbit_fraction": sum(st.highbit_calls for st in sim.states) / calls if calls else nan,
+        "cached_experts_mean": sum(st.resident_sum for st in sim.states) / steps if steps else nan,
+        "curves": {
+            "miss_rate_running": (np.cumsum(sim.curve_misses) / np.cumsum(req))[:n_steps].tolist(),
+            "energy_decode_cum_j": np.cumsum(sim.curve_energy)[:n_steps].tolist(),
+        },
+    }
+
+
+def run_key(cfg: RunConfig) -> str:
+    d = dataclasses.asdict(cfg)
+    d.pop("trace_path", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_trace(cfg: RunConfig, sim: _Simulator) -> str:
+    import pandas as pd
+
+    cols = ["sequence", "phase", "step", "layer", "expert", "slice", "bytes", "hit"]
+    rows = [r for t in sim.traces for r in t]
+    path = Path(cfg.trace_path or f"traces/trace-{run_key(cfg)}.parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=cols).to_parquet(path, index=False)
+    return str(path)
