@@ -1,0 +1,119 @@
+"""The AMAT comparison table (SliceMoE Table 1) for any local MoE checkpoint.
+
+Expert-only quantization (group 32; everything else as loaded): WikiText perplexity of the
+high-bit path and of the low path under each scheme, for Sym/Asym x Base/Trunc and AMAT, at
+MAT42, MAT63 and MAT84. No cache is involved: every expert runs at the path being measured.
+
+    python -m slicemoe.table1 --data ../shared/data/wikitext-2/test.txt
+    python -m slicemoe.table1 --model /path/to/Qwen1.5-MoE-A2.7B --data test.txt --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from slicemoe import quant
+from slicemoe.config import EvalConfig
+from slicemoe.eval.wikitext import windows
+from slicemoe.models import moe_blocks, resolve_path
+
+ROWS = [("Sym", "base"), ("Sym", "trunc"), ("Asym", "base"), ("Asym", "trunc"), ("AMAT", "amat")]
+MATS = [(4, 2), (6, 3), (8, 4)]
+
+
+@torch.no_grad()
+def perplexity(model, wins, batch: int, device) -> float:
+    nll, n = 0.0, 0
+    for i in range(0, len(wins), batch):
+        chunk = wins[i : i + batch]
+        s = max(len(w.input_ids) for w in chunk)
+        ids = torch.zeros(len(chunk), s, dtype=torch.long)
+        keep = torch.zeros(len(chunk), s, dtype=torch.bool)
+        for j, w in enumerate(chunk):
+            ids[j, : len(w.input_ids)] = torch.tensor(w.input_ids)
+            keep[j, max(w.n_context, 1) : len(w.input_ids)] = True
+        logits = model(input_ids=ids.to(device), output_router_logits=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        tok_lp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        mask = keep[:, 1:].to(device)
+        nll -= float(tok_lp[mask].sum())
+        n += int(mask.sum())
+    return math.exp(nll / n)
+
+
+def set_experts(model, originals, fn) -> None:
+    for block, (gu, dn) in zip(moe_blocks(model), originals):
+        block.experts.gate_up_proj.data = fn(gu).to(gu.dtype)
+        block.experts.down_proj.data = fn(dn).to(dn.dtype)
+
+
+def table(model_path, data, seq_len=256, limit=None, batch=8, device="cpu", dtype="float32"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_path(model_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    )
+    wins = windows(
+        EvalConfig(task="wikitext", data_path=data, seq_len=seq_len, stride=seq_len, limit=limit),
+        tok,
+    )
+    originals = [
+        (b.experts.gate_up_proj.data.clone(), b.experts.down_proj.data.clone())
+        for b in moe_blocks(model)
+    ]
+    ppl = lambda: perplexity(model, wins, batch, device)  # noqa: E731
+    out = {"fp": ppl()}
+    for h, l in MATS:
+        for quantizer, scheme in ROWS:
+            sym = quantizer == "Sym"
+            set_experts(model, originals, lambda w: quant.quantize(w, h, 32, sym).dequantize())
+            out[(quantizer, scheme, h, l, h)] = ppl()
+            set_experts(
+                model,
+                originals,
+                lambda w: quant.low_path(w, quant.quantize(w, h, 32, sym), l, scheme).dequantize(),
+            )
+            out[(quantizer, scheme, h, l, l)] = ppl()
+    set_experts(model, originals, lambda w: w)
+    return out, len(wins)
+
+
+def format_table(out) -> str:
+    head = (
+        "| quant | scheme | "
+        + " | ".join(f"MAT{h}{l} {b}b" for h, l in MATS for b in (h, l))
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (2 + 2 * len(MATS))]
+    for quantizer, scheme in ROWS:
+        cells = [f"{out[(quantizer, scheme, h, l, b)]:.4g}" for h, l in MATS for b in (h, l)]
+        lines.append(f"| {quantizer} | {scheme} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nunquantized experts: {out['fp']:.4g}"
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="local HF checkpoint (default: the shipped tiny model)"
+    )
+    ap.add_argument("--data", required=True, help="WikiText-2 test text file")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=None, help="first N windows only")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    out, n = table(a.model, a.data, a.seq_len, a.limit, a.batch, a.device, a.dtype)
+    print(f"WikiText perplexity over {n} windows of {a.seq_len} tokens\n")
+    print(format_table(out))
+
+
+if __name__ == "__main__":
+    main()
