@@ -44,10 +44,18 @@ def perplexity(model, wins, batch: int, device) -> float:
     return math.exp(nll / n)
 
 
-def set_experts(model, originals, fn) -> None:
+def set_experts(model, originals, h=None, l=None, sym=False, scheme="amat") -> None:
+    """Experts at the high-bit path (l=None), the low path of `scheme`, or as loaded (h=None)."""
+
+    def path(w):
+        if h is None:
+            return w
+        qt = quant.quantize(w, h, 32, sym)
+        return (qt if l is None else quant.low_path(w, qt, l, scheme)).dequantize(w.dtype)
+
     for block, (gu, dn) in zip(moe_blocks(model), originals):
-        block.experts.gate_up_proj.data = fn(gu).to(gu.dtype)
-        block.experts.down_proj.data = fn(dn).to(dn.dtype)
+        block.experts.gate_up_proj.data = path(gu)
+        block.experts.down_proj.data = path(dn)
 
 
 def table(model_path, data, seq_len=256, limit=None, batch=8, device="cpu", dtype="float32"):
@@ -58,28 +66,24 @@ def table(model_path, data, seq_len=256, limit=None, batch=8, device="cpu", dtyp
     model = (
         AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     )
-    wins = windows(
-        EvalConfig(task="wikitext", data_path=data, seq_len=seq_len, stride=seq_len, limit=limit),
-        tok,
-    )
+    ecfg = EvalConfig(task="wikitext", data_path=data, seq_len=seq_len, stride=seq_len, limit=limit)
+    wins = windows(ecfg, tok)
     originals = [
         (b.experts.gate_up_proj.data.clone(), b.experts.down_proj.data.clone())
         for b in moe_blocks(model)
     ]
-    ppl = lambda: perplexity(model, wins, batch, device)  # noqa: E731
-    out = {"fp": ppl()}
+    out = {"fp": perplexity(model, wins, batch, device)}
     for h, l in MATS:
-        for quantizer, scheme in ROWS:
-            sym = quantizer == "Sym"
-            set_experts(model, originals, lambda w: quant.quantize(w, h, 32, sym).dequantize())
-            out[(quantizer, scheme, h, l, h)] = ppl()
-            set_experts(
-                model,
-                originals,
-                lambda w: quant.low_path(w, quant.quantize(w, h, 32, sym), l, scheme).dequantize(),
-            )
-            out[(quantizer, scheme, h, l, l)] = ppl()
-    set_experts(model, originals, lambda w: w)
+        # The high-bit path depends only on the quantizer, so each is measured once.
+        for sym in (True, False):
+            set_experts(model, originals, h, None, sym)
+            high = perplexity(model, wins, batch, device)
+            for quantizer, scheme in ROWS:
+                if (quantizer == "Sym") == sym:
+                    out[(quantizer, scheme, h, l, h)] = high
+                    set_experts(model, originals, h, l, sym, scheme)
+                    out[(quantizer, scheme, h, l, l)] = perplexity(model, wins, batch, device)
+    set_experts(model, originals)
     return out, len(wins)
 
 
