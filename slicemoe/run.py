@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slicemoe.cache import EVICTION, SliceCache
+from slicemoe.cache import EVICTION, SliceCache, Stats
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
 from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
@@ -302,7 +302,8 @@ class _Simulator:
                 else:
                     nxt = int(logp[i].argmax())
                     gen[i].append(nxt)
-                    texts[i] = tok.decode(gen[i])
+                    if stop:
+                        texts[i] = tok.decode(gen[i])
                     if nxt == eos or any(x in texts[i] for x in stop):
                         active[i] = False
                         continue
@@ -314,7 +315,7 @@ class _Simulator:
                 c.tag = (first_seq + i, "decode", t)
             before = [(c.stats.total_requests(), c.stats.misses()) for c in caches]
             rt.phase, rt.active, rt.context = "decode", active.copy(), context.copy()
-            rt.step_cost = np.zeros(b)
+            rt.step_energy = 0.0
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
             out = self.model(
                 input_ids=step_tokens.view(b, 1).to(dev),
@@ -331,7 +332,7 @@ class _Simulator:
             for i, c in enumerate(caches):
                 self.curve_requests[t] += c.stats.total_requests() - before[i][0]
                 self.curve_misses[t] += c.stats.misses() - before[i][1]
-            self.curve_energy[t] += rt.step_cost.sum()
+            self.curve_energy[t] += rt.step_energy
         self.states.extend(rt.seqs)
         for c in caches:
             if c.trace is not None:
@@ -409,8 +410,6 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
 
 
 def _metrics(cfg, sim: _Simulator, scores, prefill_tokens) -> dict:
-    from slicemoe.cache import Stats
-
     total = Stats()
     for st in sim.states:
         s = st.cache.stats
@@ -418,10 +417,7 @@ def _metrics(cfg, sim: _Simulator, scores, prefill_tokens) -> dict:
             for k, v in getattr(s, name).items():
                 getattr(total, name)[k] += v
         total.activations += s.activations
-    pre = sum(
-        (st.cost["prefill"] for st in sim.states), start=type(sim.states[0].cost["prefill"])()
-    )
-    dec = sum((st.cost["decode"] for st in sim.states), start=type(pre)())
+    pre, dec = sim.rt.cost["prefill"], sim.rt.cost["decode"]
     calls = sum(st.expert_calls for st in sim.states)
     steps = sum(st.resident_steps for st in sim.states)
     nan = float("nan")

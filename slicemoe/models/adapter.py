@@ -16,7 +16,7 @@ running them one at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -128,7 +128,6 @@ class SeqState:
 
     cache: SliceCache
     counts: np.ndarray  # [layer, expert] prefill routing counts (PCW's hotness)
-    cost: dict = field(default_factory=lambda: {"prefill": Cost(), "decode": Cost()})
     expert_calls: int = 0
     highbit_calls: int = 0
     resident_sum: float = 0.0
@@ -149,28 +148,29 @@ class Runtime:
         self.valid: torch.Tensor | None = None  # [B, S] prefill token mask (no padding)
         self.active: np.ndarray | None = None  # [B] decode rows still generating
         self.context: np.ndarray | None = None  # [B] tokens in each row's KV cache
-        self.step_cost = np.zeros(0)  # decode energy of the current step, per row
+        # Hardware cost summed over all sequences of the evaluation, per phase.
+        self.cost = {"prefill": Cost(), "decode": Cost()}
+        self.step_energy = 0.0  # decode energy of the current step, all rows
 
     def start(self, caches: list[SliceCache]) -> None:
         shape = (self.fp.shape.num_moe_layers, self.E)
         self.seqs = [SeqState(c, np.zeros(shape, dtype=np.int64)) for c in caches]
 
-    def _charge(self, b_rows, ops, dram, flash) -> None:
+    def _charge(self, ops, dram, flash) -> None:
+        """Charge one layer step of each listed row (arrays, one entry per row)."""
         cost = charge(
             self.hw, np.asarray(ops, float), np.asarray(dram, float), np.asarray(flash, float)
         )
-        for i, b in enumerate(b_rows):
-            one = Cost(*(float(getattr(cost, f)[i]) for f in Cost.__dataclass_fields__))
-            self.seqs[b].cost[self.phase] = self.seqs[b].cost[self.phase] + one
-            if self.phase == "decode":
-                self.step_cost[b] += one.energy_j
+        total = Cost(*(float(np.sum(getattr(cost, f.name))) for f in fields(Cost)))
+        self.cost[self.phase] = self.cost[self.phase] + total
+        if self.phase == "decode":
+            self.step_energy += total.energy_j
 
     def head(self, n_tokens: np.ndarray) -> None:
         """Embedding + LM head for n_tokens[b] tokens of each row (weights read once)."""
         rows = np.nonzero(n_tokens)[0]
         fp = self.fp
         self._charge(
-            rows,
             2.0 * fp.head_params * n_tokens[rows],
             np.full(len(rows), fp.head_bytes),
             np.zeros(len(rows)),
@@ -211,7 +211,7 @@ class Runtime:
                 fp.dense_bytes + len(used) * fp.sizes["FULL"] + n * fp.kv_bytes_per_token + missed
             )
             flash.append(missed)
-        self._charge(range(b), ops, dram, flash)
+        self._charge(ops, dram, flash)
         return w.to(logits.dtype), idx
 
     def _decode(self, layer, logits):
@@ -223,7 +223,7 @@ class Runtime:
         idx_np = idx.cpu().numpy()
         fp, fetch = self.fp, self.policy.lsb_miss == "fetch"
         use_high = np.zeros_like(high)
-        rows, ops, dram, flash = [], [], [], []
+        ops, dram, flash = [], [], []
         for row, st in enumerate(self.seqs):
             if not self.active[row]:
                 use_high[row] = high[row]
@@ -249,14 +249,13 @@ class Runtime:
                 st.resident_sum += float(st.cache.resident.sum())
                 st.resident_steps += 1
             ctx = int(self.context[row])
-            rows.append(row)
             ops.append(
                 2.0 * (fp.dense_params + len(idx_np[row]) * fp.shape.expert_params)
                 + 4.0 * fp.attn_dim * ctx
             )
             dram.append(fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed)
             flash.append(missed)
-        self._charge(rows, ops, dram, flash)
+        self._charge(ops, dram, flash)
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
         return w.to(logits.dtype), virt
 
