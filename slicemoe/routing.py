@@ -58,7 +58,7 @@ class Gate:
 
 @dataclass(frozen=True)
 class RoutingParams:
-    lam: float = 0.0
+    lam: float | torch.Tensor = 0.0  # a [B, 1] tensor gives each row its own strength
     cumsum_p: float = 0.9
     max_rank_keep: int = 1
     max_rank_m: int = 8
@@ -102,7 +102,7 @@ def cumsum(gate: Gate, logits, cached, p: RoutingParams):
     sorted_p, order = probs.sort(-1, descending=True)
     mass_before = sorted_p.cumsum(-1) - sorted_p
     cand_sorted = (mass_before < p.cumsum_p * sorted_p.sum(-1, keepdim=True)) | (
-        torch.arange(probs.shape[-1]) < gate.top_k
+        torch.arange(probs.shape[-1], device=probs.device) < gate.top_k
     )
     cand = torch.zeros_like(cand_sorted).scatter_(-1, order, cand_sorted)
     priority = cand.long() + (cand & cached).long()
@@ -128,7 +128,8 @@ ROUTING: dict[str, Callable] = {
 def route(name: str, gate: Gate, logits, cached, params: RoutingParams):
     if name not in ROUTING:
         raise ValueError(f"policy.routing={name!r} is unknown; choose one of {sorted(ROUTING)}")
-    return ROUTING[name](gate, logits, torch.as_tensor(cached, dtype=torch.bool), params)
+    cached = torch.as_tensor(cached, dtype=torch.bool).to(logits.device)
+    return ROUTING[name](gate, logits, cached, params)
 
 
 def critical(weights: torch.Tensor, tau: float) -> torch.Tensor:

@@ -91,6 +91,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("policy.warmup", f"{p.warmup!r} is unknown; use one of {sorted(WARMUP)}")
     if p.lsb_miss not in ("fetch", "skip"):
         raise ConfigError("policy.lsb_miss", f"{p.lsb_miss!r} is unknown; use fetch or skip")
+    if p.miss_rate_target is not None and p.routing != "cache_prior":
+        raise ConfigError(
+            "policy.miss_rate_target",
+            "the online controller adapts cache_prior's lambda; set policy.routing=cache_prior",
+        )
     if p.warmup_steps < 0:
         raise ConfigError("policy.warmup_steps", "must be >= 0")
     if c.eviction not in EVICTION:

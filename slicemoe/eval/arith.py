@@ -27,6 +27,7 @@ EVAL_STEPS = 3
 EVAL_DIGITS = 3
 EVAL_SIZE = 1000  # the whole eval split; EvalConfig.limit takes a prefix
 MAX_ANSWER_CHARS = 60
+STOP = ("Question:", "\n\n")
 
 NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
 ITEMS = ["apples", "coins", "books", "cards", "shells", "stamps", "marbles", "pens", "beads"]
@@ -146,8 +147,4 @@ def docs(cfg, tokenizer=None, steps: int = EVAL_STEPS, digits: int = EVAL_DIGITS
     return [make_doc(p, i, cfg.seed, cfg.num_fewshot, steps, digits) for i, p in enumerate(probs)]
 
 
-register(
-    Task(
-        name="arith", kind="generate", docs=docs, score=score_gsm8k_style, stop=("Question:", "\n\n")
-    )
-)
+register(Task(name="arith", kind="generate", docs=docs, score=score_gsm8k_style, stop=STOP))

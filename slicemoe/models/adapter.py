@@ -16,7 +16,7 @@ running them one at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -133,6 +133,7 @@ class SeqState:
     resident_sum: float = 0.0
     resident_steps: int = 0
     decode_tokens: int = 0
+    lam: float = 0.0  # cache_prior strength, adapted online when policy.miss_rate_target is set
 
 
 class Runtime:
@@ -154,7 +155,8 @@ class Runtime:
 
     def start(self, caches: list[SliceCache]) -> None:
         shape = (self.fp.shape.num_moe_layers, self.E)
-        self.seqs = [SeqState(c, np.zeros(shape, dtype=np.int64)) for c in caches]
+        lam = self.policy.lam
+        self.seqs = [SeqState(c, np.zeros(shape, dtype=np.int64), lam=lam) for c in caches]
 
     def _charge(self, ops, dram, flash) -> None:
         """Charge one layer step of each listed row (arrays, one entry per row)."""
@@ -216,9 +218,9 @@ class Runtime:
 
     def _decode(self, layer, logits):
         cached = np.stack([st.cache.resident[layer] for st in self.seqs])
-        idx, w = route(
-            self.policy.routing, self.gate, logits, torch.from_numpy(cached), self.params
-        )
+        lam = torch.tensor([[st.lam] for st in self.seqs], device=logits.device)
+        params = replace(self.params, lam=lam)
+        idx, w = route(self.policy.routing, self.gate, logits, torch.from_numpy(cached), params)
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
         idx_np = idx.cpu().numpy()
         fp, fetch = self.fp, self.policy.lsb_miss == "fetch"
@@ -256,8 +258,27 @@ class Runtime:
             dram.append(fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed)
             flash.append(missed)
         self._charge(ops, dram, flash)
+        if layer == self.fp.shape.num_moe_layers - 1 and self.policy.miss_rate_target is not None:
+            self._adapt_lambda()
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
         return w.to(logits.dtype), virt
+
+    # Proportional step per decode token on the relative error of the running miss rate. The
+    # gain was picked by hand on the tiny model: large enough to settle within ~20 tokens,
+    # small enough not to oscillate.
+    LAMBDA_GAIN = 0.05
+
+    def _adapt_lambda(self) -> None:
+        """Hold each device's high-bit-normalised miss rate under policy.miss_rate_target by
+        raising cache_prior's lambda when above it and relaxing it when below."""
+        target = self.policy.miss_rate_target
+        for row, st in enumerate(self.seqs):
+            if not self.active[row] or not st.cache.counting:
+                continue
+            hbn = st.cache.stats.miss_rate_hbn(self.fp.sizes["FULL"])
+            if hbn == hbn:  # not NaN
+                err = (hbn - target) / max(target, 1e-6)
+                st.lam = max(0.0, st.lam + self.LAMBDA_GAIN * float(np.clip(err, -1, 4)))
 
 
 def install(model, runtime: Runtime) -> None:
