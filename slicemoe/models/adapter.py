@@ -97,9 +97,9 @@ def footprint(model, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Foot
     low = sizes["MSB"] if bits.low is not None else sizes["FULL"]
     layers = c.num_hidden_layers
     total = sum(p.numel() for p in model.parameters())
-    experts = (
-        sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in moe_blocks(model))
-        // 2
+    # Both expert paths (high and low, 2E virtual experts) are parameters of the patched model.
+    experts = sum(
+        b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in moe_blocks(model)
     )
     head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     dense = (total - experts - head) // layers
