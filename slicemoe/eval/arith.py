@@ -20,11 +20,12 @@ from slicemoe.eval.gsm8k import score_gsm8k_style
 
 EVAL_BUCKETS = 10
 MAX_VALUE = 9999  # every intermediate result stays within 4 digits
-P_MUL = 0.3  # chance that a step multiplies (at most once per problem)
-# Default eval difficulty. The run generates at most EvalConfig.max_new_tokens (64) tokens, so an
-# eval answer must fit in MAX_ANSWER_CHARS characters; longer eval problems are redrawn.
-EVAL_STEPS = 3
-EVAL_DIGITS = 3
+# Eval levels (steps, operand digits, multiplier digits), cycled through by document index:
+# 3 steps on 3-digit operands with no, a 1-digit or a 2-digit multiplier. The 2-digit multiply
+# is what the tiny model gets only about half right, so full precision lands well inside
+# 60-90% and lost precision shows. The run generates at most EvalConfig.max_new_tokens (64)
+# tokens, so an eval answer must fit in MAX_ANSWER_CHARS characters; longer ones are redrawn.
+EVAL_LEVELS = ((3, 3, 0), (3, 3, 1), (3, 3, 2))
 EVAL_SIZE = 1000  # the whole eval split; EvalConfig.limit takes a prefix
 MAX_ANSWER_CHARS = 60
 STOP = ("Question:", "\n\n")
@@ -84,17 +85,21 @@ def is_eval(canonical: str) -> bool:
     return h % EVAL_BUCKETS == 0
 
 
-def sample(rng: random.Random, steps: int, digits: int) -> Problem:
-    """One problem of `steps` operations on operands of `digits` digits (either split)."""
+def sample(rng: random.Random, steps: int, digits: int, mul: int) -> Problem:
+    """One problem: `steps` operations on `digits`-digit operands, one of them a multiplication
+    by a `mul`-digit number (mul=0: add/sub only). Either split."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     v = rng.randint(lo, hi)
-    start, ops, used_mul = v, [], False
-    for _ in range(steps):
-        if not used_mul and 2 <= v <= MAX_VALUE // 2 and rng.random() < P_MUL:
-            k = rng.randint(2, min(9, MAX_VALUE // v))
+    start, ops = v, []
+    mul_at = rng.randrange(steps) if mul else steps
+    for i in range(steps):
+        klo, khi = max(2, 10 ** (mul - 1)), min(10**mul - 1, MAX_VALUE // max(v, 1))
+        if i >= mul_at and v >= 2 and klo <= khi:
+            # Deferred to a later step while the product would overflow MAX_VALUE.
+            k = rng.randint(klo, khi)
             ops.append(("*", k))
             v *= k
-            used_mul = True
+            mul_at = steps
             continue
         can_add, can_sub = v + lo <= MAX_VALUE, v >= lo
         if can_add and (not can_sub or rng.random() < 0.5):
@@ -109,42 +114,47 @@ def sample(rng: random.Random, steps: int, digits: int) -> Problem:
     return Problem(start, tuple(ops), rng.choice(NAMES), rng.choice(ITEMS), verbs)
 
 
-def sample_split(rng: random.Random, split: str, steps: int, digits: int) -> Problem:
-    """Rejection-sample until the problem lands in `split` ("train" or "eval")."""
+def sample_split(rng: random.Random, split: str, level: tuple[int, int, int]) -> Problem:
+    """Rejection-sample a (steps, digits, mul) problem until it lands in `split`."""
     want_eval = split == "eval"
     while True:
-        p = sample(rng, steps, digits)
+        p = sample(rng, *level)
         if is_eval(p.canonical) != want_eval:
             continue
-        if want_eval and len(" " + p.answer()) > MAX_ANSWER_CHARS:
+        too_long = len(" " + p.answer()) > MAX_ANSWER_CHARS
+        if want_eval and (too_long or level[2] and not any(op == "*" for op, _ in p.ops)):
             continue
         return p
 
 
-def fewshot_prefix(rng: random.Random, n: int, steps: int, digits: int) -> str:
-    return "".join(sample_split(rng, "train", steps, digits).block() for _ in range(n))
+def fewshot_prefix(rng: random.Random, n: int, level: tuple[int, int, int]) -> str:
+    return "".join(sample_split(rng, "train", level).block() for _ in range(n))
 
 
-def eval_problems(seed: int, n: int, steps: int = EVAL_STEPS, digits: int = EVAL_DIGITS):
-    rng = random.Random(f"arith/eval/{seed}/{steps}/{digits}")
-    return [sample_split(rng, "eval", steps, digits) for _ in range(n)]
+def eval_problems(seed: int, n: int, levels=EVAL_LEVELS) -> list[tuple[Problem, tuple]]:
+    rng = random.Random(f"arith/eval/{seed}")
+    out = []
+    for i in range(n):
+        level = levels[i % len(levels)]
+        out.append((sample_split(rng, "eval", level), level))
+    return out
 
 
-def make_doc(p: Problem, i: int, seed: int, num_fewshot: int, steps: int, digits: int) -> Doc:
-    # Few-shot examples come from the train split, drawn per document so that a prefix of the
-    # doc list is the same whatever `limit` is.
-    shots = fewshot_prefix(random.Random(f"arith/shots/{seed}/{i}"), num_fewshot, steps, digits)
+def make_doc(p: Problem, i: int, seed: int, num_fewshot: int, level: tuple[int, int, int]) -> Doc:
+    # Few-shot examples come from the train split at the document's level, drawn per document so
+    # that a prefix of the doc list is the same whatever `limit` is.
+    shots = fewshot_prefix(random.Random(f"arith/shots/{seed}/{level}/{i}"), num_fewshot, level)
     return Doc(
         prompt=f"{shots}Question: {p.question()}\nAnswer:",
         target=str(p.result),
-        meta={"expr": p.canonical, "steps": steps, "digits": digits, "answer": p.answer()},
+        meta={"expr": p.canonical, "level": list(level), "answer": p.answer()},
     )
 
 
-def docs(cfg, tokenizer=None, steps: int = EVAL_STEPS, digits: int = EVAL_DIGITS) -> list[Doc]:
+def docs(cfg, tokenizer=None, levels=EVAL_LEVELS) -> list[Doc]:
     n = EVAL_SIZE if cfg.limit is None else min(cfg.limit, EVAL_SIZE)
-    probs = eval_problems(cfg.seed, n, steps, digits)
-    return [make_doc(p, i, cfg.seed, cfg.num_fewshot, steps, digits) for i, p in enumerate(probs)]
+    probs = eval_problems(cfg.seed, n, levels)
+    return [make_doc(p, i, cfg.seed, cfg.num_fewshot, lv) for i, (p, lv) in enumerate(probs)]
 
 
 register(Task(name="arith", kind="generate", docs=docs, score=score_gsm8k_style, stop=STOP))
