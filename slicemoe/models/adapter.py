@@ -51,9 +51,10 @@ def quantize_model(model, bits: BitsConfig) -> None:
     for block in blocks:
         ex = block.experts
         e = ex.gate_up_proj.shape[0]
-        pairs = [_qdq(p.data, bits) for p in (ex.gate_up_proj, ex.down_proj)]
-        if bits.high is None:  # fp16/fp32 as loaded: low path = high path
+        if bits.high is None:  # unquantized experts: the low path is the high path
             pairs = [(p.data, p.data) for p in (ex.gate_up_proj, ex.down_proj)]
+        else:
+            pairs = [_qdq(p.data, bits) for p in (ex.gate_up_proj, ex.down_proj)]
         ex.gate_up_proj = torch.nn.Parameter(torch.cat(pairs[0]), requires_grad=False)
         ex.down_proj = torch.nn.Parameter(torch.cat(pairs[1]), requires_grad=False)
         ex.num_experts = 2 * e
