@@ -8,9 +8,9 @@ sweep worker) loads it once per `load_key`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,18 +459,14 @@ def _metrics(cfg, sim: _Simulator, scores, prefill_tokens) -> dict:
     }
 
 
-def run_key(cfg: RunConfig) -> str:
-    d = dataclasses.asdict(cfg)
-    d.pop("trace_path", None)
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _write_trace(cfg: RunConfig, sim: _Simulator) -> str:
     import pandas as pd
 
     cols = ["sequence", "phase", "step", "layer", "expert", "slice", "bytes", "hit"]
     rows = [r for t in sim.traces for r in t]
-    path = Path(cfg.trace_path or f"traces/trace-{run_key(cfg)}.parquet")
+    path = Path(
+        cfg.trace_path or f"traces/trace-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.parquet"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=cols).to_parquet(path, index=False)
     return str(path)

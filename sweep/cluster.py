@@ -1,0 +1,77 @@
+"""Joining Ray (a private local instance or a running cluster) and sizing the actor pool."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from sweep.errors import SweepError
+from sweep.schema import RayConf
+
+
+@dataclass
+class Plan:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+
+
+def address_of(conf: RayConf) -> str:
+    # Inside `ray job submit` Ray sets RAY_ADDRESS, so the same command line attaches to the
+    # job's cluster without a ray.address override.
+    return conf.address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def connect(conf: RayConf) -> str:
+    """ray.init once per process; returns the address joined."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    address = address_of(conf)
+    if ray.is_initialized():
+        return address
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+    if conf.runtime_env:
+        kwargs["runtime_env"] = dict(conf.runtime_env)
+    if address == "local":
+        # A private instance for this sweep: no dashboard (saves ~1 GB), a small object store
+        # (runs exchange only small dicts).
+        kwargs.update(include_dashboard=False, object_store_memory=conf.object_store_mb * 2**20)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        raise SweepError(
+            f"ray.address={address}: no Ray cluster answered ({err}). Start one (ray start "
+            "--head), fix the address, or drop ray.address to run on a private local instance"
+        ) from None
+    except AuthenticationError as err:
+        raise SweepError(
+            f"ray.address={address}: the cluster refused this client's token ({err}). Token "
+            "authentication is on: export RAY_AUTH_MODE=token and make the cluster's token "
+            "available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        ) from None
+    return address
+
+
+def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:
+    """How many actors, with which resources each, for n_jobs runs on a cluster with
+    `resources` (as ray.cluster_resources() reports them)."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    per_gpu = conf.num_gpus_per_actor
+    if per_gpu is None:
+        per_gpu = 1.0 if gpus >= 1 else 0.0
+    if per_gpu > gpus:
+        raise SweepError(
+            f"ray.num_gpus_per_actor={per_gpu} but the cluster has {gpus:g} GPUs; lower it or "
+            "set ray.num_gpus_per_actor=0 to run on CPUs"
+        )
+    per_cpu = conf.num_cpus_per_actor
+    if conf.num_actors:
+        actors = conf.num_actors
+    else:
+        actors = math.floor(cpus / per_cpu) if per_cpu > 0 else n_jobs
+        if per_gpu > 0:
+            actors = min(actors, math.floor(gpus / per_gpu))
+    return Plan(actors=max(1, min(actors, n_jobs)), num_cpus=per_cpu, num_gpus=per_gpu)

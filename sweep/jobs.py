@@ -1,0 +1,133 @@
+"""A job = one run's resolved config plus what the sweep derives from it (keys, params, name).
+
+Jobs are built in the driver, validated all together before any work starts, and shipped to the
+actors, so they hold plain data only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from slicemoe.config import RunConfig
+from slicemoe.run import METRICS as RESULT_METRICS  # logged to MLflow under these names
+from sweep import schema
+from sweep.errors import SweepError
+
+# Fields that say where or how a run executes, not what it computes: two configs that differ
+# only here are the same run and share a run key.
+VOLATILE = frozenset({"model.device", "trace_path"})
+# Part of every key, so that a change in how keys are derived never matches older runs.
+KEY_VERSION = "1"
+RUNNER_API = ("validate", "load_key", "load", "run")
+
+
+@dataclass
+class Job:
+    index: int
+    name: str  # the job's own overrides, e.g. "cache=frac_10 policy=dbsc"; "defaults" if none
+    overrides: list[str]
+    config: RunConfig
+    key: str
+    load_key: str
+    params: dict[str, str] = field(default_factory=dict)
+    config_yaml: str = ""
+
+
+@dataclass
+class Outcome:
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, float]
+    run_id: str | None = None
+    error: str | None = None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_key(cfg: RunConfig) -> str:
+    """Hash of the resolved run config minus VOLATILE fields; stable across processes."""
+    flat = {k: v for k, v in flatten(asdict(cfg)).items() if k not in VOLATILE}
+    blob = KEY_VERSION + json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_runner(name: str) -> ModuleType:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        raise SweepError(f"sweep.runner={name}: cannot import it ({err})") from None
+    missing = [fn for fn in RUNNER_API if not callable(getattr(module, fn, None))]
+    if missing:
+        raise SweepError(f"sweep.runner={name}: the module lacks {', '.join(missing)}")
+    return module
+
+
+# Overrides that say how or where to run, not what: left out of run names.
+SETTINGS = ("hydra.", "ray.", "mlflow.", "sweep.")
+
+
+def is_setting(override: str) -> bool:
+    return override.lstrip("+~").startswith(SETTINGS)
+
+
+def job_name(overrides: Sequence[str]) -> str:
+    return " ".join(o for o in overrides if not is_setting(o)) or "defaults"
+
+
+def make_job(index: int, cfg: DictConfig, overrides: Sequence[str], runner: ModuleType) -> Job:
+    """Resolve, validate and key one job; a semantic error raises SweepError naming the field."""
+    name = job_name(overrides)
+    run_cfg = schema.run_config(cfg)
+    try:
+        runner.validate(run_cfg)
+    except ValueError as err:
+        field_name = getattr(err, "field", None)
+        message = str(err)
+        if field_name and field_name not in message:
+            message = f"{field_name}: {message}"
+        raise SweepError(f"Invalid config for run [{name}]:\n  {message}") from None
+    params = {k: "null" if v is None else str(v) for k, v in flatten(asdict(run_cfg)).items()}
+    return Job(
+        index=index,
+        name=name,
+        overrides=list(overrides),
+        config=run_cfg,
+        key=run_key(run_cfg),
+        load_key=str(runner.load_key(run_cfg)),
+        params=params,
+        config_yaml=OmegaConf.to_yaml(OmegaConf.structured(run_cfg)),
+    )
+
+
+def objective_of(cfg: DictConfig) -> list[str] | None:
+    names = list(cfg.sweep.objective or [])
+    unknown = [n for n in names if n not in RESULT_METRICS]
+    if unknown:
+        raise SweepError(
+            f"sweep.objective: unknown metric(s) {', '.join(unknown)}; choose from "
+            + ", ".join(RESULT_METRICS)
+        )
+    return names or None
+
+
+def return_value(metrics: dict[str, float], objective: Sequence[str] | None) -> Any:
+    """What the sweeper gets back: the metrics dict, or the objective metric(s) as floats."""
+    if not objective:
+        return dict(metrics)
+    values = [float(metrics[name]) for name in objective]
+    return values[0] if len(values) == 1 else values

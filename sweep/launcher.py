@@ -1,0 +1,265 @@
+"""A multirun on Ray actors, tracked in MLflow: what the `slicemoe_ray` Hydra launcher does.
+
+One `launch` call (a batch from the sweeper; Optuna sends many) goes:
+1. compose every job's config, validate all of them (nothing starts if one is wrong);
+2. open the tracking store and the sweep's parent run (reopened when the sweep is relaunched);
+3. skip jobs whose run key already has a FINISHED run; close runs a killed driver left RUNNING;
+4. run the rest on the actor pool (started on the first batch, kept for later ones);
+5. close the parent, print a result table, hand Hydra one JobReturn per job.
+The task function is never called in the driver: the actors run `sweep.worker.execute`.
+
+Hydra imports this module (through hydra_plugins) whenever any Hydra app starts, so MLflow and
+Ray are imported inside the methods that need them, not at the top.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sweep.errors import SweepError
+from sweep.jobs import Job, Outcome, is_setting, load_runner, make_job, objective_of, return_value
+from sweep.progress import Progress, result_table
+
+log = logging.getLogger(__name__)
+
+# Overrides that do not change what a sweep computes, so relaunching with a different value
+# (e.g. on a cluster instead of locally) continues the same sweep.
+NOT_IDENTITY = ("hydra.", "ray.", "sweep.resume", "sweep.objective", "mlflow.tracking_uri")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class Multirun:
+    """State kept across the batches of one multirun: tracking, parent run, actor pool."""
+
+    def __init__(self, config: DictConfig, hydra_context: HydraContext) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.tracker: Any = None
+        self.parent_id: str | None = None
+        self.sweep_id = ""
+        self.commit = "unknown"
+        self.pool: Any = None
+        self.rows: list[tuple[Job, Outcome]] = []
+        self.done: dict[str, Outcome] = {}  # run key -> its finished run
+        self.sweep_dir = Path(".")
+        self.counts = {"total": 0, "finished": 0, "failed": 0, "skipped": 0}
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        cfg = self.config
+        # Hydra's sweepers write their own summaries there (e.g. optimization_results.yaml).
+        self.sweep_dir = Path(str(cfg.hydra.sweep.dir))
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        runner = load_runner(cfg.sweep.runner)
+        objective = self._objective(cfg)
+        composed = [
+            self._compose(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)
+        ]
+        _check_settings_fixed(composed)
+        jobs = [
+            make_job(initial_job_idx + i, c, o, runner)
+            for i, (c, o) in enumerate(zip(composed, job_overrides))
+        ]
+        self._open_tracking(cfg)
+        done = self.done if cfg.sweep.resume else {}
+        todo: dict[str, Job] = {}
+        for job in jobs:
+            if job.key not in done:
+                todo.setdefault(job.key, job)  # identical configs in one batch run once
+        skipped = len(jobs) - len(todo)
+        log.info(
+            f"{len(jobs)} runs: {len(todo)} to run, {skipped} finished already or duplicated "
+            f"(experiment {cfg.mlflow.experiment!r}, parent run {self.parent_id})"
+        )
+        outcomes = self._execute(cfg, list(todo.values()), len(jobs), skipped)
+        by_key = {j.key: outcomes[j.index] for j in todo.values() if j.index in outcomes}
+        self.done.update({k: o for k, o in by_key.items() if o.status == "FINISHED"})
+        results = [(job, by_key.get(job.key) or done[job.key]) for job in jobs]
+        self._close_batch(results, skipped)
+        print(result_table([(j.name, o.status, o.metrics) for j, o in results]), flush=True)
+        return [_job_return(c, job, out, objective) for c, (job, out) in zip(composed, results)]
+
+    def _compose(self, overrides: list[str], index: int) -> DictConfig:
+        composed = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(composed):
+            composed.hydra.job.id = index
+            composed.hydra.job.num = index
+        return composed
+
+    def _objective(self, cfg: DictConfig) -> list[str] | None:
+        objective = objective_of(cfg)
+        sweeper = str(cfg.hydra.sweeper.get("_target_", BASIC_SWEEPER))
+        if objective is None and sweeper != BASIC_SWEEPER:
+            raise SweepError(
+                f"hydra/sweeper {sweeper.rsplit('.', 1)[-1]} needs a number per run: set "
+                "sweep.objective=[METRIC] (one metric per optimisation direction), e.g. "
+                "sweep.objective=[accuracy]"
+            )
+        return objective
+
+    def _open_tracking(self, cfg: DictConfig) -> None:
+        from sweep.tracking import Tracker, git_commit, stored_metrics
+
+        if self.tracker is None:
+            self.tracker = Tracker.open(
+                cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location
+            )
+            # Read once: later batches (Optuna sends many) add their own finished runs.
+            finished = self.tracker.finished() if cfg.sweep.resume else {}
+            self.done = {
+                key: Outcome("FINISHED", stored_metrics(run), run_id=run.info.run_id)
+                for key, run in finished.items()
+            }
+            self.commit = git_commit()
+            self.sweep_id, name = sweep_identity(cfg)
+            self.parent_id = self.tracker.open_parent(self.sweep_id, name, self.commit)
+        else:
+            self.tracker.client.update_run(self.parent_id, status="RUNNING")
+
+    def _execute(
+        self, cfg: DictConfig, jobs: list[Job], total: int, skipped: int
+    ) -> dict[int, Outcome]:
+        progress = Progress(total=total, skipped=skipped)
+        if not jobs:
+            progress.close()
+            return {}
+        self.tracker.kill_stale({j.key for j in jobs})
+        pool = self._pool(cfg, len(jobs))
+        try:
+            return pool.run(jobs, self._start_run, self._lost_run, progress.update)
+        except BaseException as err:
+            # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these.
+            for slot in pool.inflight.values():
+                self.tracker.client.set_terminated(slot.run_id, "KILLED")
+            self.tracker.client.set_terminated(self.parent_id, "KILLED")
+            if isinstance(err, KeyboardInterrupt):
+                log.warning(
+                    f"interrupted: {len(pool.inflight)} running runs marked KILLED; the same "
+                    "command continues the sweep"
+                )
+            raise
+        finally:
+            progress.close()
+
+    def _pool(self, cfg: DictConfig, n_jobs: int) -> Any:
+        import ray
+
+        from sweep import cluster
+
+        ray_conf = OmegaConf.to_object(cfg.ray)
+        address = cluster.connect(ray_conf)
+        plan = cluster.plan(ray_conf, n_jobs, ray.cluster_resources())
+        if self.pool is None:
+            from sweep.actors import ActorPool
+
+            log.info(
+                f"Ray {address}: {plan.actors} actors x ({plan.num_cpus:g} CPU, "
+                f"{plan.num_gpus:g} GPU)"
+            )
+            args = (
+                cfg.sweep.runner,
+                ray_conf.models_per_actor,
+                self.tracker.uri,
+                self.tracker.experiment_id,
+            )
+            self.pool = ActorPool(
+                plan, args, ray_conf.models_per_actor, ray_conf.max_actor_failures
+            )
+        else:
+            self.pool.grow(plan.actors)
+        return self.pool
+
+    def _start_run(self, job: Job) -> str:
+        return self.tracker.create_run(job, self.parent_id, self.sweep_id, self.commit)
+
+    def _lost_run(self, job: Job, run_id: str, error: str, final: bool) -> None:
+        log.warning(f"run [{job.name}]: {error}" + ("" if final else "; dispatching it again"))
+        try:
+            self.tracker.log_failure(run_id, error, status="FAILED" if final else "KILLED")
+        except Exception as err:  # the store may be what broke; the outcome is recorded anyway
+            log.warning(f"could not record the failure in MLflow run {run_id}: {err}")
+
+    def _close_batch(self, results: list[tuple[Job, Outcome]], skipped: int) -> None:
+        from sweep.tracking import results_csv
+
+        failed = [(j, o) for j, o in results if o.status != "FINISHED"]
+        self.rows += results
+        self.counts["total"] += len(results)
+        self.counts["skipped"] += skipped
+        self.counts["failed"] += len(failed)
+        self.counts["finished"] += len(results) - len(failed)
+        status = "FAILED" if failed else "FINISHED"
+        table = results_csv(self.rows)
+        (self.sweep_dir / "results.csv").write_text(table)
+        self.tracker.close_parent(self.parent_id, status, self.counts, table)
+        for job, out in failed:
+            log.error(f"run [{job.name}] failed: {out.error} (MLflow run {out.run_id})")
+
+
+def sweep_identity(cfg: DictConfig) -> tuple[str, str]:
+    """A stable id for "this sweep" (same command line, same sweeper) and a display name."""
+    overrides = sorted(
+        o for o in cfg.hydra.overrides.task if not o.lstrip("+~").startswith(NOT_IDENTITY)
+    )
+    blob = json.dumps(
+        {
+            "experiment": cfg.mlflow.experiment,
+            "name": cfg.sweep.name,
+            "overrides": overrides,
+            "sweeper": OmegaConf.to_container(cfg.hydra.sweeper, resolve=False),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    name = cfg.sweep.name or " ".join(o for o in overrides if not is_setting(o)) or "defaults"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], name
+
+
+def _check_settings_fixed(composed: list[DictConfig]) -> None:
+    """ray/mlflow/sweep settings belong to the whole multirun, not to single jobs."""
+    first = composed[0]
+    for section in ("ray", "mlflow", "sweep"):
+        if any(c[section] != first[section] for c in composed[1:]):
+            raise SweepError(
+                f"{section}.* differs between the jobs of this multirun; set {section}.* "
+                "once per launch (sweep other keys)"
+            )
+
+
+def _job_return(
+    composed: DictConfig, job: Job, outcome: Outcome, objective: list[str] | None
+) -> JobReturn:
+    task_cfg = copy.copy(composed)
+    with open_dict(task_cfg):
+        del task_cfg["hydra"]
+    ret = JobReturn(
+        overrides=job.overrides,
+        cfg=task_cfg,
+        hydra_cfg=composed.hydra,
+        working_dir=os.getcwd(),
+        task_name=str(composed.hydra.job.name),
+    )
+    if outcome.status == "FINISHED":
+        ret.status = JobStatus.COMPLETED
+        ret.return_value = return_value(outcome.metrics, objective)
+    else:
+        ret.status = JobStatus.FAILED
+        ret.return_value = SweepError(
+            f"run [{job.name}] failed: {outcome.error} (MLflow run {outcome.run_id}; its "
+            "error.txt holds the traceback)"
+        )
+    return ret

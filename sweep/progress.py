@@ -1,0 +1,120 @@
+"""What the driver prints: a live progress line while a sweep runs, a result table at the end."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO
+
+# Columns of the short result table, in order.
+TABLE_METRICS = (
+    "accuracy",
+    "perplexity",
+    "miss_rate_hbn",
+    "highbit_fraction",
+    "energy_decode_j",
+    "latency_decode_s",
+    "wall_s",
+)
+
+
+class Progress:
+    """Runs done / total, running, failed, skipped and an ETA.
+
+    On a terminal one line is redrawn in place; otherwise (logs, CI, `ray job logs`) a plain line
+    is written whenever a count changes, and at most every `quiet_s` seconds while nothing does.
+    """
+
+    def __init__(
+        self, total: int, skipped: int, stream: IO[str] | None = None, quiet_s: float = 60
+    ):
+        self.total = total
+        self.skipped = skipped
+        self.finished = 0
+        self.failed = 0
+        self.running = 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.quiet_s = quiet_s
+        self.started = time.monotonic()
+        self._drawn: tuple[int, int, int] | None = None
+        self._last_write = 0.0
+
+    def update(self, running: int, finished: int, failed: int) -> None:
+        self.running, self.finished, self.failed = running, finished, failed
+        self.draw()
+
+    def draw(self, force: bool = False) -> None:
+        counts = (self.finished, self.failed, self.running)
+        now = time.monotonic()
+        interval = 1.0 if self.tty else self.quiet_s
+        if not (force or counts != self._drawn or now - self._last_write >= interval):
+            return
+        line = self.line()
+        self.stream.write("\r\033[K" + line if self.tty else line + "\n")
+        self.stream.flush()
+        self._drawn, self._last_write = counts, now
+
+    def close(self) -> None:
+        self.draw()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def line(self) -> str:
+        done = self.finished + self.failed + self.skipped
+        return (
+            f"[sweep] {done}/{self.total} done | {self.running} running | {self.failed} failed"
+            f" | {self.skipped} skipped | ETA {self.eta()}"
+        )
+
+    def eta(self) -> str:
+        computed = self.finished + self.failed
+        remaining = self.total - self.skipped - computed
+        if remaining <= 0:
+            return "0s"
+        if computed == 0:
+            return "?"
+        rate = computed / (time.monotonic() - self.started)
+        return format_duration(remaining / rate)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def result_table(rows: Sequence[tuple[str, str, dict[str, float]]], limit: int = 50) -> str:
+    """Rows of (run name, status, metrics) as an aligned text table; long sweeps are cut."""
+    header = ["run", "status", *TABLE_METRICS]
+    body = [
+        [name, status, *(_fmt(metrics.get(m)) for m in TABLE_METRICS)]
+        for name, status, metrics in rows[:limit]
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]
+    ]
+    if len(rows) > limit:
+        lines.append(
+            f"... {len(rows) - limit} more runs: see MLflow (results.csv on the parent run)"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4g}"

@@ -1,0 +1,90 @@
+"""The structured schema of the Hydra app: one `RunConfig` plus how and where to run it.
+
+Registering the schema in the ConfigStore makes OmegaConf type-check every group file and every
+command-line override against the `slicemoe.config` dataclasses, so `bits.low=abc` or a typo such
+as `policy.tua=0.3` fails at composition time with the full key in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from slicemoe.config import RunConfig
+from sweep.errors import SweepError
+
+
+@dataclass
+class RayConf:
+    # None: attach to $RAY_ADDRESS when set (as inside `ray job submit`), else start a private
+    # local instance. "auto" or "host:port" attach to a running cluster.
+    address: Optional[str] = None
+    # None: as many actors as the cluster's CPUs/GPUs allow, capped by the number of runs.
+    num_actors: Optional[int] = None
+    num_cpus_per_actor: float = 1.0
+    # None: one whole GPU per actor when the cluster has GPUs, else CPU only.
+    num_gpus_per_actor: Optional[float] = None
+    # Loaded models an actor keeps; each one is a full copy of the quantized weights.
+    models_per_actor: int = 1
+    # How often a run is re-dispatched after the actor executing it died.
+    max_actor_failures: int = 2
+    # Object store of a private local instance; runs exchange only small dicts.
+    object_store_mb: int = 128
+    # Passed to ray.init; on a cluster without the code installed, e.g. {"working_dir": "."}.
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MlflowConf:
+    # A relative sqlite path is taken from the driver's working directory and made absolute, so
+    # actors log to the same file.
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "slicemoe"
+    # None: MLflow's default for the tracking store, fixed when the experiment is created.
+    artifact_location: Optional[str] = None
+
+
+@dataclass
+class SweepConf:
+    # Skip runs whose run key already has a FINISHED run in the experiment.
+    resume: bool = True
+    # Parent-run name and sweep identity; None derives both from the command-line overrides.
+    name: Optional[str] = None
+    # Metric name(s) returned to the sweeper instead of the metrics dict (Optuna needs floats).
+    objective: Optional[list[str]] = None
+    # Module providing validate / load_key / load / run with the signatures of slicemoe.run.
+    runner: str = "slicemoe.run"
+
+
+@dataclass
+class AppConfig(RunConfig):
+    ray: RayConf = field(default_factory=RayConf)
+    mlflow: MlflowConf = field(default_factory=MlflowConf)
+    sweep: SweepConf = field(default_factory=SweepConf)
+
+
+RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="slicemoe_app", node=AppConfig)
+
+
+def run_config(cfg: DictConfig) -> RunConfig:
+    """The `RunConfig` part of a composed app config, resolved, as the dataclass."""
+    resolved = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in RUN_FIELDS
+    }
+    run_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolved))
+    if run_cfg.model.path is None and run_cfg.model.name != "tiny":
+        # A null path means the shipped tiny checkpoint; for any other model that would quietly
+        # run the wrong network.
+        raise SweepError(
+            f"model.path is not set for model={run_cfg.model.name}: pass "
+            "model.path=/path/to/its/checkpoint (a local Hugging Face directory)"
+        )
+    return run_cfg

@@ -1,0 +1,182 @@
+"""Helpers for the sweep tests, and a stand-in runner (`sweep.runner=tests.conftest_sweep`).
+
+The stand-in has the four functions of `slicemoe.run` and answers instantly, so engine behaviour
+(failures, dying actors, a driver killed mid-sweep) can be provoked on purpose. By seed:
+  seed 13  -> the run raises RuntimeError
+  seed 66  -> the first such run kills its actor process (a marker file makes it happen once)
+Every load and run appends a line to $FAKE_DIR/calls.log; every run sleeps $FAKE_SLEEP seconds.
+With $FAKE_BROKEN_NODE set, importing this module fails inside Ray workers (code missing there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from slicemoe.config import RunConfig
+from sweep.jobs import RESULT_METRICS
+
+if os.environ.get("FAKE_BROKEN_NODE") and "default_worker" in sys.argv[0]:
+    raise ImportError("this node lacks the runner's dependencies")
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = "tests.conftest_sweep"
+# Small evaluations on the real tiny model: the point is the plumbing, not the accuracy.
+QUICK = ["eval.limit=3", "eval.max_new_tokens=24", "batch_size=3"]
+
+
+class ConfigError(ValueError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def _log(line: str) -> None:
+    with open(Path(os.environ["FAKE_DIR"]) / "calls.log", "a") as f:
+        f.write(f"{line} pid={os.getpid()}\n")
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.bits.low is not None and cfg.bits.high is not None and cfg.bits.low >= cfg.bits.high:
+        raise ConfigError("bits.low", f"{cfg.bits.low} must be below bits.high={cfg.bits.high}")
+
+
+def load_key(cfg: RunConfig) -> str:
+    return f"{cfg.model.name}/{cfg.bits.high}/{cfg.bits.low}"
+
+
+def load(cfg: RunConfig) -> dict:
+    _log(f"load {load_key(cfg)}")
+    return {"key": load_key(cfg)}
+
+
+def run(cfg: RunConfig, loaded: dict | None = None) -> dict:
+    assert loaded is None or loaded["key"] == load_key(cfg)
+    tag = f"seed={cfg.seed} frac={cfg.cache.frac} policy={cfg.policy.name}"
+    _log(f"run {tag}")
+    if cfg.seed == 13:
+        raise RuntimeError(f"boom for {tag}")
+    marker = Path(os.environ["FAKE_DIR"]) / "died.marker"
+    if cfg.seed == 66 and not marker.exists():
+        marker.touch()
+        os._exit(3)
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    frac = cfg.cache.frac or 0.5
+    result = {name: float(i) + frac for i, name in enumerate(RESULT_METRICS)}
+    result["perplexity"] = math.nan
+    result["curves"] = {
+        "miss_rate_running": [1.0 / (i + 1) for i in range(5)],
+        "energy_decode_cum_j": [0.1 * i for i in range(5)],
+    }
+    result["trace_path"] = None
+    if cfg.trace:
+        import pandas as pd
+
+        pd.DataFrame({"step": [0, 1], "hit": [True, False]}).to_parquet(cfg.trace_path)
+        result["trace_path"] = cfg.trace_path
+    _log(f"done {tag}")
+    return result
+
+
+# --- test helpers -------------------------------------------------------------------------
+
+
+def sweep_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -m sweep` run from a scratch directory."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["HYDRA_FULL_ERROR"] = "0"
+    # One torch thread, as inside a Ray actor: on a small shared box, torch's default of one
+    # thread per core slows a run down by orders of magnitude when the cores are busy.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_sweep(
+    args: list[str], cwd: Path, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sweep", *args],
+        cwd=cwd,
+        env=sweep_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_sweep(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """A driver in its own session, so that killing it can be aimed at it alone."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweep", *args],
+        cwd=cwd,
+        env=sweep_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def search(uri: str, experiment: str, filter_string: str = "") -> list:
+    """All runs of an experiment (MLflow entities) matching filter_string."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string, max_results=10000)
+
+
+def ray_head_pids(temp_dir: Path, gcs_port: int) -> set[int]:
+    """Processes of the Ray head started with `--temp-dir temp_dir --port gcs_port`, with all
+    their descendants (dashboard modules, agents, workers), so that only they are stopped and
+    not other Ray instances on the machine, as a bare `ray stop` would."""
+    marks = (str(temp_dir), f":{gcs_port}")
+    parents: dict[int, int] = {}
+    roots = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(proc.name)] = ppid
+        if any(mark in cmdline for mark in marks):
+            roots.add(int(proc.name))
+    found = set(roots)
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    found.discard(os.getpid())
+    return found
+
+
+def stop_ray_head(temp_dir: Path, gcs_port: int, grace_s: float = 10) -> None:
+    pids = ray_head_pids(temp_dir, gcs_port)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+        pids = {p for p in pids if Path(f"/proc/{p}").exists()}
+        if not pids:
+            return

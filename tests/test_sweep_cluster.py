@@ -1,0 +1,110 @@
+"""The cluster path: a Ray head with token authentication on, a sweep sent with `ray job submit`
+exactly as the README shows it, results checked in MLflow."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest_sweep import QUICK, REPO, search, stop_ray_head
+
+from sweep.jobs import RESULT_METRICS
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sweep_submitted_as_a_ray_job_with_token_auth():
+    # Short path: Ray's unix sockets live under the temp dir and have a length limit.
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        start = subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--temp-dir={temp}/ray",
+                "--num-cpus=2",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert start.returncode == 0, start.stderr[-3000:]
+
+        # Authentication is really on: a client with another token is turned away.
+        stranger = subprocess.run(
+            [RAY, "job", "list", "--address", url],
+            env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(16)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert stranger.returncode != 0
+        assert "auth" in (stranger.stdout + stranger.stderr).lower()
+
+        db = f"sqlite:///{temp}/mlflow.db"
+        job = subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                url,
+                "--working-dir",
+                str(REPO),
+                "--",
+                sys.executable,
+                "-m",
+                "sweep",
+                "-m",
+                "cache=frac_10,frac_25",
+                "policy=cache_prior,dbsc",
+                *QUICK,
+                f"mlflow.tracking_uri={db}",
+                "mlflow.experiment=cluster",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=500,
+        )
+        out = job.stdout + job.stderr
+        assert job.returncode == 0, out[-4000:]
+        assert "succeeded" in out
+        assert "Ray local:" not in out  # the driver joined the job's cluster (RAY_ADDRESS)
+
+        (parent,) = search(db, "cluster", "tags.role = 'sweep'")
+        children = search(db, "cluster", "tags.role = 'run'")
+        assert len(children) == 4
+        for run in children:
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert set(RESULT_METRICS) <= set(run.data.metrics)
+    finally:
+        stop_ray_head(temp / "ray", gcs)
+        shutil.rmtree(temp, ignore_errors=True)

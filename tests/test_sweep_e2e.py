@@ -1,0 +1,159 @@
+"""The sweep with the real `slicemoe.run` on the shipped tiny model: a single run, a multirun on
+local Ray, Optuna driving the launcher, the report CLI and the comparison notebook."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest_sweep import QUICK, REPO, run_sweep, search
+
+from sweep.jobs import RESULT_METRICS
+
+
+def uri(tmp: Path) -> str:
+    return f"sqlite:///{tmp}/mlflow.db"
+
+
+def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path):
+    res = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    header, row = lines[at : at + 2]
+    assert header.split()[:3] == ["run", "status", "accuracy"]
+    assert row.startswith(" ".join(QUICK)) and "FINISHED" in row
+    (run,) = search(uri(tmp_path), "single")
+    assert run.info.status == "FINISHED" and set(RESULT_METRICS) <= set(run.data.metrics)
+    assert "mlflow.parentRunId" not in run.data.tags
+
+    again = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path)
+    assert again.returncode == 0 and "finished already" in again.stdout + again.stderr
+    assert len(search(uri(tmp_path), "single")) == 1
+
+
+@pytest.fixture(scope="module")
+def policy_sweep(tmp_path_factory):
+    """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces."""
+    tmp = tmp_path_factory.mktemp("policy_sweep")
+    args = ["-m", "mlflow.experiment=policies", "cache=frac_10,frac_25", "policy=cache_prior,dbsc"]
+    res = run_sweep([*args, "trace=true", *QUICK], tmp)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return tmp, res
+
+
+@pytest.mark.slow
+def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
+    tmp, res = policy_sweep
+    assert "[sweep] 4/4 done | 0 running | 0 failed | 0 skipped" in res.stderr
+    (parent,) = search(uri(tmp), "policies", "tags.role = 'sweep'")
+    children = search(uri(tmp), "policies", "tags.role = 'run'")
+    assert len(children) == 4
+    names = set()
+    for run in children:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["sweep_id"] == parent.data.tags["sweep_id"]
+        assert tags["run_key"] and tags["git_commit"] and tags["host"] and tags["device"] == "cpu"
+        assert set(RESULT_METRICS) <= set(run.data.metrics)
+        assert run.data.params["model.name"] == "tiny"
+        names.add(tags["mlflow.runName"])
+    assert names == {
+        f"cache={c} policy={p} trace=True {' '.join(QUICK)}"
+        for c in ("frac_10", "frac_25")
+        for p in ("cache_prior", "dbsc")
+    }
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri(tmp))
+    run_id = children[0].info.run_id
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "trace.parquet"}
+    steps = [m.step for m in client.get_metric_history(run_id, "energy_decode_cum_j")]
+    assert steps == list(range(len(steps))) and len(steps) > 1
+    assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
+def test_report_cli_writes_the_csv_and_both_figures(policy_sweep):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    tmp, _ = policy_sweep
+    (parent,) = search(uri(tmp), "policies", "tags.role = 'sweep'")
+    out = tmp / "report"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweep.report",
+            "--experiment",
+            "policies",
+            "--tracking-uri",
+            uri(tmp),
+            "--parent",
+            parent.info.run_id,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 4 and set(RESULT_METRICS) <= set(runs.columns)
+    assert set(runs["policy"]) == {"cache_prior", "dbsc"}
+    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
+        assert (out / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_notebook_runs_headless_and_writes_the_figures(policy_sweep, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    tmp, _ = policy_sweep
+    monkeypatch.setenv("SLICEMOE_EXPERIMENT", "policies")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri(tmp))
+    monkeypatch.setenv("SLICEMOE_FIG_DIR", str(tmp_path / "figures"))
+    nb = nbformat.read(REPO / "notebooks" / "compare_policies.ipynb", as_version=4)
+    NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(REPO / "notebooks")}},
+    ).execute()
+    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 10_000
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("4 runs, 4 finished" in o.get("text", "") for o in outputs)
+
+
+@pytest.mark.slow
+def test_optuna_sweeper_drives_the_launcher(tmp_path):
+    args = [
+        "-m",
+        "+experiment=optuna_dbsc_tau",
+        "hydra.sweeper.n_trials=2",
+        "mlflow.experiment=optuna",
+    ]
+    res = run_sweep([*args, *QUICK], tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "Number of Pareto solutions" in res.stdout + res.stderr
+    results = list((tmp_path / "multirun").glob("*/*/optimization_results.yaml"))
+    assert len(results) == 1 and "solutions:" in results[0].read_text()
+    runs = search(uri(tmp_path), "optuna", "tags.role = 'run'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert all("policy.tau=" in r.data.tags["mlflow.runName"] for r in runs)
+
+
+def test_console_script_entry_point_is_the_app():
+    from sweep.__main__ import main
+
+    assert main.__module__ == "sweep.app" and os.path.exists(REPO / "conf" / "config.yaml")

@@ -1,0 +1,215 @@
+"""The multirun engine end to end through `python -m sweep -m`, on a private local Ray instance,
+with the stand-in runner of conftest_sweep (instant runs, failures on demand)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest_sweep import RUNNER, kill, run_sweep, search, start_sweep
+
+from sweep.jobs import RESULT_METRICS
+
+EXP = "engine"
+
+
+def uri(tmp: Path) -> str:
+    return f"sqlite:///{tmp}/mlflow.db"
+
+
+def calls(tmp: Path) -> list[str]:
+    path = tmp / "calls.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def runs_by_status(tmp: Path) -> Counter:
+    return Counter(r.info.status for r in search(uri(tmp), EXP, "tags.role = 'run'"))
+
+
+def finished_keys(tmp: Path) -> dict[str, str]:
+    runs = search(uri(tmp), EXP, "tags.role = 'run' and attributes.status = 'FINISHED'")
+    keys = Counter(r.data.tags["run_key"] for r in runs)
+    assert max(keys.values(), default=1) == 1, f"a run key finished twice: {keys}"
+    return {r.data.tags["run_key"]: r.info.run_id for r in runs}
+
+
+@pytest.mark.slow
+def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path):
+    args = [
+        "-m",
+        f"sweep.runner={RUNNER}",
+        f"mlflow.experiment={EXP}",
+        "seed=0,13,66",
+        "cache=frac_10,frac_25",
+    ]
+    first = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    out = first.stdout + first.stderr
+    # Two runs raise: the sweep finishes the others, then exits non-zero naming a failed run.
+    assert first.returncode == 1, out
+    assert "boom for seed=13" in out and "failed" in out
+
+    parents = search(uri(tmp_path), EXP, "tags.role = 'sweep'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.metrics["runs_failed"] == 2 and parent.data.metrics["runs_finished"] == 4
+    children = search(uri(tmp_path), EXP, "tags.role = 'run'")
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    # The actor that died took one attempt with it (KILLED); the retry finished on a new actor.
+    assert Counter(r.info.status for r in children) == {"FINISHED": 4, "FAILED": 2, "KILLED": 1}
+    for run in children:
+        if run.info.status == "FINISHED":
+            assert set(RESULT_METRICS) <= set(run.data.metrics)
+        if run.info.status == "FAILED":
+            assert "boom" in run.data.tags["error"]
+    # Each actor loaded the model once (two actors, plus the replacement of the dead one).
+    log = calls(tmp_path)
+    assert sum(line.startswith("load ") for line in log) <= 3
+    done = finished_keys(tmp_path)
+    assert len(done) == 4
+
+    # Relaunch: finished runs are skipped, the failed ones run again, one parent throughout.
+    mark = len(log)
+    second = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    assert second.returncode == 1
+    rerun = [line for line in calls(tmp_path)[mark:] if line.startswith("run ")]
+    assert sorted(line.split()[1] for line in rerun) == ["seed=13", "seed=13"]
+    assert finished_keys(tmp_path) == done
+    assert len(search(uri(tmp_path), EXP, "tags.role = 'sweep'")) == 1
+    assert "4 finished already" in second.stdout + second.stderr
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp_path):
+    args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2,3,4,5,6,7"]
+    env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "2"}
+    driver = start_sweep(args, tmp_path, **env)
+    try:
+        deadline = time.monotonic() + 120
+        # Watch the runner's log, not the store: opening an SQLite store while the driver is
+        # still creating its tables races with it. Four runs started = both actors are on their
+        # second run (2 s each), so two runs are finished and two are half-way.
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if sum(line.startswith("run ") for line in calls(tmp_path)) >= 4:
+                break
+        else:
+            pytest.fail(
+                "no run finished in time:\n" + (driver.stdout.read() if driver.stdout else "")
+            )
+    finally:
+        kill(driver)
+    # The driver's local Ray instance goes down with it; wait until its actors are quiet.
+    quiet_since, seen = time.monotonic(), len(calls(tmp_path))
+    while time.monotonic() - quiet_since < 4:
+        time.sleep(0.5)
+        if len(calls(tmp_path)) != seen:
+            quiet_since, seen = time.monotonic(), len(calls(tmp_path))
+    before = finished_keys(tmp_path)
+    assert 2 <= len(before) < 8, "kill the driver mid-sweep, not after it"
+    stale = runs_by_status(tmp_path)["RUNNING"]  # left behind by the killed driver
+    mark = len(calls(tmp_path))
+
+    again = run_sweep(args, tmp_path, **env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    after = finished_keys(tmp_path)
+    assert len(after) == 8
+    assert {k: after[k] for k in before} == before  # the finished runs are the same MLflow runs
+    rerun = [line.split()[1] for line in calls(tmp_path)[mark:] if line.startswith("run ")]
+    assert len(rerun) == 8 - len(before)
+    statuses = runs_by_status(tmp_path)
+    assert statuses["FINISHED"] == 8 and statuses["RUNNING"] == 0
+    assert statuses["KILLED"] == stale  # what the killed driver left RUNNING is closed
+
+
+@pytest.mark.slow
+def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path):
+    args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2"]
+    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path), FAKE_BROKEN_NODE="1")
+    assert res.returncode == 1
+    assert "Ray actors cannot start" in res.stderr and "lacks the runner's" in res.stderr
+    assert runs_by_status(tmp_path)["RUNNING"] == 0
+
+
+def test_invalid_job_fails_before_any_work(tmp_path):
+    t0 = time.monotonic()
+    res = run_sweep(["-m", "bits.low=8", "bits.high=4", "cache=frac_10,frac_25"], tmp_path)
+    assert res.returncode == 1
+    assert "bits.low" in res.stderr and "must be below bits.high=4" in res.stderr
+    assert "Started a local Ray instance" not in res.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    assert time.monotonic() - t0 < 60
+
+
+def test_unreachable_tracking_server_fails_fast_in_a_multirun(tmp_path):
+    args = ["-m", f"sweep.runner={RUNNER}", "mlflow.tracking_uri=http://127.0.0.1:9", "seed=0,1"]
+    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    assert res.returncode == 1
+    assert "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable" in res.stderr
+    assert "Started a local Ray instance" not in res.stderr
+
+
+def test_settings_cannot_vary_inside_one_multirun(tmp_path):
+    res = run_sweep(["-m", f"sweep.runner={RUNNER}", "mlflow.experiment=a,b"], tmp_path)
+    assert res.returncode == 1 and "mlflow.* differs between the jobs" in res.stderr
+
+
+@pytest.mark.slow
+def test_actors_log_to_a_tracking_server(tmp_path):
+    """Any tracking URI: here an `mlflow server`, artifacts uploaded through it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--backend-store-uri=sqlite:///{tmp_path}/server.db",
+            f"--artifacts-destination={tmp_path}/artifacts",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        args = [
+            "-m",
+            f"sweep.runner={RUNNER}",
+            f"mlflow.tracking_uri={url}",
+            "seed=0,1",
+            "trace=true",
+        ]
+        res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs = search(url, "slicemoe", "tags.role = 'run'")
+        assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(url)
+        for run in runs:
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert names == {"config.yaml", "trace.parquet"}
+        assert list((tmp_path / "artifacts").rglob("trace.parquet"))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

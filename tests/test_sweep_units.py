@@ -1,0 +1,333 @@
+"""Sweep engine pieces in-process: config composition, run keys, tracking, worker, scheduler,
+progress. No Ray, no subprocesses."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+
+import conftest_sweep as fake
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from slicemoe.config import RunConfig
+from sweep import app, jobs, schema
+from sweep.errors import SweepError
+
+CONF = Path(app.CONF_DIR)
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+# --- config groups and schema ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "bits", "cache", "policy", "hardware", "eval", "experiment"]
+)
+def test_every_group_option_composes_into_the_typed_schema(group):
+    for option in options(group):
+        override = f"+{group}={option}" if group == "experiment" else f"{group}={option}"
+        cfg = compose_cfg(override)
+        run_cfg = schema.run_config(OmegaConf.merge(cfg, {"model": {"path": "/m"}}))
+        assert isinstance(run_cfg, RunConfig)
+        if group in ("model", "bits", "cache", "policy", "hardware"):
+            assert getattr(run_cfg, group).name == option, (group, option)
+
+
+def test_group_values_match_the_issue():
+    bits = {o: schema.run_config(compose_cfg(f"bits={o}")).bits for o in options("bits")}
+    assert (bits["mat42"].high, bits["mat42"].low) == (4, 2)
+    assert (bits["fp16"].high, bits["fp16"].low) == (None, None)
+    assert (bits["int8"].high, bits["int8"].low) == (8, None)
+    cache = schema.run_config(compose_cfg("cache=1.8gb")).cache
+    assert (cache.bytes, cache.frac) == (1_800_000_000, None)
+    cache = schema.run_config(compose_cfg("cache=frac_25")).cache
+    assert (cache.bytes, cache.frac) == (None, 0.25)
+    pol = schema.run_config(compose_cfg("policy=belady_oracle", "cache=frac_10"))
+    assert (pol.policy.routing, pol.policy.precision, pol.cache.eviction) == (
+        "topk",
+        "high",
+        "belady",
+    )
+    assert pol.cache.frac == 0.1
+    assert schema.run_config(compose_cfg("policy=dbsc_pcw")).policy.warmup == "pcw"
+    cp = schema.run_config(compose_cfg("policy=cache_prior")).policy
+    assert (cp.routing, cp.precision, cp.lam) == ("cache_prior", "high", 0.5)
+    default = schema.run_config(compose_cfg())
+    assert default == replace(RunConfig(), model=default.model)
+    assert default.model.path is None and default.eval.task == "arith"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("bits.low=abc", "bits.low"),
+        ("policy.tua=0.3", "policy.tua"),
+        ("cache.frac=x", "cache.frac"),
+    ],
+)
+def test_wrong_types_and_unknown_keys_fail_naming_the_key(override, key):
+    with pytest.raises(Exception) as info:
+        compose_cfg(override)
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert key in text
+
+
+def test_a_big_model_without_path_fails_naming_model_path():
+    with pytest.raises(SweepError, match="model.path"):
+        schema.run_config(compose_cfg("model=qwen1.5-moe-a2.7b"))
+    cfg = schema.run_config(compose_cfg("model=mixtral-8x7b", "model.path=/models/mixtral"))
+    assert cfg.model.path == "/models/mixtral" and cfg.model.dtype == "bfloat16"
+
+
+# --- jobs: keys, params, validation -------------------------------------------------------------
+
+
+def test_run_key_ignores_only_volatile_fields():
+    base = RunConfig()
+    key = jobs.run_key(base)
+    assert key == jobs.run_key(RunConfig())
+    assert key == jobs.run_key(replace(base, trace_path="/tmp/x.parquet"))
+    assert key == jobs.run_key(replace(base, model=replace(base.model, device="cuda:1")))
+    assert key != jobs.run_key(replace(base, seed=1))
+    assert key != jobs.run_key(replace(base, trace=True))
+    assert key != jobs.run_key(replace(base, cache=replace(base.cache, frac=0.5)))
+
+
+def test_make_job_flattens_params_and_names_the_run(monkeypatch):
+    cfg = compose_cfg("cache=frac_10", "policy=lru_highbit", "mlflow.experiment=x")
+    job = jobs.make_job(
+        3, cfg, ["cache=frac_10", "policy=lru_highbit", "mlflow.experiment=x"], fake
+    )
+    assert job.name == "cache=frac_10 policy=lru_highbit"
+    assert job.params["cache.frac"] == "0.1" and job.params["trace_path"] == "null"
+    assert job.params["policy.name"] == "lru_highbit" and len(job.params) >= 50
+    assert job.load_key == "tiny/8/4" and job.index == 3
+    assert "frac: 0.1" in job.config_yaml
+
+
+def test_semantic_errors_name_the_field_before_any_work():
+    cfg = compose_cfg("bits.low=8", "bits.high=4")
+    with pytest.raises(SweepError, match=r"bits\.low: 8 must be below"):
+        jobs.make_job(0, cfg, ["bits.low=8", "bits.high=4"], fake)
+
+
+def test_the_sweep_logs_exactly_the_metrics_slicemoe_reports():
+    from slicemoe.run import METRICS
+
+    assert tuple(jobs.RESULT_METRICS) == tuple(METRICS)
+
+
+def test_real_validate_is_used_through_the_sweep():
+    from slicemoe import run as science
+
+    cfg = compose_cfg("bits.low=8", "bits.high=4")
+    with pytest.raises(SweepError, match=r"bits\.low"):
+        jobs.make_job(0, cfg, [], science)
+
+
+def test_objective_and_return_value():
+    cfg = compose_cfg("sweep.objective=[accuracy,energy_decode_j]")
+    assert jobs.objective_of(cfg) == ["accuracy", "energy_decode_j"]
+    assert jobs.return_value({"accuracy": 0.5, "energy_decode_j": 2}, ["accuracy"]) == 0.5
+    assert jobs.return_value({"accuracy": 0.5, "energy_decode_j": 2}, None) == {
+        "accuracy": 0.5,
+        "energy_decode_j": 2,
+    }
+    with pytest.raises(SweepError, match="sweep.objective"):
+        jobs.objective_of(compose_cfg("sweep.objective=[acc]"))
+
+
+def test_runner_without_the_api_is_refused():
+    with pytest.raises(SweepError, match="sweep.runner=json"):
+        jobs.load_runner("json")
+    with pytest.raises(SweepError, match="cannot import"):
+        jobs.load_runner("no_such_module_here")
+
+
+# --- tracking and worker ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from sweep.tracking import Tracker
+
+    # One store for the module: creating an SQLite store takes seconds (schema migrations).
+    return Tracker.open(f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db", "units")
+
+
+@pytest.fixture
+def tracker(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    return store
+
+
+def fake_job(index=0, **kw) -> jobs.Job:
+    cfg = compose_cfg(*[f"{k}={v}" for k, v in kw.items()])
+    return jobs.make_job(index, cfg, [f"{k}={v}" for k, v in kw.items()], fake)
+
+
+def test_unreachable_tracking_server_fails_fast():
+    from sweep.tracking import Tracker
+
+    t0 = time.monotonic()
+    with pytest.raises(SweepError, match=r"mlflow.tracking_uri=http://127.0.0.1:9 is unreachable"):
+        Tracker.open("http://127.0.0.1:9", "x")
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(SweepError, match="does not exist"):
+        Tracker.open("sqlite:////no/such/dir/mlflow.db", "x")
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    from sweep.tracking import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert resolve_uri("http://h:5000") == "http://h:5000"
+
+
+def test_worker_logs_metrics_curves_trace_and_config(tracker, tmp_path):
+    from sweep import worker
+
+    job = fake_job(trace="true", seed=1)
+    run_id = tracker.create_run(job, None, "sid", "abc")
+    out = worker.execute(fake, worker.ModelCache(1), job, run_id, tracker)
+    assert out.status == "FINISHED" and set(out.metrics) == set(jobs.RESULT_METRICS)
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert set(jobs.RESULT_METRICS) <= set(run.data.metrics)
+    assert math.isnan(run.data.metrics["perplexity"])
+    assert run.data.params["cache.frac"] == "0.25"
+    tags = run.data.tags
+    assert tags["run_key"] == job.key and tags["sweep_id"] == "sid" and tags["git_commit"] == "abc"
+    assert tags["host"] and tags["device"] == "cpu" and tags["model_load"] == "fresh"
+    history = tracker.client.get_metric_history(run_id, "miss_rate_running")
+    assert [m.step for m in history] == list(range(5))
+    artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
+    assert artifacts == {"config.yaml", "trace.parquet"}
+    assert tracker.finished()[job.key].info.run_id == run_id
+
+
+def test_a_failing_run_is_recorded_with_its_error(tracker):
+    from sweep import worker
+
+    job = fake_job(seed=13)
+    run_id = tracker.create_run(job, None, "", "abc")
+    out = worker.execute(fake, worker.ModelCache(1), job, run_id, tracker)
+    assert out.status == "FAILED" and "boom" in out.error
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FAILED" and "RuntimeError: boom" in run.data.tags["error"]
+    assert "error.txt" in {a.path for a in tracker.client.list_artifacts(run_id)}
+    assert job.key not in tracker.finished()
+
+
+def test_stale_running_runs_are_killed_and_parents_reopened(tracker):
+    job = fake_job(seed=2)
+    stale = tracker.create_run(job, None, "", "abc")
+    other = tracker.create_run(fake_job(seed=3), None, "", "abc")
+    assert tracker.kill_stale({job.key}) == 1
+    assert tracker.client.get_run(stale).info.status == "KILLED"
+    assert tracker.client.get_run(other).info.status == "RUNNING"
+    parent = tracker.open_parent("s1", "a sweep", "abc")
+    tracker.close_parent(parent, "FINISHED", {"total": 1}, "run\n")
+    assert tracker.open_parent("s1", "a sweep", "abc") == parent
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
+    assert tracker.open_parent("s2", "another", "abc") != parent
+
+
+def test_model_cache_loads_once_and_evicts_least_recent():
+    from sweep.worker import ModelCache
+
+    loads = []
+    cache = ModelCache(2)
+    for key in ["a", "a", "b", "a", "c", "a", "b"]:
+        cache.get(key, lambda k=key: loads.append(k) or k)
+    assert loads == ["a", "b", "c", "b"]
+
+
+# --- scheduler ----------------------------------------------------------------------------------
+
+
+def test_free_actor_keeps_its_model_then_takes_the_least_served_key():
+    from sweep.actors import pick_key
+
+    queues = {k: deque(range(n)) for k, n in {"a": 3, "b": 4, "c": 1}.items()}
+    assert pick_key(["c", "a"], queues, {}) == "a"  # the most recent key it holds
+    assert pick_key(["x"], queues, {}) == "b"  # nothing held: the largest queue
+    assert pick_key([], queues, {"b": 3}) == "a"  # b already has three actors on it
+
+
+def test_actor_plan_whole_gpus_by_default_cpu_fallback():
+    from sweep.cluster import plan
+    from sweep.schema import RayConf
+
+    gpu_box = {"CPU": 16.0, "GPU": 4.0}
+    p = plan(RayConf(), 100, gpu_box)
+    assert (p.actors, p.num_gpus, p.num_cpus) == (4, 1.0, 1.0)
+    p = plan(RayConf(num_gpus_per_actor=2), 100, gpu_box)
+    assert (p.actors, p.num_gpus) == (2, 2.0)
+    p = plan(RayConf(), 3, {"CPU": 8.0})
+    assert (p.actors, p.num_gpus) == (3, 0.0)  # no GPU: CPU actors, at most one per run
+    p = plan(RayConf(num_cpus_per_actor=4), 100, {"CPU": 8.0})
+    assert p.actors == 2
+    assert plan(RayConf(num_actors=5), 100, {"CPU": 2.0}).actors == 5
+    with pytest.raises(SweepError, match="ray.num_gpus_per_actor=1"):
+        plan(RayConf(num_gpus_per_actor=1), 10, {"CPU": 8.0})
+
+
+# --- progress and table -------------------------------------------------------------------------
+
+
+def test_progress_lines_when_not_a_tty():
+    from sweep.progress import Progress
+
+    stream = io.StringIO()
+    prog = Progress(total=10, skipped=2, stream=stream)
+    prog.update(running=2, finished=0, failed=0)
+    prog.update(running=2, finished=0, failed=0)  # nothing changed: no new line
+    prog.update(running=1, finished=3, failed=1)
+    prog.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "[sweep] 2/10 done | 2 running | 0 failed | 2 skipped | ETA ?"
+    assert lines[1].startswith("[sweep] 6/10 done | 1 running | 1 failed | 2 skipped | ETA ")
+    assert len(lines) == 2
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    from sweep.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    prog = Progress(total=3, skipped=0, stream=stream)
+    prog.update(running=2, finished=1, failed=0)
+    prog.close()
+    text = stream.getvalue()
+    assert text.startswith("\r\033[K[sweep] 1/3 done | 2 running") and text.endswith("\n")
+    assert text.count("\n") == 1
+
+
+def test_duration_and_table_format():
+    from sweep.progress import format_duration, result_table
+
+    assert [format_duration(s) for s in (5, 75, 3725)] == ["5s", "1m15s", "1h02m"]
+    table = result_table([("a=1", "FINISHED", {"accuracy": 0.5, "perplexity": math.nan})])
+    header, row = table.splitlines()
+    assert header.split()[:4] == ["run", "status", "accuracy", "perplexity"]
+    assert row.split()[:4] == ["a=1", "FINISHED", "0.5", "nan"]
