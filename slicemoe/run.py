@@ -8,6 +8,7 @@ sweep worker) loads it once per `load_key`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from slicemoe.cache import EVICTION, SliceCache, Stats
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
 from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
 from slicemoe.models.adapter import Runtime, footprint, install, quantize_model
+from slicemoe.quant import slice_bytes
 from slicemoe.routing import ROUTING
 from slicemoe.warmup import WARMUP, apply_warmup
 
@@ -153,12 +156,7 @@ def get_task_or_error(name: str):
 
 
 def expert_sizes(cfg: RunConfig, shape: Shape) -> dict:
-    from slicemoe.quant import slice_bytes
-
     b = cfg.bits
-    if b.high is None:
-        n = shape.expert_params * (4 if cfg.model.dtype == "float32" else 2)
-        return {"FULL": n, "MSB": n, "LSB": 0}
     return slice_bytes(shape.expert_params, b.high, b.low, b.group, b.symmetric)
 
 
@@ -229,6 +227,9 @@ class _Simulator:
         self.curve_requests = np.zeros(cfg.eval.max_new_tokens + 1)
         self.curve_misses = np.zeros_like(self.curve_requests)
         self.curve_energy = np.zeros_like(self.curve_requests)
+        # transformers renamed the KV-cache argument (past_key_values -> cache) during 5.x.
+        params = inspect.signature(loaded.model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         tok = loaded.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -269,6 +270,7 @@ class _Simulator:
         for i, c in enumerate(caches):
             c.tag = (first_seq + i, "prefill", -1)
         rt.phase, rt.valid = "prefill", mask.bool()
+        kv = DynamicCache()  # filled in place by every forward
         rt.context = np.zeros(b, dtype=np.int64)
         out = self.model(
             input_ids=ids.to(dev),
@@ -276,9 +278,10 @@ class _Simulator:
             position_ids=pos.to(dev),
             use_cache=True,
             output_router_logits=False,
+            **{self.cache_kw: kv},
         )
         rt.head(np.ones(b, dtype=np.int64))
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
         kind = "MSB" if rt.sliced else "FULL"
         for st in rt.seqs:
             apply_warmup(cfg.policy.warmup, st.cache, st.counts, kind, self.rng)
@@ -326,12 +329,12 @@ class _Simulator:
                 input_ids=step_tokens.view(b, 1).to(dev),
                 attention_mask=mask.to(dev),
                 position_ids=next_pos.view(b, 1).to(dev),
-                past_key_values=past,
                 use_cache=True,
+                **{self.cache_kw: kv},
                 output_router_logits=False,
             )
             rt.head(active.astype(np.int64))
-            past, logits = out.past_key_values, out.logits[:, -1].float()
+            logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
             context += active
             for i, c in enumerate(caches):

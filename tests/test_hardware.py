@@ -57,3 +57,14 @@ def test_second_profile_is_a_faster_device_class():
     laptop = PROFILES["laptop_lpddr5_nvme"]
     assert laptop.flash_gbps > HW.flash_gbps and laptop.dram_gbps > HW.dram_gbps
     assert charge(laptop, 0, 0, MSB).latency_s < charge(HW, 0, 0, MSB).latency_s
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profiles_equal_the_sweep_configs(name):
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "hardware" / f"{name}.yaml"
+    assert yaml.safe_load(conf.read_text()) == asdict(PROFILES[name])

@@ -117,3 +117,5 @@ def test_symmetric_slices_carry_no_zero_point():
     sizes = slice_bytes(64, 8, 4, 32, symmetric=True)
     assert sizes == {"FULL": 64 + 4, "MSB": 32 + 4, "LSB": 32}
     assert slice_bytes(64, 8, None, 32, symmetric=False) == {"FULL": 70, "MSB": 70, "LSB": 0}
+    # Unquantized experts are stored in fp16 whatever the compute dtype.
+    assert slice_bytes(64, None, None, 32, symmetric=False) == {"FULL": 128, "MSB": 128, "LSB": 0}

@@ -90,11 +90,7 @@ class Footprint:
 def footprint(model, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Footprint:
     c = model.config
     n_exp = shape.expert_params
-    if bits.high is None:
-        wbytes = 2 if model.dtype != torch.float32 else 4
-        sizes = {"FULL": n_exp * wbytes, "MSB": n_exp * wbytes, "LSB": 0}
-    else:
-        sizes = quant.slice_bytes(n_exp, bits.high, bits.low, bits.group, bits.symmetric)
+    sizes = quant.slice_bytes(n_exp, bits.high, bits.low, bits.group, bits.symmetric)
     low = sizes["MSB"] if bits.low is not None else sizes["FULL"]
     layers = c.num_hidden_layers
     total = sum(p.numel() for p in model.parameters())
