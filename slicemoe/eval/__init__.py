@@ -40,6 +40,23 @@ class Task:
 TASKS: dict[str, Task] = {}
 
 
+def load_hub(hub_id: tuple[str, str], hint: str, **kw):
+    """A dataset from the HF hub, for when eval.data_path is not set (needs `datasets` and a
+    network); every failure says how to point eval.data_path at local data instead."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"eval.data_path is not set and `datasets` is not installed: {hint}"
+        ) from None
+    try:
+        return datasets.load_dataset(*hub_id, **kw)
+    except Exception as e:
+        raise ValueError(
+            f"eval.data_path is not set and loading {hub_id[0]} failed ({e}): {hint}"
+        ) from e
+
+
 def register(task: Task) -> Task:
     TASKS[task.name] = task
     return task

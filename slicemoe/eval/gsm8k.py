@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from slicemoe.eval import Doc, Task, register
+from slicemoe.eval import Doc, Task, load_hub, register
 
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -89,7 +89,7 @@ def docs(cfg, tokenizer=None) -> list[Doc]:
 
 def load_splits(path: str | None) -> tuple[list[dict], list[dict]]:
     if path is None:
-        return load_hub()
+        return load_hub_splits()
     root = Path(path)
     files = [root / "train.jsonl", root / "test.jsonl"]
     missing = [f.name for f in files if not f.is_file()]
@@ -111,19 +111,8 @@ def read_jsonl(file: Path) -> list[dict]:
     return rows
 
 
-def load_hub() -> tuple[list[dict], list[dict]]:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(
-            f"eval.data_path is not set and `datasets` is not installed: {HINT}"
-        ) from None
-    try:
-        ds = datasets.load_dataset(*HUB_ID)
-    except Exception as e:
-        raise ValueError(
-            f"eval.data_path is not set and loading {HUB_ID[0]} failed ({e}): {HINT}"
-        ) from e
+def load_hub_splits() -> tuple[list[dict], list[dict]]:
+    ds = load_hub(HUB_ID, HINT)
     return tuple(
         [{"question": r["question"], "answer": r["answer"]} for r in ds[split]]
         for split in ("train", "test")

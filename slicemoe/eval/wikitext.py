@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slicemoe.eval import Task, Window, register
+from slicemoe.eval import Task, Window, load_hub, register
 
 HUB_ID = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 HINT = "set eval.data_path to a text file, e.g. eval.data_path=../shared/data/wikitext-2/test.txt"
@@ -51,18 +51,7 @@ def load_text(path: str | None) -> str:
         if not file.is_file():
             raise ValueError(f"eval.data_path={path!r} is not a file: {HINT}")
         return file.read_text(encoding="utf-8")
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(
-            f"eval.data_path is not set and `datasets` is not installed: {HINT}"
-        ) from None
-    try:
-        ds = datasets.load_dataset(*HUB_ID, split="test")
-    except Exception as e:
-        raise ValueError(
-            f"eval.data_path is not set and loading {HUB_ID[1]} failed ({e}): {HINT}"
-        ) from e
+    ds = load_hub(HUB_ID, HINT, split="test")
     # The guide joins the dataset's lines with blank lines before tokenizing.
     return "\n\n".join(ds["text"])
 
