@@ -222,7 +222,6 @@ class _Simulator:
         self.capacity = capacity_bytes(cfg, loaded.shape)
         self.eviction, self.futures = eviction, futures or {}
         self.record = record or cfg.trace
-        self.rng = np.random.default_rng(cfg.seed)
         self.states, self.traces = [], []
         self.curve_requests = np.zeros(cfg.eval.max_new_tokens + 1)
         self.curve_misses = np.zeros_like(self.curve_requests)
@@ -254,7 +253,8 @@ class _Simulator:
     def batch(self, first_seq, prompts, forced=None, max_new=0, stop=(), eos=None):
         """Prefill `prompts` (token lists), then decode. With `forced` (token lists to score),
         decode is teacher-forced and the NLL of each forced token is returned; otherwise decode
-        is greedy until a stop string / eos / max_new tokens and the generated ids are returned."""
+        is greedy until a stop string / eos / max_new tokens and the texts (cut at the first stop
+        string) are returned."""
         cfg, rt, dev = self.cfg, self.rt, self.loaded.device
         b = len(prompts)
         caches = self._caches(first_seq, b)
@@ -283,8 +283,10 @@ class _Simulator:
         rt.head(np.ones(b, dtype=np.int64))
         logits = out.logits[:, -1].float()
         kind = "MSB" if rt.sliced else "FULL"
-        for st in rt.seqs:
-            apply_warmup(cfg.policy.warmup, st.cache, st.counts, kind, self.rng)
+        for i, st in enumerate(rt.seqs):
+            # Seeded per sequence, so a sequence warms up alike in any batch.
+            rng = np.random.default_rng([cfg.seed, first_seq + i])
+            apply_warmup(cfg.policy.warmup, st.cache, st.counts, kind, rng)
 
         steps = max(len(f) for f in forced) if forced is not None else max_new
         active = np.ones(b, dtype=bool)
