@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Create .venv (unless a virtualenv is already active) and install slicemoe with its dev extras.
+# Create .venv and install slicemoe into it with its dev extras.
 # Without an NVIDIA GPU we ask for the CPU build of torch first, so that resolving `torch` later
 # does not pull a multi-GB CUDA build; with a GPU, pip picks whatever torch the box wants.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  # shellcheck disable=SC1091
-  source .venv/bin/activate
-fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# shellcheck disable=SC1091
+source .venv/bin/activate
 python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
