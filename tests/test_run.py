@@ -158,3 +158,13 @@ def test_missing_model_path_names_model_path(tmp_path):
 
     with pytest.raises(ConfigError, match="model.path"):
         validate(RunConfig(model=ModelConfig(path=str(tmp_path / "none"))))
+
+
+def test_lambda_controller_pushes_the_miss_rate_toward_its_target(loaded):
+    """cache_prior starting at lam=0 (= top-k): the controller raises lam on each device until
+    its high-bit-normalised miss rate comes down toward the target."""
+    base = small_cache(PolicyConfig(routing="cache_prior", precision="high", lam=0.0))
+    free = run(base, loaded)
+    target = free["miss_rate_hbn"] / 4
+    held = run(replace(base, policy=replace(base.policy, miss_rate_target=target)), loaded)
+    assert held["miss_rate_hbn"] < free["miss_rate_hbn"] / 2
