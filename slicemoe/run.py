@@ -413,13 +413,13 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         first, _, _ = _evaluate(cfg, loaded, "lru", record=True)
         futures = _futures(first)
     sim, scores, prefill_tokens = _evaluate(cfg, loaded, cfg.cache.eviction, futures)
-    result = _metrics(cfg, sim, scores, prefill_tokens)
+    result = _metrics(sim, scores, prefill_tokens)
     result["trace_path"] = _write_trace(cfg, sim) if cfg.trace else None
     result["wall_s"] = time.time() - t0
     return result
 
 
-def _metrics(cfg, sim: _Simulator, scores, prefill_tokens) -> dict:
+def _metrics(sim: _Simulator, scores, prefill_tokens) -> dict:
     total = Stats()
     for st in sim.states:
         s = st.cache.stats

@@ -25,7 +25,7 @@ from slicemoe import quant
 from slicemoe.cache import SliceCache
 from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
 from slicemoe.hardware import Cost, charge
-from slicemoe.models import Shape, gate_rule, moe_blocks
+from slicemoe.models import Shape, moe_blocks
 from slicemoe.routing import Gate, RoutingParams, precision, route
 
 # --- quantization of a loaded model ---------------------------------------------------------
@@ -183,11 +183,10 @@ class Runtime:
 
     def _prefill(self, layer, logits):
         b, s = self.valid.shape
-        probs = self.gate.probs(logits)
-        allowed = self.gate.allowed(probs)
-        masked = probs if allowed is None else probs.masked_fill(~allowed, -1.0)
-        idx = masked.topk(self.gate.top_k, dim=-1).indices
-        w = self.gate.weights(probs, idx)
+        # The model's own routing: top-k with no regard for the cache.
+        idx, w = route(
+            "topk", self.gate, logits, torch.zeros_like(logits, dtype=torch.bool), self.params
+        )
         onehot = torch.zeros(b * s, self.E, dtype=torch.int64).scatter_(1, idx.cpu(), 1)
         counts = (onehot.view(b, s, self.E) * self.valid.view(b, s, 1)).sum(1).numpy()
         kinds = ("MSB", "LSB") if self.sliced else ("FULL",)
@@ -297,4 +296,4 @@ def _routed_forward(self, hidden_states):
     return logits, weights, idx
 
 
-__all__ = ["Runtime", "install", "quantize_model", "footprint", "gate_rule"]
+__all__ = ["Runtime", "install", "quantize_model", "footprint"]
