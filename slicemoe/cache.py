@@ -53,11 +53,13 @@ class LFU:
 
     def __init__(self):
         self.count: dict[Hashable, int] = {}
+        self.stamp: dict[Hashable, int] = {}  # clock of each key's live heap entry
         self.heap: list = []
         self.clock = 0
 
     def _push(self, key):
         self.clock += 1
+        self.stamp[key] = self.clock
         heapq.heappush(self.heap, (self.count[key], self.clock, key))
 
     def add(self, key):
@@ -70,12 +72,14 @@ class LFU:
 
     def remove(self, key):
         del self.count[key]
+        del self.stamp[key]
 
     def victim(self):
-        # Entries whose count changed or that were removed are stale; drop them lazily.
+        # Entries of keys touched, removed or re-inserted since they were pushed are stale; the
+        # stamp (not the count) tells them apart, so a re-inserted key is as recent as it is.
         while True:
-            c, _, key = self.heap[0]
-            if self.count.get(key) == c:
+            _, clock, key = self.heap[0]
+            if self.stamp.get(key) == clock:
                 return key
             heapq.heappop(self.heap)
 
@@ -231,7 +235,11 @@ class SliceCache:
         self._pool(key).remove(key)
         self.used -= self.sizes[key[2]]
         if key[2] != "LSB":
-            self.resident[key[0], key[1]] = False
+            # With bits.scheme=base an expert may hold both of its copies (MSB and FULL).
+            layer, expert = key[0], key[1]
+            self.resident[layer, expert] = any(
+                (layer, expert, kind) in self.entries for kind in ("MSB", "FULL")
+            )
 
     def _make_room(self, nbytes: int) -> None:
         while self.used + nbytes > self.capacity:

@@ -38,7 +38,9 @@ class BitsConfig:
 @dataclass
 class CacheConfig:
     name: str = "frac_25"
-    # Exactly one of the two: a fraction of all routed-expert bytes at high precision, or bytes.
+    # Exactly one of the two: bytes, or a fraction of the reference size of all routed experts
+    # (1 byte per weight, INT8 without metadata; slicemoe.quant.REFERENCE_BITS). The reference
+    # does not depend on `bits`, so one frac is one DRAM budget for every bit width.
     frac: Optional[float] = 0.25
     bytes: Optional[int] = None
     eviction: str = "lru"  # lru | lfu | fifo | belady
@@ -51,12 +53,18 @@ class PolicyConfig:
     precision: str = "dbsc"  # high | low | dbsc
     tau: float = 0.5  # DBSC: critical when normalised gate score >= tau
     lsb_miss: str = "fetch"  # fetch | skip
-    lam: float = 0.0  # cache_prior strength (multiplies max-min logit range)
+    lam: float = 0.0  # cache_prior strength (multiplies the max-min logit range)
+    # The range lam multiplies: `token` = this token's own max-min router logit; `running` = the
+    # running mean of that range over the tokens this device has routed at this layer
+    # (Skliar et al.'s definition, so their lambda values transfer).
+    lam_scale: str = "token"
     cumsum_p: float = 0.9  # cumsum: cumulative-probability threshold for candidates
     max_rank_keep: int = 1  # max_rank: top-J always kept
     max_rank_m: int = 8  # max_rank: cached experts within rank M may fill the rest
     warmup: str = "lru"  # empty | last_layer | random | lru | pcw
-    warmup_steps: int = 10  # decode steps before statistics start counting
+    # Decode steps of grace before the miss-rate controller acts (the paper's 10). Metrics cover
+    # every decode step; the `*_steady` variants start after these steps.
+    warmup_steps: int = 10
     # Optional online controller: adapt lam to hold miss_rate_hbn under this target.
     miss_rate_target: Optional[float] = None
 
@@ -76,6 +84,9 @@ class HardwareConfig:
     flash_gb: float = 128.0
     kv_bits: int = 8
     act_bits: int = 16
+    # An FP16 MAC costs this many INT8 MACs of time and energy (the TOPS figures are INT8);
+    # charged for unquantized experts (bits.high=null) and non-expert weights left unquantized.
+    fp16_op_cost: float = 2.0
     overlap_flash: bool = False  # True: Flash time overlaps compute/DRAM time of the layer
 
 

@@ -20,6 +20,14 @@ import torch
 
 SCHEMES = ("amat", "trunc", "base")
 SCALE_BITS = 16  # scales are stored as fp16
+# The bits-independent unit of cache sizes (cache.frac) and of miss_rate_refn: every routed
+# weight at 8 bits, no metadata. Sizing by each configuration's own high-bit bytes instead would
+# give fp16 experts 4x the DRAM of MAT42 for the same `frac`.
+REFERENCE_BITS = 8
+
+
+def reference_bytes(n_params: int) -> int:
+    return n_params * REFERENCE_BITS // 8
 
 
 @dataclass

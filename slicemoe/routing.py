@@ -9,7 +9,8 @@ scaling), so a policy changes *which* experts run, never how their outputs are m
 The cache-aware rules follow Skliar et al., "Mixture of Cache-Conditional Experts" (TMLR 2025).
 All of them are written as "rank by a priority, break ties by probability" so that one `topk`
 call selects for the whole batch at once:
-- cache_prior: logits + lam * (max - min logit) on cached experts, then the model's top-k.
+- cache_prior: logits + lam * (max - min logit) on cached experts, then the model's top-k; the
+  range is the token's own or a running mean over past tokens (`RoutingParams.spread`).
 - cumsum: candidates = the smallest prefix (by probability) whose mass reaches p, at least k of
   them; cached candidates first, then the remaining candidates by rank.
 - max_rank: the top-J always run; the other k-J slots go to cached experts ranked within the
@@ -59,6 +60,8 @@ class Gate:
 @dataclass(frozen=True)
 class RoutingParams:
     lam: float | torch.Tensor = 0.0  # a [B, 1] tensor gives each row its own strength
+    # The logit range lam multiplies, [B, 1]; None = each token's own max - min logit.
+    spread: torch.Tensor | None = None
     cumsum_p: float = 0.9
     max_rank_keep: int = 1
     max_rank_m: int = 8
@@ -88,7 +91,9 @@ def topk(gate: Gate, logits, cached, p: RoutingParams):
 
 def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
     logits = logits.float()
-    spread = logits.amax(-1, keepdim=True) - logits.amin(-1, keepdim=True)
+    spread = p.spread
+    if spread is None:
+        spread = logits.amax(-1, keepdim=True) - logits.amin(-1, keepdim=True)
     boosted = gate.probs(logits + p.lam * spread * cached.float())
     allowed = gate.allowed(boosted)
     if allowed is not None:

@@ -20,38 +20,17 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from slicemoe.cache import EVICTION, SliceCache, Stats
+from slicemoe.cache import EVICTION, SliceCache
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
+from slicemoe.metrics import COL, COUNTERS, KINDS, METRICS, curves, prefill_metrics, window_metrics
 from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
 from slicemoe.models.adapter import Runtime, footprint, install, quantize_model
-from slicemoe.quant import slice_bytes
+from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
 from slicemoe.warmup import WARMUP, apply_warmup
 
-METRICS = (
-    "accuracy",
-    "accuracy_flexible",
-    "perplexity",
-    "miss_rate",
-    "miss_rate_hbn",
-    "miss_rate_msb",
-    "miss_rate_lsb",
-    "flash_bytes",
-    "dram_bytes",
-    "energy_prefill_j",
-    "energy_decode_j",
-    "energy_decode_compute_j",
-    "energy_decode_dram_j",
-    "energy_decode_flash_j",
-    "latency_prefill_s",
-    "latency_decode_s",
-    "decode_tokens",
-    "prefill_tokens",
-    "highbit_fraction",
-    "cached_experts_mean",
-    "wall_s",
-)
+__all__ = ["METRICS", "ConfigError", "capacity_bytes", "load", "load_key", "run", "validate"]
 
 
 class ConfigError(ValueError):
@@ -94,6 +73,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("policy.warmup", f"{p.warmup!r} is unknown; use one of {sorted(WARMUP)}")
     if p.lsb_miss not in ("fetch", "skip"):
         raise ConfigError("policy.lsb_miss", f"{p.lsb_miss!r} is unknown; use fetch or skip")
+    if p.lsb_miss == "skip" and b.scheme == "base":
+        raise ConfigError(
+            "policy.lsb_miss",
+            "skip needs nested slices; bits.scheme=base keeps two whole copies (no LSB slice): "
+            "use policy.lsb_miss=fetch or bits.scheme=amat",
+        )
+    if not p.tau >= 0:  # also refuses NaN
+        raise ConfigError("policy.tau", f"{p.tau} must be a number >= 0 (0: all high-bit)")
+    if p.lam_scale not in ("token", "running"):
+        raise ConfigError("policy.lam_scale", f"{p.lam_scale!r} is unknown; use token or running")
     if p.miss_rate_target is not None and p.routing != "cache_prior":
         raise ConfigError(
             "policy.miss_rate_target",
@@ -106,7 +95,8 @@ def validate(cfg: RunConfig) -> None:
             "cache.eviction", f"{c.eviction!r} is unknown; use one of {sorted(EVICTION)}"
         )
     if c.eviction == "belady":
-        # The oracle replays a recorded request sequence, so requests must not depend on it.
+        # The oracle replays a recorded request sequence, so requests must not depend on the
+        # cache, and warmup must not insert (an insert is not a request of that sequence).
         if p.routing != "topk" or p.lsb_miss != "fetch" or p.warmup in ("random", "pcw"):
             raise ConfigError(
                 "cache.eviction",
@@ -115,8 +105,10 @@ def validate(cfg: RunConfig) -> None:
             )
     if (c.frac is None) == (c.bytes is None):
         raise ConfigError("cache", "set exactly one of cache.frac and cache.bytes (the other null)")
-    if c.frac is not None and not 0 < c.frac <= 1:
-        raise ConfigError("cache.frac", f"{c.frac} must be in (0, 1]")
+    if c.frac is not None and not c.frac > 0:
+        raise ConfigError(
+            "cache.frac", f"{c.frac} must be > 0 (a share of all routed experts at 8 bits)"
+        )
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError("model.dtype", "use float32, bfloat16 or float16")
     try:
@@ -144,6 +136,10 @@ def validate(cfg: RunConfig) -> None:
             ) from None
     if e.limit is not None and e.limit < 1:
         raise ConfigError("eval.limit", "must be >= 1 or null for all documents")
+    if e.max_new_tokens < 1:
+        raise ConfigError("eval.max_new_tokens", "must be >= 1")
+    if e.num_fewshot < 0:
+        raise ConfigError("eval.num_fewshot", "must be >= 0")
     if cfg.batch_size < 1:
         raise ConfigError("batch_size", "must be >= 1")
 
@@ -161,9 +157,11 @@ def expert_sizes(cfg: RunConfig, shape: Shape) -> dict:
 
 
 def capacity_bytes(cfg: RunConfig, shape: Shape) -> int:
+    """DRAM bytes for routed-expert slices: cache.bytes, or cache.frac of all routed experts at
+    the 8-bit reference size (the same bytes for every bit width)."""
     if cfg.cache.bytes is not None:
         return int(cfg.cache.bytes)
-    total = shape.num_moe_layers * shape.num_experts * expert_sizes(cfg, shape)["FULL"]
+    total = shape.num_moe_layers * shape.num_experts * reference_bytes(shape.expert_params)
     return int(cfg.cache.frac * total)
 
 
@@ -209,6 +207,26 @@ def _batches(items, n):
         yield i, items[i : i + n]
 
 
+def _counters(rt: Runtime) -> np.ndarray:
+    """The cumulative decode COUNTERS of the runtime's current batch, all devices summed."""
+    v = np.zeros(len(COUNTERS))
+    for st in rt.seqs:
+        s = st.cache.stats
+        for k in KINDS:
+            v[COL[f"requests_{k}"]] += s.requests[k]
+            v[COL[f"misses_{k}"]] += s.requests[k] - s.hits[k]
+        v[COL["activations"]] += s.activations
+        v[COL["expert_calls"]] += st.expert_calls
+        v[COL["highbit_calls"]] += st.highbit_calls
+        v[COL["tokens"]] += st.decode_tokens
+        v[COL["resident_sum"]] += st.resident_sum
+    cost = rt.cost["decode"]
+    for name in ("ops", "dram_bytes", "flash_bytes", "compute_j", "dram_j", "flash_j"):
+        v[COL[name]] = getattr(cost, name)
+    v[COL["latency_s"]] = cost.latency_s
+    return v
+
+
 class _Simulator:
     """Runs batches of sequences through prefill, warmup and decode with the runtime in the loop."""
 
@@ -222,10 +240,10 @@ class _Simulator:
         self.capacity = capacity_bytes(cfg, loaded.shape)
         self.eviction, self.futures = eviction, futures or {}
         self.record = record or cfg.trace
-        self.states, self.traces = [], []
-        self.curve_requests = np.zeros(cfg.eval.max_new_tokens + 1)
-        self.curve_misses = np.zeros_like(self.curve_requests)
-        self.curve_energy = np.zeros_like(self.curve_requests)
+        self.traces = []
+        # step_rows[t]: COUNTERS of decode step t, summed over every device of every batch.
+        self.step_rows: list[np.ndarray] = []
+        self.warmup_bytes = 0
         # transformers renamed the KV-cache argument (past_key_values -> cache) during 5.x.
         params = inspect.signature(loaded.model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -245,9 +263,17 @@ class _Simulator:
                 future=self.futures.get(first_seq + i),
             )
             c.trace = [] if self.record else None
-            c.counting = False
+            c.counting = False  # statistics are decode statistics
             caches.append(c)
         return caches
+
+    def _tally(self, t: int, delta: np.ndarray) -> None:
+        while len(self.step_rows) <= t:
+            self.step_rows.append(np.zeros(len(COUNTERS)))
+        self.step_rows[t] += delta
+
+    def rows(self) -> np.ndarray:
+        return np.array(self.step_rows).reshape(-1, len(COUNTERS))
 
     @torch.no_grad()
     def batch(self, first_seq, prompts, forced=None, max_new=0, stop=(), eos=None):
@@ -258,7 +284,6 @@ class _Simulator:
         cfg, rt, dev = self.cfg, self.rt, self.loaded.device
         b = len(prompts)
         caches = self._caches(first_seq, b)
-        rt.start(caches)
         lens = torch.tensor([len(p) for p in prompts])
         s = int(lens.max())
         ids = torch.full((b, s), self.pad, dtype=torch.long)
@@ -269,9 +294,8 @@ class _Simulator:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         for i, c in enumerate(caches):
             c.tag = (first_seq + i, "prefill", -1)
-        rt.phase, rt.valid = "prefill", mask.bool()
+        rt.start(caches, mask.bool())
         kv = DynamicCache()  # filled in place by every forward
-        rt.context = np.zeros(b, dtype=np.int64)
         out = self.model(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
@@ -283,10 +307,13 @@ class _Simulator:
         rt.head(np.ones(b, dtype=np.int64))
         logits = out.logits[:, -1].float()
         kind = "MSB" if rt.sliced else "FULL"
+        fills = np.zeros(b)
         for i, st in enumerate(rt.seqs):
             # Seeded per sequence, so a sequence warms up alike in any batch.
             rng = np.random.default_rng([cfg.seed, first_seq + i])
-            apply_warmup(cfg.policy.warmup, st.cache, st.counts, kind, rng)
+            fills[i] = apply_warmup(cfg.policy.warmup, st.cache, st.counts, kind, rng)
+        rt.fill(fills)
+        self.warmup_bytes += fills.sum()
 
         steps = max(len(f) for f in forced) if forced is not None else max_new
         active = np.ones(b, dtype=bool)
@@ -321,11 +348,10 @@ class _Simulator:
             if not active.any() or (forced is None and t == steps - 1):
                 break
             for i, c in enumerate(caches):
-                c.counting = t >= cfg.policy.warmup_steps
+                c.counting = True
                 c.tag = (first_seq + i, "decode", t)
-            before = [(c.stats.total_requests(), c.stats.misses()) for c in caches]
-            rt.phase, rt.active, rt.context = "decode", active.copy(), context.copy()
-            rt.step_energy = 0.0
+            before = _counters(rt)
+            rt.begin_step(t, active, context)
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
             out = self.model(
                 input_ids=step_tokens.view(b, 1).to(dev),
@@ -336,14 +362,10 @@ class _Simulator:
                 output_router_logits=False,
             )
             rt.head(active.astype(np.int64))
+            self._tally(t, _counters(rt) - before)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
             context += active
-            for i, c in enumerate(caches):
-                self.curve_requests[t] += c.stats.total_requests() - before[i][0]
-                self.curve_misses[t] += c.stats.misses() - before[i][1]
-            self.curve_energy[t] += rt.step_energy
-        self.states.extend(rt.seqs)
         for c in caches:
             if c.trace is not None:
                 self.traces.append(c.trace)
@@ -392,15 +414,18 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, eviction: str, futures=None, recor
 
 
 def _futures(sim: _Simulator) -> dict:
-    """Per-sequence request sequences recorded by a first pass (for the Belady oracle)."""
+    """Per-sequence request sequences recorded by a first pass, for the Belady oracle. The
+    oracle orders the MSB/FULL pool only (LSB slices have a pool of their own), so it is given
+    the requests of that pool."""
     out = {}
     for trace in sim.traces:
         if trace:
-            out[trace[0][0]] = [(r[3], r[4], r[5]) for r in trace]
+            out[trace[0][0]] = [(r[3], r[4], r[5]) for r in trace if r[5] != "LSB"]
     return out
 
 
 def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
+    """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves" and "trace_path"."""
     t0 = time.time()
     validate(cfg)
     if loaded is None:
@@ -420,48 +445,18 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
 
 
 def _metrics(sim: _Simulator, scores, prefill_tokens) -> dict:
-    total = Stats()
-    for st in sim.states:
-        s = st.cache.stats
-        for name in ("requests", "hits", "bytes_requested", "bytes_missed"):
-            for k, v in getattr(s, name).items():
-                getattr(total, name)[k] += v
-        total.activations += s.activations
-    pre, dec = sim.rt.cost["prefill"], sim.rt.cost["decode"]
-    calls = sum(st.expert_calls for st in sim.states)
-    steps = sum(st.resident_steps for st in sim.states)
     nan = float("nan")
-    mean = lambda k: float(np.mean(scores[k])) if k in scores else nan  # noqa: E731
-    req = np.maximum(sim.curve_requests, 1)
-    n_steps = int(np.nonzero(sim.curve_energy)[0].max() + 1) if sim.curve_energy.any() else 0
-    return {
-        "accuracy": mean("accuracy"),
-        "accuracy_flexible": mean("accuracy_flexible"),
-        "perplexity": mean("perplexity"),
-        "miss_rate": total.miss_rate(),
-        "miss_rate_hbn": total.miss_rate_hbn(sim.fp.sizes["FULL"]),
-        "miss_rate_msb": total.miss_rate("MSB")
-        if total.requests["MSB"]
-        else total.miss_rate("FULL"),
-        "miss_rate_lsb": total.miss_rate("LSB"),
-        "flash_bytes": float(pre.flash_bytes + dec.flash_bytes),
-        "dram_bytes": float(pre.dram_bytes + dec.dram_bytes),
-        "energy_prefill_j": pre.energy_j,
-        "energy_decode_j": dec.energy_j,
-        "energy_decode_compute_j": dec.compute_j,
-        "energy_decode_dram_j": dec.dram_j,
-        "energy_decode_flash_j": dec.flash_j,
-        "latency_prefill_s": pre.latency_s,
-        "latency_decode_s": dec.latency_s,
-        "decode_tokens": float(sum(st.decode_tokens for st in sim.states)),
-        "prefill_tokens": float(prefill_tokens),
-        "highbit_fraction": sum(st.highbit_calls for st in sim.states) / calls if calls else nan,
-        "cached_experts_mean": sum(st.resident_sum for st in sim.states) / steps if steps else nan,
-        "curves": {
-            "miss_rate_running": (np.cumsum(sim.curve_misses) / np.cumsum(req))[:n_steps].tolist(),
-            "energy_decode_cum_j": np.cumsum(sim.curve_energy)[:n_steps].tolist(),
-        },
-    }
+    rows = sim.rows()
+    out = {k: float(np.mean(v)) if v else nan for k, v in scores.items()}
+    out = {k: out.get(k, nan) for k in ("accuracy", "accuracy_flexible", "perplexity")}
+    ref = reference_bytes(sim.loaded.shape.expert_params)
+    out.update(
+        window_metrics(rows, sim.cfg.policy.warmup_steps, sim.fp.sizes["FULL"], ref),
+        **prefill_metrics(sim.rt.cost["prefill"], sim.warmup_bytes, prefill_tokens),
+        cache_capacity_bytes=float(sim.capacity),
+        curves=curves(rows),
+    )
+    return out
 
 
 def _write_trace(cfg: RunConfig, sim: _Simulator) -> str:

@@ -80,7 +80,17 @@ WARMUP: dict[str, Callable] = {
 }
 
 
-def apply_warmup(name: str, cache: SliceCache, counts: np.ndarray, kind: str, rng) -> None:
+def apply_warmup(name: str, cache: SliceCache, counts: np.ndarray, kind: str, rng) -> int:
+    """Reshape `cache` by the named strategy; returns the bytes it had to read from Flash.
+
+    A slice of an expert that prefill routed to was streamed through DRAM, so a strategy that
+    keeps it (PCW) decides at streaming time and pays nothing extra. A slice of an expert that
+    prefill never used (`random` fills) is a Flash read like any miss.
+    """
     if name not in WARMUP:
         raise ValueError(f"policy.warmup={name!r} is unknown; choose one of {sorted(WARMUP)}")
-    WARMUP[name](cache, np.asarray(counts), kind, rng)
+    counts = np.asarray(counts)
+    before = cache.contents()
+    WARMUP[name](cache, counts, kind, rng)
+    loaded = cache.contents() - before
+    return sum(cache.sizes[k[2]] for k in loaded if counts[k[0], k[1]] == 0)

@@ -13,9 +13,10 @@ TABLE_METRICS = (
     "accuracy",
     "perplexity",
     "miss_rate_hbn",
+    "flash_bytes_per_token",
     "highbit_fraction",
-    "energy_decode_j",
-    "latency_decode_s",
+    "energy_decode_j_per_token",
+    "latency_decode_s_per_token",
     "wall_s",
 )
 

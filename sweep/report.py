@@ -5,8 +5,10 @@
 writes `runs.csv` (every run with its params and metrics, failed ones included),
 `accuracy_vs_miss_rate.png` (accuracy against the high-bit-normalised miss rate, one line per
 policy over cache sizes: the shape of SliceMoE Fig. 8) and `energy_latency.png` (decode energy
-and latency per policy and cache size, normalised to the high-bit Cache-Prior run of the same
-model, bits, hardware, task and cache: the shape of Fig. 9).
+and latency per decoded token, per policy and cache size, divided by those of the paper's
+baseline, high-bit Cache-Prior, at the same model, cache size, hardware and task: the shape of
+Fig. 9). Cache sizes are bytes independent of the bit width, so the baseline's own bits are
+used when the sweep ran it at several, any single one otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ COLUMNS = {
 }
 # Runs that differ only in the policy are compared with each other.
 SETTING = ["model", "bits", "hardware", "task", "cache"]
-BASELINE = "cache_prior"
+# A run is normalised to the baseline at the same model, cache size, hardware and task.
+MATCH = ["model", "hardware", "task", "cache"]
+PER_TOKEN = ["energy_decode_j_per_token", "latency_decode_s_per_token"]
+BASELINE = "cache_prior_highbit"
 
 
 def search(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
@@ -80,7 +85,9 @@ def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     for col in ("cache_frac", "cache_bytes", "tau"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
-    if "cache_frac" in df and "cache_bytes" in df:
+    if "cache_capacity_bytes" in df:  # DRAM bytes, comparable across bit widths
+        df["cache_size"] = df["cache_capacity_bytes"]
+    elif "cache_frac" in df and "cache_bytes" in df:
         df["cache_size"] = df["cache_frac"].fillna(df["cache_bytes"])
     if "run_key" in df and "start_time" in df:
         df = df.sort_values("start_time").drop_duplicates("run_key", keep="last")
@@ -118,18 +125,24 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy"):
 
 
 def normalise(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
-    """Decode energy and latency divided by the baseline policy's run in the same setting."""
-    fin = finished(df)
+    """Decode energy and latency per token divided by the baseline policy's at the same model,
+    cache size, hardware and task (and bits, when the baseline ran at this run's bits)."""
+    fin = finished(df).reset_index(drop=True)
     base = fin[fin["policy"] == baseline]
     if base.empty:
         raise ValueError(
             f"no finished runs of policy {baseline!r} to normalise to; add policy={baseline} to "
             "the sweep or pick another baseline"
         )
-    ref = base.groupby(SETTING, as_index=False)[["energy_decode_j", "latency_decode_s"]].mean()
-    out = fin.merge(ref, on=SETTING, how="left", suffixes=("", "_base"))
-    out["energy_norm"] = out["energy_decode_j"] / out["energy_decode_j_base"]
-    out["latency_norm"] = out["latency_decode_s"] / out["latency_decode_s_base"]
+    same_bits = base.groupby([*MATCH, "bits"], as_index=False)[PER_TOKEN].mean()
+    single = base.groupby(MATCH).filter(lambda g: g["bits"].nunique() == 1)
+    any_bits = single.groupby(MATCH, as_index=False)[PER_TOKEN].mean()
+    out = fin.merge(same_bits, on=[*MATCH, "bits"], how="left", suffixes=("", "_base"))
+    other = fin.merge(any_bits, on=MATCH, how="left", suffixes=("", "_base"))
+    for col in PER_TOKEN:
+        out[f"{col}_base"] = out[f"{col}_base"].fillna(other[f"{col}_base"])
+    out["energy_norm"] = out["energy_decode_j_per_token"] / out["energy_decode_j_per_token_base"]
+    out["latency_norm"] = out["latency_decode_s_per_token"] / out["latency_decode_s_per_token_base"]
     return out
 
 
@@ -142,8 +155,8 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
     width = 0.8 / len(series)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, column, title in (
-        (axes[0], "energy_norm", "decode energy"),
-        (axes[1], "latency_norm", "decode latency"),
+        (axes[0], "energy_norm", "decode energy per token"),
+        (axes[1], "latency_norm", "decode latency per token"),
     ):
         table = norm.groupby(["cache", "series"])[column].mean()
         for i, label in enumerate(series):
@@ -153,8 +166,8 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
         ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(caches))])
         ax.set_xticklabels(caches)
         ax.set_xlabel("cache")
-        ax.set_ylabel(f"{title} / {baseline} (high bit)")
-        ax.set_title(f"{title}, normalised to {baseline}")
+        ax.set_ylabel(f"{title} / {baseline}")
+        ax.set_title(f"{title}, / {baseline} at the same model and cache size", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -199,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--parent", help="only the runs of the sweep with this parent run id")
     parser.add_argument("--out", type=Path, help="output folder (default: report/<experiment>)")
-    parser.add_argument("--baseline", default=BASELINE, help="policy energy/latency are divided by")
+    parser.add_argument(
+        "--baseline", default=BASELINE, help="policy the per-token energy/latency are divided by"
+    )
     args = parser.parse_args(argv)
     runs = search(args.experiment, args.tracking_uri)
     if args.parent:

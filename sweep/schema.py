@@ -7,11 +7,13 @@ as `policy.tua=0.3` fails at composition time with the full key in the message.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from slicemoe.config import RunConfig
 from sweep.errors import SweepError
@@ -73,8 +75,28 @@ def register() -> None:
     ConfigStore.instance().store(name="slicemoe_app", node=AppConfig)
 
 
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not have. Hydra lets `+key=value` add any key, so without
+    this a typo such as `+polcy.tau=0.3` would be accepted and silently ignored."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data.pop("hydra", None)
+    try:
+        OmegaConf.merge(OmegaConf.structured(AppConfig), data)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.structured(AppConfig)
+        known = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
+        near = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join((parent + '.' if parent else '') + n for n in near)}?"
+        raise SweepError(
+            f"{key}: no such config field.{hint if near else ''} Fields here: {', '.join(known)}"
+        ) from None
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
     """The `RunConfig` part of a composed app config, resolved, as the dataclass."""
+    check_keys(cfg)
     resolved = {
         k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
         for k in RUN_FIELDS

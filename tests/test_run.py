@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from slicemoe.config import BitsConfig, CacheConfig, EvalConfig, PolicyConfig, RunConfig
-from slicemoe.run import METRICS, ConfigError, load, run, validate
+from slicemoe.models import read_shape
+from slicemoe.run import METRICS, ConfigError, capacity_bytes, load, run, validate
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,24 @@ def test_every_metric_is_reported(loaded):
     r = run(cfg(), loaded)
     assert set(METRICS) <= set(r)
     assert 0 <= r["accuracy"] <= 1 and r["decode_tokens"] > 0 and r["prefill_tokens"] > 0
-    assert r["energy_decode_j"] == pytest.approx(
-        r["energy_decode_compute_j"] + r["energy_decode_dram_j"] + r["energy_decode_flash_j"]
-    )
-    assert len(r["curves"]["miss_rate_running"]) == len(r["curves"]["energy_decode_cum_j"]) > 0
+    for w in ("", "_steady"):
+        assert r[f"energy_decode_j{w}"] == pytest.approx(
+            r[f"energy_decode_compute_j{w}"]
+            + r[f"energy_decode_dram_j{w}"]
+            + r[f"energy_decode_flash_j{w}"]
+        )
+        assert r[f"energy_decode_j_per_token{w}"] == pytest.approx(
+            r[f"energy_decode_j{w}"] / r[f"decode_tokens{w}"]
+        )
+    # The steady window is the all-steps window less the first warmup_steps steps.
+    assert 0 < r["decode_tokens_steady"] < r["decode_tokens"]
+    assert 0 < r["flash_bytes_decode_steady"] < r["flash_bytes_decode"]
+    curves = r["curves"]
+    n = len(curves["miss_rate_running"])
+    assert n == len(curves["miss_rate_step"]) == len(curves["energy_decode_cum_j"]) > 10
+    assert curves["energy_decode_cum_j"][-1] == pytest.approx(r["energy_decode_j"])
+    assert curves["miss_rate_running"][-1] == pytest.approx(r["miss_rate"])
+    assert curves["miss_rate_running"][0] == curves["miss_rate_step"][0] > 0
 
 
 def test_batched_sequences_match_one_at_a_time(loaded, tmp_path):
@@ -62,9 +77,16 @@ def test_trace_has_the_documented_columns(loaded, tmp_path):
         "hit",
     ]
     assert set(t.phase) == {"prefill", "decode"} and set(t.slice) <= {"MSB", "LSB"}
-    # Decode requests counted after the warm-up window equal the run's statistics.
-    counted = t[(t.phase == "decode") & (t.step >= 10)]
-    assert 1 - counted.hit.mean() == pytest.approx(r["miss_rate"])
+    # Every decode request is in the all-steps window; those from step 10 on in the steady one.
+    decode = t[t.phase == "decode"]
+    assert 1 - decode.hit.mean() == pytest.approx(r["miss_rate"])
+    assert decode.bytes[~decode.hit].sum() == r["flash_bytes_decode"]
+    steady = decode[decode.step >= 10]
+    assert 1 - steady.hit.mean() == pytest.approx(r["miss_rate_steady"])
+    assert steady.bytes[~steady.hit].sum() == r["flash_bytes_decode_steady"]
+    # Prefill Flash bytes are reported apart from decode's.
+    prefill = t[t.phase == "prefill"]
+    assert prefill.bytes[~prefill.hit].sum() == r["flash_bytes_prefill"]
 
 
 def small_cache(policy: PolicyConfig, bits: BitsConfig | None = None, limit=6) -> RunConfig:
@@ -107,7 +129,7 @@ def test_unquantized_experts_run(loaded):
 def test_pcw_has_fewer_early_decode_misses_than_empty_and_random(loaded, tmp_path):
     early = {}
     for w in ("pcw", "empty", "random"):
-        c = small_cache(PolicyConfig(warmup=w, warmup_steps=0))
+        c = small_cache(PolicyConfig(warmup=w))
         c = replace(c, trace=True, trace_path=str(tmp_path / f"{w}.parquet"))
         t = pd.read_parquet(run(c, loaded)["trace_path"])
         d = t[(t.phase == "decode") & (t.step < 10)]
@@ -115,17 +137,84 @@ def test_pcw_has_fewer_early_decode_misses_than_empty_and_random(loaded, tmp_pat
     assert early["pcw"] < early["empty"] and early["pcw"] < early["random"]
 
 
-def test_belady_oracle_bounds_lru(loaded):
-    lru = run(small_cache(PolicyConfig(precision="high")), loaded)
+def test_warmup_shows_in_the_default_all_steps_miss_rate(loaded):
+    """With the default warmup_steps=10 the reported decode miss rate covers the steps where
+    warmup acts, so PCW's advantage over an empty cache is visible in `miss_rate`."""
+    r = {w: run(small_cache(PolicyConfig(warmup=w)), loaded) for w in ("pcw", "empty")}
+    assert r["pcw"]["miss_rate"] < r["empty"]["miss_rate"]
+    assert r["pcw"]["energy_decode_j_per_token"] < r["empty"]["energy_decode_j_per_token"]
+    # After the cache has settled both warmups look alike: the difference is early.
+    gap_all = r["empty"]["miss_rate"] - r["pcw"]["miss_rate"]
+    gap_steady = r["empty"]["miss_rate_steady"] - r["pcw"]["miss_rate_steady"]
+    assert gap_steady < gap_all
+
+
+def test_only_warmups_that_load_unused_experts_read_flash(loaded):
+    fills = {
+        w: run(small_cache(PolicyConfig(warmup=w)), loaded)["flash_bytes_warmup"]
+        for w in ("pcw", "random", "lru", "empty")
+    }
+    assert fills["random"] > 0 and fills["pcw"] == fills["lru"] == fills["empty"] == 0
+
+
+def test_frac_is_the_same_dram_bytes_for_every_bit_width():
+    shape = read_shape(None)
+    sizes = {
+        name: capacity_bytes(replace(RunConfig(), bits=bits, cache=CacheConfig(frac=0.25)), shape)
+        for name, bits in {
+            "mat84": BitsConfig(),
+            "mat42": BitsConfig(high=4, low=2),
+            "fp16": BitsConfig(high=None, low=None),
+        }.items()
+    }
+    assert sizes["mat84"] == sizes["mat42"] == sizes["fp16"]
+    # ... a quarter of every routed weight at one byte.
+    assert sizes["fp16"] == shape.num_moe_layers * shape.num_experts * shape.expert_params // 4
+
+
+def test_wikitext_runs_with_its_default_window(loaded, tmp_path):
+    """Teacher-forced windows are longer than eval.max_new_tokens; curves follow the steps."""
+    text = tmp_path / "wiki.txt"
+    text.write_text(" = Valkyria = \n\n The game began development in 2010 . " * 40)
+    c = cfg(eval=EvalConfig(task="wikitext", data_path=str(text), limit=2))
+    assert c.eval.seq_len == 256 > c.eval.max_new_tokens
+    r = run(c, loaded)
+    assert 1 < r["perplexity"] < 100
+    assert len(r["curves"]["miss_rate_running"]) > c.eval.max_new_tokens
+
+
+@pytest.mark.parametrize("precision", ["high", "dbsc"])
+def test_belady_oracle_bounds_lru(loaded, precision):
+    """Also with bit slices: the oracle orders the MSB pool by the recorded MSB requests."""
+    lru = run(small_cache(PolicyConfig(precision=precision)), loaded)
     opt = run(
         replace(
-            small_cache(PolicyConfig(precision="high")),
+            small_cache(PolicyConfig(precision=precision)),
             cache=CacheConfig(frac=0.25, eviction="belady"),
         ),
         loaded,
     )
-    assert opt["miss_rate"] <= lru["miss_rate"]
+    assert opt["miss_rate_msb"] < lru["miss_rate_msb"]
     assert opt["accuracy"] == lru["accuracy"]
+    assert opt["highbit_fraction"] == lru["highbit_fraction"]
+
+
+def test_base_scheme_caches_two_independent_copies(tmp_path):
+    """`base` has no nested slices: a high-bit call needs the whole high-bit copy (FULL), a
+    low-bit call the separate low-bit copy (MSB); nothing is an LSB slice."""
+    c = replace(
+        small_cache(PolicyConfig(tau=0.3), BitsConfig(scheme="base")),
+        trace=True,
+        trace_path=str(tmp_path / "base.parquet"),
+    )
+    r = run(c)
+    t = pd.read_parquet(r["trace_path"])
+    d = t[t.phase == "decode"]
+    assert set(d.slice) == {"FULL", "MSB"}
+    sizes = dict(zip(t.slice, t.bytes))
+    assert sizes["FULL"] > sizes["MSB"]
+    # One request per expert call: FULL for the high-bit ones.
+    assert (d.slice == "FULL").mean() == pytest.approx(r["highbit_fraction"])
 
 
 @pytest.mark.parametrize(
@@ -145,6 +234,16 @@ def test_belady_oracle_bounds_lru(loaded):
         ),
         (dict(eval=EvalConfig(task="gsm8k", data_path="/nonexistent/gsm8k")), "eval.data_path"),
         (dict(eval=EvalConfig(task="nope")), "eval.task"),
+        (dict(policy=PolicyConfig(tau=float("nan"))), "policy.tau"),
+        (dict(policy=PolicyConfig(tau=-1.0)), "policy.tau"),
+        (dict(policy=PolicyConfig(lam_scale="mean")), "policy.lam_scale"),
+        (
+            dict(policy=PolicyConfig(lsb_miss="skip"), bits=BitsConfig(scheme="base")),
+            "policy.lsb_miss",
+        ),
+        (dict(eval=EvalConfig(max_new_tokens=0)), "eval.max_new_tokens"),
+        (dict(eval=EvalConfig(num_fewshot=-1)), "eval.num_fewshot"),
+        (dict(cache=CacheConfig(frac=0.0)), "cache.frac"),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_field(change, field):
@@ -165,6 +264,17 @@ def test_lambda_controller_pushes_the_miss_rate_toward_its_target(loaded):
     its high-bit-normalised miss rate comes down toward the target."""
     base = small_cache(PolicyConfig(routing="cache_prior", precision="high", lam=0.0))
     free = run(base, loaded)
-    target = free["miss_rate_hbn"] / 4
+    target = free["miss_rate_hbn_steady"] / 4
     held = run(replace(base, policy=replace(base.policy, miss_rate_target=target)), loaded)
-    assert held["miss_rate_hbn"] < free["miss_rate_hbn"] / 2
+    assert held["miss_rate_hbn_steady"] < free["miss_rate_hbn_steady"] / 2
+
+
+def test_running_logit_range_is_kept_per_device(loaded):
+    """lam_scale=running keeps one running mean per device: batching changes nothing, and it
+    routes differently from the per-token range."""
+    pol = PolicyConfig(routing="cache_prior", precision="high", lam=0.3, lam_scale="running")
+    one, three = (run(replace(small_cache(pol), batch_size=b), loaded) for b in (1, 3))
+    for m in ("miss_rate", "accuracy", "energy_decode_j"):
+        assert one[m] == pytest.approx(three[m], rel=1e-9), m
+    token = run(small_cache(replace(pol, lam_scale="token")), loaded)
+    assert token["miss_rate"] != one["miss_rate"]

@@ -83,7 +83,7 @@ def test_sweep_submitted_as_a_ray_job_with_token_auth():
                 "sweep",
                 "-m",
                 "cache=frac_10,frac_25",
-                "policy=cache_prior,dbsc",
+                "policy=cache_prior_highbit,dbsc",
                 *QUICK,
                 f"mlflow.tracking_uri={db}",
                 "mlflow.experiment=cluster",

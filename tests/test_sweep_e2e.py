@@ -37,7 +37,12 @@ def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path):
 def policy_sweep(tmp_path_factory):
     """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces."""
     tmp = tmp_path_factory.mktemp("policy_sweep")
-    args = ["-m", "mlflow.experiment=policies", "cache=frac_10,frac_25", "policy=cache_prior,dbsc"]
+    args = [
+        "-m",
+        "mlflow.experiment=policies",
+        "cache=frac_10,frac_25",
+        "policy=cache_prior_highbit,dbsc",
+    ]
     res = run_sweep([*args, "trace=true", *QUICK], tmp)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return tmp, res
@@ -63,7 +68,7 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
     assert names == {
         f"cache={c} policy={p} trace=True {' '.join(QUICK)}"
         for c in ("frac_10", "frac_25")
-        for p in ("cache_prior", "dbsc")
+        for p in ("cache_prior_highbit", "dbsc")
     }
     from mlflow.tracking import MlflowClient
 
@@ -107,7 +112,7 @@ def test_report_cli_writes_the_csv_and_both_figures(policy_sweep):
     assert res.returncode == 0, res.stderr
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 4 and set(RESULT_METRICS) <= set(runs.columns)
-    assert set(runs["policy"]) == {"cache_prior", "dbsc"}
+    assert set(runs["policy"]) == {"cache_prior_highbit", "dbsc"}
     for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
         assert (out / name).stat().st_size > 10_000
 

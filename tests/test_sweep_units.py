@@ -64,7 +64,7 @@ def test_group_values_match_the_issue():
     )
     assert pol.cache.frac == 0.1
     assert schema.run_config(compose_cfg("policy=dbsc_pcw")).policy.warmup == "pcw"
-    cp = schema.run_config(compose_cfg("policy=cache_prior")).policy
+    cp = schema.run_config(compose_cfg("policy=cache_prior_highbit")).policy
     assert (cp.routing, cp.precision, cp.lam) == ("cache_prior", "high", 0.5)
     default = schema.run_config(compose_cfg())
     assert default == replace(RunConfig(), model=default.model)

@@ -79,11 +79,16 @@ class Footprint:
     shape: Shape
     sizes: dict  # slice kind -> bytes (FULL = high-bit expert)
     low_bytes: int  # bytes an expert computed on the low path reads (its MSB slice)
+    # True when the low path is the MSB slice of the high-bit code (amat, trunc); False for
+    # `base`, whose low-bit experts are a second, independent copy (cached and fetched whole).
+    nested: bool
+    expert_op_cost: float  # INT8-MAC equivalents of one expert MAC (fp16 experts cost more)
+    dense_op_cost: float
     dense_params: int  # non-expert params per MoE layer (attention, shared expert, norms)
     dense_bytes: int
     head_params: int  # embedding read + LM head, once per token
     head_bytes: int
-    kv_bytes_per_token: int  # per layer, K and V at kv_bits
+    kv_bytes_per_token: int  # per layer: K and V at kv_bits (MLA: the compressed latent)
     attn_dim: int  # heads x head_dim, for the attention-score operations
 
 
@@ -103,16 +108,25 @@ def footprint(model, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Foot
     dense_w = (bits.nonexpert_bits or 16) / 8
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    if getattr(c, "kv_lora_rank", None):
+        # Multi-head latent attention caches one compressed vector and the shared rope key.
+        kv_values = c.kv_lora_rank + c.qk_rope_head_dim
+    else:
+        kv_values = 2 * kv_heads * head_dim
+    fp16 = hw.fp16_op_cost
     return Footprint(
         shape=shape,
         sizes=sizes,
         low_bytes=low,
+        nested=bits.scheme != "base",
+        expert_op_cost=fp16 if bits.high is None else 1.0,
+        dense_op_cost=fp16 if bits.nonexpert_bits is None else 1.0,
         dense_params=dense,
         dense_bytes=int(dense * dense_w),
         head_params=c.vocab_size * c.hidden_size,
         head_bytes=int(c.vocab_size * c.hidden_size * dense_w),
-        kv_bytes_per_token=2 * kv_heads * head_dim * hw.kv_bits // 8,
-        attn_dim=c.num_attention_heads * head_dim,
+        kv_bytes_per_token=kv_values * hw.kv_bits // 8,
+        attn_dim=c.num_attention_heads * (getattr(c, "qk_head_dim", None) or head_dim),
     )
 
 
@@ -128,9 +142,13 @@ class SeqState:
     expert_calls: int = 0
     highbit_calls: int = 0
     resident_sum: float = 0.0
-    resident_steps: int = 0
     decode_tokens: int = 0
     lam: float = 0.0  # cache_prior strength, adapted online when policy.miss_rate_target is set
+    # cache_prior with lam_scale=running: per layer, sum and count of router logit ranges.
+    range_sum: np.ndarray | None = None
+    range_n: np.ndarray | None = None
+    # (Flash bytes, activations) when the controller's window opened (decode step warmup_steps).
+    steady_base: tuple[int, int] | None = None
 
 
 class Runtime:
@@ -143,17 +161,44 @@ class Runtime:
         self.E = fp.shape.num_experts
         self.seqs: list[SeqState] = []
         self.phase = "prefill"
+        self.step = -1  # decode step (-1 during prefill)
         self.valid: torch.Tensor | None = None  # [B, S] prefill token mask (no padding)
         self.active: np.ndarray | None = None  # [B] decode rows still generating
         self.context: np.ndarray | None = None  # [B] tokens in each row's KV cache
         # Hardware cost summed over all sequences of the evaluation, per phase.
         self.cost = {"prefill": Cost(), "decode": Cost()}
-        self.step_energy = 0.0  # decode energy of the current step, all rows
 
-    def start(self, caches: list[SliceCache]) -> None:
-        shape = (self.fp.shape.num_moe_layers, self.E)
-        lam = self.policy.lam
-        self.seqs = [SeqState(c, np.zeros(shape, dtype=np.int64), lam=lam) for c in caches]
+    def start(self, caches: list[SliceCache], valid: torch.Tensor) -> None:
+        """A new batch: one device per cache; `valid[b, s]` marks prompt tokens (no padding)."""
+        layers = self.fp.shape.num_moe_layers
+        self.seqs = [
+            SeqState(
+                c,
+                np.zeros((layers, self.E), dtype=np.int64),
+                lam=self.policy.lam,
+                range_sum=np.zeros(layers),
+                range_n=np.zeros(layers, dtype=np.int64),
+            )
+            for c in caches
+        ]
+        self.phase, self.step, self.valid = "prefill", -1, valid
+        self.context = np.zeros(len(caches), dtype=np.int64)
+
+    def begin_step(self, step: int, active: np.ndarray, context: np.ndarray) -> None:
+        """Decode step `step` of the rows in `active`, each with `context` tokens cached."""
+        self.phase, self.step = "decode", step
+        self.active, self.context = active.copy(), context.copy()
+        if step == self.policy.warmup_steps:
+            for st in self.seqs:
+                st.steady_base = (st.cache.stats.flash_bytes, st.cache.stats.activations)
+
+    def kinds(self, high: bool) -> tuple[str, ...]:
+        """The slices an expert call requests, on the high-bit or the low-bit path."""
+        if not self.sliced:
+            return ("FULL",)
+        if not self.fp.nested:
+            return ("FULL",) if high else ("MSB",)
+        return ("MSB", "LSB") if high else ("MSB",)
 
     def _charge(self, ops, dram, flash) -> None:
         """Charge one layer step of each listed row (arrays, one entry per row)."""
@@ -162,24 +207,34 @@ class Runtime:
         )
         total = Cost(*(float(np.sum(getattr(cost, f.name))) for f in fields(Cost)))
         self.cost[self.phase] = self.cost[self.phase] + total
-        if self.phase == "decode":
-            self.step_energy += total.energy_j
 
     def head(self, n_tokens: np.ndarray) -> None:
         """Embedding + LM head for n_tokens[b] tokens of each row (weights read once)."""
         rows = np.nonzero(n_tokens)[0]
         fp = self.fp
         self._charge(
-            2.0 * fp.head_params * n_tokens[rows],
+            2.0 * fp.head_params * fp.dense_op_cost * n_tokens[rows],
             np.full(len(rows), fp.head_bytes),
             np.zeros(len(rows)),
         )
+
+    def fill(self, flash_bytes: np.ndarray) -> None:
+        """Slices read from Flash into DRAM outside any layer's compute (warmup fills)."""
+        self._charge(np.zeros(len(flash_bytes)), flash_bytes, flash_bytes)
 
     def route(self, layer: int, logits: torch.Tensor):
         """Choose experts and precision for one MoE layer; returns (weights, virtual idx)."""
         if self.phase == "prefill":
             return self._prefill(layer, logits)
         return self._decode(layer, logits)
+
+    def _ops(self, tokens: int, experts: int, attn: float) -> float:
+        fp = self.fp
+        return (
+            2.0 * tokens * fp.dense_params * fp.dense_op_cost
+            + 2.0 * experts * fp.shape.expert_params * fp.expert_op_cost
+            + attn
+        )
 
     def _prefill(self, layer, logits):
         b, s = self.valid.shape
@@ -189,7 +244,7 @@ class Runtime:
         )
         onehot = torch.zeros(b * s, self.E, dtype=torch.int64).scatter_(1, idx.cpu(), 1)
         counts = (onehot.view(b, s, self.E) * self.valid.view(b, s, 1)).sum(1).numpy()
-        kinds = ("MSB", "LSB") if self.sliced else ("FULL",)
+        kinds = self.kinds(high=True)
         fp, ops, dram, flash = self.fp, [], [], []
         for row in range(b):
             st = self.seqs[row]
@@ -201,10 +256,7 @@ class Runtime:
                 missed += sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h)
             n = int(self.valid[row].sum())
             ctx = int(self.context[row])
-            ops.append(
-                2.0 * n * (fp.dense_params + self.gate.top_k * fp.shape.expert_params)
-                + 2.0 * fp.attn_dim * n * (ctx + n)
-            )
+            ops.append(self._ops(n, n * self.gate.top_k, 2.0 * fp.attn_dim * n * (ctx + n)))
             dram.append(
                 fp.dense_bytes + len(used) * fp.sizes["FULL"] + n * fp.kv_bytes_per_token + missed
             )
@@ -212,10 +264,24 @@ class Runtime:
         self._charge(ops, dram, flash)
         return w.to(logits.dtype), idx
 
+    def _params(self, layer, logits) -> RoutingParams:
+        """This step's routing parameters, one lam (and logit range) per row."""
+        lam = torch.tensor([[st.lam] for st in self.seqs], device=logits.device)
+        if self.policy.lam_scale != "running":
+            return replace(self.params, lam=lam)
+        spread = (logits.amax(-1) - logits.amin(-1)).float().cpu().numpy()
+        for row, st in enumerate(self.seqs):
+            if self.active[row]:
+                st.range_sum[layer] += spread[row]
+                st.range_n[layer] += 1
+        mean = [st.range_sum[layer] / max(st.range_n[layer], 1) for st in self.seqs]
+        return replace(
+            self.params, lam=lam, spread=torch.tensor(mean, device=logits.device).view(-1, 1)
+        )
+
     def _decode(self, layer, logits):
         cached = np.stack([st.cache.resident[layer] for st in self.seqs])
-        lam = torch.tensor([[st.lam] for st in self.seqs], device=logits.device)
-        params = replace(self.params, lam=lam)
+        params = self._params(layer, logits)
         idx, w = route(self.policy.routing, self.gate, logits, torch.from_numpy(cached), params)
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
         idx_np = idx.cpu().numpy()
@@ -228,29 +294,21 @@ class Runtime:
                 continue
             missed = read = 0
             for j, e in enumerate(idx_np[row]):
-                if not self.sliced:
-                    kinds = ("FULL",)
-                else:
-                    kinds = ("MSB", "LSB") if high[row, j] else ("MSB",)
+                kinds = self.kinds(bool(high[row, j]))
                 hits = st.cache.access(layer, int(e), kinds, fetch_lsb=fetch)
-                got_lsb = len(kinds) == 2 and (hits[1] or fetch)
-                use_high[row, j] = (not self.sliced) or got_lsb
+                # The high path needs every requested slice; a skipped LSB miss leaves MSB only.
+                use_high[row, j] = "MSB" not in kinds or (len(kinds) == 2 and (hits[1] or fetch))
                 missed += sum(
                     fp.sizes[k] for k, h in zip(kinds, hits) if not h and (fetch or k != "LSB")
                 )
                 read += fp.sizes["FULL"] if use_high[row, j] else fp.low_bytes
             if layer == 0:
                 st.decode_tokens += 1
+                st.resident_sum += float(st.cache.resident.sum())
             st.expert_calls += len(idx_np[row])
             st.highbit_calls += int(use_high[row].sum())
-            if layer == 0 and st.cache.counting:
-                st.resident_sum += float(st.cache.resident.sum())
-                st.resident_steps += 1
             ctx = int(self.context[row])
-            ops.append(
-                2.0 * (fp.dense_params + len(idx_np[row]) * fp.shape.expert_params)
-                + 4.0 * fp.attn_dim * ctx
-            )
+            ops.append(self._ops(1, len(idx_np[row]), 4.0 * fp.attn_dim * ctx))
             dram.append(fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed)
             flash.append(missed)
         self._charge(ops, dram, flash)
@@ -266,13 +324,15 @@ class Runtime:
 
     def _adapt_lambda(self) -> None:
         """Hold each device's high-bit-normalised miss rate under policy.miss_rate_target by
-        raising cache_prior's lambda when above it and relaxing it when below."""
+        raising cache_prior's lambda when above it and relaxing it when below. As in the paper,
+        the constraint applies after `warmup_steps` decode steps and to the misses since then."""
         target = self.policy.miss_rate_target
         for row, st in enumerate(self.seqs):
-            if not self.active[row] or not st.cache.counting:
+            if not self.active[row] or st.steady_base is None:
                 continue
-            hbn = st.cache.stats.miss_rate_hbn(self.fp.sizes["FULL"])
-            if hbn == hbn:  # not NaN
+            s, (flash0, acts0) = st.cache.stats, st.steady_base
+            if s.activations > acts0:
+                hbn = (s.flash_bytes - flash0) / ((s.activations - acts0) * self.fp.sizes["FULL"])
                 err = (hbn - target) / max(target, 1e-6)
                 st.lam = max(0.0, st.lam + self.LAMBDA_GAIN * float(np.clip(err, -1, 4)))
 

@@ -1,0 +1,158 @@
+"""What a run reports, and over which decode steps, phases and bytes.
+
+The simulator keeps one row of `COUNTERS` per decode step (summed over the simulated devices)
+and the prefill phase's hardware cost. Every decode metric is computed from the rows of one
+window, so misses, bytes, energy, token counts and precision shares always cover the same steps:
+- the unsuffixed names cover every decode step, from the first token after the prompt;
+- the `_steady` names cover the steps from `policy.warmup_steps` on (the window the paper's
+  miss-rate constraint applies to, after the cache has settled).
+Decode step t is the forward pass that consumes generated token t (teacher-forced token t for
+perplexity tasks) on every device still running; its requests are all routed-expert slice
+requests of all MoE layers of that pass. Prefill metrics cover the prompt's forward pass and the
+warmup at the prefill -> decode switch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slicemoe.hardware import Cost
+
+KINDS = ("MSB", "LSB", "FULL")
+COUNTERS = (
+    *(f"requests_{k}" for k in KINDS),
+    *(f"misses_{k}" for k in KINDS),
+    "activations",  # routed-expert calls that requested slices
+    "expert_calls",  # routed-expert calls, all precisions
+    "highbit_calls",  # ... computed on the high-bit path
+    "tokens",  # decode tokens (one per device per step)
+    "resident_sum",  # experts with an MSB/FULL slice in DRAM at layer 0, summed over tokens
+    "ops",
+    "dram_bytes",
+    "flash_bytes",
+    "compute_j",
+    "dram_j",
+    "flash_j",
+    "latency_s",
+)
+COL = {name: i for i, name in enumerate(COUNTERS)}
+
+TASK_DOCS = {
+    "accuracy": "task score (exact match) over all documents",
+    "accuracy_flexible": "task score with flexible answer extraction (gsm8k)",
+    "perplexity": "exp(mean NLL) over all scored tokens (wikitext)",
+}
+DECODE_DOCS = {
+    "miss_rate": "slice misses / slice requests, all kinds",
+    "miss_rate_hbn": "Flash bytes / (expert activations x this configuration's high-bit expert "
+    "bytes): the paper's high-bit-normalised miss rate",
+    "miss_rate_refn": "Flash bytes / (expert activations x reference expert bytes at 8 bits): "
+    "the same unit for every bit width",
+    "miss_rate_msb": "misses / requests of MSB slices and whole experts (FULL)",
+    "miss_rate_lsb": "misses / requests of LSB slices",
+    "flash_bytes_decode": "bytes read from Flash on demand",
+    "flash_bytes_per_token": "flash_bytes_decode / decode_tokens",
+    "dram_bytes_decode": "DRAM traffic: weights read, KV cache read/written, Flash fills",
+    "energy_decode_j": "XPU + DRAM + Flash energy",
+    "energy_decode_compute_j": "XPU energy",
+    "energy_decode_dram_j": "DRAM energy",
+    "energy_decode_flash_j": "Flash energy",
+    "energy_decode_j_per_token": "energy_decode_j / decode_tokens",
+    "latency_decode_s": "modelled latency, summed over devices",
+    "latency_decode_s_per_token": "latency_decode_s / decode_tokens",
+    "decode_tokens": "decode steps summed over devices",
+    "highbit_fraction": "routed-expert calls computed on the high-bit path / all calls",
+    "cached_experts_mean": "experts with an MSB/FULL slice in DRAM, mean over decode tokens",
+}
+PREFILL_DOCS = {
+    "prefill_tokens": "prompt tokens",
+    "energy_prefill_j": "prefill and warmup energy",
+    "energy_prefill_j_per_token": "energy_prefill_j / prefill_tokens",
+    "latency_prefill_s": "prefill and warmup latency, summed over devices",
+    "latency_prefill_s_per_token": "latency_prefill_s / prefill_tokens",
+    "flash_bytes_prefill": "bytes read from Flash in prefill, warmup fills included",
+    "flash_bytes_warmup": "bytes a warmup strategy read from Flash (experts prefill never used)",
+    "dram_bytes_prefill": "DRAM traffic of prefill and warmup",
+}
+RUN_DOCS = {
+    "cache_capacity_bytes": "DRAM capacity for routed-expert slices, bytes",
+    "wall_s": "wall-clock seconds of the run",
+}
+STEADY = "_steady"
+DOCS = {
+    **TASK_DOCS,
+    **DECODE_DOCS,
+    **{f"{k}{STEADY}": f"{v}; decode steps >= policy.warmup_steps" for k, v in DECODE_DOCS.items()},
+    **PREFILL_DOCS,
+    **RUN_DOCS,
+}
+METRICS = tuple(DOCS)
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a) / float(b) if b else float("nan")
+
+
+def decode_metrics(rows: np.ndarray, highbit_bytes: int, reference_bytes: int) -> dict:
+    """The DECODE_DOCS metrics of the decode steps in `rows` ([steps, COUNTERS])."""
+    c = {name: float(v) for name, v in zip(COUNTERS, rows.sum(0))}
+    req = {k: c[f"requests_{k}"] for k in KINDS}
+    miss = {k: c[f"misses_{k}"] for k in KINDS}
+    flash, tokens = c["flash_bytes"], c["tokens"]
+    energy = c["compute_j"] + c["dram_j"] + c["flash_j"]
+    return {
+        "miss_rate": _ratio(sum(miss.values()), sum(req.values())),
+        "miss_rate_hbn": _ratio(flash, c["activations"] * highbit_bytes),
+        "miss_rate_refn": _ratio(flash, c["activations"] * reference_bytes),
+        "miss_rate_msb": _ratio(miss["MSB"] + miss["FULL"], req["MSB"] + req["FULL"]),
+        "miss_rate_lsb": _ratio(miss["LSB"], req["LSB"]),
+        "flash_bytes_decode": flash,
+        "flash_bytes_per_token": _ratio(flash, tokens),
+        "dram_bytes_decode": c["dram_bytes"],
+        "energy_decode_j": energy,
+        "energy_decode_compute_j": c["compute_j"],
+        "energy_decode_dram_j": c["dram_j"],
+        "energy_decode_flash_j": c["flash_j"],
+        "energy_decode_j_per_token": _ratio(energy, tokens),
+        "latency_decode_s": c["latency_s"],
+        "latency_decode_s_per_token": _ratio(c["latency_s"], tokens),
+        "decode_tokens": tokens,
+        "highbit_fraction": _ratio(c["highbit_calls"], c["expert_calls"]),
+        "cached_experts_mean": _ratio(c["resident_sum"], tokens),
+    }
+
+
+def prefill_metrics(cost: Cost, warmup_flash_bytes: float, prompt_tokens: int) -> dict:
+    return {
+        "prefill_tokens": float(prompt_tokens),
+        "energy_prefill_j": cost.energy_j,
+        "energy_prefill_j_per_token": _ratio(cost.energy_j, prompt_tokens),
+        "latency_prefill_s": cost.latency_s,
+        "latency_prefill_s_per_token": _ratio(cost.latency_s, prompt_tokens),
+        "flash_bytes_prefill": cost.flash_bytes,
+        "flash_bytes_warmup": float(warmup_flash_bytes),
+        "dram_bytes_prefill": cost.dram_bytes,
+    }
+
+
+def curves(rows: np.ndarray) -> dict:
+    """Per decode step, from step 0: the running and the per-step miss rate, cumulative energy."""
+    req = rows[:, [COL[f"requests_{k}"] for k in KINDS]].sum(1)
+    miss = rows[:, [COL[f"misses_{k}"] for k in KINDS]].sum(1)
+    energy = rows[:, [COL["compute_j"], COL["dram_j"], COL["flash_j"]]].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        running = np.cumsum(miss) / np.cumsum(req)
+        step = miss / req
+    return {
+        "miss_rate_running": running.tolist(),
+        "miss_rate_step": step.tolist(),
+        "energy_decode_cum_j": np.cumsum(energy).tolist(),
+    }
+
+
+def window_metrics(rows: np.ndarray, warmup_steps: int, highbit_bytes: int, reference_bytes):
+    """Decode metrics over all steps and, suffixed `_steady`, over steps >= warmup_steps."""
+    out = decode_metrics(rows, highbit_bytes, reference_bytes)
+    steady = decode_metrics(rows[warmup_steps:], highbit_bytes, reference_bytes)
+    out.update({f"{k}{STEADY}": v for k, v in steady.items()})
+    return out
