@@ -150,14 +150,12 @@ def make_policy(name: str, future=None):
 
 @dataclass
 class Stats:
-    """Counters per slice kind and per layer; only updated while `counting` is on."""
+    """Counters per slice kind; only updated while `counting` is on. Run metrics are computed
+    from these per decode step (slicemoe.metrics), so windows are slices of steps."""
 
     requests: dict = field(default_factory=lambda: defaultdict(int))
     hits: dict = field(default_factory=lambda: defaultdict(int))
-    bytes_requested: dict = field(default_factory=lambda: defaultdict(int))
     bytes_missed: dict = field(default_factory=lambda: defaultdict(int))
-    layer_requests: dict = field(default_factory=lambda: defaultdict(int))
-    layer_misses: dict = field(default_factory=lambda: defaultdict(int))
     activations: int = 0
 
     def misses(self, kind: str | None = None) -> int:
@@ -175,13 +173,6 @@ class Stats:
     @property
     def flash_bytes(self) -> int:
         return sum(self.bytes_missed.values())
-
-    def miss_rate_hbn(self, highbit_expert_bytes: int) -> float:
-        """Flash bytes / (expert activations x high-bit expert bytes): misses in units of
-        whole high-bit experts, so sliced and non-sliced configurations compare directly."""
-        if not self.activations:
-            return float("nan")
-        return self.flash_bytes / (self.activations * highbit_expert_bytes)
 
 
 # --- the cache -----------------------------------------------------------------------------
@@ -270,13 +261,10 @@ class SliceCache:
         if self.counting:
             s = self.stats
             s.requests[key[2]] += 1
-            s.bytes_requested[key[2]] += nbytes
-            s.layer_requests[key[0]] += 1
             if hit:
                 s.hits[key[2]] += 1
             else:
                 s.bytes_missed[key[2]] += nbytes
-                s.layer_misses[key[0]] += 1
         if self.trace is not None:
             self.trace.append((*self.tag, key[0], key[1], key[2], nbytes, hit))
         return hit

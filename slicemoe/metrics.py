@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from slicemoe.cache import KINDS
 from slicemoe.hardware import Cost
 
-KINDS = ("MSB", "LSB", "FULL")
 COUNTERS = (
     *(f"requests_{k}" for k in KINDS),
     *(f"misses_{k}" for k in KINDS),

@@ -34,6 +34,21 @@ def test_cache_prior_with_zero_lambda_equals_topk():
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])
 
 
+def test_cache_prior_scales_lambda_by_the_given_logit_range():
+    """A given range (lam_scale=running) equal to each token's own range routes like `token`;
+    a range 0 removes the prior."""
+    gate = Gate(K)
+    logits, cached = logits_and_cache(3, b=64)
+    own = (logits.amax(-1) - logits.amin(-1)).unsqueeze(-1)
+    token = route("cache_prior", gate, logits, cached, RoutingParams(lam=0.3))
+    given = route("cache_prior", gate, logits, cached, RoutingParams(lam=0.3, spread=own))
+    assert torch.equal(token[0], given[0])
+    zero = RoutingParams(lam=0.3, spread=torch.zeros_like(own))
+    top = route("topk", gate, logits, cached, RoutingParams())
+    assert torch.equal(route("cache_prior", gate, logits, cached, zero)[0], top[0])
+    assert not torch.equal(token[0], top[0])
+
+
 def test_cache_prior_with_large_lambda_picks_only_cached_experts_when_k_are_cached():
     gate = Gate(K)
     logits, cached = logits_and_cache(2, b=256)

@@ -86,6 +86,33 @@ def test_wrong_types_and_unknown_keys_fail_naming_the_key(override, key):
     assert key in text
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+polcy.tau=0.3", "polcy: no such config field. Did you mean policy?"),
+        ("+policy.taux=0.3", "policy.taux: no such config field. Did you mean policy.tau?"),
+    ],
+)
+def test_keys_added_with_plus_must_exist_in_the_schema(override, message):
+    with pytest.raises(SweepError, match=message.replace(".", r"\.").replace("?", r"\?")):
+        schema.run_config(compose_cfg(override))
+
+
+@pytest.mark.parametrize("bits", options("bits"))
+@pytest.mark.parametrize("policy", options("policy"))
+def test_every_policy_preset_with_every_bits_option_validates_or_names_the_field(policy, bits):
+    from slicemoe import run as runner
+
+    cfg = compose_cfg(f"policy={policy}", f"bits={bits}")
+    try:
+        jobs.make_job(0, cfg, [f"policy={policy}", f"bits={bits}"], runner)
+    except SweepError as err:
+        # Only the low-bit and DBSC presets need Matryoshka bits, and they say so.
+        assert "policy.precision" in str(err) and "bits.low" in str(err), str(err)
+        run_cfg = schema.run_config(cfg)
+        assert run_cfg.policy.precision in ("low", "dbsc") and run_cfg.bits.low is None
+
+
 def test_a_big_model_without_path_fails_naming_model_path():
     with pytest.raises(SweepError, match="model.path"):
         schema.run_config(compose_cfg("model=qwen1.5-moe-a2.7b"))
