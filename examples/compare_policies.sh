@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m sweep -m mlflow.experiment=policies \
     cache=frac_10,frac_25,frac_50 \
-    policy=cache_prior,lru_highbit,lru_lowbit,dbsc,dbsc_pcw \
+    policy=cache_prior_highbit,lru_highbit,lru_lowbit,dbsc,dbsc_pcw \
     "$@"
 python -m sweep.report --experiment policies
 echo "browse: mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
