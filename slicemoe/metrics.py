@@ -150,9 +150,17 @@ def curves(rows: np.ndarray) -> dict:
     }
 
 
-def window_metrics(rows: np.ndarray, warmup_steps: int, highbit_bytes: int, reference_bytes):
-    """Decode metrics over all steps and, suffixed `_steady`, over steps >= warmup_steps."""
-    out = decode_metrics(rows, highbit_bytes, reference_bytes)
-    steady = decode_metrics(rows[warmup_steps:], highbit_bytes, reference_bytes)
+def assemble(
+    cfg, rows, prefill: Cost, warmup_bytes, prompt_tokens, scores, capacity, highbit, reference
+) -> dict:
+    """A run's metrics dict (METRICS, in order, plus "curves") from its per-step decode rows,
+    the prefill cost and the task scores; the model pass and the replay both end here."""
+    nan = float("nan")
+    out = {k: float(scores.get(k, nan)) for k in TASK_DOCS}
+    out.update(decode_metrics(rows, highbit, reference))
+    steady = decode_metrics(rows[cfg.policy.warmup_steps :], highbit, reference)
     out.update({f"{k}{STEADY}": v for k, v in steady.items()})
+    out.update(prefill_metrics(prefill, warmup_bytes, prompt_tokens))
+    out["cache_capacity_bytes"] = float(capacity)
+    out["curves"] = curves(rows)
     return out

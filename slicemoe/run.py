@@ -23,14 +23,24 @@ from transformers import DynamicCache
 from slicemoe.cache import EVICTION, SliceCache
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
-from slicemoe.metrics import COL, COUNTERS, KINDS, METRICS, curves, prefill_metrics, window_metrics
+from slicemoe.metrics import COL, COUNTERS, KINDS, METRICS, assemble
 from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
-from slicemoe.models.adapter import Runtime, footprint, install, quantize_model
+from slicemoe.models.adapter import Runtime, footprint, install, model_dims, quantize_model
 from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
+from slicemoe.stream import Recorder, Stream
 from slicemoe.warmup import WARMUP, apply_warmup
 
-__all__ = ["METRICS", "ConfigError", "capacity_bytes", "load", "load_key", "run", "validate"]
+__all__ = [
+    "METRICS",
+    "ConfigError",
+    "capacity_bytes",
+    "load",
+    "load_key",
+    "record",
+    "run",
+    "validate",
+]
 
 
 class ConfigError(ValueError):
@@ -230,17 +240,17 @@ def _counters(rt: Runtime) -> np.ndarray:
 class _Simulator:
     """Runs batches of sequences through prefill, warmup and decode with the runtime in the loop."""
 
-    def __init__(self, cfg: RunConfig, loaded: Loaded, eviction: str, futures=None, record=False):
+    def __init__(self, cfg: RunConfig, loaded: Loaded):
         self.cfg, self.loaded = cfg, loaded
         self.model = loaded.model
-        fp = footprint(loaded.model, loaded.shape, cfg.bits, cfg.hardware)
+        self.dims = model_dims(loaded.model)
+        fp = footprint(self.dims, loaded.shape, cfg.bits, cfg.hardware)
         self.fp = fp
         self.rt = Runtime(gate_rule(loaded.model.config), fp, cfg.policy, cfg.hardware)
         install(loaded.model, self.rt)
         self.capacity = capacity_bytes(cfg, loaded.shape)
-        self.eviction, self.futures = eviction, futures or {}
-        self.record = record or cfg.trace
         self.traces = []
+        self.recorder = Recorder(loaded.shape)
         # step_rows[t]: COUNTERS of decode step t, summed over every device of every batch.
         self.step_rows: list[np.ndarray] = []
         self.warmup_bytes = 0
@@ -250,19 +260,18 @@ class _Simulator:
         tok = loaded.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    def _caches(self, first_seq: int, n: int):
+    def _caches(self, n: int):
         shape = self.loaded.shape
         caches = []
-        for i in range(n):
+        for _ in range(n):
             c = SliceCache(
                 self.capacity,
                 self.fp.sizes,
                 shape.num_moe_layers,
                 shape.num_experts,
-                self.eviction,
-                future=self.futures.get(first_seq + i),
+                self.cfg.cache.eviction,
             )
-            c.trace = [] if self.record else None
+            c.trace = [] if self.cfg.trace else None
             c.counting = False  # statistics are decode statistics
             caches.append(c)
         return caches
@@ -283,7 +292,7 @@ class _Simulator:
         string) are returned."""
         cfg, rt, dev = self.cfg, self.rt, self.loaded.device
         b = len(prompts)
-        caches = self._caches(first_seq, b)
+        caches = self._caches(b)
         lens = torch.tensor([len(p) for p in prompts])
         s = int(lens.max())
         ids = torch.full((b, s), self.pad, dtype=torch.long)
@@ -366,9 +375,11 @@ class _Simulator:
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
             context += active
-        for c in caches:
-            if c.trace is not None:
-                self.traces.append(c.trace)
+        for i, st in enumerate(rt.seqs):
+            if st.cache.trace is not None:
+                self.traces.append(st.cache.trace)
+            n = int(lens[i])
+            self.recorder.add(first_seq + i, n, st.counts, st.chosen, st.requested_high)
         if forced is not None:
             return nll
         return [_cut(t, stop) for t in texts]
@@ -379,9 +390,10 @@ def _cut(text: str, stop) -> str:
     return text[:cut]
 
 
-def _evaluate(cfg: RunConfig, loaded: Loaded, eviction: str, futures=None, record=False):
+def _evaluate(cfg: RunConfig, loaded: Loaded):
+    """The model pass: (the simulator with its meters, task scores, prompt tokens)."""
     task = get_task_or_error(cfg.eval.task)
-    sim = _Simulator(cfg, loaded, eviction, futures, record)
+    sim = _Simulator(cfg, loaded)
     tok = loaded.tokenizer
     scores: dict[str, list] = {}
     prefill_tokens = 0
@@ -410,60 +422,71 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, eviction: str, futures=None, recor
                 nlls.extend(row)
             prefill_tokens += sum(len(p) for p in prompts)
         scores["perplexity"] = [math.exp(float(np.mean(nlls)))] if nlls else [float("nan")]
-    return sim, scores, prefill_tokens
+    return sim, {k: float(np.mean(v)) for k, v in scores.items()}, prefill_tokens
 
 
-def _futures(sim: _Simulator) -> dict:
-    """Per-sequence request sequences recorded by a first pass, for the Belady oracle. The
-    oracle orders the MSB/FULL pool only (LSB slices have a pool of their own), so it is given
-    the requests of that pool."""
-    out = {}
-    for trace in sim.traces:
-        if trace:
-            out[trace[0][0]] = [(r[3], r[4], r[5]) for r in trace if r[5] != "LSB"]
-    return out
+def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded:
+    validate(cfg)
+    if loaded is None:
+        return load(cfg)
+    if loaded.key != load_key(cfg):
+        raise ValueError("`loaded` was made for another model/bits config; call load(cfg)")
+    return loaded
+
+
+def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
+    """One model pass of a replayable config -> its request stream (slicemoe.stream)."""
+    from slicemoe.replay import replayable, stream_key
+
+    loaded = _prepare(cfg, loaded)
+    if not replayable(cfg):
+        raise ValueError(
+            "this config's requests depend on the cache (cache-aware routing, lsb_miss=skip or "
+            "a miss-rate target): run it with the model in the loop, slicemoe.run.run"
+        )
+    # The stream does not depend on the cache; any in-loop eviction records it.
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"))
+    torch.manual_seed(cfg.seed)
+    sim, scores, _ = _evaluate(cfg, loaded)
+    return sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
 
 
 def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
-    """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves" and "trace_path"."""
+    """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves" and "trace_path".
+
+    Belady's oracle needs the future: the model pass records the request stream, and the
+    oracle's cache replays it (slicemoe.replay)."""
     t0 = time.time()
-    validate(cfg)
-    if loaded is None:
-        loaded = load(cfg)
-    elif loaded.key != load_key(cfg):
-        raise ValueError("`loaded` was made for another model/bits config; call load(cfg)")
-    torch.manual_seed(cfg.seed)
-    futures = None
+    loaded = _prepare(cfg, loaded)
     if cfg.cache.eviction == "belady":
-        first, _, _ = _evaluate(cfg, loaded, "lru", record=True)
-        futures = _futures(first)
-    sim, scores, prefill_tokens = _evaluate(cfg, loaded, cfg.cache.eviction, futures)
-    result = _metrics(sim, scores, prefill_tokens)
-    result["trace_path"] = _write_trace(cfg, sim) if cfg.trace else None
+        from slicemoe.replay import replay
+
+        result = replay(record(cfg, loaded), cfg)
+        result["wall_s"] = time.time() - t0
+        return result
+    torch.manual_seed(cfg.seed)
+    sim, scores, prefill_tokens = _evaluate(cfg, loaded)
+    result = assemble(
+        cfg,
+        sim.rows(),
+        sim.rt.cost["prefill"],
+        sim.warmup_bytes,
+        prefill_tokens,
+        scores,
+        sim.capacity,
+        sim.fp.sizes["FULL"],
+        reference_bytes(loaded.shape.expert_params),
+    )
+    result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
     result["wall_s"] = time.time() - t0
     return result
 
 
-def _metrics(sim: _Simulator, scores, prefill_tokens) -> dict:
-    nan = float("nan")
-    rows = sim.rows()
-    out = {k: float(np.mean(v)) if v else nan for k, v in scores.items()}
-    out = {k: out.get(k, nan) for k in ("accuracy", "accuracy_flexible", "perplexity")}
-    ref = reference_bytes(sim.loaded.shape.expert_params)
-    out.update(
-        window_metrics(rows, sim.cfg.policy.warmup_steps, sim.fp.sizes["FULL"], ref),
-        **prefill_metrics(sim.rt.cost["prefill"], sim.warmup_bytes, prefill_tokens),
-        cache_capacity_bytes=float(sim.capacity),
-        curves=curves(rows),
-    )
-    return out
-
-
-def _write_trace(cfg: RunConfig, sim: _Simulator) -> str:
+def write_trace(cfg: RunConfig, traces: list[list]) -> str:
     import pandas as pd
 
     cols = ["sequence", "phase", "step", "layer", "expert", "slice", "bytes", "hit"]
-    rows = [r for t in sim.traces for r in t]
+    rows = [r for t in traces for r in t]
     path = Path(
         cfg.trace_path or f"traces/trace-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.parquet"
     )

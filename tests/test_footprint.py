@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, DeepseekV2Config
 
 from slicemoe.config import BitsConfig, HardwareConfig
 from slicemoe.models import Shape
-from slicemoe.models.adapter import footprint
+from slicemoe.models.adapter import footprint, model_dims
 
 
 def deepseek_v2_tiny():
@@ -37,7 +37,7 @@ def deepseek_v2_tiny():
 def test_mla_caches_the_compressed_latent_not_full_keys_and_values():
     model = deepseek_v2_tiny()
     shape = Shape(1, 8, 2, 32, 16)
-    fp = footprint(model, shape, BitsConfig(), HardwareConfig(kv_bits=8))
+    fp = footprint(model_dims(model), shape, BitsConfig(), HardwareConfig(kv_bits=8))
     # One latent of kv_lora_rank plus the shared rope key, at 8 bits: 24 + 8 bytes. Full keys
     # and values would be 2 x 4 heads x (16 + 8) = 192.
     assert fp.kv_bytes_per_token == 24 + 8
@@ -55,5 +55,5 @@ def test_mla_caches_the_compressed_latent_not_full_keys_and_values():
 def test_fp16_weights_cost_more_ops_than_int8(bits, expert_cost, dense_cost):
     model = deepseek_v2_tiny()
     hw = replace(HardwareConfig(), fp16_op_cost=2.0)
-    fp = footprint(model, Shape(1, 8, 2, 32, 16), bits, hw)
+    fp = footprint(model_dims(model), Shape(1, 8, 2, 32, 16), bits, hw)
     assert (fp.expert_op_cost, fp.dense_op_cost) == (expert_cost, dense_cost)

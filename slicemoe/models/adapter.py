@@ -16,7 +16,7 @@ running them one at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -92,20 +92,25 @@ class Footprint:
     attn_dim: int  # heads x head_dim, for the attention-score operations
 
 
-def footprint(model, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Footprint:
+@dataclass(frozen=True)
+class Dims:
+    """What the hardware model needs to know of a loaded model beyond its `Shape`; plain
+    numbers, so a recorded request stream carries them and replays without the model."""
+
+    dense_params: int  # non-expert params per layer (attention, shared expert, norms)
+    head_params: int  # embedding / LM head, vocab x hidden
+    kv_values: int  # values cached per token and layer (MLA: the compressed latent)
+    attn_dim: int  # heads x query/key head dim, for the attention-score operations
+
+
+def model_dims(model) -> Dims:
     c = model.config
-    n_exp = shape.expert_params
-    sizes = quant.slice_bytes(n_exp, bits.high, bits.low, bits.group, bits.symmetric)
-    low = sizes["MSB"] if bits.low is not None else sizes["FULL"]
-    layers = c.num_hidden_layers
     total = sum(p.numel() for p in model.parameters())
-    # Both expert paths (high and low, 2E virtual experts) are parameters of the patched model.
+    # The routed experts' tensors (after quantize_model, both paths) are not dense weights.
     experts = sum(
         b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in moe_blocks(model)
     )
     head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    dense = (total - experts - head) // layers
-    dense_w = (bits.nonexpert_bits or 16) / 8
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
     if getattr(c, "kv_lora_rank", None):
@@ -113,21 +118,72 @@ def footprint(model, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Foot
         kv_values = c.kv_lora_rank + c.qk_rope_head_dim
     else:
         kv_values = 2 * kv_heads * head_dim
+    return Dims(
+        dense_params=(total - experts - head) // c.num_hidden_layers,
+        head_params=c.vocab_size * c.hidden_size,
+        kv_values=kv_values,
+        attn_dim=c.num_attention_heads * (getattr(c, "qk_head_dim", None) or head_dim),
+    )
+
+
+def footprint(dims: Dims, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Footprint:
+    sizes = quant.slice_bytes(shape.expert_params, bits.high, bits.low, bits.group, bits.symmetric)
+    dense_w = (bits.nonexpert_bits or 16) / 8
     fp16 = hw.fp16_op_cost
     return Footprint(
         shape=shape,
         sizes=sizes,
-        low_bytes=low,
+        low_bytes=sizes["MSB"] if bits.low is not None else sizes["FULL"],
         nested=bits.scheme != "base",
         expert_op_cost=fp16 if bits.high is None else 1.0,
         dense_op_cost=fp16 if bits.nonexpert_bits is None else 1.0,
-        dense_params=dense,
-        dense_bytes=int(dense * dense_w),
-        head_params=c.vocab_size * c.hidden_size,
-        head_bytes=int(c.vocab_size * c.hidden_size * dense_w),
-        kv_bytes_per_token=kv_values * hw.kv_bits // 8,
-        attn_dim=c.num_attention_heads * (getattr(c, "qk_head_dim", None) or head_dim),
+        dense_params=dims.dense_params,
+        dense_bytes=int(dims.dense_params * dense_w),
+        head_params=dims.head_params,
+        head_bytes=int(dims.head_params * dense_w),
+        kv_bytes_per_token=dims.kv_values * hw.kv_bits // 8,
+        attn_dim=dims.attn_dim,
     )
+
+
+# --- what a device is charged: per layer step, scalars or numpy arrays alike -------------------
+
+
+def slice_kinds(sliced: bool, nested: bool, high: bool) -> tuple[str, ...]:
+    """The slices an expert call requests, on the high-bit (`high`) or the low-bit path."""
+    if not sliced:
+        return ("FULL",)
+    if not nested:
+        return ("FULL",) if high else ("MSB",)
+    return ("MSB", "LSB") if high else ("MSB",)
+
+
+def _ops(fp: Footprint, tokens, experts, attn):
+    return (
+        2.0 * tokens * fp.dense_params * fp.dense_op_cost
+        + 2.0 * experts * fp.shape.expert_params * fp.expert_op_cost
+        + attn
+    )
+
+
+def prefill_bill(fp: Footprint, tokens, ctx, used, missed):
+    """(ops, DRAM bytes, Flash bytes) of one MoE layer over `tokens` prompt tokens after `ctx`
+    cached ones: `used` distinct experts read once at high precision, `missed` bytes fetched."""
+    ops = _ops(fp, tokens, tokens * fp.shape.top_k, 2.0 * fp.attn_dim * tokens * (ctx + tokens))
+    dram = fp.dense_bytes + used * fp.sizes["FULL"] + tokens * fp.kv_bytes_per_token + missed
+    return ops, dram, missed
+
+
+def decode_bill(fp: Footprint, experts, ctx, read, missed):
+    """One MoE layer for one token after `ctx` cached ones: `experts` routed calls reading `read`
+    expert bytes from DRAM, `missed` bytes fetched from Flash."""
+    ops = _ops(fp, 1, experts, 4.0 * fp.attn_dim * ctx)
+    return ops, fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed, missed
+
+
+def head_bill(fp: Footprint, tokens):
+    """Embedding + LM head for `tokens` tokens (weights read once)."""
+    return 2.0 * fp.head_params * fp.dense_op_cost * tokens, fp.head_bytes, 0
 
 
 # --- the runtime ----------------------------------------------------------------------------
@@ -149,6 +205,10 @@ class SeqState:
     range_n: np.ndarray | None = None
     # (Flash bytes, activations) when the controller's window opened (decode step warmup_steps).
     steady_base: tuple[int, int] | None = None
+    # The request stream: per decode step and layer, the chosen experts and whether each one's
+    # high-bit path was requested (slicemoe.stream).
+    chosen: list = field(default_factory=list)
+    requested_high: list = field(default_factory=list)
 
 
 class Runtime:
@@ -193,12 +253,7 @@ class Runtime:
                 st.steady_base = (st.cache.stats.flash_bytes, st.cache.stats.activations)
 
     def kinds(self, high: bool) -> tuple[str, ...]:
-        """The slices an expert call requests, on the high-bit or the low-bit path."""
-        if not self.sliced:
-            return ("FULL",)
-        if not self.fp.nested:
-            return ("FULL",) if high else ("MSB",)
-        return ("MSB", "LSB") if high else ("MSB",)
+        return slice_kinds(self.sliced, self.fp.nested, high)
 
     def _charge(self, ops, dram, flash) -> None:
         """Charge one layer step of each listed row (arrays, one entry per row)."""
@@ -211,12 +266,8 @@ class Runtime:
     def head(self, n_tokens: np.ndarray) -> None:
         """Embedding + LM head for n_tokens[b] tokens of each row (weights read once)."""
         rows = np.nonzero(n_tokens)[0]
-        fp = self.fp
-        self._charge(
-            2.0 * fp.head_params * fp.dense_op_cost * n_tokens[rows],
-            np.full(len(rows), fp.head_bytes),
-            np.zeros(len(rows)),
-        )
+        ops, dram, flash = head_bill(self.fp, n_tokens[rows])
+        self._charge(ops, np.full(len(rows), dram), np.full(len(rows), flash))
 
     def fill(self, flash_bytes: np.ndarray) -> None:
         """Slices read from Flash into DRAM outside any layer's compute (warmup fills)."""
@@ -227,14 +278,6 @@ class Runtime:
         if self.phase == "prefill":
             return self._prefill(layer, logits)
         return self._decode(layer, logits)
-
-    def _ops(self, tokens: int, experts: int, attn: float) -> float:
-        fp = self.fp
-        return (
-            2.0 * tokens * fp.dense_params * fp.dense_op_cost
-            + 2.0 * experts * fp.shape.expert_params * fp.expert_op_cost
-            + attn
-        )
 
     def _prefill(self, layer, logits):
         b, s = self.valid.shape
@@ -254,13 +297,11 @@ class Runtime:
             for e in used:
                 hits = st.cache.access(layer, int(e), kinds)
                 missed += sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h)
-            n = int(self.valid[row].sum())
-            ctx = int(self.context[row])
-            ops.append(self._ops(n, n * self.gate.top_k, 2.0 * fp.attn_dim * n * (ctx + n)))
-            dram.append(
-                fp.dense_bytes + len(used) * fp.sizes["FULL"] + n * fp.kv_bytes_per_token + missed
+            bill = prefill_bill(
+                fp, int(self.valid[row].sum()), int(self.context[row]), len(used), missed
             )
-            flash.append(missed)
+            for column, value in zip((ops, dram, flash), bill):
+                column.append(value)
         self._charge(ops, dram, flash)
         return w.to(logits.dtype), idx
 
@@ -307,10 +348,11 @@ class Runtime:
                 st.resident_sum += float(st.cache.resident.sum())
             st.expert_calls += len(idx_np[row])
             st.highbit_calls += int(use_high[row].sum())
-            ctx = int(self.context[row])
-            ops.append(self._ops(1, len(idx_np[row]), 4.0 * fp.attn_dim * ctx))
-            dram.append(fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed)
-            flash.append(missed)
+            st.chosen.append(idx_np[row])
+            st.requested_high.append(high[row])
+            bill = decode_bill(fp, len(idx_np[row]), int(self.context[row]), read, missed)
+            for column, value in zip((ops, dram, flash), bill):
+                column.append(value)
         self._charge(ops, dram, flash)
         if layer == self.fp.shape.num_moe_layers - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda()
@@ -356,4 +398,4 @@ def _routed_forward(self, hidden_states):
     return logits, weights, idx
 
 
-__all__ = ["Runtime", "install", "quantize_model", "footprint"]
+__all__ = ["Dims", "Runtime", "footprint", "install", "model_dims", "quantize_model"]

@@ -1,0 +1,143 @@
+"""The request stream: what one model pass leaves for the cache and the hardware model.
+
+With top-k routing, `lsb_miss=fetch` and no miss-rate controller, which experts a token uses
+and at which precision do not depend on the cache. One model pass then determines every
+request a device makes; cache size, eviction, warmup and hardware only decide which requests
+hit and what they cost. A `Stream` records, per sequence (one simulated device):
+- the prompt length and the prefill routing counts per layer and expert (prefill streams each
+  used expert once per layer; PCW ranks by these counts);
+- per decode step and MoE layer, the k chosen experts and whether each requested its high-bit
+  path (the decode context of step t is the prompt length + t);
+- the task scores, the model's shape and the dimensions the hardware model charges.
+`slicemoe.replay.replay(stream, cfg)` turns it into the metrics that `slicemoe.run.run(cfg)`
+computes with the model in the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slicemoe.models import Shape
+from slicemoe.models.adapter import Dims
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Stream:
+    key: str  # slicemoe.replay.stream_key of the config that recorded it
+    config: dict  # that config, for the record
+    shape: Shape
+    dims: Dims
+    scores: dict  # task metric -> value (accuracy, perplexity, ...)
+    prompt_len: np.ndarray  # [S] prompt tokens per sequence
+    prefill_counts: np.ndarray  # [S, layers, experts] prefill tokens routed to each expert
+    decode_steps: np.ndarray  # [S] decode forward passes per sequence
+    experts: np.ndarray  # [sum(decode_steps), layers, k] chosen experts
+    high: np.ndarray  # [sum(decode_steps), layers, k] high-bit path requested
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompt_len)
+
+    @property
+    def num_requests_upper_bound(self) -> int:
+        """Expert calls of decode plus prefill's used experts, x2 for MSB+LSB."""
+        return 2 * (int(self.experts.size) + int(np.count_nonzero(self.prefill_counts)))
+
+    def sequence(self, s: int):
+        """(prompt length, prefill counts [L, E], experts [T, L, k], high [T, L, k]) of s."""
+        start = int(self.decode_steps[:s].sum())
+        end = start + int(self.decode_steps[s])
+        return (
+            int(self.prompt_len[s]),
+            self.prefill_counts[s],
+            self.experts[start:end],
+            self.high[start:end],
+        )
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "key": self.key,
+            "config": self.config,
+            "shape": dataclasses.asdict(self.shape),
+            "dims": dataclasses.asdict(self.dims),
+            "scores": self.scores,
+        }
+        path = Path(path)
+        with open(path, "wb") as f:
+            np.savez_compressed(
+                f,
+                meta=np.array(json.dumps(meta)),
+                prompt_len=self.prompt_len,
+                prefill_counts=self.prefill_counts,
+                decode_steps=self.decode_steps,
+                experts=self.experts,
+                high=self.high,
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Stream:
+        data = np.load(io.BytesIO(Path(path).read_bytes()))
+        meta = json.loads(str(data["meta"]))
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"{path}: request stream schema {meta.get('schema_version')} is not "
+                f"{SCHEMA_VERSION}; record it again (sweep.replay=false runs the model)"
+            )
+        return cls(
+            key=meta["key"],
+            config=meta["config"],
+            shape=Shape(**meta["shape"]),
+            dims=Dims(**meta["dims"]),
+            scores=meta["scores"],
+            **{k: data[k] for k in ("prompt_len", "prefill_counts", "decode_steps")},
+            experts=data["experts"],
+            high=data["high"],
+        )
+
+
+class Recorder:
+    """Collects the stream of one model pass, sequence by sequence, in any batch order."""
+
+    def __init__(self, shape: Shape):
+        self.shape = shape
+        self.seqs: dict[int, tuple] = {}
+
+    def add(self, seq: int, prompt_len: int, counts, chosen: list, high: list) -> None:
+        layers, k = self.shape.num_moe_layers, self.shape.top_k
+        steps = len(chosen) // layers
+        dtype = np.int16 if self.shape.num_experts < 2**15 else np.int32
+        experts = np.array(chosen, dtype=dtype).reshape(steps, layers, k)
+        self.seqs[seq] = (prompt_len, counts, experts, np.array(high, bool).reshape(experts.shape))
+
+    def stream(self, key: str, config: dict, dims: Dims, scores: dict) -> Stream:
+        order = sorted(self.seqs)
+        if order != list(range(len(order))):
+            raise ValueError("sequences are missing from the recorded stream")
+        seqs = [self.seqs[s] for s in order]
+        layers, k = self.shape.num_moe_layers, self.shape.top_k
+        return Stream(
+            key=key,
+            config=config,
+            shape=self.shape,
+            dims=dims,
+            scores=scores,
+            prompt_len=np.array([p for p, _, _, _ in seqs], dtype=np.int32),
+            prefill_counts=np.stack([c for _, c, _, _ in seqs]).astype(np.int32),
+            decode_steps=np.array([len(e) for _, _, e, _ in seqs], dtype=np.int32),
+            experts=np.concatenate([e for _, _, e, _ in seqs])
+            if seqs
+            else np.zeros((0, layers, k), np.int16),
+            high=np.concatenate([h for _, _, _, h in seqs])
+            if seqs
+            else np.zeros((0, layers, k), bool),
+        )

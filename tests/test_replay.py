@@ -1,0 +1,169 @@
+"""Replay from a recorded request stream equals the run with the model in the loop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slicemoe.config import (
+    BitsConfig,
+    CacheConfig,
+    EvalConfig,
+    HardwareConfig,
+    PolicyConfig,
+    RunConfig,
+)
+from slicemoe.hardware import PROFILES
+from slicemoe.models import read_shape
+from slicemoe.replay import replay, replayable, stream_key
+from slicemoe.run import METRICS, capacity_bytes, load, record, run
+from slicemoe.stream import Stream
+
+BASE = RunConfig(eval=EvalConfig(limit=4, max_new_tokens=24), batch_size=2)
+BITS = {
+    "mat84": BitsConfig(),
+    "mat42": BitsConfig(name="mat42", high=4, low=2),
+    "mat84_base": BitsConfig(name="mat84_base", scheme="base"),
+    "int8": BitsConfig(name="int8", high=8, low=None),
+}
+
+
+def draw(rng: np.random.Generator) -> RunConfig:
+    """A random replayable configuration (no Belady: its in-loop run is itself a replay)."""
+    bits_name = str(rng.choice(list(BITS)))
+    bits = BITS[bits_name]
+    precisions = ["high"] if bits.low is None else ["high", "low", "dbsc"]
+    policy = PolicyConfig(
+        precision=str(rng.choice(precisions)),
+        tau=float(rng.choice([0.3, 0.5])),
+        warmup=str(rng.choice(["empty", "last_layer", "random", "lru", "pcw"])),
+        warmup_steps=int(rng.choice([0, 5, 10])),
+    )
+    if rng.random() < 0.8:
+        cache = CacheConfig(frac=float(rng.choice([0.05, 0.1, 0.25, 0.6])))
+    else:
+        cache = CacheConfig(frac=None, bytes=int(rng.integers(300_000, 2_000_000)))
+    cache = replace(cache, eviction=str(rng.choice(["lru", "lfu", "fifo"])))
+    hw = PROFILES[str(rng.choice(sorted(PROFILES)))]
+    hw = replace(hw, overlap_flash=bool(rng.random() < 0.3))
+    return replace(BASE, bits=bits, policy=policy, cache=cache, hardware=hw)
+
+
+def same(a: float, b: float) -> bool:
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b or math.isclose(a, b, rel_tol=1e-9)
+
+
+def test_replay_equals_the_model_in_the_loop_on_60_random_configurations():
+    rng = np.random.default_rng(7)
+    configs = [draw(rng) for _ in range(60)]
+    loaded, streams = {}, {}
+    checked = 0
+    for cfg in configs:
+        key = cfg.bits.name
+        if key not in loaded:
+            loaded[key] = load(cfg)
+        skey = stream_key(cfg)
+        if skey not in streams:
+            streams[skey] = record(cfg, loaded[key])
+        expected = run(cfg, loaded[key])
+        got = replay(streams[skey], cfg)
+        for m in METRICS:
+            if m != "wall_s":
+                assert same(expected[m], got[m]), (cfg, m, expected[m], got[m])
+        for name, curve in expected["curves"].items():
+            assert len(curve) == len(got["curves"][name]), name
+            assert all(same(x, y) for x, y in zip(curve, got["curves"][name])), (cfg, name)
+        checked += 1
+    assert checked == 60
+    # Several configurations share each stream: that is the point.
+    assert len(streams) < 40
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load(BASE)
+
+
+@pytest.fixture(scope="module")
+def stream(loaded):
+    return record(BASE, loaded)
+
+
+def test_replayed_trace_equals_the_in_loop_trace(loaded, stream, tmp_path):
+    cfg = replace(BASE, policy=PolicyConfig(warmup="pcw"), trace=True)
+    a = run(replace(cfg, trace_path=str(tmp_path / "a.parquet")), loaded)
+    b = replay(stream, replace(cfg, trace_path=str(tmp_path / "b.parquet")))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a["trace_path"]), pd.read_parquet(b["trace_path"])
+    )
+
+
+def test_replayed_lru_hits_iff_the_stack_distance_fits(loaded, tmp_path):
+    """Whole high-bit experts, one size: LRU with room for n hits exactly the requests whose
+    key was used before with fewer than n other keys since."""
+    cfg = replace(
+        BASE,
+        policy=PolicyConfig(precision="high", warmup="lru"),
+        cache=CacheConfig(frac=0.1),
+        trace=True,
+        trace_path=str(tmp_path / "t.parquet"),
+    )
+    t = pd.read_parquet(replay(record(cfg, loaded), cfg)["trace_path"])
+    room = capacity_bytes(cfg, read_shape(None)) // int(t.bytes.iloc[0])
+    assert set(t.slice) == {"FULL"} and 10 < room < 256
+    checked = 0
+    for _, seq in t.groupby("sequence", sort=False):
+        last: dict = {}
+        keys = list(zip(seq.layer, seq.expert))
+        for i, (key, hit) in enumerate(zip(keys, seq.hit)):
+            if key in last:
+                distance = len(set(keys[last[key] + 1 : i]))
+                assert hit == (distance < room), (i, key, distance, room)
+                checked += 1
+            else:
+                assert not hit
+            last[key] = i
+    assert checked > 1000
+
+
+def test_stream_round_trips_through_a_file(stream, tmp_path):
+    back = Stream.load(stream.save(tmp_path / "requests.npz"))
+    assert back.key == stream.key and back.scores == stream.scores
+    assert back.shape == stream.shape and back.dims == stream.dims
+    for name in ("prompt_len", "prefill_counts", "decode_steps", "experts", "high"):
+        assert np.array_equal(getattr(back, name), getattr(stream, name)), name
+    cfg = replace(BASE, cache=CacheConfig(frac=0.1))
+    assert replay(back, cfg)["miss_rate"] == replay(stream, cfg)["miss_rate"]
+
+
+def test_what_may_and_may_not_replay(stream):
+    assert replayable(BASE)
+    for policy in (
+        PolicyConfig(routing="cache_prior", lam=0.2),
+        PolicyConfig(lsb_miss="skip"),
+        PolicyConfig(routing="cache_prior", miss_rate_target=0.05),
+    ):
+        assert not replayable(replace(BASE, policy=policy))
+        with pytest.raises(ValueError, match="depend on the cache"):
+            replay(stream, replace(BASE, policy=policy))
+    # Cache, warmup, window and hardware do not change the stream; bits, tau and the task do.
+    same_stream = [
+        replace(BASE, cache=CacheConfig(frac=0.5, eviction="belady")),
+        replace(BASE, policy=replace(BASE.policy, warmup="pcw", warmup_steps=3)),
+        replace(BASE, hardware=HardwareConfig(name="x", flash_gbps=1.0)),
+    ]
+    assert {stream_key(c) for c in same_stream} == {stream.key}
+    for other in (
+        replace(BASE, bits=BITS["mat42"]),
+        replace(BASE, policy=replace(BASE.policy, tau=0.3)),
+        replace(BASE, eval=replace(BASE.eval, limit=5)),
+    ):
+        assert stream_key(other) != stream.key
+        with pytest.raises(ValueError, match="stream key"):
+            replay(stream, other)
