@@ -25,6 +25,7 @@ from slicemoe.config import (
     PolicyConfig,
     RunConfig,
 )
+from slicemoe.metrics import COL
 from slicemoe.models import Shape
 from slicemoe.models.adapter import quantize_model
 from slicemoe.run import Loaded, _Simulator, load_key
@@ -111,16 +112,16 @@ def main():
     for impl in ("eager", "grouped_mm"):
         model.set_experts_implementation(impl)
         for b in [int(x) for x in args.batches.split(",")]:
-            sim = _Simulator(cfg, loaded, "lru")
+            sim = _Simulator(cfg, loaded)
             prompts = torch.randint(1, cfg_hf.vocab_size, (b, args.prompt)).tolist()
             sim.batch(0, prompts[:1], max_new=4)  # warm-up
-            sim = _Simulator(cfg, loaded, "lru")
+            sim = _Simulator(cfg, loaded)
             sync(device)
             t0 = time.perf_counter()
             sim.batch(0, prompts, max_new=args.new)
             sync(device)
             dt = time.perf_counter() - t0
-            steps = sum(st.decode_tokens for st in sim.states)
+            steps = int(sim.rows()[:, COL["tokens"]].sum())
             rows.append((f"SliceMoE adapter B={b} ({impl}), prefill+decode", steps / dt))
             print(rows[-1], f"{steps} decode tokens in {dt:.1f} s")
     print("\n| path | decode tokens/s |\n|---|---|")

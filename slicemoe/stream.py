@@ -16,6 +16,7 @@ computes with the model in the loop.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -23,10 +24,43 @@ from pathlib import Path
 
 import numpy as np
 
+from slicemoe.config import RunConfig
 from slicemoe.models import Shape
 from slicemoe.models.adapter import Dims
 
 SCHEMA_VERSION = 1
+
+# What a stream does not depend on (replay recomputes it): the cache, the warmup and the
+# measurement window, the hardware, the routing knobs top-k does not read, and where things run.
+NOT_IN_STREAM = {
+    "cache": None,  # every field
+    "hardware": None,
+    "policy": ("name", "warmup", "warmup_steps", "lam", "lam_scale", "cumsum_p", "max_rank_keep",
+               "max_rank_m", "miss_rate_target"),
+    "model": ("device",),
+    "trace": None,
+    "trace_path": None,
+}  # fmt: skip
+
+
+def replayable(cfg: RunConfig) -> bool:
+    """True when nothing the model computes depends on the cache: top-k routing, LSB misses
+    fetched, no miss-rate controller. Everything else needs the model in the loop."""
+    p = cfg.policy
+    return p.routing == "topk" and p.lsb_miss == "fetch" and p.miss_rate_target is None
+
+
+def stream_key(cfg: RunConfig) -> str:
+    """Configs with one key share one request stream (and one model pass)."""
+    data = dataclasses.asdict(cfg)
+    for section, names in NOT_IN_STREAM.items():
+        if names is None:
+            data.pop(section)
+        else:
+            for name in names:
+                data[section].pop(name)
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from slicemoe.replay import replay, replayable, stream_key
 from slicemoe.run import METRICS, capacity_bytes, load, record, run
 from slicemoe.stream import Stream
 
-BASE = RunConfig(eval=EvalConfig(limit=4, max_new_tokens=24), batch_size=2)
+BASE = RunConfig(eval=EvalConfig(limit=3, max_new_tokens=16), batch_size=2)
 BITS = {
     "mat84": BitsConfig(),
     "mat42": BitsConfig(name="mat42", high=4, low=2),

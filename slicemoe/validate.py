@@ -1,0 +1,149 @@
+"""A run's config checked before any work, and the cache size it asks for.
+
+Every check names the field and the fix (DESIGN.md section 8), so a sweep refuses a bad job
+before it loads a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slicemoe.cache import EVICTION
+from slicemoe.config import RunConfig
+from slicemoe.eval import TASKS, get_task
+from slicemoe.models import Shape, read_shape
+from slicemoe.quant import reference_bytes, slice_bytes
+from slicemoe.routing import ROUTING
+from slicemoe.warmup import WARMUP
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; `field` is its dotted name."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def validate(cfg: RunConfig) -> None:
+    """Fail before any work with a message naming the field and the fix."""
+    b, p, c, e = cfg.bits, cfg.policy, cfg.cache, cfg.eval
+    if b.high is not None and not 2 <= b.high <= 8:
+        raise ConfigError("bits.high", f"{b.high} is out of range; use 2..8 or null for fp16")
+    if b.low is not None:
+        if b.high is None:
+            raise ConfigError("bits.low", "slicing needs quantized experts; set bits.high too")
+        if not 1 <= b.low < b.high:
+            raise ConfigError("bits.low", f"low bits {b.low} must be below bits.high={b.high}")
+    if b.scheme not in ("amat", "trunc", "base"):
+        raise ConfigError("bits.scheme", f"{b.scheme!r} is unknown; use amat, trunc or base")
+    if b.group < 1:
+        raise ConfigError("bits.group", "must be a positive divisor of the input dims")
+    if p.routing not in ROUTING:
+        raise ConfigError(
+            "policy.routing", f"{p.routing!r} is unknown; use one of {sorted(ROUTING)}"
+        )
+    if p.precision not in ("high", "low", "dbsc"):
+        raise ConfigError("policy.precision", f"{p.precision!r} is unknown; use high, low or dbsc")
+    if p.precision != "high" and b.low is None:
+        raise ConfigError(
+            "policy.precision",
+            f"{p.precision} needs Matryoshka bits (bits.low); pick bits=mat84/mat63/mat42",
+        )
+    if p.warmup not in WARMUP:
+        raise ConfigError("policy.warmup", f"{p.warmup!r} is unknown; use one of {sorted(WARMUP)}")
+    if p.lsb_miss not in ("fetch", "skip"):
+        raise ConfigError("policy.lsb_miss", f"{p.lsb_miss!r} is unknown; use fetch or skip")
+    if p.lsb_miss == "skip" and b.scheme == "base":
+        raise ConfigError(
+            "policy.lsb_miss",
+            "skip needs nested slices; bits.scheme=base keeps two whole copies (no LSB slice): "
+            "use policy.lsb_miss=fetch or bits.scheme=amat",
+        )
+    if not p.tau >= 0:  # also refuses NaN
+        raise ConfigError("policy.tau", f"{p.tau} must be a number >= 0 (0: all high-bit)")
+    if p.lam_scale not in ("token", "running"):
+        raise ConfigError("policy.lam_scale", f"{p.lam_scale!r} is unknown; use token or running")
+    if p.miss_rate_target is not None and p.routing != "cache_prior":
+        raise ConfigError(
+            "policy.miss_rate_target",
+            "the online controller adapts cache_prior's lambda; set policy.routing=cache_prior",
+        )
+    if p.warmup_steps < 0:
+        raise ConfigError("policy.warmup_steps", "must be >= 0")
+    if c.eviction not in EVICTION:
+        raise ConfigError(
+            "cache.eviction", f"{c.eviction!r} is unknown; use one of {sorted(EVICTION)}"
+        )
+    if c.eviction == "belady":
+        # The oracle replays a recorded request sequence, so requests must not depend on the
+        # cache, and warmup must not insert (an insert is not a request of that sequence).
+        if p.routing != "topk" or p.lsb_miss != "fetch" or p.warmup in ("random", "pcw"):
+            raise ConfigError(
+                "cache.eviction",
+                "belady needs cache-independent requests: policy.routing=topk, "
+                "policy.lsb_miss=fetch and a warmup that inserts nothing (lru/empty/last_layer)",
+            )
+    if (c.frac is None) == (c.bytes is None):
+        raise ConfigError("cache", "set exactly one of cache.frac and cache.bytes (the other null)")
+    if c.frac is not None and not c.frac > 0:
+        raise ConfigError(
+            "cache.frac", f"{c.frac} must be > 0 (a share of all routed experts at 8 bits)"
+        )
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError("model.dtype", "use float32, bfloat16 or float16")
+    try:
+        shape = read_shape(cfg.model.path)
+    except FileNotFoundError as err:
+        raise ConfigError("model.path", str(err)) from None
+    sizes = expert_sizes(cfg, shape)
+    need = max(sizes["MSB"], sizes["FULL"] if p.precision == "high" else 0)
+    if capacity_bytes(cfg, shape) < need:
+        raise ConfigError(
+            "cache",
+            f"capacity {capacity_bytes(cfg, shape):,} B is below one expert slice ({need:,} B); "
+            "raise cache.frac or cache.bytes",
+        )
+    get_task_or_error(e.task)
+    if e.data_path is not None and not Path(e.data_path).exists():
+        raise ConfigError("eval.data_path", f"{e.data_path} does not exist; point it at the data")
+    if e.task != "arith" and e.data_path is None:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "eval.data_path",
+                f"task {e.task} needs local data (no `datasets` here): set eval.data_path",
+            ) from None
+    if e.limit is not None and e.limit < 1:
+        raise ConfigError("eval.limit", "must be >= 1 or null for all documents")
+    if e.max_new_tokens < 1:
+        raise ConfigError("eval.max_new_tokens", "must be >= 1")
+    if e.num_fewshot < 0:
+        raise ConfigError("eval.num_fewshot", "must be >= 0")
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size", "must be >= 1")
+
+
+def get_task_or_error(name: str):
+    try:
+        return get_task(name)
+    except ValueError:
+        raise ConfigError("eval.task", f"{name!r} is unknown; use one of {sorted(TASKS)}") from None
+
+
+def expert_sizes(cfg: RunConfig, shape: Shape) -> dict:
+    b = cfg.bits
+    return slice_bytes(shape.expert_params, b.high, b.low, b.group, b.symmetric)
+
+
+def capacity_bytes(cfg: RunConfig, shape: Shape) -> int:
+    """DRAM bytes for routed-expert slices: cache.bytes, or cache.frac of all routed experts at
+    the 8-bit reference size (the same bytes for every bit width)."""
+    if cfg.cache.bytes is not None:
+        return int(cfg.cache.bytes)
+    total = shape.num_moe_layers * shape.num_experts * reference_bytes(shape.expert_params)
+    return int(cfg.cache.frac * total)
