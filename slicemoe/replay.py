@@ -30,7 +30,7 @@ from slicemoe.models.adapter import (
 from slicemoe.quant import reference_bytes
 from slicemoe.stream import Stream, replayable, stream_key
 from slicemoe.trace import write_trace
-from slicemoe.validate import capacity_bytes, validate
+from slicemoe.validate import ConfigError, capacity_bytes, validate
 from slicemoe.warmup import apply_warmup
 
 
@@ -175,3 +175,29 @@ class _Device:
             out[:, COL[name]] = np.sum(getattr(layer_cost, name), axis=1) + getattr(head, name)
         out[:, COL["latency_s"]] = layer_cost.latency_s.sum(1) + head.latency_s
         return out
+
+
+def miss_ratio_curve(stream: Stream, cfg: RunConfig, fractions) -> list[dict]:
+    """Decode miss rates of `cfg` replayed at each cache size in `fractions` (shares of all
+    routed experts at the 8-bit reference size): the miss-ratio curve of the stream."""
+    rows = []
+    for frac in fractions:
+        c = dataclasses.replace(
+            cfg, cache=dataclasses.replace(cfg.cache, frac=float(frac), bytes=None), trace=False
+        )
+        try:
+            r = replay(stream, c)
+        except ConfigError:  # too small for one slice
+            continue
+        rows.append({"cache_frac": float(frac), **{k: r[k] for k in MRC_METRICS}})
+    return rows
+
+
+MRC_METRICS = (
+    "cache_capacity_bytes",
+    "miss_rate",
+    "miss_rate_steady",
+    "miss_rate_hbn",
+    "miss_rate_refn",
+    "flash_bytes_per_token",
+)

@@ -24,7 +24,7 @@ from slicemoe.metrics import COL, COUNTERS, KINDS, METRICS, assemble
 from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
 from slicemoe.models.adapter import Runtime, footprint, install, model_dims, quantize_model
 from slicemoe.quant import reference_bytes
-from slicemoe.replay import replay
+from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.stream import Recorder, Stream, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, get_task_or_error, validate
@@ -37,6 +37,7 @@ __all__ = [
     "capacity_bytes",
     "load",
     "load_key",
+    "miss_ratio_curve",
     "record",
     "replay",
     "replayable",

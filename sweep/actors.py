@@ -1,10 +1,12 @@
 """Long-lived Ray actors that keep models loaded, and the driver-side loop that feeds them.
 
-Each actor runs one job at a time. A free actor takes the next job of a load key it already
-holds, so a model is loaded once per actor and serves every run that can reuse it; only when its
-keys are exhausted does it move to the key with the most pending work per actor already on it.
-An actor that dies (OOM, segfault, lost node) is replaced and its job dispatched again, up to
-`max_actor_failures` times; a run that merely raises is a FAILED outcome from a healthy actor.
+Each actor runs one unit at a time: a job, or the jobs that share a request stream (one model
+pass, then a replay each). A free actor takes the next unit of a load key it already holds, so a
+model is loaded once per actor and serves every run that can reuse it; only when its keys are
+exhausted does it move to the key with the most pending work per actor already on it. An actor
+that dies (OOM, segfault, lost node) is replaced and the unfinished jobs of its unit dispatched
+again, up to `max_actor_failures` times; a run that merely raises is a FAILED outcome from a
+healthy actor.
 """
 
 from __future__ import annotations
@@ -25,13 +27,47 @@ from sweep.tracking import Tracker
 
 
 class RunActor:
-    def __init__(self, runner: str, models_per_actor: int, tracking_uri: str, experiment_id: str):
+    def __init__(
+        self,
+        runner: str,
+        models_per_actor: int,
+        tracking_uri: str,
+        experiment_id: str,
+        reuse_streams: bool = True,
+        mrc_points: int = 0,
+    ):
         self.runner = load_runner(runner)
         self.models = worker.ModelCache(models_per_actor)
         self.tracker = Tracker(tracking_uri, experiment_id)
+        self.reuse_streams, self.mrc_points = reuse_streams, mrc_points
 
-    def execute(self, job: Job, run_id: str) -> Outcome:
-        return worker.execute(self.runner, self.models, job, run_id, self.tracker)
+    def execute(self, unit: list[Job], run_ids: list[str]) -> list[Outcome]:
+        if unit[0].stream_key is None:
+            return [worker.execute(self.runner, self.models, unit[0], run_ids[0], self.tracker)]
+        return worker.execute_group(
+            self.runner,
+            self.models,
+            unit,
+            run_ids,
+            self.tracker,
+            self.reuse_streams,
+            self.mrc_points,
+        )
+
+
+def units_of(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs with one stream key form one unit; every other job is a unit of its own."""
+    groups: dict[str, list[Job]] = {}
+    units: list[list[Job]] = []
+    for job in jobs:
+        if job.stream_key is None:
+            units.append([job])
+        elif job.stream_key in groups:
+            groups[job.stream_key].append(job)
+        else:
+            groups[job.stream_key] = [job]
+            units.append(groups[job.stream_key])
+    return units
 
 
 @dataclass
@@ -49,8 +85,8 @@ class Member:
 @dataclass
 class InFlight:
     member: Member
-    job: Job
-    run_id: str
+    unit: list[Job]
+    run_ids: list[str]
 
 
 class ActorPool:
@@ -77,21 +113,21 @@ class ActorPool:
         self,
         jobs: list[Job],
         start_run: Callable[[Job], str],
-        lost_run: Callable[[Job, str, str, bool], None],
+        lost_run: Callable[[Job, str, str, bool], Outcome | None],
         on_change: Callable[[int, int, int], None],
     ) -> dict[int, Outcome]:
         """Execute jobs; returns their outcomes by job index.
 
         start_run(job) creates the job's MLflow run right before dispatch; lost_run(job, run_id,
-        error, final) closes the run of a job whose actor died (final: no retry follows).
+        error, final) closes the run of a job whose actor died (final: no retry follows) and
+        returns its outcome if the run had finished before the actor died.
         """
-        queues: dict[str, deque[Job]] = {}
-        for job in jobs:
-            queues.setdefault(job.load_key, deque()).append(job)
+        queues: dict[str, deque[list[Job]]] = {}
+        for unit in units_of(jobs):
+            queues.setdefault(unit[0].load_key, deque()).append(unit)
         idle = list(self.members)
         deaths: Counter[int] = Counter()
         outcomes: dict[int, Outcome] = {}
-        finished = failed = 0
         while queues or self.inflight:
             while idle and queues:
                 member = idle.pop()
@@ -99,25 +135,26 @@ class ActorPool:
                     slot.member.keys[-1] for slot in self.inflight.values() if slot.member.keys
                 )
                 key = pick_key(member.keys, queues, holders)
-                job = queues[key].popleft()
+                unit = queues[key].popleft()
                 if not queues[key]:
                     del queues[key]
-                run_id = start_run(job)
+                run_ids = [start_run(job) for job in unit]
                 member.serve(key, self.remember)
-                self.inflight[member.handle.execute.remote(job, run_id)] = InFlight(
-                    member, job, run_id
+                self.inflight[member.handle.execute.remote(unit, run_ids)] = InFlight(
+                    member, unit, run_ids
                 )
             ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 slot = self.inflight.pop(ref)
                 try:
-                    outcome = ray.get(ref)
+                    results = ray.get(ref)
                     idle.append(slot.member)
                 except RayActorError as err:
                     if err.actor_init_failed:
                         # Every actor would fail the same way (missing code or dependency on a
                         # node): stop instead of burning retries on each job.
-                        lost_run(slot.job, slot.run_id, "the actor could not start", True)
+                        for job, run_id in zip(slot.unit, slot.run_ids):
+                            lost_run(job, run_id, "the actor could not start", True)
                         raise SweepError(
                             "Ray actors cannot start: "
                             f"{str(err).strip().splitlines()[-1]}. On a cluster, install this "
@@ -127,27 +164,36 @@ class ActorPool:
                     replacement = self._spawn()
                     self.members.append(replacement)
                     idle.append(replacement)
-                    deaths[slot.job.index] += 1
-                    final = deaths[slot.job.index] > self.max_actor_failures
+                    deaths[slot.unit[0].index] += 1
+                    final = deaths[slot.unit[0].index] > self.max_actor_failures
                     error = f"actor died: {type(err).__name__}: {str(err).splitlines()[0]}"
-                    lost_run(slot.job, slot.run_id, error, final)
-                    if not final:
-                        queues.setdefault(slot.job.load_key, deque()).appendleft(slot.job)
-                        continue
-                    outcome = Outcome("FAILED", {}, run_id=slot.run_id, error=error)
+                    retry = []
+                    for job, run_id in zip(slot.unit, slot.run_ids):
+                        done = lost_run(job, run_id, error, final)
+                        if done is None and not final:
+                            retry.append(job)
+                        else:
+                            outcomes[job.index] = done or Outcome(
+                                "FAILED", {}, run_id=run_id, error=error
+                            )
+                    if retry:
+                        queues.setdefault(retry[0].load_key, deque()).appendleft(retry)
+                    results = []
                 except RayTaskError as err:
                     # The run's own errors are caught in the actor; this is the sweep's plumbing
                     # failing (e.g. the tracking store went away): record it, keep the actor.
                     idle.append(slot.member)
                     error = str(err).strip().splitlines()[-1]
-                    lost_run(slot.job, slot.run_id, error, True)
-                    outcome = Outcome("FAILED", {}, run_id=slot.run_id, error=error)
-                outcomes[slot.job.index] = outcome
-                if outcome.status == "FINISHED":
-                    finished += 1
-                else:
-                    failed += 1
-            on_change(len(self.inflight), finished, failed)
+                    results = [
+                        lost_run(job, run_id, error, True)
+                        or Outcome("FAILED", {}, run_id=run_id, error=error)
+                        for job, run_id in zip(slot.unit, slot.run_ids)
+                    ]
+                for job, outcome in zip(slot.unit, results):
+                    outcomes[job.index] = outcome
+            finished = sum(o.status == "FINISHED" for o in outcomes.values())
+            running = sum(len(slot.unit) for slot in self.inflight.values())
+            on_change(running, finished, len(outcomes) - finished)
         return outcomes
 
 

@@ -27,6 +27,8 @@ VOLATILE = frozenset({"model.device", "trace_path"})
 # Part of every key, so that a change in how keys are derived never matches older runs.
 KEY_VERSION = "1"
 RUNNER_API = ("validate", "load_key", "load", "run")
+# Optional: a runner that also has these can serve many jobs from one recorded request stream.
+REPLAY_API = ("replayable", "stream_key", "record", "replay")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class Job:
     load_key: str
     params: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""
+    # Jobs with one stream key share a model pass and are replayed from its request stream;
+    # None: the model runs in the loop (cache-aware policies, sweep.replay=false).
+    stream_key: str | None = None
 
 
 @dataclass
@@ -102,6 +107,7 @@ def make_job(index: int, cfg: DictConfig, overrides: Sequence[str], runner: Modu
             message = f"{field_name}: {message}"
         raise SweepError(f"Invalid config for run [{name}]:\n  {message}") from None
     params = {k: "null" if v is None else str(v) for k, v in flatten(asdict(run_cfg)).items()}
+    replays = cfg.sweep.replay and all(callable(getattr(runner, f, None)) for f in REPLAY_API)
     return Job(
         index=index,
         name=name,
@@ -111,6 +117,7 @@ def make_job(index: int, cfg: DictConfig, overrides: Sequence[str], runner: Modu
         load_key=str(runner.load_key(run_cfg)),
         params=params,
         config_yaml=OmegaConf.to_yaml(OmegaConf.structured(run_cfg)),
+        stream_key=runner.stream_key(run_cfg) if replays and runner.replayable(run_cfg) else None,
     )
 
 

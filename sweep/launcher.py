@@ -142,9 +142,12 @@ class Multirun:
         try:
             return pool.run(jobs, self._start_run, self._lost_run, progress.update)
         except BaseException as err:
-            # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these.
+            # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
+            # actor finished (replayed members of a unit) stay FINISHED.
             for slot in pool.inflight.values():
-                self.tracker.client.set_terminated(slot.run_id, "KILLED")
+                for run_id in slot.run_ids:
+                    if self.tracker.client.get_run(run_id).info.status == "RUNNING":
+                        self.tracker.client.set_terminated(run_id, "KILLED")
             self.tracker.client.set_terminated(self.parent_id, "KILLED")
             if isinstance(err, KeyboardInterrupt):
                 log.warning(
@@ -175,6 +178,9 @@ class Multirun:
                 ray_conf.models_per_actor,
                 self.tracker.uri,
                 self.tracker.experiment_id,
+                # sweep.resume=false computes everything again, request streams included.
+                bool(cfg.sweep.resume),
+                int(cfg.sweep.miss_ratio_points),
             )
             self.pool = ActorPool(
                 plan, args, ray_conf.models_per_actor, ray_conf.max_actor_failures
@@ -186,12 +192,19 @@ class Multirun:
     def _start_run(self, job: Job) -> str:
         return self.tracker.create_run(job, self.parent_id, self.sweep_id, self.commit)
 
-    def _lost_run(self, job: Job, run_id: str, error: str, final: bool) -> None:
-        log.warning(f"run [{job.name}]: {error}" + ("" if final else "; dispatching it again"))
+    def _lost_run(self, job: Job, run_id: str, error: str, final: bool) -> Outcome | None:
+        """Close the run of a job whose actor was lost; its outcome if it had finished."""
+        from sweep.tracking import stored_metrics
+
         try:
+            run = self.tracker.client.get_run(run_id)
+            if run.info.status == "FINISHED":
+                return Outcome("FINISHED", stored_metrics(run), run_id=run_id)
+            log.warning(f"run [{job.name}]: {error}" + ("" if final else "; dispatching it again"))
             self.tracker.log_failure(run_id, error, status="FAILED" if final else "KILLED")
         except Exception as err:  # the store may be what broke; the outcome is recorded anyway
             log.warning(f"could not record the failure in MLflow run {run_id}: {err}")
+        return None
 
     def _close_batch(self, results: list[tuple[Job, Outcome]], skipped: int) -> None:
         from sweep.tracking import results_csv

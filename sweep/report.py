@@ -124,6 +124,28 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy"):
     return fig
 
 
+def plot_miss_ratio_curve(table: pd.DataFrame, title: str = ""):
+    """Decode miss rates of one request stream against the cache size in bytes."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    mb = table["cache_capacity_bytes"] / 1e6
+    for column, label in (
+        ("miss_rate", "slice miss rate (all decode steps)"),
+        ("miss_rate_steady", "slice miss rate (steady state)"),
+        ("miss_rate_refn", "Flash bytes / 8-bit expert bytes used"),
+    ):
+        ax.plot(mb, table[column], marker=".", label=label)
+    ax.set_xlabel("cache capacity (MB)")
+    ax.set_ylabel("miss rate")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"miss-ratio curve {title}".strip(), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def normalise(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """Decode energy and latency per token divided by the baseline policy's at the same model,
     cache size, hardware and task (and bits, when the baseline ran at this run's bits)."""

@@ -57,7 +57,14 @@ class SweepConf:
     name: Optional[str] = None
     # Metric name(s) returned to the sweeper instead of the metrics dict (Optuna needs floats).
     objective: Optional[list[str]] = None
-    # Module providing validate / load_key / load / run with the signatures of slicemoe.run.
+    # Replay every job whose requests cannot depend on the cache from one model pass per stream
+    # key (slicemoe.replay); false runs every job with the model in the loop.
+    replay: bool = True
+    # Cache sizes of the miss-ratio curve logged for each recorded stream (miss_ratio_curve.csv
+    # and .png of the run that recorded it): 1/N .. 100 % of the experts at 8 bits; 0 = none.
+    miss_ratio_points: int = 50
+    # Module providing validate / load_key / load / run with the signatures of slicemoe.run
+    # (and, for replay, replayable / stream_key / record / replay).
     runner: str = "slicemoe.run"
 
 

@@ -37,6 +37,7 @@ from sweep.errors import SweepError  # noqa: E402
 from sweep.jobs import RESULT_METRICS, Job, Outcome  # noqa: E402
 
 NON_SCALAR = ("curves", "trace_path")
+STREAM_ARTIFACT = "requests.npz"
 # MLflow's log_batch accepts at most 1000 metrics per call.
 BATCH = 1000
 HEALTH_TIMEOUT_S = 5.0
@@ -212,6 +213,22 @@ class Tracker:
         if trace and Path(trace).is_file():
             self._log_as(run_id, Path(trace), "trace.parquet")
         return scalars
+
+    def store_stream(self, run_id: str, path: Path, stream_key: str) -> None:
+        """Keep a recorded request stream with the run that recorded it, findable by key."""
+        self._log_as(run_id, path, STREAM_ARTIFACT)
+        self.client.set_tag(run_id, "stream_key", stream_key)
+
+    def find_stream(self, stream_key: str, folder: Path) -> Path | None:
+        """Download a request stream recorded earlier for `stream_key`, if the store has one."""
+        for run in self.search(f"tags.stream_key = '{stream_key}'"):
+            try:
+                return Path(
+                    self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
+                )
+            except (MlflowException, OSError):
+                continue  # artifact gone or unreadable: try the next, else record again
+        return None
 
     def log_failure(self, run_id: str, error: str, status: str = "FAILED") -> None:
         self.client.set_tag(run_id, "error", last_line(error)[:5000])

@@ -74,7 +74,7 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
 
     client = MlflowClient(uri(tmp))
     run_id = children[0].info.run_id
-    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "trace.parquet"}
+    assert {"config.yaml", "trace.parquet"} <= {a.path for a in client.list_artifacts(run_id)}
     steps = [m.step for m in client.get_metric_history(run_id, "energy_decode_cum_j")]
     assert steps == list(range(len(steps))) and len(steps) > 1
     assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
