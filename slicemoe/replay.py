@@ -15,10 +15,11 @@ import time
 
 import numpy as np
 
-from slicemoe.cache import SliceCache
+from slicemoe.cache import KINDS, SliceCache
 from slicemoe.config import RunConfig
+from slicemoe.fastcache import FAST_EVICTION, KIND_CODE, key_ids, replay_requests
 from slicemoe.hardware import Cost, charge
-from slicemoe.metrics import COL, COUNTERS, KINDS, assemble
+from slicemoe.metrics import COL, COUNTERS, assemble
 from slicemoe.models.adapter import (
     Footprint,
     decode_bill,
@@ -111,11 +112,9 @@ class _Device:
         for layer, row in enumerate(self.counts):
             for e in np.nonzero(row)[0]:
                 yield from ((layer, int(e), k) for k in prefill_kinds)
-        for t in range(self.steps):
-            for layer in range(self.experts.shape[1]):
-                for e, h in zip(self.experts[t, layer], self.high[t, layer]):
-                    kinds = slice_kinds(self.sliced, self.fp.nested, bool(h))
-                    yield from ((layer, int(e), k) for k in kinds)
+        _, layers, experts, kinds, _ = self._decode_requests()
+        for layer, e, kind in zip(layers.tolist(), experts.tolist(), kinds.tolist()):
+            yield layer, e, KINDS[kind]
 
     def prefill(self) -> Cost:
         fp, cache = self.fp, self.cache
@@ -138,37 +137,78 @@ class _Device:
         rng = np.random.default_rng([self.cfg.seed, self.s])
         return apply_warmup(self.cfg.policy.warmup, self.cache, self.counts, kind, rng)
 
+    def _decode_requests(self):
+        """The decode requests in order, as arrays: (step, layer, expert, kind code) per
+        request, and the index of each step's last layer-0 request."""
+        steps, layers, k = self.experts.shape
+        high = self.high.ravel()
+        nested_high = high & self.sliced & self.fp.nested
+        if not self.sliced:
+            first = np.full(high.shape, KIND_CODE["FULL"])
+        elif self.fp.nested:
+            first = np.full(high.shape, KIND_CODE["MSB"])
+        else:
+            first = np.where(high, KIND_CODE["FULL"], KIND_CODE["MSB"])
+        n = 1 + nested_high
+        kind = np.repeat(first, n)
+        starts = np.cumsum(n) - n
+        kind[starts[nested_high] + 1] = KIND_CODE["LSB"]
+        call = np.arange(high.size)
+        step, layer, expert = (
+            np.repeat(call // (layers * k), n),
+            np.repeat(call // k % layers, n),
+            np.repeat(self.experts.ravel(), n),
+        )
+        layer0_end = (starts + n - 1).reshape(steps, layers * k)[:, k - 1]
+        return step, layer, expert, kind, layer0_end
+
+    def _hits(self, layer, expert, kind, step, marks):
+        """Hit of every decode request, and resident experts after each mark."""
+        cache = self.cache
+        if cache.trace is None and self.cfg.cache.eviction in FAST_EVICTION:
+            ids = key_ids(layer, expert, kind, cache.resident.shape[1])
+            return replay_requests(cache, ids, marks, self.cfg.cache.eviction)
+        # The reference: one SliceCache request at a time (LFU, Belady, traces).
+        hits = np.zeros(len(kind), dtype=bool)
+        resident = np.zeros(len(marks), dtype=np.int64)
+        names, lsb = [KINDS[c] for c in kind], KIND_CODE["LSB"]
+        m = i = 0
+        while i < len(kind):
+            # One expert call: its requests are consecutive, an LSB right after its MSB.
+            j = i + 2 if i + 1 < len(kind) and kind[i + 1] == lsb else i + 1
+            cache.tag = (self.s, "decode", int(step[i]))
+            hits[i:j] = cache.access(int(layer[i]), int(expert[i]), names[i:j])
+            while m < len(marks) and marks[m] < j:
+                resident[m] = cache.resident.sum()
+                m += 1
+            i = j
+        return hits, resident
+
     def decode(self) -> np.ndarray:
         """COUNTERS of each decode step of this device, [steps, COUNTERS]."""
-        fp, cache, stats = self.fp, self.cache, self.cache.stats
-        cache.counting = True
-        layers = self.experts.shape[1]
-        out = np.zeros((self.steps, len(COUNTERS)))
-        read, missed = np.zeros((self.steps, layers)), np.zeros((self.steps, layers))
-        for t in range(self.steps):
-            cache.tag = (self.s, "decode", t)
-            before = [(stats.requests[k], stats.hits[k]) for k in KINDS], stats.activations
-            for layer in range(layers):
-                for e, h in zip(self.experts[t, layer], self.high[t, layer]):
-                    kinds = slice_kinds(self.sliced, fp.nested, bool(h))
-                    hits = cache.access(layer, int(e), kinds)
-                    missed[t, layer] += sum(fp.sizes[k] for k, hit in zip(kinds, hits) if not hit)
-                    # With lsb_miss=fetch a requested high-bit path is always served.
-                    read[t, layer] += fp.sizes["FULL"] if h or not self.sliced else fp.low_bytes
-                if layer == 0:
-                    out[t, COL["resident_sum"]] = cache.resident.sum()
-            (counts, acts) = before
-            for k, (req, hit) in zip(KINDS, counts):
-                out[t, COL[f"requests_{k}"]] = stats.requests[k] - req
-                out[t, COL[f"misses_{k}"]] = (stats.requests[k] - stats.hits[k]) - (req - hit)
-            out[t, COL["activations"]] = stats.activations - acts
-        k = self.experts.shape[2]
-        high = self.high.sum((1, 2)) if self.sliced else np.full(self.steps, layers * k)
-        out[:, COL["expert_calls"]] = layers * k
-        out[:, COL["highbit_calls"]] = high
+        fp = self.fp
+        self.cache.counting = True
+        steps, layers, k = self.experts.shape
+        step, layer, expert, kind, marks = self._decode_requests()
+        hits, resident = self._hits(layer, expert, kind, step, marks)
+        sizes = np.array([fp.sizes.get(c, 0) for c in KINDS])
+        out = np.zeros((steps, len(COUNTERS)))
+        for code, name in enumerate(KINDS):
+            of_kind = kind == code
+            out[:, COL[f"requests_{name}"]] = np.bincount(step[of_kind], minlength=steps)
+            out[:, COL[f"misses_{name}"]] = np.bincount(step[of_kind & ~hits], minlength=steps)
+        missed = np.bincount(
+            (step * layers + layer)[~hits], sizes[kind][~hits], minlength=steps * layers
+        ).reshape(steps, layers)
+        # With lsb_miss=fetch a requested high-bit path is always served.
+        high = self.high | (not self.sliced)
+        read = np.where(high, fp.sizes["FULL"], fp.low_bytes).sum(2).astype(float)
+        out[:, COL["resident_sum"]] = resident
+        out[:, COL["activations"]] = out[:, COL["expert_calls"]] = layers * k
+        out[:, COL["highbit_calls"]] = high.sum((1, 2))
         out[:, COL["tokens"]] = 1
         hw = self.cfg.hardware
-        ctx = (self.prompt_len + np.arange(self.steps))[:, None]
+        ctx = (self.prompt_len + np.arange(steps))[:, None]
         layer_cost = _charge(hw, decode_bill(fp, k, ctx, read, missed), read.shape)
         head = charge(hw, *head_bill(fp, 1))
         for name in ("ops", "dram_bytes", "flash_bytes", "compute_j", "dram_j", "flash_j"):

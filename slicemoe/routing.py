@@ -60,11 +60,11 @@ class Gate:
 @dataclass(frozen=True)
 class RoutingParams:
     lam: float | torch.Tensor = 0.0  # a [B, 1] tensor gives each row its own strength
-    # The logit range lam multiplies, [B, 1]; None = each token's own max - min logit.
-    spread: torch.Tensor | None = None
     cumsum_p: float = 0.9
     max_rank_keep: int = 1
     max_rank_m: int = 8
+    # The logit range lam multiplies, [B, 1]; None = each token's own max - min logit.
+    spread: torch.Tensor | None = None
 
 
 def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor):

@@ -109,3 +109,16 @@ def test_unknown_policy_names_the_field():
         route("nope", Gate(K), torch.zeros(1, E), torch.zeros(1, E), RoutingParams())
     with pytest.raises(ValueError, match="policy.precision"):
         precision("mid", torch.ones(1, 2), 0.5)
+
+
+def test_the_runtime_passes_every_policy_knob_to_routing():
+    """Each routing parameter reaches the rule under its own name (a positional mix-up once
+    fed cumsum_p to Cache-Prior's logit range)."""
+    from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
+    from slicemoe.models import Shape
+    from slicemoe.models.adapter import Dims, Runtime, footprint
+
+    policy = PolicyConfig(lam=0.3, cumsum_p=0.7, max_rank_keep=2, max_rank_m=5)
+    fp = footprint(Dims(1, 1, 1, 1), Shape(1, 8, 2, 4, 4), BitsConfig(), HardwareConfig())
+    p = Runtime(Gate(2), fp, policy, HardwareConfig()).params
+    assert (p.lam, p.cumsum_p, p.max_rank_keep, p.max_rank_m, p.spread) == (0.3, 0.7, 2, 5, None)

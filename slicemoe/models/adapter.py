@@ -215,7 +215,10 @@ class Runtime:
     def __init__(self, gate: Gate, fp: Footprint, policy: PolicyConfig, hw: HardwareConfig):
         self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
         self.params = RoutingParams(
-            policy.lam, policy.cumsum_p, policy.max_rank_keep, policy.max_rank_m
+            lam=policy.lam,
+            cumsum_p=policy.cumsum_p,
+            max_rank_keep=policy.max_rank_keep,
+            max_rank_m=policy.max_rank_m,
         )
         self.sliced = policy.precision in ("low", "dbsc")
         self.E = fp.shape.num_experts
