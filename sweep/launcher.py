@@ -138,7 +138,10 @@ class Multirun:
             progress.close()
             return {}
         self.tracker.kill_stale({j.key for j in jobs})
-        pool = self._pool(cfg, len(jobs))
+        from sweep.actors import units_of
+
+        # Jobs sharing a request stream run on one actor: size the pool by units.
+        pool = self._pool(cfg, len(units_of(jobs)))
         try:
             return pool.run(jobs, self._start_run, self._lost_run, progress.update)
         except BaseException as err:

@@ -65,7 +65,7 @@ def test_group_values_match_the_issue():
     assert pol.cache.frac == 0.1
     assert schema.run_config(compose_cfg("policy=dbsc_pcw")).policy.warmup == "pcw"
     cp = schema.run_config(compose_cfg("policy=cache_prior_highbit")).policy
-    assert (cp.routing, cp.precision, cp.lam) == ("cache_prior", "high", 0.5)
+    assert (cp.routing, cp.precision, cp.lam) == ("cache_prior", "high", 0.2)
     default = schema.run_config(compose_cfg())
     assert default == replace(RunConfig(), model=default.model)
     assert default.model.path is None and default.eval.task == "arith"
