@@ -10,6 +10,11 @@ measured in the same process (the compiled replay after one warm-up call that co
 
     python benchmarks/replay.py                 # 100k tokens (9.6M requests)
     python benchmarks/replay.py --tokens 5000   # a quick look
+
+Then a whole run's replay at that shape (`slicemoe.replay.replay`: prefill, PCW warmup, decode
+with MAT84 DBSC slices, per-step counters and the hardware bill) of a synthetic request stream of
+`--sequences` devices that decode the same trace in turns, cut into 200-token sequences with
+512-token prompts: the cost of replaying one cache configuration of a GSM8K-sized sweep.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--frac", type=float, default=0.25, help="cache capacity / all experts")
+    ap.add_argument("--sequences", type=int, default=1319, help="devices of the whole-run replay")
     args = ap.parse_args()
     layers, experts = 24, 60
     t0 = time.perf_counter()
@@ -95,6 +101,59 @@ def main():
     print(f"ratio compiled / libCacheSim  : {t_lcs / t_fast:.2f}x throughput")
     if not agree:
         raise SystemExit("hit sequences differ")
+    whole_run(trace, args.sequences)
+
+
+def whole_run(trace: np.ndarray, sequences: int, steps: int = 200, prompt: int = 512):
+    """Time `replay` on a Qwen1.5-MoE-shaped stream built from the synthetic trace."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from slicemoe.config import CacheConfig, ModelConfig, PolicyConfig, RunConfig
+    from slicemoe.models import Shape
+    from slicemoe.models.adapter import Dims
+    from slicemoe.replay import replay
+    from slicemoe.stream import Stream, stream_key
+
+    shape = Shape(24, 60, 4, 2048, 1408)
+    rng = np.random.default_rng(1)
+    n = sequences * steps
+    experts = np.resize(trace, (n, *trace.shape[1:])).astype(np.int16)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {
+            "model_type": "qwen2_moe", "num_hidden_layers": 24, "num_experts": 60,
+            "num_experts_per_tok": 4, "hidden_size": 2048, "moe_intermediate_size": 1408,
+        }  # fmt: skip
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        cfg = RunConfig(
+            model=ModelConfig(name="qwen-shape", path=tmp),
+            cache=CacheConfig(frac=0.25),
+            policy=PolicyConfig(precision="dbsc", warmup="pcw"),
+        )
+        stream = Stream(
+            key=stream_key(cfg),
+            config={},
+            shape=shape,
+            dims=Dims(dense_params=50_000_000, head_params=151_936 * 2048, kv_values=4096,
+                      attn_dim=2048),
+            scores={"accuracy": 0.0},
+            prompt_len=np.full(sequences, prompt, dtype=np.int32),
+            prefill_counts=rng.poisson(30, (sequences, 24, 60)).astype(np.int32),
+            decode_steps=np.full(sequences, steps, dtype=np.int32),
+            experts=experts,
+            high=rng.random(experts.shape) < 0.07,
+        )  # fmt: skip
+        replay_requests(SliceCache(1, {"FULL": 1}, 1, 1), np.array([2]), np.array([0]), "lru")
+        t0 = time.perf_counter()
+        r = replay(stream, cfg)
+        dt = time.perf_counter() - t0
+    calls = experts.size
+    req = calls + int(stream.high.sum())  # an MSB per call, an LSB per high-bit call
+    print(
+        f"whole-run replay: {sequences} sequences x {steps} steps, {req:,} decode slice requests"
+        f" + prefill; miss rate {r['miss_rate']:.4f}; {dt:.2f} s = {req / dt:,.0f} requests/s"
+    )
 
 
 if __name__ == "__main__":

@@ -358,3 +358,33 @@ def test_duration_and_table_format():
     header, row = table.splitlines()
     assert header.split()[:4] == ["run", "status", "accuracy", "perplexity"]
     assert row.split()[:4] == ["a=1", "FINISHED", "0.5", "nan"]
+
+
+def test_report_normalises_per_token_to_the_baseline_at_the_same_model_and_cache():
+    import pandas as pd
+
+    from sweep.report import normalise
+
+    def row(policy, bits, cache, energy, latency, tokens):
+        return dict(
+            status="FINISHED", model="tiny", hardware="h", task="arith", policy=policy,
+            bits=bits, cache=cache, energy_decode_j_per_token=energy / tokens,
+            latency_decode_s_per_token=latency / tokens,
+        )  # fmt: skip
+
+    df = pd.DataFrame(
+        [
+            row("cache_prior_highbit", "mat84", "frac_25", 4.0, 2.0, 100),
+            row("cache_prior_highbit", "mat84", "frac_50", 3.0, 1.0, 100),
+            row("dbsc", "mat42", "frac_25", 2.0, 2.0, 200),  # twice the tokens of the baseline
+            row("dbsc", "mat84", "frac_50", 1.5, 1.0, 100),
+        ]
+    )
+    out = normalise(df).set_index(["policy", "bits", "cache"])
+    assert out.loc[("dbsc", "mat42", "frac_25"), "energy_norm"] == pytest.approx(0.25)
+    assert out.loc[("dbsc", "mat42", "frac_25"), "latency_norm"] == pytest.approx(0.5)
+    assert out.loc[("dbsc", "mat84", "frac_50"), "energy_norm"] == pytest.approx(0.5)
+    # With the baseline at two bit widths, a run is compared with the one at its own bits.
+    two = pd.concat([df, pd.DataFrame([row("cache_prior_highbit", "mat42", "frac_25", 8, 8, 100)])])
+    out = normalise(two).set_index(["policy", "bits", "cache"])
+    assert out.loc[("dbsc", "mat42", "frac_25"), "energy_norm"] == pytest.approx(0.125)
