@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -346,5 +347,8 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         reference_bytes(loaded.shape.expert_params),
     )
     result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
+    if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
+        stream = sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
+        result["stream_path"] = str(stream.save(Path(result["trace_path"]).with_suffix(".npz")))
     result["wall_s"] = time.time() - t0
     return result

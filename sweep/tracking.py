@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sweep.errors import SweepError  # noqa: E402
 from sweep.jobs import RESULT_METRICS, Job, Outcome  # noqa: E402
 
-NON_SCALAR = ("curves", "trace_path")
+NON_SCALAR = ("curves", "trace_path", "stream_path")
 STREAM_ARTIFACT = "requests.npz"
 # MLflow's log_batch accepts at most 1000 metrics per call.
 BATCH = 1000
@@ -212,6 +212,9 @@ class Tracker:
         trace = result.get("trace_path")
         if trace and Path(trace).is_file():
             self._log_as(run_id, Path(trace), "trace.parquet")
+        stream = result.get("stream_path")
+        if stream and Path(stream).is_file():
+            self._log_as(run_id, Path(stream), STREAM_ARTIFACT)
         return scalars
 
     def store_stream(self, run_id: str, path: Path, stream_key: str) -> None:
