@@ -61,7 +61,10 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["sweep_id"] == parent.data.tags["sweep_id"]
-        assert tags["run_key"] and tags["git_commit"] and tags["host"] and tags["device"] == "cpu"
+        assert tags["run_key"] and tags["git_commit"] and tags["host"]
+        # The model ran (on the CPU) for runs in the loop and for a stream's recording run.
+        if "replayed_from" not in tags or tags.get("stream_source") == "recorded":
+            assert tags["device"] == "cpu"
         assert set(RESULT_METRICS) <= set(run.data.metrics)
         assert run.data.params["model.name"] == "tiny"
         names.add(tags["mlflow.runName"])

@@ -60,7 +60,7 @@ def test_replayed_sweep_equals_the_in_loop_sweep_and_later_sweeps_reuse_streams(
         tmp_path,
     )  # fmt: skip
     assert later.returncode == 0, later.stderr[-3000:]
-    assert "2 to run, 4 finished already" in later.stderr
+    assert "2 to run, 4 finished already" in later.stdout + later.stderr
     new = {n: r for n, r in runs_by_name(tmp_path, "replayed").items() if "frac_50" in n}
     assert len(new) == 2
     sources = sorted(r.data.tags.get("stream_source", "") for r in new.values())
