@@ -78,13 +78,18 @@ def execute_group(
     key = jobs[0].stream_key
     try:
         stream, recorded = _stream(runner, models, jobs[0], run_ids[0], tracker, reuse_streams)
-        if recorded and mrc_points:
-            _log_miss_ratio_curve(runner, stream, jobs[0].config, run_ids[0], tracker, mrc_points)
     except Exception:
         error = traceback.format_exc()
         for run_id in run_ids:
             tracker.log_failure(run_id, error)
         return [Outcome("FAILED", {}, run_id=r, error=last_line(error)) for r in run_ids]
+
+    if recorded and mrc_points and callable(getattr(runner, "miss_ratio_curve", None)):
+        try:
+            _log_miss_ratio_curve(runner, stream, jobs[0].config, run_ids[0], tracker, mrc_points)
+        except Exception:  # an extra figure: its failure must not cost the runs
+            error = last_line(traceback.format_exc())
+            tracker.client.set_tag(run_ids[0], "miss_ratio_curve_error", error[:5000])
 
     def replay(cfg):
         return runner.replay(stream, cfg)

@@ -81,6 +81,30 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
 
 
 @pytest.mark.slow
+def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path):
+    """Three jobs share one stream: the actor records it, replays frac_10, then dies replaying
+    frac_25. frac_10 stays FINISHED; the rest is dispatched again and replays the stored stream
+    without another model pass."""
+    args = [
+        "-m",
+        "sweep.runner=tests.replay_runner",
+        f"mlflow.experiment={EXP}",
+        "cache=frac_10,frac_25,frac_50",
+    ]
+    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    children = search(uri(tmp_path), EXP, "tags.role = 'run'")
+    # KILLED: the attempt at frac_25 and the not yet started frac_50 of the lost unit.
+    assert Counter(r.info.status for r in children) == {"FINISHED": 3, "KILLED": 2}
+    assert all(r.data.tags.get("replayed_from") for r in children if r.info.status == "FINISHED")
+    log = calls(tmp_path)
+    assert sum(line.startswith("record ") for line in log) == 1
+    assert sum(line.startswith("replay frac=0.1 ") for line in log) == 1
+    assert sum(line.startswith("replay frac=0.25 ") for line in log) == 2
+    assert len(finished_keys(tmp_path)) == 3
+
+
+@pytest.mark.slow
 def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp_path):
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2,3,4,5,6,7"]
     env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "2"}
