@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KINDS = ("MSB", "LSB", "FULL")
+KIND_CODE = {k: i for i, k in enumerate(KINDS)}  # MSB 0, LSB 1, FULL 2 (array form)
 Key = tuple  # (layer, expert, kind)
 
 

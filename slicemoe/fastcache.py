@@ -14,10 +14,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from slicemoe.cache import KINDS, SliceCache
+from slicemoe.cache import KIND_CODE, KINDS, SliceCache
 
-KIND_CODE = {k: i for i, k in enumerate(KINDS)}  # MSB 0, LSB 1, FULL 2
-LSB = KIND_CODE["LSB"]
 FAST_EVICTION = ("lru", "fifo")
 
 

@@ -15,9 +15,8 @@ import time
 
 import numpy as np
 
-from slicemoe.cache import KINDS, SliceCache
+from slicemoe.cache import KIND_CODE, KINDS, SliceCache
 from slicemoe.config import RunConfig
-from slicemoe.fastcache import FAST_EVICTION, KIND_CODE, key_ids, replay_requests
 from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COL, COUNTERS, assemble
 from slicemoe.models.adapter import (
@@ -164,6 +163,9 @@ class _Device:
 
     def _hits(self, layer, expert, kind, step, marks):
         """Hit of every decode request, and resident experts after each mark."""
+        # Imported here: numba is only needed to replay, not to run a model (GPU machines).
+        from slicemoe.fastcache import FAST_EVICTION, key_ids, replay_requests
+
         cache = self.cache
         if cache.trace is None and self.cfg.cache.eviction in FAST_EVICTION:
             ids = key_ids(layer, expert, kind, cache.resident.shape[1])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicemoe.cache import KINDS, SliceCache
-from slicemoe.fastcache import KIND_CODE, key_ids, replay_requests
+from slicemoe.cache import KIND_CODE, KINDS, SliceCache
+from slicemoe.fastcache import key_ids, replay_requests
 from slicemoe.warmup import apply_warmup
 
 LAYERS, EXPERTS = 4, 12
