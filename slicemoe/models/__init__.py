@@ -37,10 +37,11 @@ def gate_rule(config) -> Gate:
         )
     if t == "mixtral":
         return Gate(k, "softmax", norm_topk=True)
-    if t in ("qwen2_moe", "olmoe"):
+    if t in ("qwen2_moe", "qwen3_moe", "olmoe"):
         return Gate(k, "softmax", norm_topk=bool(getattr(config, "norm_topk_prob", False)))
     raise ValueError(
-        f"model type {t!r} has no gating rule; supported: qwen2_moe, olmoe, mixtral, deepseek_v2"
+        f"model type {t!r} has no gating rule; supported: qwen2_moe, qwen3_moe, olmoe, mixtral, "
+        "deepseek_v2"
     )
 
 
