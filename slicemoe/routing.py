@@ -35,17 +35,23 @@ class Gate:
     scale: float = 1.0  # DeepSeek's routed_scaling_factor
     n_group: int = 1  # DeepSeek group-limited greedy: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
+    # A group's score: its best expert (DeepSeek-V2) or the sum of its best two (DeepSeek-V3).
+    group_score: str = "max"  # max | top2
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
 
-    def allowed(self, probs: torch.Tensor) -> torch.Tensor | None:
+    def allowed(self, choice: torch.Tensor) -> torch.Tensor | None:
         """Mask of experts in the selected groups (None when routing is not group limited)."""
         if self.n_group <= 1 or self.topk_group >= self.n_group:
             return None
-        b, e = probs.shape
-        group_score = probs.view(b, self.n_group, -1).amax(-1)
+        b, e = choice.shape
+        grouped = choice.view(b, self.n_group, -1)
+        if self.group_score == "top2":
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_score = grouped.amax(-1)
         top = group_score.topk(self.topk_group, dim=-1).indices
         gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top, True)
         return gmask.repeat_interleave(e // self.n_group, dim=1)
@@ -65,12 +71,23 @@ class RoutingParams:
     max_rank_m: int = 8
     # The logit range lam multiplies, [B, 1]; None = each token's own max - min logit.
     spread: torch.Tensor | None = None
+    # DeepSeek-V3's score-correction bias, [E]: added to the scores to *choose* experts, never
+    # to weight them. None for families without one.
+    bias: torch.Tensor | None = None
 
 
-def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor):
-    # Priorities are small integers; adding probabilities in [0, 1) breaks ties by rank.
-    key = priority.float() * 2.0 + probs
-    allowed = gate.allowed(probs)
+def _choice(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
+    """What experts are chosen by: the scores, plus the selection-only bias where one exists."""
+    return probs if p.bias is None else probs + p.bias.float()
+
+
+def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor, p: RoutingParams):
+    choice = _choice(probs, p)
+    # Priorities are small integers; a step wider than the choice scores' range keeps them
+    # apart, and the scores break ties by rank.
+    span = choice.amax(-1, keepdim=True) - choice.amin(-1, keepdim=True) + 1.0
+    key = priority.float() * span + choice
+    allowed = gate.allowed(choice)
     if allowed is not None:
         key = key.masked_fill(~allowed, float("-inf"))
     idx = key.topk(gate.top_k, dim=-1).indices
@@ -86,7 +103,7 @@ def _ranks(probs: torch.Tensor) -> torch.Tensor:
 
 def topk(gate: Gate, logits, cached, p: RoutingParams):
     probs = gate.probs(logits)
-    return _select(gate, probs, torch.zeros_like(probs))
+    return _select(gate, probs, torch.zeros_like(probs), p)
 
 
 def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
@@ -94,7 +111,7 @@ def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
     spread = p.spread
     if spread is None:
         spread = logits.amax(-1, keepdim=True) - logits.amin(-1, keepdim=True)
-    boosted = gate.probs(logits + p.lam * spread * cached.float())
+    boosted = _choice(gate.probs(logits + p.lam * spread * cached.float()), p)
     allowed = gate.allowed(boosted)
     if allowed is not None:
         boosted = boosted.masked_fill(~allowed, float("-inf"))
@@ -111,15 +128,15 @@ def cumsum(gate: Gate, logits, cached, p: RoutingParams):
     )
     cand = torch.zeros_like(cand_sorted).scatter_(-1, order, cand_sorted)
     priority = cand.long() + (cand & cached).long()
-    return _select(gate, probs, priority)
+    return _select(gate, probs, priority, p)
 
 
 def max_rank(gate: Gate, logits, cached, p: RoutingParams):
     probs = gate.probs(logits)
-    rank = _ranks(probs)
+    rank = _ranks(_choice(probs, p))
     keep = rank < p.max_rank_keep
     fill = cached & (rank < p.max_rank_m)
-    return _select(gate, probs, 2 * keep.long() + fill.long())
+    return _select(gate, probs, 2 * keep.long() + fill.long(), p)
 
 
 ROUTING: dict[str, Callable] = {

@@ -45,6 +45,14 @@ FAMILIES = {
              n_group=4, topk_group=2, routed_scaling_factor=2.5, num_hidden_layers=3,
              num_key_value_heads=4),
     ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+             num_key_value_heads=4),
+    ),
 }  # fmt: skip
 
 
@@ -54,6 +62,10 @@ def tiny(family: str):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     blocks = moe_blocks(model)
+    for block in blocks:
+        bias = getattr(block.gate, "e_score_correction_bias", None)
+        if bias is not None:  # a selection-only bias that changes which experts win
+            bias.copy_(0.3 * torch.randn(bias.shape))
     shape = Shape(
         len(blocks),
         blocks[0].experts.gate_up_proj.shape[0],
@@ -110,8 +122,8 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
     cfg = RunConfig(
         model=ModelConfig(name=family, path="random"),
         bits=BitsConfig(group=8),
-        cache=CacheConfig(frac=0.3),
-        policy=PolicyConfig(routing="cache_prior", lam=0.3, precision="dbsc", warmup="pcw"),
+        cache=CacheConfig(frac=0.15),
+        policy=PolicyConfig(routing="cache_prior", lam=0.1, precision="dbsc", warmup="pcw"),
     )
     quantize_model(model, cfg.bits)
     loaded = Loaded(load_key(cfg), model, SimpleNamespace(pad_token_id=0), shape, "cpu")

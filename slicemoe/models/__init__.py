@@ -35,13 +35,25 @@ def gate_rule(config) -> Gate:
             n_group=int(config.n_group) if grouped else 1,
             topk_group=int(config.topk_group) if grouped else 1,
         )
+    if t == "deepseek_v3":
+        # Sigmoid scores; a score-correction bias (per layer, passed with each call) picks the
+        # experts and the groups (best two per group summed), the bare scores weight them.
+        return Gate(
+            k,
+            "sigmoid",
+            norm_topk=bool(config.norm_topk_prob),
+            scale=float(config.routed_scaling_factor),
+            n_group=int(config.n_group),
+            topk_group=int(config.topk_group),
+            group_score="top2",
+        )
     if t == "mixtral":
         return Gate(k, "softmax", norm_topk=True)
     if t in ("qwen2_moe", "qwen3_moe", "olmoe"):
         return Gate(k, "softmax", norm_topk=bool(getattr(config, "norm_topk_prob", False)))
     raise ValueError(
         f"model type {t!r} has no gating rule; supported: qwen2_moe, qwen3_moe, olmoe, mixtral, "
-        "deepseek_v2"
+        "deepseek_v2, deepseek_v3"
     )
 
 
@@ -80,7 +92,9 @@ def read_shape(path: str | None) -> Shape:
     n_layers = c["num_hidden_layers"]
     experts = c.get("num_experts", c.get("num_local_experts", c.get("n_routed_experts")))
     inter = c.get("moe_intermediate_size", c.get("intermediate_size"))
-    dense = c.get("first_k_dense_replace", 0) if c.get("model_type") == "deepseek_v2" else 0
+    dense = (
+        c.get("first_k_dense_replace", 0) if c.get("model_type", "").startswith("deepseek") else 0
+    )
     step = c.get("decoder_sparse_step", 1) or 1
     sparse = [i for i in range(dense, n_layers) if (i + 1) % step == 0]
     sparse = [i for i in sparse if i not in set(c.get("mlp_only_layers", []))]

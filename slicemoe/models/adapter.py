@@ -276,18 +276,18 @@ class Runtime:
         """Slices read from Flash into DRAM outside any layer's compute (warmup fills)."""
         self._charge(np.zeros(len(flash_bytes)), flash_bytes, flash_bytes)
 
-    def route(self, layer: int, logits: torch.Tensor):
-        """Choose experts and precision for one MoE layer; returns (weights, virtual idx)."""
+    def route(self, layer: int, logits: torch.Tensor, bias: torch.Tensor | None = None):
+        """Choose experts and precision for one MoE layer; returns (weights, virtual idx).
+        `bias`: the router's selection-only score correction (DeepSeek-V3), if it has one."""
         if self.phase == "prefill":
-            return self._prefill(layer, logits)
-        return self._decode(layer, logits)
+            return self._prefill(layer, logits, bias)
+        return self._decode(layer, logits, bias)
 
-    def _prefill(self, layer, logits):
+    def _prefill(self, layer, logits, bias):
         b, s = self.valid.shape
         # The model's own routing: top-k with no regard for the cache.
-        idx, w = route(
-            "topk", self.gate, logits, torch.zeros_like(logits, dtype=torch.bool), self.params
-        )
+        no_cache = torch.zeros_like(logits, dtype=torch.bool)
+        idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
         onehot = torch.zeros(b * s, self.E, dtype=torch.int64).scatter_(1, idx.cpu(), 1)
         counts = (onehot.view(b, s, self.E) * self.valid.view(b, s, 1)).sum(1).numpy()
         kinds = self.kinds(high=True)
@@ -308,24 +308,23 @@ class Runtime:
         self._charge(ops, dram, flash)
         return w.to(logits.dtype), idx
 
-    def _params(self, layer, logits) -> RoutingParams:
+    def _params(self, layer, logits, bias) -> RoutingParams:
         """This step's routing parameters, one lam (and logit range) per row."""
         lam = torch.tensor([[st.lam] for st in self.seqs], device=logits.device)
         if self.policy.lam_scale != "running":
-            return replace(self.params, lam=lam)
+            return replace(self.params, lam=lam, bias=bias)
         spread = (logits.amax(-1) - logits.amin(-1)).float().cpu().numpy()
         for row, st in enumerate(self.seqs):
             if self.active[row]:
                 st.range_sum[layer] += spread[row]
                 st.range_n[layer] += 1
         mean = [st.range_sum[layer] / max(st.range_n[layer], 1) for st in self.seqs]
-        return replace(
-            self.params, lam=lam, spread=torch.tensor(mean, device=logits.device).view(-1, 1)
-        )
+        spread = torch.tensor(mean, device=logits.device).view(-1, 1)
+        return replace(self.params, lam=lam, spread=spread, bias=bias)
 
-    def _decode(self, layer, logits):
+    def _decode(self, layer, logits, bias):
         cached = np.stack([st.cache.resident[layer] for st in self.seqs])
-        params = self._params(layer, logits)
+        params = self._params(layer, logits, bias)
         idx, w = route(self.policy.routing, self.gate, logits, torch.from_numpy(cached), params)
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
         idx_np = idx.cpu().numpy()
@@ -397,7 +396,8 @@ def install(model, runtime: Runtime) -> None:
 
 def _routed_forward(self, hidden_states):
     logits = super(type(self), self).forward(hidden_states)[0]
-    weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits)
+    bias = getattr(self, "e_score_correction_bias", None)
+    weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits, bias)
     return logits, weights, idx
 
 
