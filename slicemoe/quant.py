@@ -114,23 +114,27 @@ def tensor_bytes(n_params: int, bits: int, group: int, symmetric: bool) -> int:
     return -(-(n_params * bits + meta_bits) // 8)
 
 
-def slice_bytes(n_params: int, high: int | None, low: int | None, group: int, symmetric: bool):
-    """Bytes of the slices of one expert holding `n_params` weights (high=None: fp16 experts).
+def slice_bytes(
+    n_params: int, high: int | None, low: int | None, group: int, symmetric: bool, fp16: int = 0
+):
+    """Bytes of the slices of one expert holding `n_params` weights (high=None: fp16 experts),
+    plus `fp16` parameters (biases) kept at 16 bits in every slice that computes (MSB, FULL).
 
     Returns {"FULL": high-bit bytes, "MSB": low slice with its metadata, "LSB": the remaining
     bits}. The LSB slice carries no metadata of its own: the high path uses the high-bit scale
     and zero-point, which are the MSB slice's scale / 2^shift and a zero-point whose low bits
     ride in the LSB slice (one extra (h-l)-bit value per group for asymmetric quantizers).
     """
+    extra = 2 * fp16
     if high is None:
-        return {"FULL": 2 * n_params, "MSB": 2 * n_params, "LSB": 0}
-    full = tensor_bytes(n_params, high, group, symmetric)
+        return {"FULL": 2 * n_params + extra, "MSB": 2 * n_params + extra, "LSB": 0}
+    full = tensor_bytes(n_params, high, group, symmetric) + extra
     if low is None:
         return {"FULL": full, "MSB": full, "LSB": 0}
     groups = n_params // group
     lsb_bits = n_params * (high - low) + (0 if symmetric else groups * (high - low))
     return {
         "FULL": full,
-        "MSB": tensor_bytes(n_params, low, group, symmetric),
+        "MSB": tensor_bytes(n_params, low, group, symmetric) + extra,
         "LSB": -(-lsb_bits // 8),
     }

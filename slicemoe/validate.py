@@ -137,7 +137,7 @@ def get_task_or_error(name: str):
 
 def expert_sizes(cfg: RunConfig, shape: Shape) -> dict:
     b = cfg.bits
-    return slice_bytes(shape.expert_params, b.high, b.low, b.group, b.symmetric)
+    return slice_bytes(shape.expert_params, b.high, b.low, b.group, b.symmetric, shape.expert_bias)
 
 
 def capacity_bytes(cfg: RunConfig, shape: Shape) -> int:

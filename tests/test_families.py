@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from slicemoe.config import BitsConfig, CacheConfig, ModelConfig, PolicyConfig, RunConfig
-from slicemoe.models import Shape, moe_blocks
+from slicemoe.models import moe_blocks, router_of
 from slicemoe.models.adapter import quantize_model
 from slicemoe.run import Loaded, _Simulator, load_key
 
@@ -53,6 +53,11 @@ FAMILIES = {
              routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
              num_key_value_heads=4),
     ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8,
+             sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    ),
 }  # fmt: skip
 
 
@@ -62,18 +67,28 @@ def tiny(family: str):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     blocks = moe_blocks(model)
-    for block in blocks:
-        bias = getattr(block.gate, "e_score_correction_bias", None)
-        if bias is not None:  # a selection-only bias that changes which experts win
-            bias.copy_(0.3 * torch.randn(bias.shape))
-    shape = Shape(
-        len(blocks),
-        blocks[0].experts.gate_up_proj.shape[0],
-        config.num_experts_per_tok,
-        config.hidden_size,
-        blocks[0].experts.down_proj.shape[-1],
-    )
-    return model, shape
+    with torch.no_grad():
+        for block in blocks:
+            # Nonzero biases, so that selection-only biases change which experts win and expert
+            # biases change the outputs (some families initialise them to zero).
+            for module, name in ((router_of(block), "e_score_correction_bias"),
+                                 (router_of(block), "bias"), (block.experts, "gate_up_proj_bias"),
+                                 (block.experts, "down_proj_bias")):  # fmt: skip
+                bias = getattr(module, name, None)
+                if isinstance(bias, torch.Tensor):
+                    bias.copy_(0.3 * torch.randn(bias.shape))
+    return model, read_shape_of(config)
+
+
+def read_shape_of(config):
+    """The shape as `read_shape` gives it from the model's config.json."""
+    import tempfile
+
+    from slicemoe.models import read_shape
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        return read_shape(tmp)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -104,12 +119,16 @@ def test_full_precision_scores_equal_plain_transformers(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_shape_from_config_json_alone(family, tmp_path):
-    from slicemoe.models import read_shape
-
+def test_shape_from_config_json_alone_matches_the_model(family):
     model, shape = tiny(family)
-    model.config.save_pretrained(tmp_path)
-    assert read_shape(str(tmp_path)) == shape
+    blocks = moe_blocks(model)
+    ex = blocks[0].experts
+    assert shape.num_moe_layers == len(blocks)
+    assert shape.num_experts == ex.gate_up_proj.shape[0]
+    assert shape.expert_params == ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
+    biases = [getattr(ex, n)[0].numel() for n in ("gate_up_proj_bias", "down_proj_bias")
+              if hasattr(ex, n)]  # fmt: skip
+    assert shape.expert_bias == sum(biases)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -119,3 +119,15 @@ def test_symmetric_slices_carry_no_zero_point():
     assert slice_bytes(64, 8, None, 32, symmetric=False) == {"FULL": 70, "MSB": 70, "LSB": 0}
     # Unquantized experts are stored in fp16 whatever the compute dtype.
     assert slice_bytes(64, None, None, 32, symmetric=False) == {"FULL": 128, "MSB": 128, "LSB": 0}
+
+
+def test_expert_biases_ride_at_16_bits_in_every_computing_slice():
+    """gpt-oss-20b's expert shape (hidden 2880, width 2880): 3 x 2880 x 2880 weights plus 2 x
+    2880 + 2880 bias values. By hand, MAT84 asymmetric, group 32:
+    FULL = n + n/32 x 3 bytes (fp16 scale, 8-bit zero-point) + 2 x 8640 bias bytes,
+    MSB  = n/2 + n/32 x 2.5 bytes + 17,280, LSB = n/2 + n/32 x 0.5 bytes (no biases)."""
+    n, biases = 3 * 2880 * 2880, 2 * 2880 + 2880
+    sizes = slice_bytes(n, 8, 4, 32, False, fp16=biases)
+    assert sizes == {"FULL": 27_233_280, "MSB": 14_402_880, "LSB": 12_830_400}
+    assert sizes["MSB"] + sizes["LSB"] == sizes["FULL"]
+    assert slice_bytes(n, None, None, 32, False, fp16=biases)["FULL"] == 2 * (n + biases)

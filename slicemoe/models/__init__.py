@@ -47,14 +47,23 @@ def gate_rule(config) -> Gate:
             topk_group=int(config.topk_group),
             group_score="top2",
         )
+    if t == "gpt_oss":
+        # Top-k of the (biased) router logits, softmax over the chosen k: the same as softmax
+        # over all experts renormalised over the chosen ones.
+        return Gate(k, "softmax", norm_topk=True)
     if t == "mixtral":
         return Gate(k, "softmax", norm_topk=True)
     if t in ("qwen2_moe", "qwen3_moe", "olmoe"):
         return Gate(k, "softmax", norm_topk=bool(getattr(config, "norm_topk_prob", False)))
     raise ValueError(
         f"model type {t!r} has no gating rule; supported: qwen2_moe, qwen3_moe, olmoe, mixtral, "
-        "deepseek_v2, deepseek_v3"
+        "deepseek_v2, deepseek_v3, gpt_oss"
     )
+
+
+def router_of(block):
+    """A sparse block's router: `gate` in most families, `router` in gpt-oss."""
+    return block.gate if hasattr(block, "gate") else block.router
 
 
 def moe_blocks(model) -> list:
@@ -62,8 +71,13 @@ def moe_blocks(model) -> list:
     return [
         m
         for m in model.modules()
-        if hasattr(m, "gate") and hasattr(getattr(m, "experts", None), "gate_up_proj")
+        if (hasattr(m, "gate") or hasattr(m, "router"))
+        and hasattr(getattr(m, "experts", None), "gate_up_proj")
     ]
+
+
+# Families whose fused expert tensors are stored (E, in, out) rather than (E, out, in).
+IN_OUT_EXPERTS = {"gpt_oss"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,8 @@ class Shape:
     top_k: int
     hidden: int
     moe_intermediate: int
+    # Per-expert parameters kept at 16 bits next to the quantized weights (gpt-oss's biases).
+    expert_bias: int = 0
 
     @property
     def expert_params(self) -> int:
@@ -98,4 +114,5 @@ def read_shape(path: str | None) -> Shape:
     step = c.get("decoder_sparse_step", 1) or 1
     sparse = [i for i in range(dense, n_layers) if (i + 1) % step == 0]
     sparse = [i for i in sparse if i not in set(c.get("mlp_only_layers", []))]
-    return Shape(len(sparse), experts, c["num_experts_per_tok"], c["hidden_size"], inter)
+    bias = 2 * inter + c["hidden_size"] if c.get("model_type") == "gpt_oss" else 0
+    return Shape(len(sparse), experts, c["num_experts_per_tok"], c["hidden_size"], inter, bias)

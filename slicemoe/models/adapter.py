@@ -25,14 +25,20 @@ from slicemoe import quant
 from slicemoe.cache import SliceCache
 from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
 from slicemoe.hardware import Cost, charge
-from slicemoe.models import Shape, moe_blocks
+from slicemoe.models import IN_OUT_EXPERTS, Shape, moe_blocks, router_of
 from slicemoe.routing import Gate, RoutingParams, precision, route
+
+EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")  # gpt-oss
 
 # --- quantization of a loaded model ---------------------------------------------------------
 
 
-def _qdq(w: torch.Tensor, bits: BitsConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized (high path, low path) weights of one fused expert tensor."""
+def _qdq(w: torch.Tensor, bits: BitsConfig, in_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized (high path, low path) weights of one fused expert tensor; `in_out`: stored
+    (E, in, out), so it is quantized along its middle (input) dimension."""
+    if in_out:
+        high, low = _qdq(w.transpose(-1, -2), bits, False)
+        return high.transpose(-1, -2).contiguous(), low.transpose(-1, -2).contiguous()
     qt = quant.quantize(w, bits.high, bits.group, bits.symmetric)
     high = qt.dequantize(w.dtype)
     if bits.low is None:
@@ -48,19 +54,24 @@ def quantize_model(model, bits: BitsConfig) -> None:
     are what the cache policies study, so they should not move with the expert precision.
     """
     blocks = moe_blocks(model)
+    in_out = model.config.model_type in IN_OUT_EXPERTS
     for block in blocks:
         ex = block.experts
         e = ex.gate_up_proj.shape[0]
         if bits.high is None:  # unquantized experts: the low path is the high path
             pairs = [(p.data, p.data) for p in (ex.gate_up_proj, ex.down_proj)]
         else:
-            pairs = [_qdq(p.data, bits) for p in (ex.gate_up_proj, ex.down_proj)]
+            pairs = [_qdq(p.data, bits, in_out) for p in (ex.gate_up_proj, ex.down_proj)]
         ex.gate_up_proj = torch.nn.Parameter(torch.cat(pairs[0]), requires_grad=False)
         ex.down_proj = torch.nn.Parameter(torch.cat(pairs[1]), requires_grad=False)
+        for name in EXPERT_BIASES:  # kept as loaded, for both paths
+            if hasattr(ex, name):
+                b = getattr(ex, name).data
+                setattr(ex, name, torch.nn.Parameter(torch.cat([b, b]), requires_grad=False))
         ex.num_experts = 2 * e
     if bits.nonexpert_bits is None:
         return
-    routers = {id(b.gate.weight) for b in blocks}
+    routers = {id(router_of(b).weight) for b in blocks}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in routers:
             w = module.weight.data
@@ -108,7 +119,10 @@ def model_dims(model) -> Dims:
     total = sum(p.numel() for p in model.parameters())
     # The routed experts' tensors (after quantize_model, both paths) are not dense weights.
     experts = sum(
-        b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in moe_blocks(model)
+        getattr(b.experts, name).numel()
+        for b in moe_blocks(model)
+        for name in ("gate_up_proj", "down_proj", *EXPERT_BIASES)
+        if hasattr(b.experts, name)
     )
     head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -127,7 +141,9 @@ def model_dims(model) -> Dims:
 
 
 def footprint(dims: Dims, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Footprint:
-    sizes = quant.slice_bytes(shape.expert_params, bits.high, bits.low, bits.group, bits.symmetric)
+    sizes = quant.slice_bytes(
+        shape.expert_params, bits.high, bits.low, bits.group, bits.symmetric, shape.expert_bias
+    )
     dense_w = (bits.nonexpert_bits or 16) / 8
     fp16 = hw.fp16_op_cost
     return Footprint(
@@ -384,7 +400,7 @@ class Runtime:
 def install(model, runtime: Runtime) -> None:
     """Swap each block's router class for one that defers to the runtime."""
     for layer, block in enumerate(moe_blocks(model)):
-        gate = block.gate
+        gate = router_of(block)
         base = type(gate)
         if not getattr(base, "_slicemoe", False):
             gate.__class__ = type(
