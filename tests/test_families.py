@@ -58,6 +58,23 @@ FAMILIES = {
         dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8,
              sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3, head_dim=8),
+    ),
+    "dots1": (
+        "Dots1Config",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3, head_dim=8),
+    ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0),
+    ),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
 }  # fmt: skip
 
 
@@ -153,3 +170,12 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
     assert np.isfinite(rows).all() and rows[:, COL["tokens"]].sum() == 2 * 7
     assert rows[:, COL["requests_LSB"]].sum() > 0 and rows[:, COL["misses_MSB"]].sum() > 0
     assert 0 < rows[:, COL["highbit_calls"]].sum() < rows[:, COL["expert_calls"]].sum()
+
+
+def test_a_refused_family_says_why():
+    from slicemoe.models import gate_rule
+
+    with pytest.raises(ValueError, match="minimax.*cache of their own"):
+        gate_rule(SimpleNamespace(model_type="minimax", num_experts_per_tok=2))
+    with pytest.raises(ValueError, match="has no gating rule; supported: qwen2_moe"):
+        gate_rule(SimpleNamespace(model_type="phimoe", num_experts_per_tok=2))

@@ -21,6 +21,17 @@ def resolve_path(path: str | None) -> str:
     return str(TINY_PATH) if path in (None, "", "tiny") else str(path)
 
 
+SUPPORTED = (
+    "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "mixtral", "granitemoe",
+    "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "gpt_oss",
+)  # fmt: skip
+# Checked and refused, with the reason.
+REFUSED = {
+    "minimax": "its lightning-attention layers keep a cache of their own, which the simulator's "
+    "batched prefill/decode (a transformers DynamicCache) cannot drive",
+}
+
+
 def gate_rule(config) -> Gate:
     """The model's own scoring, normalisation and scaling, by family (FACTS.md)."""
     t = config.model_type
@@ -35,7 +46,7 @@ def gate_rule(config) -> Gate:
             n_group=int(config.n_group) if grouped else 1,
             topk_group=int(config.topk_group) if grouped else 1,
         )
-    if t == "deepseek_v3":
+    if t in ("deepseek_v3", "glm4_moe", "dots1"):
         # Sigmoid scores; a score-correction bias (per layer, passed with each call) picks the
         # experts and the groups (best two per group summed), the bare scores weight them.
         return Gate(
@@ -51,14 +62,13 @@ def gate_rule(config) -> Gate:
         # Top-k of the (biased) router logits, softmax over the chosen k: the same as softmax
         # over all experts renormalised over the chosen ones.
         return Gate(k, "softmax", norm_topk=True)
-    if t == "mixtral":
+    if t in REFUSED:
+        raise ValueError(f"model type {t!r} is not supported: {REFUSED[t]}")
+    if t in ("mixtral", "granitemoe"):
         return Gate(k, "softmax", norm_topk=True)
-    if t in ("qwen2_moe", "qwen3_moe", "olmoe"):
+    if t in ("qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo"):
         return Gate(k, "softmax", norm_topk=bool(getattr(config, "norm_topk_prob", False)))
-    raise ValueError(
-        f"model type {t!r} has no gating rule; supported: qwen2_moe, qwen3_moe, olmoe, mixtral, "
-        "deepseek_v2, deepseek_v3, gpt_oss"
-    )
+    raise ValueError(f"model type {t!r} has no gating rule; supported: {', '.join(SUPPORTED)}")
 
 
 def router_of(block):
@@ -108,9 +118,7 @@ def read_shape(path: str | None) -> Shape:
     n_layers = c["num_hidden_layers"]
     experts = c.get("num_experts", c.get("num_local_experts", c.get("n_routed_experts")))
     inter = c.get("moe_intermediate_size", c.get("intermediate_size"))
-    dense = (
-        c.get("first_k_dense_replace", 0) if c.get("model_type", "").startswith("deepseek") else 0
-    )
+    dense = c.get("first_k_dense_replace", 0)  # DeepSeek, GLM-4.5, dots.llm1: dense first
     step = c.get("decoder_sparse_step", 1) or 1
     sparse = [i for i in range(dense, n_layers) if (i + 1) % step == 0]
     sparse = [i for i in sparse if i not in set(c.get("mlp_only_layers", []))]
