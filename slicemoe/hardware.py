@@ -39,6 +39,10 @@ class Cost:
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    def total(self) -> Cost:
+        """One cost from one whose fields are arrays (a row, or a layer step, per entry)."""
+        return Cost(*(float(np.sum(getattr(self, f.name))) for f in fields(self)))
+
 
 def charge(hw: HardwareConfig, ops: float, dram_bytes: float, flash_bytes: float) -> Cost:
     """Cost of one layer step that does `ops` operations and moves the given bytes.

@@ -19,6 +19,8 @@ import numpy as np
 from slicemoe.cache import KINDS
 from slicemoe.hardware import Cost
 
+# The slicemoe.hardware.Cost fields kept per decode step.
+COST_COUNTERS = ("ops", "dram_bytes", "flash_bytes", "compute_j", "dram_j", "flash_j", "latency_s")
 COUNTERS = (
     *(f"requests_{k}" for k in KINDS),
     *(f"misses_{k}" for k in KINDS),
@@ -27,13 +29,7 @@ COUNTERS = (
     "highbit_calls",  # ... computed on the high-bit path
     "tokens",  # decode tokens (one per device per step)
     "resident_sum",  # experts with an MSB/FULL slice in DRAM at layer 0, summed over tokens
-    "ops",
-    "dram_bytes",
-    "flash_bytes",
-    "compute_j",
-    "dram_j",
-    "flash_j",
-    "latency_s",
+    *COST_COUNTERS,
 )
 COL = {name: i for i, name in enumerate(COUNTERS)}
 

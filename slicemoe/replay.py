@@ -18,9 +18,10 @@ import numpy as np
 from slicemoe.cache import KIND_CODE, KINDS, SliceCache
 from slicemoe.config import RunConfig
 from slicemoe.hardware import Cost, charge
-from slicemoe.metrics import COL, COUNTERS, assemble
+from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble
 from slicemoe.models.adapter import (
     Footprint,
+    computes_high,
     decode_bill,
     footprint,
     head_bill,
@@ -57,7 +58,7 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         device = _Device(cfg, fp, capacity, stream, s)
         prefill = prefill + device.prefill()
         fills = device.warmup()
-        prefill = prefill + _total(charge(cfg.hardware, 0.0, fills, fills))
+        prefill = prefill + charge(cfg.hardware, 0.0, fills, fills).total()
         warmup_bytes += fills
         rows[: device.steps] += device.decode()
         if device.cache.trace is not None:
@@ -81,10 +82,6 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
 def _charge(hw, bill, shape) -> Cost:
     """The hardware cost of every layer step of `shape` (bill terms broadcast to it)."""
     return charge(hw, *(np.broadcast_to(np.asarray(x, float), shape) for x in bill))
-
-
-def _total(cost: Cost) -> Cost:
-    return Cost(*(float(np.sum(getattr(cost, f.name))) for f in dataclasses.fields(Cost)))
 
 
 class _Device:
@@ -128,8 +125,8 @@ class _Device:
                 hits = cache.access(layer, int(e), kinds)
                 missed[layer] += sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h)
         hw = self.cfg.hardware
-        cost = _total(_charge(hw, prefill_bill(fp, self.prompt_len, 0, used, missed), (layers,)))
-        return cost + _total(charge(hw, *head_bill(fp, 1)))
+        cost = _charge(hw, prefill_bill(fp, self.prompt_len, 0, used, missed), (layers,))
+        return cost.total() + charge(hw, *head_bill(fp, 1)).total()
 
     def warmup(self) -> int:
         kind = "MSB" if self.sliced else "FULL"
@@ -141,17 +138,17 @@ class _Device:
         request, and the index of each step's last layer-0 request."""
         steps, layers, k = self.experts.shape
         high = self.high.ravel()
-        nested_high = high & self.sliced & self.fp.nested
-        if not self.sliced:
-            first = np.full(high.shape, KIND_CODE["FULL"])
-        elif self.fp.nested:
-            first = np.full(high.shape, KIND_CODE["MSB"])
-        else:
-            first = np.where(high, KIND_CODE["FULL"], KIND_CODE["MSB"])
-        n = 1 + nested_high
+        # The runtime's rule (slice_kinds) for either path, applied to every call at once; a
+        # second request is always the LSB slice right after its MSB.
+        codes = {
+            h: [KIND_CODE[x] for x in slice_kinds(self.sliced, self.fp.nested, h)]
+            for h in (False, True)
+        }
+        first = np.where(high, codes[True][0], codes[False][0])
+        n = np.where(high, len(codes[True]), len(codes[False]))
         kind = np.repeat(first, n)
         starts = np.cumsum(n) - n
-        kind[starts[nested_high] + 1] = KIND_CODE["LSB"]
+        kind[starts[n == 2] + 1] = KIND_CODE["LSB"]
         call = np.arange(high.size)
         step, layer, expert = (
             np.repeat(call // (layers * k), n),
@@ -203,7 +200,8 @@ class _Device:
             (step * layers + layer)[~hits], sizes[kind][~hits], minlength=steps * layers
         ).reshape(steps, layers)
         # With lsb_miss=fetch a requested high-bit path is always served.
-        high = self.high | (not self.sliced)
+        served = {h: computes_high(slice_kinds(self.sliced, fp.nested, h)) for h in (False, True)}
+        high = np.where(self.high, served[True], served[False])
         read = np.where(high, fp.sizes["FULL"], fp.low_bytes).sum(2).astype(float)
         out[:, COL["resident_sum"]] = resident
         out[:, COL["activations"]] = out[:, COL["expert_calls"]] = layers * k
@@ -213,9 +211,8 @@ class _Device:
         ctx = (self.prompt_len + np.arange(steps))[:, None]
         layer_cost = _charge(hw, decode_bill(fp, k, ctx, read, missed), read.shape)
         head = charge(hw, *head_bill(fp, 1))
-        for name in ("ops", "dram_bytes", "flash_bytes", "compute_j", "dram_j", "flash_j"):
+        for name in COST_COUNTERS:
             out[:, COL[name]] = np.sum(getattr(layer_cost, name), axis=1) + getattr(head, name)
-        out[:, COL["latency_s"]] = layer_cost.latency_s.sum(1) + head.latency_s
         return out
 
 

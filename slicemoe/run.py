@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from slicemoe.cache import SliceCache
 from slicemoe.config import RunConfig
-from slicemoe.metrics import COL, COUNTERS, KINDS, METRICS, assemble
+from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, KINDS, METRICS, assemble
 from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
 from slicemoe.models.adapter import Runtime, footprint, install, model_dims, quantize_model
 from slicemoe.quant import reference_bytes
@@ -103,10 +103,8 @@ def _counters(rt: Runtime) -> np.ndarray:
         v[COL["highbit_calls"]] += st.highbit_calls
         v[COL["tokens"]] += st.decode_tokens
         v[COL["resident_sum"]] += st.resident_sum
-    cost = rt.cost["decode"]
-    for name in ("ops", "dram_bytes", "flash_bytes", "compute_j", "dram_j", "flash_j"):
-        v[COL[name]] = getattr(cost, name)
-    v[COL["latency_s"]] = cost.latency_s
+    for name in COST_COUNTERS:
+        v[COL[name]] = getattr(rt.cost["decode"], name)
     return v
 
 

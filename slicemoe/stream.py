@@ -16,6 +16,7 @@ computes with the model in the loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from slicemoe.models import Shape
 from slicemoe.models.adapter import Dims
 
 SCHEMA_VERSION = 1
+ARRAYS = ("prompt_len", "prefill_counts", "decode_steps", "experts", "high")
 
 # What a stream does not depend on (replay recomputes it): the cache, the warmup and the
 # measurement window, the hardware, the routing knobs top-k does not read, and where things run.
@@ -65,7 +67,7 @@ def stream_key(cfg: RunConfig) -> str:
 
 @dataclass
 class Stream:
-    key: str  # slicemoe.replay.stream_key of the config that recorded it
+    key: str  # stream_key of the config that recorded it
     config: dict  # that config, for the record
     shape: Shape
     dims: Dims
@@ -80,15 +82,13 @@ class Stream:
     def num_sequences(self) -> int:
         return len(self.prompt_len)
 
-    @property
-    def num_requests_upper_bound(self) -> int:
-        """Expert calls of decode plus prefill's used experts, x2 for MSB+LSB."""
-        return 2 * (int(self.experts.size) + int(np.count_nonzero(self.prefill_counts)))
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.decode_steps)])
 
     def sequence(self, s: int):
         """(prompt length, prefill counts [L, E], experts [T, L, k], high [T, L, k]) of s."""
-        start = int(self.decode_steps[:s].sum())
-        end = start + int(self.decode_steps[s])
+        start, end = int(self._starts[s]), int(self._starts[s + 1])
         return (
             int(self.prompt_len[s]),
             self.prefill_counts[s],
@@ -107,15 +107,8 @@ class Stream:
         }
         path = Path(path)
         with open(path, "wb") as f:
-            np.savez_compressed(
-                f,
-                meta=np.array(json.dumps(meta)),
-                prompt_len=self.prompt_len,
-                prefill_counts=self.prefill_counts,
-                decode_steps=self.decode_steps,
-                experts=self.experts,
-                high=self.high,
-            )
+            arrays = {name: getattr(self, name) for name in ARRAYS}
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod
@@ -133,9 +126,7 @@ class Stream:
             shape=Shape(**meta["shape"]),
             dims=Dims(**meta["dims"]),
             scores=meta["scores"],
-            **{k: data[k] for k in ("prompt_len", "prefill_counts", "decode_steps")},
-            experts=data["experts"],
-            high=data["high"],
+            **{name: data[name] for name in ARRAYS},
         )
 
 

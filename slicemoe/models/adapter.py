@@ -16,7 +16,7 @@ running them one at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -174,6 +174,12 @@ def slice_kinds(sliced: bool, nested: bool, high: bool) -> tuple[str, ...]:
     return ("MSB", "LSB") if high else ("MSB",)
 
 
+def computes_high(kinds: tuple[str, ...], lsb_served: bool = True) -> bool:
+    """Whether a call that requested `kinds` runs on the high-bit path: a whole high-bit copy
+    (FULL), or MSB + LSB when the LSB slice was there or fetched (lsb_miss=skip leaves MSB)."""
+    return "MSB" not in kinds or (len(kinds) == 2 and lsb_served)
+
+
 def _ops(fp: Footprint, tokens, experts, attn):
     return (
         2.0 * tokens * fp.dense_params * fp.dense_op_cost
@@ -240,7 +246,6 @@ class Runtime:
         self.E = fp.shape.num_experts
         self.seqs: list[SeqState] = []
         self.phase = "prefill"
-        self.step = -1  # decode step (-1 during prefill)
         self.valid: torch.Tensor | None = None  # [B, S] prefill token mask (no padding)
         self.active: np.ndarray | None = None  # [B] decode rows still generating
         self.context: np.ndarray | None = None  # [B] tokens in each row's KV cache
@@ -260,12 +265,12 @@ class Runtime:
             )
             for c in caches
         ]
-        self.phase, self.step, self.valid = "prefill", -1, valid
+        self.phase, self.valid = "prefill", valid
         self.context = np.zeros(len(caches), dtype=np.int64)
 
     def begin_step(self, step: int, active: np.ndarray, context: np.ndarray) -> None:
         """Decode step `step` of the rows in `active`, each with `context` tokens cached."""
-        self.phase, self.step = "decode", step
+        self.phase = "decode"
         self.active, self.context = active.copy(), context.copy()
         if step == self.policy.warmup_steps:
             for st in self.seqs:
@@ -279,8 +284,7 @@ class Runtime:
         cost = charge(
             self.hw, np.asarray(ops, float), np.asarray(dram, float), np.asarray(flash, float)
         )
-        total = Cost(*(float(np.sum(getattr(cost, f.name))) for f in fields(Cost)))
-        self.cost[self.phase] = self.cost[self.phase] + total
+        self.cost[self.phase] = self.cost[self.phase] + cost.total()
 
     def head(self, n_tokens: np.ndarray) -> None:
         """Embedding + LM head for n_tokens[b] tokens of each row (weights read once)."""
@@ -355,8 +359,7 @@ class Runtime:
             for j, e in enumerate(idx_np[row]):
                 kinds = self.kinds(bool(high[row, j]))
                 hits = st.cache.access(layer, int(e), kinds, fetch_lsb=fetch)
-                # The high path needs every requested slice; a skipped LSB miss leaves MSB only.
-                use_high[row, j] = "MSB" not in kinds or (len(kinds) == 2 and (hits[1] or fetch))
+                use_high[row, j] = computes_high(kinds, lsb_served=hits[-1] or fetch)
                 missed += sum(
                     fp.sizes[k] for k, h in zip(kinds, hits) if not h and (fetch or k != "LSB")
                 )
