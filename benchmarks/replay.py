@@ -111,8 +111,7 @@ def whole_run(trace: np.ndarray, sequences: int, steps: int = 200, prompt: int =
     from pathlib import Path
 
     from slicemoe.config import CacheConfig, ModelConfig, PolicyConfig, RunConfig
-    from slicemoe.models import Shape
-    from slicemoe.models.adapter import Dims
+    from slicemoe.models import Dims, Shape
     from slicemoe.replay import replay
     from slicemoe.stream import Stream, stream_key
 

@@ -30,15 +30,19 @@ class Gate:
     """How a model turns router logits into gate weights."""
 
     top_k: int
-    scoring: str = "softmax"  # softmax | sigmoid
-    norm_topk: bool = False  # renormalise the k chosen weights to sum to 1
+    scoring: str = "softmax"  # softmax | sigmoid | sparsemixer (Phi-3.5-MoE)
+    norm_topk: bool = False  # renormalise the k chosen weights to sum to 1 ...
+    norm_eps: float = 0.0  # ... dividing by their sum + norm_eps (LFM2-MoE: 1e-6) ...
+    norm_min: float = 1e-20  # ... clamped below at norm_min (ERNIE-4.5: moe_norm_min)
     scale: float = 1.0  # DeepSeek's routed_scaling_factor
+    jitter_eps: float = 0.0  # sparsemixer's relative logit threshold
     n_group: int = 1  # DeepSeek group-limited greedy: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen from
     # A group's score: its best expert (DeepSeek-V2) or the sum of its best two (DeepSeek-V3).
     group_score: str = "max"  # max | top2
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The scores experts are ranked by (and cumsum's probability mass)."""
         logits = logits.float()
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
 
@@ -56,11 +60,33 @@ class Gate:
         gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top, True)
         return gmask.repeat_interleave(e // self.n_group, dim=1)
 
-    def weights(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        w = probs.gather(-1, idx)
+    def weights(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The model's own gate weights of the chosen experts `idx`, whoever chose them."""
+        if self.scoring == "sparsemixer":
+            return self._sparsemixer(logits.float(), idx)
+        w = self.probs(logits).gather(-1, idx)
         if self.norm_topk:
-            w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
+            w = w / (w.sum(-1, keepdim=True) + self.norm_eps).clamp_min(self.norm_min)
         return w * self.scale
+
+    def _sparsemixer(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # Phi-3.5-MoE weighs its i-th expert by a softmax over the experts not chosen before it
+        # whose logits lie within a relative 2 * jitter_eps of that expert's own logit. With top-k
+        # choice that logit is the remaining maximum, as in the model; any other choice is
+        # weighed the same way, in the order of its logits.
+        order = logits.gather(-1, idx).argsort(-1, descending=True)
+        factor = logits.abs()
+        earlier = torch.zeros_like(logits, dtype=torch.bool)
+        w = torch.empty(idx.shape, dtype=logits.dtype, device=logits.device)
+        for i in range(idx.shape[-1]):
+            pos = order[:, i : i + 1]
+            c = idx.gather(-1, pos)
+            m = logits.gather(-1, c)
+            far = (m - logits) / factor.clamp(min=m) > 2 * self.jitter_eps
+            masked = logits.masked_fill(far | earlier, float("-inf"))
+            w.scatter_(-1, pos, masked.softmax(-1).gather(-1, c))
+            earlier.scatter_(-1, c, True)
+        return w
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,7 @@ def _choice(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
     return probs if p.bias is None else probs + p.bias.float()
 
 
-def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor, p: RoutingParams):
+def _select(gate: Gate, logits, probs: torch.Tensor, priority: torch.Tensor, p: RoutingParams):
     choice = _choice(probs, p)
     # Priorities are small integers; a step wider than the choice scores' range keeps them
     # apart, and the scores break ties by rank.
@@ -91,7 +117,7 @@ def _select(gate: Gate, probs: torch.Tensor, priority: torch.Tensor, p: RoutingP
     if allowed is not None:
         key = key.masked_fill(~allowed, float("-inf"))
     idx = key.topk(gate.top_k, dim=-1).indices
-    return idx, gate.weights(probs, idx)
+    return idx, gate.weights(logits, idx)
 
 
 def _ranks(probs: torch.Tensor) -> torch.Tensor:
@@ -103,7 +129,7 @@ def _ranks(probs: torch.Tensor) -> torch.Tensor:
 
 def topk(gate: Gate, logits, cached, p: RoutingParams):
     probs = gate.probs(logits)
-    return _select(gate, probs, torch.zeros_like(probs), p)
+    return _select(gate, logits, probs, torch.zeros_like(probs), p)
 
 
 def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
@@ -116,7 +142,7 @@ def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
     if allowed is not None:
         boosted = boosted.masked_fill(~allowed, float("-inf"))
     idx = boosted.topk(gate.top_k, dim=-1).indices
-    return idx, gate.weights(gate.probs(logits), idx)
+    return idx, gate.weights(logits, idx)
 
 
 def cumsum(gate: Gate, logits, cached, p: RoutingParams):
@@ -128,7 +154,7 @@ def cumsum(gate: Gate, logits, cached, p: RoutingParams):
     )
     cand = torch.zeros_like(cand_sorted).scatter_(-1, order, cand_sorted)
     priority = cand.long() + (cand & cached).long()
-    return _select(gate, probs, priority, p)
+    return _select(gate, logits, probs, priority, p)
 
 
 def max_rank(gate: Gate, logits, cached, p: RoutingParams):
@@ -136,7 +162,7 @@ def max_rank(gate: Gate, logits, cached, p: RoutingParams):
     rank = _ranks(_choice(probs, p))
     keep = rank < p.max_rank_keep
     fill = cached & (rank < p.max_rank_m)
-    return _select(gate, probs, 2 * keep.long() + fill.long(), p)
+    return _select(gate, logits, probs, 2 * keep.long() + fill.long(), p)
 
 
 ROUTING: dict[str, Callable] = {

@@ -22,8 +22,8 @@ from transformers import DynamicCache
 from slicemoe.cache import SliceCache
 from slicemoe.config import RunConfig
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, KINDS, METRICS, assemble
-from slicemoe.models import Shape, gate_rule, read_shape, resolve_path
-from slicemoe.models.adapter import Runtime, footprint, install, model_dims, quantize_model
+from slicemoe.models import Shape, checkpoint_dir, gate_rule, model_dims, read_shape
+from slicemoe.models.adapter import Runtime, footprint, install, quantize_model
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.stream import Recorder, Stream, replayable, stream_key
@@ -73,7 +73,7 @@ def _device(name: str) -> torch.device:
 def load(cfg: RunConfig) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_path(cfg.model.path)
+    path = checkpoint_dir(cfg.model.name, cfg.model.path)
     device = _device(cfg.model.device)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype))
@@ -175,7 +175,9 @@ class _Simulator:
         for i, c in enumerate(caches):
             c.tag = (first_seq + i, "prefill", -1)
         rt.start(caches, mask.bool())
-        kv = DynamicCache()  # filled in place by every forward
+        # Filled in place by every forward; the config gives each layer its kind of cache
+        # (sliding window, linear-attention or SSM state).
+        kv = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from slicemoe.config import RunConfig
-from slicemoe.models import Shape
-from slicemoe.models.adapter import Dims
+from slicemoe.models import Dims, Shape
 
 SCHEMA_VERSION = 1
 ARRAYS = ("prompt_len", "prefill_counts", "decode_steps", "experts", "high")

@@ -11,7 +11,7 @@ from pathlib import Path
 from slicemoe.cache import EVICTION
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
-from slicemoe.models import Shape, read_shape
+from slicemoe.models import Shape, checkpoint_dir, config_dir, read_shape
 from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
 from slicemoe.warmup import WARMUP
@@ -28,8 +28,9 @@ class ConfigError(ValueError):
 # --- validation ------------------------------------------------------------------------------
 
 
-def validate(cfg: RunConfig) -> None:
-    """Fail before any work with a message naming the field and the fix."""
+def validate(cfg: RunConfig, weights: bool = True) -> None:
+    """Fail before any work with a message naming the field and the fix. `weights=False`
+    checks a real model's config against its shipped config.json, before model.path is set."""
     b, p, c, e = cfg.bits, cfg.policy, cfg.cache, cfg.eval
     if b.high is not None and not 2 <= b.high <= 8:
         raise ConfigError("bits.high", f"{b.high} is out of range; use 2..8 or null for fp16")
@@ -95,9 +96,12 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError("model.dtype", "use float32, bfloat16 or float16")
+    m = cfg.model
     try:
-        shape = read_shape(cfg.model.path)
-    except FileNotFoundError as err:
+        if weights:
+            checkpoint_dir(m.name, m.path)
+        shape = read_shape(config_dir(m.name, m.path))
+    except (FileNotFoundError, ValueError) as err:
         raise ConfigError("model.path", str(err)) from None
     sizes = expert_sizes(cfg, shape)
     need = max(sizes["MSB"], sizes["FULL"] if p.precision == "high" else 0)

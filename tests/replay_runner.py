@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slicemoe.models import Shape
-from slicemoe.models.adapter import Dims
+from slicemoe.models import Dims, Shape
 from slicemoe.stream import Stream, stream_key
 from tests.conftest_sweep import ConfigError, _log, load, load_key, run, validate
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from slicemoe.config import BitsConfig, CacheConfig, ModelConfig, PolicyConfig, RunConfig
-from slicemoe.models import moe_blocks, router_of
+from slicemoe.models import EXPERT_BIASES, moe_blocks, router_of
 from slicemoe.models.adapter import quantize_model
 from slicemoe.run import Loaded, _Simulator, load_key
 
@@ -75,25 +75,118 @@ FAMILIES = {
         dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0),
     ),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=24),
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=24,
+             layer_types=["mamba", "attention", "mamba"], num_hidden_layers=3, mamba_n_heads=4,
+             mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4),
+    ),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+             shared_expert_intermediate_size=24, head_dim=8, num_hidden_layers=3,
+             layer_types=["linear_attention", "full_attention", "linear_attention"],
+             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+             linear_num_value_heads=4),
+    ),
+    "jamba": (
+        "JambaConfig",
+        dict(num_experts=8, num_experts_per_tok=2, num_hidden_layers=4, expert_layer_period=2,
+             expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
+             mamba_dt_rank=4, mamba_expand=2, use_mamba_kernels=False),
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+             moe_layer_start_index=1, moe_layer_end_index=2, num_hidden_layers=3, head_dim=8),
+    ),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(num_experts=8, moe_topk=2, head_dim=8)),
+    "cohere2_moe": (
+        "Cohere2MoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, expert_selection_fn="sigmoid",
+             norm_topk_prob=True, head_dim=8, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "minimax_m2": (
+        "MiniMaxM2Config", dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+    ),
+    "afmoe": (
+        "AfmoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_dense_layers=1,
+             num_hidden_layers=3, head_dim=8, num_shared_experts=1, route_scale=2.5,
+             sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                            "sliding_attention"]),
+    ),
+    "lfm2_moe": (
+        "Lfm2MoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_dense_layers=1,
+             num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+             norm_topk_prob=True, routed_scaling_factor=2.5, use_expert_bias=True),
+    ),
+    "deepseek_v32": (
+        "DeepseekV32Config",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+             num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"],
+             index_n_heads=2, index_head_dim=8, index_topk=64),
+    ),
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+             n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+             num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"]),
+    ),
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=4,
+             topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=8,
+             num_shared_experts=1, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "kimi_linear": (
+        "KimiLinearConfig",
+        dict(num_experts=8, num_experts_per_token=2, moe_intermediate_size=16,
+             num_shared_experts=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=8, num_expert_group=4, topk_group=2,
+             routed_scaling_factor=2.5, moe_renormalize=True, num_hidden_layers=3,
+             num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"],
+             pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             linear_attn_config={"kda_layers": [1, 3], "full_attn_layers": [2],
+                                 "head_dim": 8, "num_heads": 4, "short_conv_kernel_size": 4}),
+    ),
 }  # fmt: skip
 
 
 def tiny(family: str):
     cls, extra = FAMILIES[family]
     config = getattr(transformers, cls)(**{**COMMON, **extra})
+    assert config.hidden_size == 32 and config.vocab_size == 96, "the test config is not small"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     blocks = moe_blocks(model)
     with torch.no_grad():
         for block in blocks:
-            # Nonzero biases, so that selection-only biases change which experts win and expert
-            # biases change the outputs (some families initialise them to zero).
-            for module, name in ((router_of(block), "e_score_correction_bias"),
-                                 (router_of(block), "bias"), (block.experts, "gate_up_proj_bias"),
-                                 (block.experts, "down_proj_bias")):  # fmt: skip
-                bias = getattr(module, name, None)
-                if isinstance(bias, torch.Tensor):
-                    bias.copy_(0.3 * torch.randn(bias.shape))
+            # Random routers and nonzero biases (some families initialise them to zero), so that
+            # routing depends on the tokens, selection-only biases change which experts win and
+            # expert biases change the outputs.
+            router = router_of(block)
+            tensors = [*router.parameters(), *router.buffers()]
+            tensors += [getattr(block, n) for n in ("e_score_correction_bias", "expert_bias")
+                        if isinstance(getattr(block, n, None), torch.Tensor)]  # fmt: skip
+            tensors += [getattr(block.experts, n) for n in EXPERT_BIASES
+                        if hasattr(block.experts, n)]  # fmt: skip
+            for t in tensors:
+                if t.is_floating_point():
+                    t.copy_(0.3 * torch.randn(t.shape))
     return model, read_shape_of(config)
 
 
@@ -158,8 +251,11 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
     cfg = RunConfig(
         model=ModelConfig(name=family, path="random"),
         bits=BitsConfig(group=8),
-        cache=CacheConfig(frac=0.15),
-        policy=PolicyConfig(routing="cache_prior", lam=0.1, precision="dbsc", warmup="pcw"),
+        cache=CacheConfig(frac=0.3),
+        # With k=2 renormalised weights, tau=0.5 makes exactly the larger one critical.
+        policy=PolicyConfig(
+            routing="cache_prior", lam=0.1, precision="dbsc", warmup="pcw", tau=0.5
+        ),
     )
     quantize_model(model, cfg.bits)
     loaded = Loaded(load_key(cfg), model, SimpleNamespace(pad_token_id=0), shape, "cpu")
@@ -178,4 +274,29 @@ def test_a_refused_family_says_why():
     with pytest.raises(ValueError, match="minimax.*cache of their own"):
         gate_rule(SimpleNamespace(model_type="minimax", num_experts_per_tok=2))
     with pytest.raises(ValueError, match="has no gating rule; supported: qwen2_moe"):
-        gate_rule(SimpleNamespace(model_type="phimoe", num_experts_per_tok=2))
+        gate_rule(SimpleNamespace(model_type="switch_transformers", num_experts_per_tok=2))
+
+
+@pytest.mark.parametrize("family", ["minimax", "llama4_text", "longcat_flash"])
+def test_every_refused_family_gives_its_reason_from_config_json_alone(family, tmp_path):
+    from slicemoe.models import REFUSED, read_shape
+
+    config = transformers.CONFIG_MAPPING[family]()
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is not supported: " + REFUSED[family][:30]):
+        read_shape(str(tmp_path))
+
+
+def test_a_real_model_validates_from_its_shipped_config_and_asks_for_weights_to_run():
+    from slicemoe.run import capacity_bytes, validate
+    from slicemoe.validate import ConfigError
+
+    cfg = RunConfig(model=ModelConfig(name="qwen3-30b-a3b", path=None, dtype="bfloat16"))
+    validate(cfg, weights=False)
+    # 25 % of 48 layers x 128 experts x 3 x 2048 x 768 weights at 8 bits.
+    from slicemoe.models import SHIPPED_CONFIGS, read_shape
+
+    shape = read_shape(str(SHIPPED_CONFIGS / "qwen3-30b-a3b"))
+    assert capacity_bytes(cfg, shape) == 48 * 128 * 3 * 2048 * 768 // 4
+    with pytest.raises(ConfigError, match="model.path is required for model=qwen3-30b-a3b"):
+        validate(cfg)

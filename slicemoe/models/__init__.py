@@ -1,79 +1,179 @@
-"""Hugging Face MoE models: where their MoE blocks are and how each family gates.
+"""Hugging Face MoE models: where their MoE blocks are, how each family gates, and the shape
+the cache and the hardware model need, read from config.json alone.
 
-transformers 5.x gives every supported family the same seams: a sparse block with `gate` (a
-router module whose forward returns `(logits, top-k weights, top-k indices)`) and `experts`
-(fused 3-D `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I)). The adapter works on those
-seams only, so a family needs nothing here but its gating rule.
+transformers 5.x gives the supported families the same seams: a sparse block with a router
+(`gate`, or `router`) whose forward returns `(logits, top-k weights, top-k indices)` and
+`experts` (fused 3-D `gate_up_proj` and `down_proj`). The adapter works on those seams only,
+so a family needs nothing here but its gating rule.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from slicemoe.routing import Gate
 
-TINY_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+TINY_PATH = CHECKPOINTS / "tiny"
+# The published config.json of real models (no weights), by conf/model name: their shapes,
+# cache sizes and validation work before model.path points at the weights.
+SHIPPED_CONFIGS = CHECKPOINTS / "configs"
 
 
 def resolve_path(path: str | None) -> str:
     return str(TINY_PATH) if path in (None, "", "tiny") else str(path)
 
 
-SUPPORTED = (
-    "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "mixtral", "granitemoe",
-    "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "gpt_oss",
-)  # fmt: skip
+def checkpoint_dir(name: str, path: str | None) -> str:
+    """The directory weights are loaded from: model.path, or the shipped tiny checkpoint."""
+    if path or name == "tiny":
+        return resolve_path(path)
+    raise ValueError(
+        f"model.path is required for model={name}: set model.path=/dir/of/the/checkpoint "
+        "(its shipped config.json gives shapes and cache sizes only, no weights)"
+    )
+
+
+def config_dir(name: str, path: str | None) -> str:
+    """The directory whose config.json describes the model: the checkpoint's, or the one
+    shipped for `name` while model.path is unset."""
+    if not path and (SHIPPED_CONFIGS / name).is_dir():
+        return str(SHIPPED_CONFIGS / name)
+    return checkpoint_dir(name, path)
+
+
+# --- gating rules, by family -------------------------------------------------------------------
+
+
+def _k(c) -> int:
+    k = getattr(c, "num_experts_per_tok", None) or getattr(c, "moe_topk", None)  # HunYuan
+    if not isinstance(k, int):
+        raise ValueError(f"{c.model_type}: a top-k per layer ({k!r}) is not supported")
+    return k
+
+
+def _softmax_topk(norm: Callable) -> Callable:
+    return lambda c: Gate(_k(c), "softmax", norm_topk=norm(c))
+
+
+def _norm_flag(c) -> bool:
+    return bool(getattr(c, "norm_topk_prob", False))
+
+
+def _deepseek_v2(c) -> Gate:
+    grouped = getattr(c, "topk_method", "greedy") == "group_limited_greedy"
+    return Gate(
+        _k(c),
+        "softmax",
+        scale=float(c.routed_scaling_factor),
+        n_group=int(c.n_group) if grouped else 1,
+        topk_group=int(c.topk_group) if grouped else 1,
+    )
+
+
+def _grouped_top2(scoring: str) -> Callable:
+    # DeepSeek-V3 style: groups ranked by the sum of their best two choice scores (with the
+    # selection-only bias where the router has one), the chosen experts weighed by bare scores.
+    return lambda c: Gate(
+        _k(c),
+        scoring,
+        norm_topk=bool(c.norm_topk_prob),
+        scale=float(c.routed_scaling_factor),
+        n_group=int(c.n_group),
+        topk_group=int(c.topk_group),
+        group_score="top2",
+    )
+
+
+def _sigmoid_biased(scale_field: str | None, norm: Callable, norm_eps: float = 0.0) -> Callable:
+    return lambda c: Gate(
+        _k(c),
+        "sigmoid",
+        norm_topk=norm(c),
+        norm_eps=norm_eps,
+        scale=float(getattr(c, scale_field)) if scale_field else 1.0,
+    )
+
+
+def _cohere2(c) -> Gate:
+    # Top-k of the logits, then softmax over the k (= renormalised softmax) or sigmoid.
+    if c.expert_selection_fn == "softmax":
+        return Gate(_k(c), "softmax", norm_topk=True)
+    return Gate(_k(c), "sigmoid", norm_topk=_norm_flag(c))
+
+
+def _phimoe(c) -> Gate:
+    if _k(c) != 2:
+        raise ValueError(f"phimoe: sparsemixer routes exactly 2 experts, not {_k(c)}")
+    return Gate(2, "sparsemixer", jitter_eps=float(c.router_jitter_noise))
+
+
+_ALWAYS = lambda c: True  # noqa: E731
+_NEVER = lambda c: False  # noqa: E731
+
+# model_type -> the family's own selection and weighting, checked against its router's source
+# and tested exact against transformers (tests/test_families.py).
+RULES: dict[str, Callable[..., Gate]] = {
+    # softmax over all experts, top-k, renormalised where norm_topk_prob says so
+    **dict.fromkeys(("qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo"),
+                    _softmax_topk(_norm_flag)),
+    # always renormalised (or, the same thing, softmax over the top-k logits); gpt-oss's
+    # router bias is part of its logits
+    **dict.fromkeys(("mixtral", "granitemoe", "granitemoeshared", "granitemoehybrid",
+                     "hunyuan_v1_moe", "gpt_oss"), _softmax_topk(_ALWAYS)),
+    "jamba": _softmax_topk(_NEVER),
+    "cohere2_moe": _cohere2,
+    "deepseek_v2": _deepseek_v2,
+    **dict.fromkeys(("deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "dots1",
+                     "exaone_moe", "kimi_linear"), _grouped_top2("sigmoid")),
+    # softmax with a selection-only bias, renormalised with a floor
+    "ernie4_5_moe": lambda c: Gate(_k(c), "softmax", norm_topk=True,
+                                   norm_min=float(c.moe_norm_min)),
+    # sigmoid with a selection-only bias that the block passes to its router
+    "minimax_m2": _sigmoid_biased(None, _ALWAYS),
+    "afmoe": _sigmoid_biased("route_scale", _ALWAYS, norm_eps=1e-20),
+    "lfm2_moe": _sigmoid_biased("routed_scaling_factor", _norm_flag, norm_eps=1e-6),
+    "phimoe": _phimoe,
+}  # fmt: skip
+SUPPORTED = tuple(RULES)
+
 # Checked and refused, with the reason.
 REFUSED = {
     "minimax": "its lightning-attention layers keep a cache of their own, which the simulator's "
     "batched prefill/decode (a transformers DynamicCache) cannot drive",
+    "llama4_text": "its router's weights scale each expert's input, not its output, and its "
+    "block runs every expert on every token, so no top-k seam exists to route through",
+    "longcat_flash": "some of its routed experts are zero-computation (identity) experts with "
+    "no weights, which a weight cache has nothing to hold for",
 }
 
 
 def gate_rule(config) -> Gate:
-    """The model's own scoring, normalisation and scaling, by family (FACTS.md)."""
+    """The model's own scoring, normalisation and scaling, by family."""
     t = config.model_type
-    k = config.num_experts_per_tok
-    if t == "deepseek_v2":
-        grouped = getattr(config, "topk_method", "greedy") == "group_limited_greedy"
-        return Gate(
-            k,
-            "softmax",
-            norm_topk=False,
-            scale=float(config.routed_scaling_factor),
-            n_group=int(config.n_group) if grouped else 1,
-            topk_group=int(config.topk_group) if grouped else 1,
-        )
-    if t in ("deepseek_v3", "glm4_moe", "dots1"):
-        # Sigmoid scores; a score-correction bias (per layer, passed with each call) picks the
-        # experts and the groups (best two per group summed), the bare scores weight them.
-        return Gate(
-            k,
-            "sigmoid",
-            norm_topk=bool(config.norm_topk_prob),
-            scale=float(config.routed_scaling_factor),
-            n_group=int(config.n_group),
-            topk_group=int(config.topk_group),
-            group_score="top2",
-        )
-    if t == "gpt_oss":
-        # Top-k of the (biased) router logits, softmax over the chosen k: the same as softmax
-        # over all experts renormalised over the chosen ones.
-        return Gate(k, "softmax", norm_topk=True)
     if t in REFUSED:
         raise ValueError(f"model type {t!r} is not supported: {REFUSED[t]}")
-    if t in ("mixtral", "granitemoe"):
-        return Gate(k, "softmax", norm_topk=True)
-    if t in ("qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo"):
-        return Gate(k, "softmax", norm_topk=bool(getattr(config, "norm_topk_prob", False)))
-    raise ValueError(f"model type {t!r} has no gating rule; supported: {', '.join(SUPPORTED)}")
+    if t not in RULES:
+        raise ValueError(f"model type {t!r} has no gating rule; supported: {', '.join(SUPPORTED)}")
+    return RULES[t](config)
 
 
 def router_of(block):
-    """A sparse block's router: `gate` in most families, `router` in gpt-oss."""
+    """A sparse block's router: `gate` in most families, `router` in others."""
     return block.gate if hasattr(block, "gate") else block.router
+
+
+def selection_bias(router, args: tuple):
+    """A router's selection-only score correction, or None: passed in by the block (MiniMax-M2,
+    AFMoE, LFM2-MoE), held by the router (DeepSeek-V3 style) or by its statistics (ERNIE)."""
+    if args:
+        return args[0]
+    if hasattr(router, "moe_statics"):
+        return router.moe_statics.e_score_correction_bias.squeeze(0)
+    return getattr(router, "e_score_correction_bias", None)
 
 
 def moe_blocks(model) -> list:
@@ -88,11 +188,15 @@ def moe_blocks(model) -> list:
 
 # Families whose fused expert tensors are stored (E, in, out) rather than (E, out, in).
 IN_OUT_EXPERTS = {"gpt_oss"}
+EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")  # gpt-oss
+
+
+# --- shapes, from config.json ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What the cache and the hardware model need to know about a model, from config.json."""
+    """What the cache and the hardware model need to know about a model's experts."""
 
     num_moe_layers: int
     num_experts: int
@@ -107,20 +211,112 @@ class Shape:
         return 3 * self.hidden * self.moe_intermediate
 
 
-def read_shape(path: str | None) -> Shape:
-    """Read the model's shape without loading weights (for validation and cache sizing)."""
-    cfg_file = Path(resolve_path(path)) / "config.json"
-    if not cfg_file.is_file():
+@dataclass(frozen=True)
+class Dims:
+    """What the hardware model needs to know of a model beyond its `Shape`, per MoE layer: the
+    whole model's dense weights, KV cache and attention work spread over its MoE layers, so that
+    one layer's bill times the MoE layers is the model's. Plain numbers, so a recorded request
+    stream carries them and replays without the model."""
+
+    dense_params: float  # non-expert params (attention, dense and shared MLPs, norms)
+    head_params: int  # embedding / LM head, vocab x hidden
+    kv_values: float  # values cached per token by full-attention layers (MLA: the latent)
+    attn_dim: float  # heads x query/key head dim of full-attention layers
+    # Sliding-window layers (gpt-oss, Mixtral with a window): their KV and attention stop
+    # growing at `window` tokens. Linear-attention and state-space layers keep no KV.
+    window_kv_values: float = 0.0
+    window_attn_dim: float = 0.0
+    window: int = 0
+
+
+def _attention_layers(c) -> list[str]:
+    """Each decoder layer's attention kind: full, sliding or none (linear attention, SSM)."""
+    types = getattr(c, "layer_types", None)
+    if types is None:
+        windowed = getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True)
+        return ["sliding" if windowed else "full"] * c.num_hidden_layers
+    kinds = []
+    for t in types:
+        if "sliding" in t or t == "chunked_attention":
+            kinds.append("sliding")
+        elif t in ("full_attention", "attention"):
+            kinds.append("full")
+        else:
+            kinds.append("none")
+    return kinds
+
+
+def model_dims(model) -> Dims:
+    c = model.config
+    blocks = moe_blocks(model)
+    total = sum(p.numel() for p in model.parameters())
+    # The routed experts' tensors (after quantize_model, both paths) are not dense weights.
+    experts = sum(
+        getattr(b.experts, name).numel()
+        for b in blocks
+        for name in ("gate_up_proj", "down_proj", *EXPERT_BIASES)
+        if hasattr(b.experts, name)
+    )
+    head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    if getattr(c, "kv_lora_rank", None):
+        # Multi-head latent attention caches one compressed vector and the shared rope key.
+        kv = c.kv_lora_rank + c.qk_rope_head_dim
+    else:
+        kv = 2 * kv_heads * head_dim
+    attn = c.num_attention_heads * (getattr(c, "qk_head_dim", None) or head_dim)
+    kinds = _attention_layers(c)
+    m = len(blocks)
+    full, sliding = kinds.count("full") / m, kinds.count("sliding") / m
+    return Dims(
+        dense_params=(total - experts - head) / m,
+        head_params=c.vocab_size * c.hidden_size,
+        kv_values=kv * full,
+        attn_dim=attn * full,
+        window_kv_values=kv * sliding,
+        window_attn_dim=attn * sliding,
+        window=int(getattr(c, "sliding_window", None) or 0) if sliding else 0,
+    )
+
+
+def _config_file(path: str | None) -> Path:
+    f = Path(resolve_path(path)) / "config.json"
+    if not f.is_file():
         raise FileNotFoundError(
             f"model.path={path!r} has no config.json; point model.path at a local HF checkpoint"
         )
-    c = json.loads(cfg_file.read_text())
-    n_layers = c["num_hidden_layers"]
-    experts = c.get("num_experts", c.get("num_local_experts", c.get("n_routed_experts")))
-    inter = c.get("moe_intermediate_size", c.get("intermediate_size"))
-    dense = c.get("first_k_dense_replace", 0)  # DeepSeek, GLM-4.5, dots.llm1: dense first
-    step = c.get("decoder_sparse_step", 1) or 1
-    sparse = [i for i in range(dense, n_layers) if (i + 1) % step == 0]
-    sparse = [i for i in sparse if i not in set(c.get("mlp_only_layers", []))]
-    bias = 2 * inter + c["hidden_size"] if c.get("model_type") == "gpt_oss" else 0
-    return Shape(len(sparse), experts, c["num_experts_per_tok"], c["hidden_size"], inter, bias)
+    return f
+
+
+@functools.lru_cache(maxsize=16)
+def _skeleton(config_file: str, mtime: float):
+    """The model built on the meta device from its config.json: every tensor's shape, no
+    weights, in about a second even for the largest families."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(Path(config_file).parent))
+    gate_rule(config.get_text_config())  # refuses unsupported families with the reason
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if not moe_blocks(model):
+        raise ValueError(f"{config_file}: model type {config.model_type!r} has no MoE blocks")
+    return model
+
+
+def skeleton(path: str | None):
+    f = _config_file(path)
+    return _skeleton(str(f), f.stat().st_mtime)
+
+
+def read_shape(path: str | None) -> Shape:
+    """The experts' shape, from config.json alone (no weights are read)."""
+    model = skeleton(path)
+    blocks = moe_blocks(model)
+    ex = blocks[0].experts
+    e, a, b = ex.down_proj.shape  # (E, H, I), or (E, I, H) where stored (in, out)
+    hidden, inter = (b, a) if model.config.model_type in IN_OUT_EXPERTS else (a, b)
+    bias = sum(getattr(ex, n)[0].numel() for n in EXPERT_BIASES if hasattr(ex, n))
+    top_k = gate_rule(model.config).top_k
+    return Shape(len(blocks), e, top_k, hidden, inter, bias)

@@ -25,10 +25,16 @@ from slicemoe import quant
 from slicemoe.cache import SliceCache
 from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
 from slicemoe.hardware import Cost, charge
-from slicemoe.models import IN_OUT_EXPERTS, Shape, moe_blocks, router_of
+from slicemoe.models import (
+    EXPERT_BIASES,
+    IN_OUT_EXPERTS,
+    Dims,
+    Shape,
+    moe_blocks,
+    router_of,
+    selection_bias,
+)
 from slicemoe.routing import Gate, RoutingParams, precision, route
-
-EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")  # gpt-oss
 
 # --- quantization of a loaded model ---------------------------------------------------------
 
@@ -71,7 +77,7 @@ def quantize_model(model, bits: BitsConfig) -> None:
         ex.num_experts = 2 * e
     if bits.nonexpert_bits is None:
         return
-    routers = {id(router_of(b).weight) for b in blocks}
+    routers = {id(p) for b in blocks for p in router_of(b).parameters()}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in routers:
             w = module.weight.data
@@ -99,45 +105,11 @@ class Footprint:
     dense_bytes: int
     head_params: int  # embedding read + LM head, once per token
     head_bytes: int
-    kv_bytes_per_token: int  # per layer: K and V at kv_bits (MLA: the compressed latent)
-    attn_dim: int  # heads x head_dim, for the attention-score operations
-
-
-@dataclass(frozen=True)
-class Dims:
-    """What the hardware model needs to know of a loaded model beyond its `Shape`; plain
-    numbers, so a recorded request stream carries them and replays without the model."""
-
-    dense_params: int  # non-expert params per layer (attention, shared expert, norms)
-    head_params: int  # embedding / LM head, vocab x hidden
-    kv_values: int  # values cached per token and layer (MLA: the compressed latent)
-    attn_dim: int  # heads x query/key head dim, for the attention-score operations
-
-
-def model_dims(model) -> Dims:
-    c = model.config
-    total = sum(p.numel() for p in model.parameters())
-    # The routed experts' tensors (after quantize_model, both paths) are not dense weights.
-    experts = sum(
-        getattr(b.experts, name).numel()
-        for b in moe_blocks(model)
-        for name in ("gate_up_proj", "down_proj", *EXPERT_BIASES)
-        if hasattr(b.experts, name)
-    )
-    head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-    if getattr(c, "kv_lora_rank", None):
-        # Multi-head latent attention caches one compressed vector and the shared rope key.
-        kv_values = c.kv_lora_rank + c.qk_rope_head_dim
-    else:
-        kv_values = 2 * kv_heads * head_dim
-    return Dims(
-        dense_params=(total - experts - head) // c.num_hidden_layers,
-        head_params=c.vocab_size * c.hidden_size,
-        kv_values=kv_values,
-        attn_dim=c.num_attention_heads * (getattr(c, "qk_head_dim", None) or head_dim),
-    )
+    kv_bytes_per_token: float  # K and V at kv_bits (MLA: the compressed latent), see Dims
+    attn_dim: float  # heads x head_dim, for the attention-score operations
+    window_kv_bytes_per_token: float  # the same for sliding-window layers ...
+    window_attn_dim: float
+    window: int  # ... which attend to at most this many tokens
 
 
 def footprint(dims: Dims, shape: Shape, bits: BitsConfig, hw: HardwareConfig) -> Footprint:
@@ -157,8 +129,11 @@ def footprint(dims: Dims, shape: Shape, bits: BitsConfig, hw: HardwareConfig) ->
         dense_bytes=int(dims.dense_params * dense_w),
         head_params=dims.head_params,
         head_bytes=int(dims.head_params * dense_w),
-        kv_bytes_per_token=dims.kv_values * hw.kv_bits // 8,
+        kv_bytes_per_token=dims.kv_values * hw.kv_bits / 8,
         attn_dim=dims.attn_dim,
+        window_kv_bytes_per_token=dims.window_kv_values * hw.kv_bits / 8,
+        window_attn_dim=dims.window_attn_dim,
+        window=dims.window,
     )
 
 
@@ -188,19 +163,26 @@ def _ops(fp: Footprint, tokens, experts, attn):
     )
 
 
+def _attended(fp: Footprint, dim_full, dim_window, tokens):
+    """`dim` x the tokens a query attends to, over full and sliding-window layers."""
+    return dim_full * tokens + dim_window * np.minimum(tokens, fp.window)
+
+
 def prefill_bill(fp: Footprint, tokens, ctx, used, missed):
     """(ops, DRAM bytes, Flash bytes) of one MoE layer over `tokens` prompt tokens after `ctx`
     cached ones: `used` distinct experts read once at high precision, `missed` bytes fetched."""
-    ops = _ops(fp, tokens, tokens * fp.shape.top_k, 2.0 * fp.attn_dim * tokens * (ctx + tokens))
-    dram = fp.dense_bytes + used * fp.sizes["FULL"] + tokens * fp.kv_bytes_per_token + missed
-    return ops, dram, missed
+    attn = 2.0 * tokens * _attended(fp, fp.attn_dim, fp.window_attn_dim, ctx + tokens)
+    kv = tokens * (fp.kv_bytes_per_token + fp.window_kv_bytes_per_token)
+    ops = _ops(fp, tokens, tokens * fp.shape.top_k, attn)
+    return ops, fp.dense_bytes + used * fp.sizes["FULL"] + kv + missed, missed
 
 
 def decode_bill(fp: Footprint, experts, ctx, read, missed):
     """One MoE layer for one token after `ctx` cached ones: `experts` routed calls reading `read`
     expert bytes from DRAM, `missed` bytes fetched from Flash."""
-    ops = _ops(fp, 1, experts, 4.0 * fp.attn_dim * ctx)
-    return ops, fp.dense_bytes + read + fp.kv_bytes_per_token * (ctx + 1) + missed, missed
+    ops = _ops(fp, 1, experts, 4.0 * _attended(fp, fp.attn_dim, fp.window_attn_dim, ctx))
+    kv = _attended(fp, fp.kv_bytes_per_token, fp.window_kv_bytes_per_token, ctx + 1)
+    return ops, fp.dense_bytes + read + kv + missed, missed
 
 
 def head_bill(fp: Footprint, tokens):
@@ -413,11 +395,11 @@ def install(model, runtime: Runtime) -> None:
         gate._slicemoe_runtime = runtime
 
 
-def _routed_forward(self, hidden_states):
-    logits = super(type(self), self).forward(hidden_states)[0]
-    bias = getattr(self, "e_score_correction_bias", None)
+def _routed_forward(self, hidden_states, *args):
+    logits = super(type(self), self).forward(hidden_states, *args)[0]
+    bias = selection_bias(self, args)
     weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits, bias)
     return logits, weights, idx
 
 
-__all__ = ["Dims", "Runtime", "footprint", "install", "model_dims", "quantize_model"]
+__all__ = ["Runtime", "footprint", "install", "quantize_model"]
