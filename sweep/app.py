@@ -49,7 +49,12 @@ def task(cfg: DictConfig) -> Any:
         return return_value(metrics, objective)
     tracker.kill_stale({job.key})
     run_id = tracker.create_run(job, None, "", git_commit())
-    outcome = worker.execute(runner, worker.ModelCache(1), job, run_id, tracker)
+    _threads_like_an_actor(cfg.ray.num_cpus_per_actor)
+    try:
+        outcome = worker.execute(runner, worker.ModelCache(1), job, run_id, tracker)
+    except BaseException:
+        tracker.client.set_terminated(run_id, "KILLED")  # Ctrl-C: rerunning the command redoes it
+        raise
     print(result_table([(job.name, outcome.status, outcome.metrics)]))
     if outcome.status != "FINISHED":
         raise SweepError(
@@ -58,6 +63,14 @@ def task(cfg: DictConfig) -> Any:
         )
     log.info(f"MLflow run {run_id} in {tracker.uri}")
     return return_value(outcome.metrics, objective)
+
+
+def _threads_like_an_actor(num_cpus: float) -> None:
+    """torch's default of a thread per core is slow on a small, busy box; a Ray actor gets
+    `ray.num_cpus_per_actor` threads, and so does a run in this process."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

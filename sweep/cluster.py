@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +39,18 @@ def connect(conf: RayConf) -> str:
         kwargs["runtime_env"] = dict(conf.runtime_env)
     if address == "local":
         # A private instance for this sweep: no dashboard (saves ~1 GB), a small object store
-        # (runs exchange only small dicts).
-        kwargs.update(include_dashboard=False, object_store_memory=conf.object_store_mb * 2**20)
+        # (runs exchange only small dicts). Ray sets up its token locally and says so on every
+        # launch, and announces the instance: neither is news here.
+        kwargs.update(
+            include_dashboard=False,
+            object_store_memory=conf.object_store_mb * 2**20,
+            logging_level=logging.WARNING,
+        )
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI codes in log files
     try:
         ray.init(**kwargs)
     except ConnectionError as err:

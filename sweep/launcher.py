@@ -91,6 +91,7 @@ class Multirun:
         results = [(job, by_key.get(job.key) or done[job.key]) for job in jobs]
         self._close_batch(results, skipped)
         print(result_table([(j.name, o.status, o.metrics) for j, o in results]), flush=True)
+        print(where_results_are(self.tracker.uri, self.parent_id, self.sweep_dir), flush=True)
         return [_job_return(c, job, out, objective) for c, (job, out) in zip(composed, results)]
 
     def _compose(self, overrides: list[str], index: int) -> DictConfig:
@@ -152,12 +153,7 @@ class Multirun:
                     if self.tracker.client.get_run(run_id).info.status == "RUNNING":
                         self.tracker.client.set_terminated(run_id, "KILLED")
             self.tracker.client.set_terminated(self.parent_id, "KILLED")
-            if isinstance(err, KeyboardInterrupt):
-                log.warning(
-                    f"interrupted: {len(pool.inflight)} running runs marked KILLED; the same "
-                    "command continues the sweep"
-                )
-            raise
+            raise  # sweep.__main__ says it in one line
         finally:
             progress.close()
 
@@ -254,6 +250,14 @@ def _check_settings_fixed(composed: list[DictConfig]) -> None:
                 f"{section}.* differs between the jobs of this multirun; set {section}.* "
                 "once per launch (sweep other keys)"
             )
+
+
+def where_results_are(uri: str, parent_id: str, sweep_dir: Path) -> str:
+    browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
+    return (
+        f"results: MLflow parent run {parent_id} ({uri}), {sweep_dir / 'results.csv'}\n"
+        f"browse: {browse}  |  figures: python -m sweep.report"
+    )
 
 
 def _job_return(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import numbers
 import os
@@ -27,6 +28,9 @@ from urllib.parse import urlparse
 
 # Before mlflow is imported anywhere in this process.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Creating or migrating the SQLite store is routine, not news.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.entities import Run as MlflowRun  # noqa: E402

@@ -42,9 +42,17 @@ class ModelCache:
         while len(self._items) >= self.capacity:
             self._items.popitem(last=False)
             _release_memory()
+        _no_progress_bars()
         value = load()
         self._items[key] = value
         return value
+
+
+def _no_progress_bars() -> None:
+    """transformers' per-load bars would break the sweep's progress line, once per actor."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def execute(

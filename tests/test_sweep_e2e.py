@@ -53,6 +53,11 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
     tmp, res = policy_sweep
     assert "[sweep] 4/4 done | 0 running | 0 failed | 0 skipped" in res.stderr
     (parent,) = search(uri(tmp), "policies", "tags.role = 'sweep'")
+    # Quiet, and it says where the results went.
+    assert f"results: MLflow parent run {parent.info.run_id}" in res.stdout
+    assert "mlflow ui --backend-store-uri" in res.stdout
+    for noise in ("\x1b[", "Loading weights", "Token authentication", "Creating initial MLflow"):
+        assert noise not in res.stdout + res.stderr, noise
     children = search(uri(tmp), "policies", "tags.role = 'run'")
     assert len(children) == 4
     names = set()
@@ -162,6 +167,7 @@ def test_optuna_sweeper_drives_the_launcher(tmp_path):
 
 
 def test_console_script_entry_point_is_the_app():
-    from sweep.__main__ import main
+    import sweep.__main__ as entry
 
-    assert main.__module__ == "sweep.app" and os.path.exists(REPO / "conf" / "config.yaml")
+    assert entry._hydra_main.__module__ == "sweep.app"
+    assert os.path.exists(REPO / "conf" / "config.yaml")

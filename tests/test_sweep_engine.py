@@ -237,3 +237,23 @@ def test_actors_log_to_a_tracking_server(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multirun", [False, True], ids=["single", "multirun"])
+def test_ctrl_c_ends_in_one_line_with_status_130_and_the_runs_in_flight_killed(tmp_path, multirun):
+    import signal
+
+    args = ["-m", "seed=0,1"] if multirun else ["seed=0"]
+    args += [f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}"]
+    driver = start_sweep(args, tmp_path, FAKE_DIR=str(tmp_path), FAKE_SLEEP="30")
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("run ") for line in calls(tmp_path)):
+        assert time.monotonic() < deadline and driver.poll() is None, driver.stdout.read()
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 130, out
+    assert "Traceback" not in out and out.rstrip().splitlines()[-1].startswith("interrupted:")
+    statuses = runs_by_status(tmp_path)
+    assert statuses["KILLED"] >= 1 and statuses["RUNNING"] == 0, statuses
