@@ -145,7 +145,7 @@ class Multirun:
         pool = self._pool(cfg, len(units_of(jobs)))
         try:
             return pool.run(jobs, self._start_run, self._lost_run, progress.update)
-        except BaseException as err:
+        except BaseException:
             # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
             # actor finished (replayed members of a unit) stay FINISHED.
             for slot in pool.inflight.values():
