@@ -111,9 +111,25 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
             f"capacity {capacity_bytes(cfg, shape):,} B is below one expert slice ({need:,} B); "
             "raise cache.frac or cache.bytes",
         )
-    get_task_or_error(e.task)
+    for name, dim in (("hidden size", shape.hidden), ("expert width", shape.moe_intermediate)):
+        if b.high is not None and dim % b.group:
+            raise ConfigError(
+                "bits.group",
+                f"{b.group} does not divide the model's {name} {dim}; pick a divisor (e.g. 32)",
+            )
+    if m.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device", "no CUDA device here; use auto or cpu")
+    task = get_task_or_error(e.task)
     if e.data_path is not None and not Path(e.data_path).exists():
         raise ConfigError("eval.data_path", f"{e.data_path} does not exist; point it at the data")
+    if e.data_path is not None and task.check_data is not None:
+        try:
+            task.check_data(e.data_path)
+        except ValueError as err:
+            raise ConfigError("eval.data_path", str(err).removeprefix("eval.data_path=")) from None
     if e.task != "arith" and e.data_path is None:
         try:
             import datasets  # noqa: F401

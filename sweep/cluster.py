@@ -71,6 +71,10 @@ def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:
     """How many actors, with which resources each, for n_jobs runs on a cluster with
     `resources` (as ray.cluster_resources() reports them)."""
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    for name in ("num_actors", "num_cpus_per_actor", "num_gpus_per_actor"):
+        value = getattr(conf, name)
+        if value is not None and not value >= (1 if name == "num_actors" else 0):
+            raise SweepError(f"ray.{name}={value} is out of range; use a positive number or null")
     per_gpu = conf.num_gpus_per_actor
     if per_gpu is None:
         per_gpu = 1.0 if gpus >= 1 else 0.0
@@ -80,7 +84,7 @@ def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:
             "set ray.num_gpus_per_actor=0 to run on CPUs"
         )
     per_cpu = conf.num_cpus_per_actor
-    if conf.num_actors:
+    if conf.num_actors is not None:
         actors = conf.num_actors
     else:
         actors = math.floor(cpus / per_cpu) if per_cpu > 0 else n_jobs

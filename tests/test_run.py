@@ -5,7 +5,14 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from slicemoe.config import BitsConfig, CacheConfig, EvalConfig, PolicyConfig, RunConfig
+from slicemoe.config import (
+    BitsConfig,
+    CacheConfig,
+    EvalConfig,
+    ModelConfig,
+    PolicyConfig,
+    RunConfig,
+)
 from slicemoe.models import read_shape
 from slicemoe.run import METRICS, ConfigError, capacity_bytes, load, run, validate
 
@@ -244,6 +251,11 @@ def test_base_scheme_caches_two_independent_copies(tmp_path):
         (dict(eval=EvalConfig(max_new_tokens=0)), "eval.max_new_tokens"),
         (dict(eval=EvalConfig(num_fewshot=-1)), "eval.num_fewshot"),
         (dict(cache=CacheConfig(frac=0.0)), "cache.frac"),
+        # Caught before a model load, not on the actor after one.
+        (dict(bits=BitsConfig(group=7)), "bits.group"),
+        (dict(eval=EvalConfig(task="gsm8k", data_path="/etc")), "eval.data_path"),
+        (dict(eval=EvalConfig(task="wikitext", data_path="/etc")), "eval.data_path"),
+        (dict(model=ModelConfig(name="qwen3-30b-a3b", dtype="bfloat16")), "model.path"),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_field(change, field):
@@ -252,8 +264,15 @@ def test_bad_configs_fail_fast_naming_the_field(change, field):
     assert err.value.field == field
 
 
+def test_a_cuda_device_is_refused_where_there_is_none(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.device: no CUDA device here"):
+        validate(RunConfig(model=ModelConfig(device="cuda")))
+
+
 def test_missing_model_path_names_model_path(tmp_path):
-    from slicemoe.config import ModelConfig
 
     with pytest.raises(ConfigError, match="model.path"):
         validate(RunConfig(model=ModelConfig(path=str(tmp_path / "none"))))

@@ -314,6 +314,9 @@ def test_actor_plan_whole_gpus_by_default_cpu_fallback():
     assert plan(RayConf(num_actors=5), 100, {"CPU": 2.0}).actors == 5
     with pytest.raises(SweepError, match="ray.num_gpus_per_actor=1"):
         plan(RayConf(num_gpus_per_actor=1), 10, {"CPU": 8.0})
+    for bad in (dict(num_actors=0), dict(num_cpus_per_actor=-1), dict(num_gpus_per_actor=-1.0)):
+        with pytest.raises(SweepError, match=f"ray.{next(iter(bad))}=.* out of range"):
+            plan(RayConf(**bad), 10, {"CPU": 8.0})
 
 
 # --- progress and table -------------------------------------------------------------------------

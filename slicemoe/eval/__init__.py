@@ -35,6 +35,8 @@ class Task:
     score: Callable[[Doc, str], dict[str, float]] | None = None
     stop: tuple[str, ...] = ()
     windows: Callable[..., list[Window]] | None = None
+    # Raises ValueError naming eval.data_path unless the local data the task reads is there.
+    check_data: Callable[[str], Any] | None = None
 
 
 TASKS: dict[str, Task] = {}

@@ -87,15 +87,20 @@ def docs(cfg, tokenizer=None) -> list[Doc]:
     return out
 
 
-def load_splits(path: str | None) -> tuple[list[dict], list[dict]]:
-    if path is None:
-        return load_hub_splits()
+def data_files(path: str) -> list[Path]:
     root = Path(path)
     files = [root / "train.jsonl", root / "test.jsonl"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ValueError(f"eval.data_path={path!r} lacks {', '.join(missing)}: {HINT}")
-    return read_jsonl(files[0]), read_jsonl(files[1])
+    return files
+
+
+def load_splits(path: str | None) -> tuple[list[dict], list[dict]]:
+    if path is None:
+        return load_hub_splits()
+    train, test = data_files(path)
+    return read_jsonl(train), read_jsonl(test)
 
 
 def read_jsonl(file: Path) -> list[dict]:
@@ -119,4 +124,13 @@ def load_hub_splits() -> tuple[list[dict], list[dict]]:
     )
 
 
-TASK = register(Task(name="gsm8k", kind="generate", docs=docs, score=score_gsm8k_style, stop=STOP))
+TASK = register(
+    Task(
+        name="gsm8k",
+        kind="generate",
+        docs=docs,
+        score=score_gsm8k_style,
+        stop=STOP,
+        check_data=data_files,
+    )
+)

@@ -45,15 +45,18 @@ def sliding_windows(
     return out
 
 
+def data_file(path: str) -> Path:
+    if not Path(path).is_file():
+        raise ValueError(f"eval.data_path={path!r} is not a file: {HINT}")
+    return Path(path)
+
+
 def load_text(path: str | None) -> str:
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ValueError(f"eval.data_path={path!r} is not a file: {HINT}")
-        return file.read_text(encoding="utf-8")
+        return data_file(path).read_text(encoding="utf-8")
     ds = load_hub(HUB_ID, HINT, split="test")
     # The guide joins the dataset's lines with blank lines before tokenizing.
     return "\n\n".join(ds["text"])
 
 
-TASK = register(Task(name="wikitext", kind="loglik", windows=windows))
+TASK = register(Task(name="wikitext", kind="loglik", windows=windows, check_data=data_file))
