@@ -31,6 +31,11 @@ class LRU:
     def add(self, key):
         self.order[key] = None
 
+    def add_cold(self, key):
+        """Enter at the evict-first end (a prefetch inserted as least recently used)."""
+        self.order[key] = None
+        self.order.move_to_end(key, last=False)
+
     def touch(self, key):
         self.order.move_to_end(key)
 
@@ -66,6 +71,13 @@ class LFU:
     def add(self, key):
         self.count[key] = 1
         self._push(key)
+
+    def add_cold(self, key):
+        """Never used yet: below every entry that was, and the next victim among those."""
+        self.count[key] = 0
+        self.clock += 1
+        self.stamp[key] = -self.clock
+        heapq.heappush(self.heap, (0, -self.clock, key))
 
     def touch(self, key):
         self.count[key] += 1
@@ -158,6 +170,8 @@ class Stats:
     hits: dict = field(default_factory=lambda: defaultdict(int))
     bytes_missed: dict = field(default_factory=lambda: defaultdict(int))
     activations: int = 0
+    prefetch_bytes: int = 0  # slices fetched ahead of their request (slicemoe.prefetch)
+    prefetch_used_bytes: int = 0  # ... of which were requested before being evicted
 
     def misses(self, kind: str | None = None) -> int:
         kinds = KINDS if kind is None else (kind,)
@@ -207,6 +221,7 @@ class SliceCache:
         self.main = make_policy(eviction, future)
         self.low = LRU() if eviction == "belady" else make_policy(eviction)
         self.entries: set[Key] = set()
+        self.prefetched: set[Key] = set()  # entries a prefetch put in, not yet requested
         # resident[layer, expert]: an MSB or FULL slice is in DRAM. Routing reads this directly.
         self.resident = np.zeros((num_layers, num_experts), dtype=bool)
         self.stats = Stats()
@@ -224,6 +239,7 @@ class SliceCache:
 
     def evict(self, key: Key) -> None:
         self.entries.remove(key)
+        self.prefetched.discard(key)
         self._pool(key).remove(key)
         self.used -= self.sizes[key[2]]
         if key[2] != "LSB":
@@ -256,6 +272,10 @@ class SliceCache:
         hit = key in self.entries
         if hit:
             self._pool(key).touch(key)
+            if key in self.prefetched:
+                self.prefetched.remove(key)
+                if self.counting:
+                    self.stats.prefetch_used_bytes += self.sizes[key[2]]
         elif fetch:
             self.insert(key)
         nbytes = self.sizes[key[2]] if hit or fetch else 0
@@ -269,6 +289,26 @@ class SliceCache:
         if self.trace is not None:
             self.trace.append((*self.tag, key[0], key[1], key[2], nbytes, hit))
         return hit
+
+    def prefetch(self, key: Key, cold: bool = False) -> int:
+        """Fetch a slice ahead of its request (no request is counted); the bytes moved, 0 when
+        it is already in DRAM, where it is refreshed unless `cold` (so that the slices fetched
+        next for the same layer do not push it out). `cold` enters a fetched slice at the
+        evict-first end of its pool."""
+        if key in self.entries:
+            if not cold:
+                self._pool(key).touch(key)
+            return 0
+        self.insert(key)
+        if cold:
+            pool = self._pool(key)
+            pool.remove(key)
+            pool.add_cold(key)
+        self.prefetched.add(key)
+        nbytes = self.sizes[key[2]]
+        if self.counting:
+            self.stats.prefetch_bytes += nbytes
+        return nbytes
 
     def access(self, layer: int, expert: int, kinds: Iterable[str], fetch_lsb=True) -> list[bool]:
         """One expert activation requesting the given slices, in order."""

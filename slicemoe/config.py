@@ -103,6 +103,19 @@ class EvalConfig:
 
 
 @dataclass
+class PrefetchConfig:
+    """Fetching the next layer's experts ahead of time (slicemoe.prefetch)."""
+
+    name: str = "none"
+    predictor: str = "none"  # none | next_gate | prev_token | oracle
+    top_m: int = 0  # experts prefetched per layer and token; 0 = the model's top-k
+    # msb: the MSB slice (a whole expert when unsliced); critical: MSB+LSB for experts whose
+    # predicted gate weight DBSC's tau marks critical, MSB for the rest
+    slices: str = "msb"
+    insert: str = "mru"  # where prefetched slices enter the eviction order: mru | lru
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     bits: BitsConfig = field(default_factory=BitsConfig)
@@ -110,6 +123,7 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     seed: int = 0
     batch_size: int = 8  # independent sequences simulated at once, each with its own cache
     trace: bool = False  # record every slice request to a parquet file

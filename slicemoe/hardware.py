@@ -44,11 +44,17 @@ class Cost:
         return Cost(*(float(np.sum(getattr(self, f.name))) for f in fields(self)))
 
 
-def charge(hw: HardwareConfig, ops: float, dram_bytes: float, flash_bytes: float) -> Cost:
+def charge(
+    hw: HardwareConfig, ops: float, dram_bytes: float, flash_bytes: float, prefetched: float = 0.0
+) -> Cost:
     """Cost of one layer step that does `ops` operations and moves the given bytes.
 
     Scalars or numpy arrays (one entry per simulated device) work alike.
     Flash fills land in DRAM, so callers include the filled bytes in `dram_bytes` too.
+    `prefetched` of the `flash_bytes` were fetched ahead for the next layer: they overlap this
+    layer's compute and DRAM time, while demand misses wait (unless `overlap_flash`):
+        latency = max(compute, DRAM, prefetch Flash time) + demand Flash time.
+    Energy counts every Flash byte, prefetches that are never used included.
     """
     compute_s = ops / (hw.xpu_tops * 1e12)
     dram_s = dram_bytes * 8 / (hw.dram_gbps * 1e9)
@@ -56,7 +62,8 @@ def charge(hw: HardwareConfig, ops: float, dram_bytes: float, flash_bytes: float
     if hw.overlap_flash:
         latency = np.maximum(np.maximum(compute_s, dram_s), flash_s)
     else:
-        latency = np.maximum(compute_s, dram_s) + flash_s
+        ahead_s = prefetched * 8 / (hw.flash_gbps * 1e9)
+        latency = np.maximum(np.maximum(compute_s, dram_s), ahead_s) + (flash_s - ahead_s)
     return Cost(
         ops=ops,
         dram_bytes=dram_bytes,

@@ -29,6 +29,10 @@ COUNTERS = (
     "highbit_calls",  # ... computed on the high-bit path
     "tokens",  # decode tokens (one per device per step)
     "resident_sum",  # experts with an MSB/FULL slice in DRAM at layer 0, summed over tokens
+    "prefetch_bytes",  # Flash bytes fetched ahead of their request (part of flash_bytes)
+    "prefetch_used_bytes",  # ... requested before they were evicted
+    "predicted_calls",  # expert calls of layer steps a prefetch prediction was made for
+    "covered_calls",  # ... whose expert was among the predicted ones
     *COST_COUNTERS,
 )
 COL = {name: i for i, name in enumerate(COUNTERS)}
@@ -40,14 +44,20 @@ TASK_DOCS = {
 }
 DECODE_DOCS = {
     "miss_rate": "slice misses / slice requests, all kinds",
-    "miss_rate_hbn": "Flash bytes / (expert activations x this configuration's high-bit expert "
-    "bytes): the paper's high-bit-normalised miss rate",
-    "miss_rate_refn": "Flash bytes / (expert activations x reference expert bytes at 8 bits): "
-    "the same unit for every bit width",
+    "miss_rate_hbn": "demand Flash bytes / (expert activations x this configuration's high-bit "
+    "expert bytes): the paper's high-bit-normalised miss rate",
+    "miss_rate_refn": "demand Flash bytes / (expert activations x reference expert bytes at 8 "
+    "bits): the same unit for every bit width",
     "miss_rate_msb": "misses / requests of MSB slices and whole experts (FULL)",
     "miss_rate_lsb": "misses / requests of LSB slices",
-    "flash_bytes_decode": "bytes read from Flash on demand",
+    "flash_bytes_decode": "bytes read from Flash: demand misses and prefetches",
+    "flash_bytes_demand": "bytes read from Flash on demand (misses)",
+    "flash_bytes_prefetch": "bytes read from Flash ahead of their request (prefetch)",
     "flash_bytes_per_token": "flash_bytes_decode / decode_tokens",
+    "prefetch_recall": "expert calls whose expert was predicted (and so prefetched, unless in "
+    "DRAM already) / expert calls of the layer steps a prediction was made for",
+    "prefetch_precision": "prefetched bytes requested before eviction / prefetched bytes (in a "
+    "window that starts mid-run, layer 0 may use bytes prefetched in the step before it)",
     "dram_bytes_decode": "DRAM traffic: weights read, KV cache read/written, Flash fills",
     "energy_decode_j": "XPU + DRAM + Flash energy",
     "energy_decode_compute_j": "XPU energy",
@@ -95,15 +105,20 @@ def decode_metrics(rows: np.ndarray, highbit_bytes: int, reference_bytes: int) -
     req = {k: c[f"requests_{k}"] for k in KINDS}
     miss = {k: c[f"misses_{k}"] for k in KINDS}
     flash, tokens = c["flash_bytes"], c["tokens"]
+    demand = flash - c["prefetch_bytes"]
     energy = c["compute_j"] + c["dram_j"] + c["flash_j"]
     return {
         "miss_rate": _ratio(sum(miss.values()), sum(req.values())),
-        "miss_rate_hbn": _ratio(flash, c["activations"] * highbit_bytes),
-        "miss_rate_refn": _ratio(flash, c["activations"] * reference_bytes),
+        "miss_rate_hbn": _ratio(demand, c["activations"] * highbit_bytes),
+        "miss_rate_refn": _ratio(demand, c["activations"] * reference_bytes),
         "miss_rate_msb": _ratio(miss["MSB"] + miss["FULL"], req["MSB"] + req["FULL"]),
         "miss_rate_lsb": _ratio(miss["LSB"], req["LSB"]),
         "flash_bytes_decode": flash,
+        "flash_bytes_demand": demand,
+        "flash_bytes_prefetch": c["prefetch_bytes"],
         "flash_bytes_per_token": _ratio(flash, tokens),
+        "prefetch_recall": _ratio(c["covered_calls"], c["predicted_calls"]),
+        "prefetch_precision": _ratio(c["prefetch_used_bytes"], c["prefetch_bytes"]),
         "dram_bytes_decode": c["dram_bytes"],
         "energy_decode_j": energy,
         "energy_decode_compute_j": c["compute_j"],

@@ -20,10 +20,11 @@ import torch
 from transformers import DynamicCache
 
 from slicemoe.cache import SliceCache
-from slicemoe.config import RunConfig
+from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, KINDS, METRICS, assemble
-from slicemoe.models import Shape, checkpoint_dir, gate_rule, model_dims, read_shape
-from slicemoe.models.adapter import Runtime, footprint, install, quantize_model
+from slicemoe.models import Shape, checkpoint_dir, gate_rule, model_dims, moe_blocks, read_shape
+from slicemoe.models.adapter import Runtime, footprint, install, quantize_model, router_logits
+from slicemoe.prefetch import make_predictor
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.stream import Recorder, Stream, replayable, stream_key
@@ -103,6 +104,10 @@ def _counters(rt: Runtime) -> np.ndarray:
         v[COL["highbit_calls"]] += st.highbit_calls
         v[COL["tokens"]] += st.decode_tokens
         v[COL["resident_sum"]] += st.resident_sum
+        v[COL["prefetch_bytes"]] += s.prefetch_bytes
+        v[COL["prefetch_used_bytes"]] += s.prefetch_used_bytes
+        v[COL["predicted_calls"]] += st.predicted_calls.sum()
+        v[COL["covered_calls"]] += st.covered_calls.sum()
     for name in COST_COUNTERS:
         v[COL[name]] = getattr(rt.cost["decode"], name)
     return v
@@ -111,14 +116,28 @@ def _counters(rt: Runtime) -> np.ndarray:
 class _Simulator:
     """Runs batches of sequences through prefill, warmup and decode with the runtime in the loop."""
 
-    def __init__(self, cfg: RunConfig, loaded: Loaded):
+    def __init__(self, cfg: RunConfig, loaded: Loaded, stream: Stream | None = None):
+        """`stream`: a recorded pass of the same config, for prefetch=oracle."""
         self.cfg, self.loaded = cfg, loaded
         self.model = loaded.model
         self.dims = model_dims(loaded.model)
         fp = footprint(self.dims, loaded.shape, cfg.bits, cfg.hardware)
         self.fp = fp
-        self.rt = Runtime(gate_rule(loaded.model.config), fp, cfg.policy, cfg.hardware)
+        gate = gate_rule(loaded.model.config)
+        blocks = moe_blocks(loaded.model)
+        predictor = make_predictor(
+            cfg.prefetch,
+            gate,
+            len(blocks),
+            cfg.policy.tau,
+            lambda layer, hidden: router_logits(blocks[layer], hidden),
+            stream,
+        )
+        self.rt = Runtime(gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch)
         install(loaded.model, self.rt)
+        # Per MoE layer, summed over sequences: expert calls predicted for, and covered.
+        self.layer_predicted = np.zeros(loaded.shape.num_moe_layers)
+        self.layer_covered = np.zeros(loaded.shape.num_moe_layers)
         self.capacity = capacity_bytes(cfg, loaded.shape)
         self.traces = []
         self.recorder = Recorder(loaded.shape)
@@ -174,7 +193,7 @@ class _Simulator:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         for i, c in enumerate(caches):
             c.tag = (first_seq + i, "prefill", -1)
-        rt.start(caches, mask.bool())
+        rt.start(caches, mask.bool(), list(range(first_seq, first_seq + b)))
         # Filled in place by every forward; the config gives each layer its kind of cache
         # (sliding window, linear-attention or SSM state).
         kv = DynamicCache(config=self.model.config)
@@ -253,6 +272,8 @@ class _Simulator:
                 self.traces.append(st.cache.trace)
             n = int(lens[i])
             self.recorder.add(first_seq + i, n, st.counts, st.chosen, st.requested_high)
+            self.layer_predicted += st.predicted_calls
+            self.layer_covered += st.covered_calls
         if forced is not None:
             return nll
         return [_cut(t, stop) for t in texts]
@@ -263,10 +284,10 @@ def _cut(text: str, stop) -> str:
     return text[:cut]
 
 
-def _evaluate(cfg: RunConfig, loaded: Loaded):
+def _evaluate(cfg: RunConfig, loaded: Loaded, stream: Stream | None = None):
     """The model pass: (the simulator with its meters, task scores, prompt tokens)."""
     task = get_task_or_error(cfg.eval.task)
-    sim = _Simulator(cfg, loaded)
+    sim = _Simulator(cfg, loaded, stream)
     tok = loaded.tokenizer
     scores: dict[str, list] = {}
     prefill_tokens = 0
@@ -333,8 +354,12 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         result = replay(record(cfg, loaded), cfg)
         result["wall_s"] = time.time() - t0
         return result
+    # The oracle prefetcher reads the future from a first pass without prefetching.
+    future = None
+    if cfg.prefetch.predictor == "oracle":
+        future = record(dataclasses.replace(cfg, prefetch=PrefetchConfig()), loaded)
     torch.manual_seed(cfg.seed)
-    sim, scores, prefill_tokens = _evaluate(cfg, loaded)
+    sim, scores, prefill_tokens = _evaluate(cfg, loaded, future)
     result = assemble(
         cfg,
         sim.rows(),
@@ -346,6 +371,10 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         sim.fp.sizes["FULL"],
         reference_bytes(loaded.shape.expert_params),
     )
+    if cfg.prefetch.predictor != "none":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = sim.layer_covered / sim.layer_predicted
+        result["curves"]["prefetch_recall_layer"] = recall.tolist()
     result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
     if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
         stream = sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)

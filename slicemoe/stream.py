@@ -41,12 +41,19 @@ NOT_IN_STREAM = {
     "model": ("device",),
     "trace": None,
     "trace_path": None,
+    "prefetch": None,
 }  # fmt: skip
 
 
 def replayable(cfg: RunConfig) -> bool:
-    """True when nothing the model computes depends on the cache: top-k routing, LSB misses
-    fetched, no miss-rate controller. Everything else needs the model in the loop."""
+    """True when nothing the model computes depends on the cache (top-k routing, LSB misses
+    fetched, no miss-rate controller) and the replay models everything the run asks for (no
+    prefetching). Everything else needs the model in the loop."""
+    return cache_independent(cfg) and cfg.prefetch.predictor == "none"
+
+
+def cache_independent(cfg: RunConfig) -> bool:
+    """The requests of a run do not depend on its cache: the same in any recorded pass."""
     p = cfg.policy
     return p.routing == "topk" and p.lsb_miss == "fetch" and p.miss_rate_target is None
 

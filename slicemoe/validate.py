@@ -12,8 +12,10 @@ from slicemoe.cache import EVICTION
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
 from slicemoe.models import Shape, checkpoint_dir, config_dir, read_shape
+from slicemoe.prefetch import PREDICTORS
 from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
+from slicemoe.stream import cache_independent
 from slicemoe.warmup import WARMUP
 
 
@@ -122,6 +124,7 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("model.device", "no CUDA device here; use auto or cpu")
+    check_prefetch(cfg, shape)
     task = get_task_or_error(e.task)
     if e.data_path is not None and not Path(e.data_path).exists():
         raise ConfigError("eval.data_path", f"{e.data_path} does not exist; point it at the data")
@@ -146,6 +149,36 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
         raise ConfigError("eval.num_fewshot", "must be >= 0")
     if cfg.batch_size < 1:
         raise ConfigError("batch_size", "must be >= 1")
+
+
+def check_prefetch(cfg: RunConfig, shape: Shape) -> None:
+    f = cfg.prefetch
+    if f.predictor not in PREDICTORS:
+        raise ConfigError(
+            "prefetch.predictor", f"{f.predictor!r} is unknown; use one of {PREDICTORS}"
+        )
+    if f.slices not in ("msb", "critical"):
+        raise ConfigError("prefetch.slices", f"{f.slices!r} is unknown; use msb or critical")
+    if f.insert not in ("mru", "lru"):
+        raise ConfigError("prefetch.insert", f"{f.insert!r} is unknown; use mru or lru")
+    if f.top_m != 0 and not shape.top_k <= f.top_m <= shape.num_experts:
+        raise ConfigError(
+            "prefetch.top_m",
+            f"{f.top_m} must be 0 (the model's top-k) or between top-k={shape.top_k} and the "
+            f"{shape.num_experts} experts",
+        )
+    if f.predictor == "none":
+        return
+    if cfg.cache.eviction == "belady":
+        raise ConfigError(
+            "prefetch.predictor", "Belady's oracle cache replays a recorded pass; use prefetch=none"
+        )
+    if f.predictor == "oracle" and not cache_independent(cfg):
+        raise ConfigError(
+            "prefetch.predictor",
+            "oracle reads the future from a recorded pass, so requests must not depend on the "
+            "cache: policy.routing=topk, policy.lsb_miss=fetch, no policy.miss_rate_target",
+        )
 
 
 def get_task_or_error(name: str):

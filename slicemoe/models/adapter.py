@@ -23,7 +23,7 @@ import torch
 
 from slicemoe import quant
 from slicemoe.cache import SliceCache
-from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
+from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig, PrefetchConfig
 from slicemoe.hardware import Cost, charge
 from slicemoe.models import (
     EXPERT_BIASES,
@@ -213,11 +213,25 @@ class SeqState:
     # high-bit path was requested (slicemoe.stream).
     chosen: list = field(default_factory=list)
     requested_high: list = field(default_factory=list)
+    # Prefetching (slicemoe.prefetch): the experts predicted for the layer about to run, and per
+    # layer the expert calls a prediction was made for and those it covered.
+    predicted: frozenset | None = None  # None: no prediction was made for it
+    predicted_calls: np.ndarray | None = None
+    covered_calls: np.ndarray | None = None
 
 
 class Runtime:
-    def __init__(self, gate: Gate, fp: Footprint, policy: PolicyConfig, hw: HardwareConfig):
+    def __init__(
+        self,
+        gate: Gate,
+        fp: Footprint,
+        policy: PolicyConfig,
+        hw: HardwareConfig,
+        predictor=None,
+        prefetch: PrefetchConfig | None = None,
+    ):
         self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
+        self.predictor, self.prefetch = predictor, prefetch or PrefetchConfig()
         self.params = RoutingParams(
             lam=policy.lam,
             cumsum_p=policy.cumsum_p,
@@ -227,15 +241,16 @@ class Runtime:
         self.sliced = policy.precision in ("low", "dbsc")
         self.E = fp.shape.num_experts
         self.seqs: list[SeqState] = []
-        self.phase = "prefill"
+        self.phase, self.step = "prefill", -1
         self.valid: torch.Tensor | None = None  # [B, S] prefill token mask (no padding)
         self.active: np.ndarray | None = None  # [B] decode rows still generating
         self.context: np.ndarray | None = None  # [B] tokens in each row's KV cache
         # Hardware cost summed over all sequences of the evaluation, per phase.
         self.cost = {"prefill": Cost(), "decode": Cost()}
 
-    def start(self, caches: list[SliceCache], valid: torch.Tensor) -> None:
-        """A new batch: one device per cache; `valid[b, s]` marks prompt tokens (no padding)."""
+    def start(self, caches: list[SliceCache], valid: torch.Tensor, seq_ids: list[int]) -> None:
+        """A new batch: one device per cache, for sequences `seq_ids`; `valid[b, s]` marks
+        prompt tokens (no padding)."""
         layers = self.fp.shape.num_moe_layers
         self.seqs = [
             SeqState(
@@ -244,15 +259,19 @@ class Runtime:
                 lam=self.policy.lam,
                 range_sum=np.zeros(layers),
                 range_n=np.zeros(layers, dtype=np.int64),
+                predicted_calls=np.zeros(layers, dtype=np.int64),
+                covered_calls=np.zeros(layers, dtype=np.int64),
             )
             for c in caches
         ]
+        if self.predictor is not None:
+            self.predictor.start(seq_ids)
         self.phase, self.valid = "prefill", valid
         self.context = np.zeros(len(caches), dtype=np.int64)
 
     def begin_step(self, step: int, active: np.ndarray, context: np.ndarray) -> None:
         """Decode step `step` of the rows in `active`, each with `context` tokens cached."""
-        self.phase = "decode"
+        self.phase, self.step = "decode", step
         self.active, self.context = active.copy(), context.copy()
         if step == self.policy.warmup_steps:
             for st in self.seqs:
@@ -261,10 +280,14 @@ class Runtime:
     def kinds(self, high: bool) -> tuple[str, ...]:
         return slice_kinds(self.sliced, self.fp.nested, high)
 
-    def _charge(self, ops, dram, flash) -> None:
+    def _charge(self, ops, dram, flash, prefetched=0.0) -> None:
         """Charge one layer step of each listed row (arrays, one entry per row)."""
         cost = charge(
-            self.hw, np.asarray(ops, float), np.asarray(dram, float), np.asarray(flash, float)
+            self.hw,
+            np.asarray(ops, float),
+            np.asarray(dram, float),
+            np.asarray(flash, float),
+            np.asarray(prefetched, float),
         )
         self.cost[self.phase] = self.cost[self.phase] + cost.total()
 
@@ -278,12 +301,13 @@ class Runtime:
         """Slices read from Flash into DRAM outside any layer's compute (warmup fills)."""
         self._charge(np.zeros(len(flash_bytes)), flash_bytes, flash_bytes)
 
-    def route(self, layer: int, logits: torch.Tensor, bias: torch.Tensor | None = None):
+    def route(self, layer: int, logits: torch.Tensor, bias=None, hidden=None):
         """Choose experts and precision for one MoE layer; returns (weights, virtual idx).
-        `bias`: the router's selection-only score correction (DeepSeek-V3), if it has one."""
+        `bias`: the router's selection-only score correction (DeepSeek-V3), if it has one;
+        `hidden`: the block's input, for predictors that read it."""
         if self.phase == "prefill":
             return self._prefill(layer, logits, bias)
-        return self._decode(layer, logits, bias)
+        return self._decode(layer, logits, bias, hidden)
 
     def _prefill(self, layer, logits, bias):
         b, s = self.valid.shape
@@ -324,7 +348,7 @@ class Runtime:
         spread = torch.tensor(mean, device=logits.device).view(-1, 1)
         return replace(self.params, lam=lam, spread=spread, bias=bias)
 
-    def _decode(self, layer, logits, bias):
+    def _decode(self, layer, logits, bias, hidden):
         cached = np.stack([st.cache.resident[layer] for st in self.seqs])
         params = self._params(layer, logits, bias)
         idx, w = route(self.policy.routing, self.gate, logits, torch.from_numpy(cached), params)
@@ -353,14 +377,51 @@ class Runtime:
             st.highbit_calls += int(use_high[row].sum())
             st.chosen.append(idx_np[row])
             st.requested_high.append(high[row])
+            if st.predicted is not None:
+                st.predicted_calls[layer] += len(idx_np[row])
+                st.covered_calls[layer] += sum(int(e) in st.predicted for e in idx_np[row])
             bill = decode_bill(fp, len(idx_np[row]), int(self.context[row]), read, missed)
             for column, value in zip((ops, dram, flash), bill):
                 column.append(value)
-        self._charge(ops, dram, flash)
+        prefetched = self._prefetch(layer, hidden, idx_np)
+        active = self.active.nonzero()[0]
+        # Prefetched slices are Flash reads and DRAM fills, overlapping this layer.
+        dram = np.asarray(dram, float) + prefetched[active]
+        flash = np.asarray(flash, float) + prefetched[active]
+        self._charge(ops, dram, flash, prefetched[active])
         if layer == self.fp.shape.num_moe_layers - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda()
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
         return w.to(logits.dtype), virt
+
+    def _prefetch(self, layer: int, hidden, chosen: np.ndarray) -> np.ndarray:
+        """Fetch the predicted experts of the next layer (layer 0 of the next token after the
+        last) into each active row's cache; the Flash bytes moved per row."""
+        moved = np.zeros(len(self.seqs))
+        if self.predictor is None:
+            return moved
+        self.predictor.observe(layer, self.step, chosen)
+        pred = self.predictor.predict(layer, self.step, hidden)
+        target = (layer + 1) % self.fp.shape.num_moe_layers
+        cold = self.prefetch.insert == "lru"
+        for row, st in enumerate(self.seqs):
+            st.predicted = None
+            if not self.active[row] or pred is None:
+                continue
+            experts, crit = pred[0][row], pred[1][row]
+            if (experts < 0).any():
+                continue
+            st.predicted = frozenset(int(e) for e in experts)
+            # MSB slices first: an LSB prefetched before them would be the first thing their
+            # room is made from (the LSB pool is emptied first).
+            slices = [
+                (int(e), kind)
+                for e, c in zip(experts, crit)
+                for kind in self.kinds(bool(c) and self.prefetch.slices == "critical")
+            ]
+            for e, kind in sorted(slices, key=lambda s: s[1] == "LSB"):
+                moved[row] += st.cache.prefetch((target, e, kind), cold)
+        return moved
 
     # Proportional step per decode token on the relative error of the running miss rate. The
     # gain was picked by hand on the tiny model: large enough to settle within ~20 tokens,
@@ -395,11 +456,27 @@ def install(model, runtime: Runtime) -> None:
         gate._slicemoe_runtime = runtime
 
 
+def router_logits(block, hidden: torch.Tensor):
+    """A block's own router logits for `hidden` and its selection-only bias, without the
+    runtime's routing (for predictors that score another layer's input)."""
+    router = router_of(block)
+    forward = (
+        super(type(router), router).forward if hasattr(router, "_slicemoe") else router.forward
+    )
+    # MiniMax-M2, AFMoE and LFM2 keep the bias on the block and pass it to the router.
+    args = tuple(
+        getattr(block, n)
+        for n in ("e_score_correction_bias", "expert_bias")
+        if isinstance(getattr(block, n, None), torch.Tensor)
+    )[:1]
+    return forward(hidden, *args)[0], selection_bias(router, args)
+
+
 def _routed_forward(self, hidden_states, *args):
     logits = super(type(self), self).forward(hidden_states, *args)[0]
     bias = selection_bias(self, args)
-    weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits, bias)
+    weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits, bias, hidden_states)
     return logits, weights, idx
 
 
-__all__ = ["Runtime", "footprint", "install", "quantize_model"]
+__all__ = ["Runtime", "footprint", "install", "quantize_model", "router_logits"]
