@@ -162,10 +162,20 @@ def curves(rows: np.ndarray) -> dict:
 
 
 def assemble(
-    cfg, rows, prefill: Cost, warmup_bytes, prompt_tokens, scores, capacity, highbit, reference
+    cfg,
+    rows,
+    prefill: Cost,
+    warmup_bytes,
+    prompt_tokens,
+    scores,
+    capacity,
+    highbit,
+    reference,
+    layer_calls=None,
 ) -> dict:
     """A run's metrics dict (METRICS, in order, plus "curves") from its per-step decode rows,
-    the prefill cost and the task scores; the model pass and the replay both end here."""
+    the prefill cost and the task scores; the model pass and the replay both end here.
+    `layer_calls`: per MoE layer, (expert calls predicted for, calls covered) when prefetching."""
     nan = float("nan")
     out = {k: float(scores.get(k, nan)) for k in TASK_DOCS}
     out.update(decode_metrics(rows, highbit, reference))
@@ -174,4 +184,8 @@ def assemble(
     out.update(prefill_metrics(prefill, warmup_bytes, prompt_tokens))
     out["cache_capacity_bytes"] = float(capacity)
     out["curves"] = curves(rows)
+    if cfg.prefetch.predictor != "none":
+        predicted, covered = layer_calls
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["curves"]["prefetch_recall_layer"] = (covered / predicted).tolist()
     return out

@@ -12,8 +12,12 @@ layer l (slicemoe.hardware.charge).
   (pre-gating); critical = DBSC's rule on the predicted gate weights of its top-k. It has no
   input for the next token's layer 0, which it leaves to demand fetches.
 - prev_token: what the next layer used for the previous token of the same sequence.
-- oracle: what the next layer will use, read from a first recorded pass (an upper bound; top-k
-  routing only, as its requests must not depend on the cache).
+- oracle: what the next layer will use (an upper bound). It needs the future, so it runs as a
+  replay of a recorded pass (slicemoe.replay), with top-k routing only: its requests must not
+  depend on the cache.
+
+A replay prefetches by the same rules from the request stream, which records the next_gate
+ranking of every layer step (slicemoe.stream).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class NextGate:
         self.gate, self.router_logits, self.m, self.tau = gate, router_logits, m, tau
         self.layers = layers
 
-    def start(self, seq_ids: list[int]) -> None:
+    def start(self) -> None:
         pass
 
     def observe(self, layer: int, step: int, chosen: np.ndarray) -> None:
@@ -56,7 +60,7 @@ class PrevToken:
         self.layers, self.m = layers, m
         self.last: dict[int, np.ndarray] = {}  # layer -> [B, k] experts of its latest token
 
-    def start(self, seq_ids: list[int]) -> None:
+    def start(self) -> None:
         self.last = {}
 
     def observe(self, layer: int, step: int, chosen: np.ndarray) -> None:
@@ -70,47 +74,11 @@ class PrevToken:
         return prev[:, : self.m], np.zeros(prev[:, : self.m].shape, dtype=bool)
 
 
-class Oracle:
-    def __init__(self, stream, m: int):
-        self.stream, self.m = stream, m
-        self.layers = stream.shape.num_moe_layers
-        self.seq_ids: list[int] = []
-
-    def start(self, seq_ids: list[int]) -> None:
-        self.seq_ids = list(seq_ids)
-        self.future = [self.stream.sequence(s)[2:] for s in self.seq_ids]  # (experts, high)
-
-    def _at(self, step: int, layer: int):
-        rows = [(e[step, layer], h[step, layer]) if step < len(e) else None for e, h in self.future]
-        k = self.stream.shape.top_k
-        # -1: no recorded future (the sequence ends before): nothing to fetch.
-        experts = np.stack([r[0] if r else np.full(k, -1) for r in rows])
-        high = np.stack([r[1] if r else np.zeros(k, bool) for r in rows])
-        return experts, high, [r is not None for r in rows]
-
-    def observe(self, layer: int, step: int, chosen: np.ndarray) -> None:
-        now, _, known = self._at(step, layer)
-        for row in np.nonzero(known)[0]:
-            if set(now[row]) != set(chosen[row]):
-                raise RuntimeError(
-                    f"prefetch=oracle: sequence {self.seq_ids[row]} routed differently from its "
-                    f"recorded pass at decode step {step}, layer {layer}; the oracle needs "
-                    "requests that do not depend on the cache"
-                )
-
-    def predict(self, layer: int, step: int, hidden):
-        nxt = layer + 1
-        experts, high, _ = self._at(step + nxt // self.layers, nxt % self.layers)
-        return experts[:, : self.m], high[:, : self.m]
-
-
 PREDICTORS = ("none", "next_gate", "prev_token", "oracle")
 
 
-def make_predictor(
-    cfg: PrefetchConfig, gate: Gate, layers: int, tau: float, router_logits=None, stream=None
-):
-    """The predictor `cfg.predictor` names, or None for `none`."""
+def make_predictor(cfg: PrefetchConfig, gate: Gate, layers: int, tau: float, router_logits):
+    """The in-loop predictor `cfg.predictor` names, or None for `none`."""
     m = cfg.top_m or gate.top_k
     if cfg.predictor == "none":
         return None
@@ -119,5 +87,5 @@ def make_predictor(
     if cfg.predictor == "prev_token":
         return PrevToken(layers, m)
     if cfg.predictor == "oracle":
-        return Oracle(stream, m)
+        raise ValueError("prefetch=oracle runs as a replay of a recorded pass (slicemoe.run.run)")
     raise ValueError(f"prefetch.predictor={cfg.predictor!r} is unknown; use one of {PREDICTORS}")

@@ -53,6 +53,8 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
     capacity = capacity_bytes(cfg, stream.shape)
     steps = int(stream.decode_steps.max()) if stream.num_sequences else 0
     rows = np.zeros((steps, len(COUNTERS)))
+    layers = stream.shape.num_moe_layers
+    layer_calls = (np.zeros(layers), np.zeros(layers))  # predicted for, covered (prefetching)
     prefill, warmup_bytes, traces = Cost(), 0, []
     for s in range(stream.num_sequences):
         device = _Device(cfg, fp, capacity, stream, s)
@@ -60,7 +62,10 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         fills = device.warmup()
         prefill = prefill + charge(cfg.hardware, 0.0, fills, fills).total()
         warmup_bytes += fills
-        rows[: device.steps] += device.decode()
+        if cfg.prefetch.predictor == "none":
+            rows[: device.steps] += device.decode()
+        else:
+            rows[: device.steps] += device.decode_prefetching(layer_calls)
         if device.cache.trace is not None:
             traces.append(device.cache.trace)
     result = assemble(
@@ -73,6 +78,7 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         capacity,
         fp.sizes["FULL"],
         reference_bytes(stream.shape.expert_params),
+        layer_calls,
     )
     result["trace_path"] = write_trace(cfg, traces) if cfg.trace else None
     result["wall_s"] = time.time() - t0
@@ -90,6 +96,7 @@ class _Device:
     def __init__(self, cfg: RunConfig, fp: Footprint, capacity: int, stream: Stream, s: int):
         self.cfg, self.fp, self.s = cfg, fp, s
         self.prompt_len, self.counts, self.experts, self.high = stream.sequence(s)
+        self.next_gate, self.next_gate_critical = stream.next_gate_of(s)
         self.steps = len(self.experts)
         self.sliced = cfg.policy.precision in ("low", "dbsc")
         shape = stream.shape
@@ -214,6 +221,98 @@ class _Device:
         for name in COST_COUNTERS:
             out[:, COL[name]] = np.sum(getattr(layer_cost, name), axis=1) + getattr(head, name)
         return out
+
+    # --- prefetching: the reference loop, one layer step at a time ---------------------------
+
+    def _predicted(self, t: int, layer: int):
+        """What the prefetcher names after layer step (t, layer) for the next layer (layer 0
+        of step t + 1 after the last): (experts, critical) or None, as the runtime's
+        predictors (slicemoe.prefetch) do in the loop."""
+        f, (steps, layers, k) = self.cfg.prefetch, self.experts.shape
+        m = f.top_m or k
+        nxt_t, nxt = (t, layer + 1) if layer + 1 < layers else (t + 1, 0)
+        if f.predictor == "next_gate":
+            if nxt == 0:
+                return None
+            crit = np.zeros(m, dtype=bool)
+            crit[:k] = self.next_gate_critical[t, layer]
+            return self.next_gate[t, layer, :m], crit
+        if f.predictor == "prev_token":
+            prev_t = nxt_t - 1  # the latest token the next layer has seen
+            if prev_t < 0:
+                return None
+            return self.experts[prev_t, nxt, :m], np.zeros(min(m, k), dtype=bool)
+        if nxt_t >= steps:  # oracle: the sequence ends here
+            return None
+        return self.experts[nxt_t, nxt, :m], self.high[nxt_t, nxt, :m]
+
+    def decode_prefetching(self, layer_calls) -> np.ndarray:
+        """COUNTERS of each decode step of this device, [steps, COUNTERS], prefetching after
+        every layer step as the runtime does; adds to `layer_calls` (predicted, covered)."""
+        fp, cache, hw = self.fp, self.cache, self.cfg.hardware
+        cache.counting = True
+        steps, layers, k = self.experts.shape
+        cold = self.cfg.prefetch.insert == "lru"
+        critical_lsb = self.cfg.prefetch.slices == "critical"
+        out = np.zeros((steps, len(COUNTERS)))
+        predicted = None  # the experts predicted for the layer step about to run
+        head = charge(hw, *head_bill(fp, 1))
+        for t in range(steps):
+            before = _stats_row(cache)
+            cost = head
+            for layer in range(layers):
+                cache.tag = (self.s, "decode", t)
+                missed = read = 0
+                for e, h in zip(self.experts[t, layer], self.high[t, layer]):
+                    kinds = slice_kinds(self.sliced, fp.nested, bool(h))
+                    hits = cache.access(layer, int(e), kinds)
+                    missed += sum(fp.sizes[x] for x, hit in zip(kinds, hits) if not hit)
+                    high = computes_high(kinds)
+                    read += fp.sizes["FULL"] if high else fp.low_bytes
+                    out[t, COL["highbit_calls"]] += high
+                if predicted is not None:
+                    layer_calls[0][layer] += k
+                    layer_calls[1][layer] += sum(
+                        int(e) in predicted for e in self.experts[t, layer]
+                    )
+                    out[t, COL["predicted_calls"]] += k
+                    out[t, COL["covered_calls"]] += sum(
+                        int(e) in predicted for e in self.experts[t, layer]
+                    )
+                if layer == 0:
+                    out[t, COL["resident_sum"]] = cache.resident.sum()
+                moved, predicted = 0, None
+                pred = self._predicted(t, layer)
+                if pred is not None:
+                    experts, crit = pred
+                    predicted = {int(e) for e in experts}
+                    target = (layer + 1) % layers
+                    slices = [
+                        (int(e), x)
+                        for e, c in zip(experts, crit)
+                        for x in slice_kinds(self.sliced, fp.nested, bool(c) and critical_lsb)
+                    ]
+                    for e, x in sorted(slices, key=lambda s: s[1] == "LSB"):
+                        moved += cache.prefetch((target, e, x), cold)
+                ops, dram, flash = decode_bill(fp, k, self.prompt_len + t, read, missed)
+                cost = cost + charge(hw, ops, dram + moved, flash + moved, moved)
+            out[t] += _stats_row(cache) - before
+            for name in COST_COUNTERS:
+                out[t, COL[name]] = getattr(cost, name)
+        out[:, COL["activations"]] = out[:, COL["expert_calls"]] = layers * k
+        out[:, COL["tokens"]] = 1
+        return out
+
+
+def _stats_row(cache: SliceCache) -> np.ndarray:
+    """The cache's cumulative statistics as a COUNTERS row (the other columns zero)."""
+    s, v = cache.stats, np.zeros(len(COUNTERS))
+    for kind in KINDS:
+        v[COL[f"requests_{kind}"]] = s.requests[kind]
+        v[COL[f"misses_{kind}"]] = s.requests[kind] - s.hits[kind]
+    v[COL["prefetch_bytes"]] = s.prefetch_bytes
+    v[COL["prefetch_used_bytes"]] = s.prefetch_used_bytes
+    return v
 
 
 def miss_ratio_curve(stream: Stream, cfg: RunConfig, fractions) -> list[dict]:

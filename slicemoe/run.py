@@ -24,7 +24,7 @@ from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, KINDS, METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, gate_rule, model_dims, moe_blocks, read_shape
 from slicemoe.models.adapter import Runtime, footprint, install, quantize_model, router_logits
-from slicemoe.prefetch import make_predictor
+from slicemoe.prefetch import NextGate, make_predictor
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.stream import Recorder, Stream, replayable, stream_key
@@ -116,8 +116,7 @@ def _counters(rt: Runtime) -> np.ndarray:
 class _Simulator:
     """Runs batches of sequences through prefill, warmup and decode with the runtime in the loop."""
 
-    def __init__(self, cfg: RunConfig, loaded: Loaded, stream: Stream | None = None):
-        """`stream`: a recorded pass of the same config, for prefetch=oracle."""
+    def __init__(self, cfg: RunConfig, loaded: Loaded):
         self.cfg, self.loaded = cfg, loaded
         self.model = loaded.model
         self.dims = model_dims(loaded.model)
@@ -125,22 +124,20 @@ class _Simulator:
         self.fp = fp
         gate = gate_rule(loaded.model.config)
         blocks = moe_blocks(loaded.model)
-        predictor = make_predictor(
-            cfg.prefetch,
-            gate,
-            len(blocks),
-            cfg.policy.tau,
-            lambda layer, hidden: router_logits(blocks[layer], hidden),
-            stream,
-        )
-        self.rt = Runtime(gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch)
+
+        def logits(layer, hidden):
+            return router_logits(blocks[layer], hidden)
+
+        predictor = make_predictor(cfg.prefetch, gate, len(blocks), cfg.policy.tau, logits)
+        self.recorder = Recorder(loaded.shape)
+        ranker = NextGate(gate, logits, len(blocks), self.recorder.depth, cfg.policy.tau)
+        self.rt = Runtime(gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
         install(loaded.model, self.rt)
         # Per MoE layer, summed over sequences: expert calls predicted for, and covered.
         self.layer_predicted = np.zeros(loaded.shape.num_moe_layers)
         self.layer_covered = np.zeros(loaded.shape.num_moe_layers)
         self.capacity = capacity_bytes(cfg, loaded.shape)
         self.traces = []
-        self.recorder = Recorder(loaded.shape)
         # step_rows[t]: COUNTERS of decode step t, summed over every device of every batch.
         self.step_rows: list[np.ndarray] = []
         self.warmup_bytes = 0
@@ -193,7 +190,7 @@ class _Simulator:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         for i, c in enumerate(caches):
             c.tag = (first_seq + i, "prefill", -1)
-        rt.start(caches, mask.bool(), list(range(first_seq, first_seq + b)))
+        rt.start(caches, mask.bool())
         # Filled in place by every forward; the config gives each layer its kind of cache
         # (sliding window, linear-attention or SSM state).
         kv = DynamicCache(config=self.model.config)
@@ -271,7 +268,15 @@ class _Simulator:
             if st.cache.trace is not None:
                 self.traces.append(st.cache.trace)
             n = int(lens[i])
-            self.recorder.add(first_seq + i, n, st.counts, st.chosen, st.requested_high)
+            self.recorder.add(
+                first_seq + i,
+                n,
+                st.counts,
+                st.chosen,
+                st.requested_high,
+                st.next_gate,
+                st.next_gate_critical,
+            )
             self.layer_predicted += st.predicted_calls
             self.layer_covered += st.covered_calls
         if forced is not None:
@@ -284,10 +289,10 @@ def _cut(text: str, stop) -> str:
     return text[:cut]
 
 
-def _evaluate(cfg: RunConfig, loaded: Loaded, stream: Stream | None = None):
+def _evaluate(cfg: RunConfig, loaded: Loaded):
     """The model pass: (the simulator with its meters, task scores, prompt tokens)."""
     task = get_task_or_error(cfg.eval.task)
-    sim = _Simulator(cfg, loaded, stream)
+    sim = _Simulator(cfg, loaded)
     tok = loaded.tokenizer
     scores: dict[str, list] = {}
     prefill_tokens = 0
@@ -336,8 +341,10 @@ def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
             "this config's requests depend on the cache (cache-aware routing, lsb_miss=skip or "
             "a miss-rate target): run it with the model in the loop, slicemoe.run.run"
         )
-    # The stream does not depend on the cache; any in-loop eviction records it.
-    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"))
+    # The stream does not depend on the cache or the prefetcher; any in-loop eviction records it.
+    cfg = dataclasses.replace(
+        cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"), prefetch=PrefetchConfig()
+    )
     torch.manual_seed(cfg.seed)
     sim, scores, _ = _evaluate(cfg, loaded)
     return sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
@@ -346,20 +353,16 @@ def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
 def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
     """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves" and "trace_path".
 
-    Belady's oracle needs the future: the model pass records the request stream, and the
-    oracle's cache replays it (slicemoe.replay)."""
+    Belady's oracle and the oracle prefetcher need the future: the model pass records the
+    request stream, and the replay reads it (slicemoe.replay)."""
     t0 = time.time()
     loaded = _prepare(cfg, loaded)
-    if cfg.cache.eviction == "belady":
+    if cfg.cache.eviction == "belady" or cfg.prefetch.predictor == "oracle":
         result = replay(record(cfg, loaded), cfg)
         result["wall_s"] = time.time() - t0
         return result
-    # The oracle prefetcher reads the future from a first pass without prefetching.
-    future = None
-    if cfg.prefetch.predictor == "oracle":
-        future = record(dataclasses.replace(cfg, prefetch=PrefetchConfig()), loaded)
     torch.manual_seed(cfg.seed)
-    sim, scores, prefill_tokens = _evaluate(cfg, loaded, future)
+    sim, scores, prefill_tokens = _evaluate(cfg, loaded)
     result = assemble(
         cfg,
         sim.rows(),
@@ -370,11 +373,8 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         sim.capacity,
         sim.fp.sizes["FULL"],
         reference_bytes(loaded.shape.expert_params),
+        (sim.layer_predicted, sim.layer_covered),
     )
-    if cfg.prefetch.predictor != "none":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            recall = sim.layer_covered / sim.layer_predicted
-        result["curves"]["prefetch_recall_layer"] = recall.tolist()
     result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
     if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
         stream = sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)

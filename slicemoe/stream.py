@@ -28,8 +28,14 @@ import numpy as np
 from slicemoe.config import RunConfig
 from slicemoe.models import Dims, Shape
 
-SCHEMA_VERSION = 1
-ARRAYS = ("prompt_len", "prefill_counts", "decode_steps", "experts", "high")
+SCHEMA_VERSION = 2
+ARRAYS = (
+    "prompt_len", "prefill_counts", "decode_steps", "experts", "high", "next_gate",
+    "next_gate_critical",
+)  # fmt: skip
+# How many of the next layer's experts the pre-gating predictor's ranking is recorded for: a
+# replay can prefetch by next_gate with prefetch.top_m up to this.
+NEXT_GATE_DEPTH = 16
 
 # What a stream does not depend on (replay recomputes it): the cache, the warmup and the
 # measurement window, the hardware, the routing knobs top-k does not read, and where things run.
@@ -47,9 +53,11 @@ NOT_IN_STREAM = {
 
 def replayable(cfg: RunConfig) -> bool:
     """True when nothing the model computes depends on the cache (top-k routing, LSB misses
-    fetched, no miss-rate controller) and the replay models everything the run asks for (no
-    prefetching). Everything else needs the model in the loop."""
-    return cache_independent(cfg) and cfg.prefetch.predictor == "none"
+    fetched, no miss-rate controller) and the stream holds what the prefetcher reads.
+    Everything else needs the model in the loop."""
+    f = cfg.prefetch
+    recorded = f.predictor != "next_gate" or f.top_m <= NEXT_GATE_DEPTH
+    return cache_independent(cfg) and recorded
 
 
 def cache_independent(cfg: RunConfig) -> bool:
@@ -83,6 +91,11 @@ class Stream:
     decode_steps: np.ndarray  # [S] decode forward passes per sequence
     experts: np.ndarray  # [sum(decode_steps), layers, k] chosen experts
     high: np.ndarray  # [sum(decode_steps), layers, k] high-bit path requested
+    # Layer l+1's router on layer l's MoE input (slicemoe.prefetch.NextGate): its best experts,
+    # best first ([..., layers, depth], -1 past the last layer), and DBSC's critical flags of
+    # its top-k ([..., layers, k]).
+    next_gate: np.ndarray
+    next_gate_critical: np.ndarray
 
     @property
     def num_sequences(self) -> int:
@@ -101,6 +114,11 @@ class Stream:
             self.experts[start:end],
             self.high[start:end],
         )
+
+    def next_gate_of(self, s: int):
+        """(ranked experts [T, L, depth], critical [T, L, k]) of sequence s."""
+        start, end = int(self._starts[s]), int(self._starts[s + 1])
+        return self.next_gate[start:end], self.next_gate_critical[start:end]
 
     def save(self, path: str | Path) -> Path:
         meta = {
@@ -141,14 +159,23 @@ class Recorder:
 
     def __init__(self, shape: Shape):
         self.shape = shape
-        self.seqs: dict[int, tuple] = {}
+        self.depth = min(NEXT_GATE_DEPTH, shape.num_experts)
+        self.seqs: dict[int, dict] = {}
 
-    def add(self, seq: int, prompt_len: int, counts, chosen: list, high: list) -> None:
+    def add(self, seq: int, prompt_len: int, counts, chosen, high, gate, gate_critical) -> None:
+        """Per decode step and layer (flattened, step-major): `chosen` [k] experts, `high` [k]
+        flags, `gate` [depth] next-gate ranking, `gate_critical` [k] flags."""
         layers, k = self.shape.num_moe_layers, self.shape.top_k
         steps = len(chosen) // layers
         dtype = np.int16 if self.shape.num_experts < 2**15 else np.int32
-        experts = np.array(chosen, dtype=dtype).reshape(steps, layers, k)
-        self.seqs[seq] = (prompt_len, counts, experts, np.array(high, bool).reshape(experts.shape))
+        self.seqs[seq] = {
+            "prompt_len": prompt_len,
+            "prefill_counts": counts,
+            "experts": np.array(chosen, dtype=dtype).reshape(steps, layers, k),
+            "high": np.array(high, bool).reshape(steps, layers, k),
+            "next_gate": np.array(gate, dtype=dtype).reshape(steps, layers, self.depth),
+            "next_gate_critical": np.array(gate_critical, bool).reshape(steps, layers, k),
+        }
 
     def stream(self, key: str, config: dict, dims: Dims, scores: dict) -> Stream:
         order = sorted(self.seqs)
@@ -156,19 +183,24 @@ class Recorder:
             raise ValueError("sequences are missing from the recorded stream")
         seqs = [self.seqs[s] for s in order]
         layers, k = self.shape.num_moe_layers, self.shape.top_k
+        empty = {
+            "experts": np.zeros((0, layers, k), np.int16),
+            "high": np.zeros((0, layers, k), bool),
+            "next_gate": np.zeros((0, layers, self.depth), np.int16),
+            "next_gate_critical": np.zeros((0, layers, k), bool),
+        }
+        per_step = {
+            name: np.concatenate([q[name] for q in seqs]) if seqs else zeros
+            for name, zeros in empty.items()
+        }
         return Stream(
             key=key,
             config=config,
             shape=self.shape,
             dims=dims,
             scores=scores,
-            prompt_len=np.array([p for p, _, _, _ in seqs], dtype=np.int32),
-            prefill_counts=np.stack([c for _, c, _, _ in seqs]).astype(np.int32),
-            decode_steps=np.array([len(e) for _, _, e, _ in seqs], dtype=np.int32),
-            experts=np.concatenate([e for _, _, e, _ in seqs])
-            if seqs
-            else np.zeros((0, layers, k), np.int16),
-            high=np.concatenate([h for _, _, _, h in seqs])
-            if seqs
-            else np.zeros((0, layers, k), bool),
+            prompt_len=np.array([q["prompt_len"] for q in seqs], dtype=np.int32),
+            prefill_counts=np.stack([q["prefill_counts"] for q in seqs]).astype(np.int32),
+            decode_steps=np.array([len(q["experts"]) for q in seqs], dtype=np.int32),
+            **per_step,
         )

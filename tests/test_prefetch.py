@@ -136,3 +136,32 @@ def test_a_prefetch_entered_at_the_lru_end_is_the_next_victim():
 def test_bad_prefetch_settings_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
         validate(dataclasses.replace(BASE, **change))
+
+
+@pytest.mark.parametrize(
+    "predictor, slices, insert, eviction, frac",
+    [
+        ("next_gate", "msb", "mru", "lru", 0.25),
+        ("next_gate", "critical", "lru", "lfu", 0.15),
+        ("prev_token", "critical", "mru", "fifo", 0.25),
+        ("prev_token", "msb", "lru", "lru", 0.5),
+    ],
+)
+def test_a_replay_prefetches_exactly_as_the_model_in_the_loop(
+    loaded, predictor, slices, insert, eviction, frac
+):
+    cfg = dataclasses.replace(
+        BASE,
+        prefetch=PrefetchConfig(name=predictor, predictor=predictor, slices=slices, insert=insert,
+                                top_m=6 if predictor == "next_gate" else 0),
+        cache=CacheConfig(frac=frac, eviction=eviction),
+    )  # fmt: skip
+    got = replay(record(cfg, loaded), cfg)
+    want = run(cfg, loaded)
+    for name, value in want.items():
+        if name in ("wall_s", "trace_path", "curves"):
+            continue
+        assert got[name] == pytest.approx(value, rel=1e-12, nan_ok=True), name
+    for name, curve in want["curves"].items():
+        assert got["curves"][name] == pytest.approx(curve, rel=1e-12, nan_ok=True), name
+    assert want["flash_bytes_prefetch"] > 0 or predictor == "prev_token"

@@ -15,6 +15,7 @@ from slicemoe.config import (
     EvalConfig,
     HardwareConfig,
     PolicyConfig,
+    PrefetchConfig,
     RunConfig,
 )
 from slicemoe.hardware import PROFILES
@@ -50,7 +51,17 @@ def draw(rng: np.random.Generator) -> RunConfig:
     cache = replace(cache, eviction=str(rng.choice(["lru", "lfu", "fifo"])))
     hw = PROFILES[str(rng.choice(sorted(PROFILES)))]
     hw = replace(hw, overlap_flash=bool(rng.random() < 0.3))
-    return replace(BASE, bits=bits, policy=policy, cache=cache, hardware=hw)
+    prefetch = PrefetchConfig()
+    if rng.random() < 0.3:
+        predictor = str(rng.choice(["next_gate", "prev_token"]))
+        prefetch = PrefetchConfig(
+            name=predictor,
+            predictor=predictor,
+            top_m=int(rng.choice([0, 6])),
+            slices=str(rng.choice(["msb", "critical"])),
+            insert=str(rng.choice(["mru", "lru"])),
+        )
+    return replace(BASE, bits=bits, policy=policy, cache=cache, hardware=hw, prefetch=prefetch)
 
 
 def same(a: float, b: float) -> bool:

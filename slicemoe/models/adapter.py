@@ -213,6 +213,9 @@ class SeqState:
     # high-bit path was requested (slicemoe.stream).
     chosen: list = field(default_factory=list)
     requested_high: list = field(default_factory=list)
+    # ... and the pre-gating ranking of the next layer's experts, with its critical flags.
+    next_gate: list = field(default_factory=list)
+    next_gate_critical: list = field(default_factory=list)
     # Prefetching (slicemoe.prefetch): the experts predicted for the layer about to run, and per
     # layer the expert calls a prediction was made for and those it covered.
     predicted: frozenset | None = None  # None: no prediction was made for it
@@ -229,9 +232,13 @@ class Runtime:
         hw: HardwareConfig,
         predictor=None,
         prefetch: PrefetchConfig | None = None,
+        ranker=None,
     ):
+        """`predictor`: the prefetcher (slicemoe.prefetch), or None; `ranker`: a NextGate whose
+        predictions are recorded in the request stream, or None."""
         self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
         self.predictor, self.prefetch = predictor, prefetch or PrefetchConfig()
+        self.ranker = ranker
         self.params = RoutingParams(
             lam=policy.lam,
             cumsum_p=policy.cumsum_p,
@@ -248,9 +255,8 @@ class Runtime:
         # Hardware cost summed over all sequences of the evaluation, per phase.
         self.cost = {"prefill": Cost(), "decode": Cost()}
 
-    def start(self, caches: list[SliceCache], valid: torch.Tensor, seq_ids: list[int]) -> None:
-        """A new batch: one device per cache, for sequences `seq_ids`; `valid[b, s]` marks
-        prompt tokens (no padding)."""
+    def start(self, caches: list[SliceCache], valid: torch.Tensor) -> None:
+        """A new batch: one device per cache; `valid[b, s]` marks prompt tokens (no padding)."""
         layers = self.fp.shape.num_moe_layers
         self.seqs = [
             SeqState(
@@ -265,7 +271,7 @@ class Runtime:
             for c in caches
         ]
         if self.predictor is not None:
-            self.predictor.start(seq_ids)
+            self.predictor.start()
         self.phase, self.valid = "prefill", valid
         self.context = np.zeros(len(caches), dtype=np.int64)
 
@@ -355,6 +361,7 @@ class Runtime:
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
         idx_np = idx.cpu().numpy()
         fp, fetch = self.fp, self.policy.lsb_miss == "fetch"
+        ranking = self._rank(layer, hidden, len(self.seqs))
         use_high = np.zeros_like(high)
         ops, dram, flash = [], [], []
         for row, st in enumerate(self.seqs):
@@ -377,6 +384,9 @@ class Runtime:
             st.highbit_calls += int(use_high[row].sum())
             st.chosen.append(idx_np[row])
             st.requested_high.append(high[row])
+            if ranking is not None:
+                st.next_gate.append(ranking[0][row])
+                st.next_gate_critical.append(ranking[1][row])
             if st.predicted is not None:
                 st.predicted_calls[layer] += len(idx_np[row])
                 st.covered_calls[layer] += sum(int(e) in st.predicted for e in idx_np[row])
@@ -393,6 +403,17 @@ class Runtime:
             self._adapt_lambda()
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
         return w.to(logits.dtype), virt
+
+    def _rank(self, layer: int, hidden, rows: int):
+        """The ranker's (experts [B, depth], critical [B, k]) for the next layer; -1 and False
+        after the last layer."""
+        if self.ranker is None:
+            return None
+        k = self.fp.shape.top_k
+        pred = self.ranker.predict(layer, self.step, hidden)
+        if pred is None:
+            return np.full((rows, self.ranker.m), -1), np.zeros((rows, k), dtype=bool)
+        return pred[0], pred[1][:, :k]
 
     def _prefetch(self, layer: int, hidden, chosen: np.ndarray) -> np.ndarray:
         """Fetch the predicted experts of the next layer (layer 0 of the next token after the
