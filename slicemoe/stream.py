@@ -75,7 +75,8 @@ def stream_key(cfg: RunConfig) -> str:
         else:
             for name in names:
                 data[section].pop(name)
-    blob = json.dumps(data, sort_keys=True, default=str)
+    # The schema is part of the key: a stream stored by an older version is not looked up.
+    blob = json.dumps([SCHEMA_VERSION, data], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
