@@ -4,7 +4,7 @@ After each MoE layer l of a decode step has routed, the runtime shows the predic
 chose (`observe(layer, step, chosen)`) and asks it for the experts the next layer will use: layer
 l + 1 of the same token, or layer 0 of the next token after the last layer.
 `predict(layer, step, hidden)` returns `(experts [B, m], critical [B, m])` or None, one row per
-simulated device (expert -1: nothing predicted for that row). The runtime fetches their slices (MSB, plus LSB for critical ones when
+simulated device. The runtime fetches their slices (MSB, plus LSB for critical ones when
 `prefetch.slices=critical`) into each device's cache and charges the transfer as overlapping
 layer l (slicemoe.hardware.charge).
 
@@ -27,6 +27,17 @@ import torch
 
 from slicemoe.config import PrefetchConfig
 from slicemoe.routing import Gate, critical
+
+
+def fetch(cache, layer: int, experts, critical, kinds, cold: bool) -> int:
+    """Prefetch the slices of `experts` of `layer` into `cache` (`kinds(critical)`: the slices
+    of one expert); the Flash bytes moved. MSB slices go first: an LSB fetched before them
+    would be the first thing their room is made from (the LSB pool is emptied first)."""
+    slices = [(int(e), kind) for e, c in zip(experts, critical) for kind in kinds(bool(c))]
+    return sum(
+        cache.prefetch((layer, e, kind), cold)
+        for e, kind in sorted(slices, key=lambda s: s[1] == "LSB")
+    )
 
 
 class NextGate:

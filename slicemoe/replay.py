@@ -28,6 +28,7 @@ from slicemoe.models.adapter import (
     prefill_bill,
     slice_kinds,
 )
+from slicemoe.prefetch import fetch
 from slicemoe.quant import reference_bytes
 from slicemoe.stream import Stream, replayable, stream_key
 from slicemoe.trace import write_trace
@@ -254,6 +255,10 @@ class _Device:
         steps, layers, k = self.experts.shape
         cold = self.cfg.prefetch.insert == "lru"
         critical_lsb = self.cfg.prefetch.slices == "critical"
+
+        def kinds(critical: bool) -> tuple[str, ...]:
+            return slice_kinds(self.sliced, fp.nested, critical and critical_lsb)
+
         out = np.zeros((steps, len(COUNTERS)))
         predicted = None  # the experts predicted for the layer step about to run
         head = charge(hw, *head_bill(fp, 1))
@@ -264,21 +269,18 @@ class _Device:
                 cache.tag = (self.s, "decode", t)
                 missed = read = 0
                 for e, h in zip(self.experts[t, layer], self.high[t, layer]):
-                    kinds = slice_kinds(self.sliced, fp.nested, bool(h))
-                    hits = cache.access(layer, int(e), kinds)
-                    missed += sum(fp.sizes[x] for x, hit in zip(kinds, hits) if not hit)
-                    high = computes_high(kinds)
+                    requested = slice_kinds(self.sliced, fp.nested, bool(h))
+                    hits = cache.access(layer, int(e), requested)
+                    missed += sum(fp.sizes[x] for x, hit in zip(requested, hits) if not hit)
+                    high = computes_high(requested)
                     read += fp.sizes["FULL"] if high else fp.low_bytes
                     out[t, COL["highbit_calls"]] += high
                 if predicted is not None:
+                    covered = sum(int(e) in predicted for e in self.experts[t, layer])
                     layer_calls[0][layer] += k
-                    layer_calls[1][layer] += sum(
-                        int(e) in predicted for e in self.experts[t, layer]
-                    )
+                    layer_calls[1][layer] += covered
                     out[t, COL["predicted_calls"]] += k
-                    out[t, COL["covered_calls"]] += sum(
-                        int(e) in predicted for e in self.experts[t, layer]
-                    )
+                    out[t, COL["covered_calls"]] += covered
                 if layer == 0:
                     out[t, COL["resident_sum"]] = cache.resident.sum()
                 moved, predicted = 0, None
@@ -286,14 +288,7 @@ class _Device:
                 if pred is not None:
                     experts, crit = pred
                     predicted = {int(e) for e in experts}
-                    target = (layer + 1) % layers
-                    slices = [
-                        (int(e), x)
-                        for e, c in zip(experts, crit)
-                        for x in slice_kinds(self.sliced, fp.nested, bool(c) and critical_lsb)
-                    ]
-                    for e, x in sorted(slices, key=lambda s: s[1] == "LSB"):
-                        moved += cache.prefetch((target, e, x), cold)
+                    moved = fetch(cache, (layer + 1) % layers, experts, crit, kinds, cold)
                 ops, dram, flash = decode_bill(fp, k, self.prompt_len + t, read, missed)
                 cost = cost + charge(hw, ops, dram + moved, flash + moved, moved)
             out[t] += _stats_row(cache) - before

@@ -34,6 +34,7 @@ from slicemoe.models import (
     router_of,
     selection_bias,
 )
+from slicemoe.prefetch import fetch
 from slicemoe.routing import Gate, RoutingParams, precision, route
 
 # --- quantization of a loaded model ---------------------------------------------------------
@@ -425,23 +426,18 @@ class Runtime:
         pred = self.predictor.predict(layer, self.step, hidden)
         target = (layer + 1) % self.fp.shape.num_moe_layers
         cold = self.prefetch.insert == "lru"
+        critical_lsb = self.prefetch.slices == "critical"
+
+        def kinds(critical: bool) -> tuple[str, ...]:
+            return self.kinds(critical and critical_lsb)
+
         for row, st in enumerate(self.seqs):
             st.predicted = None
             if not self.active[row] or pred is None:
                 continue
             experts, crit = pred[0][row], pred[1][row]
-            if (experts < 0).any():
-                continue
             st.predicted = frozenset(int(e) for e in experts)
-            # MSB slices first: an LSB prefetched before them would be the first thing their
-            # room is made from (the LSB pool is emptied first).
-            slices = [
-                (int(e), kind)
-                for e, c in zip(experts, crit)
-                for kind in self.kinds(bool(c) and self.prefetch.slices == "critical")
-            ]
-            for e, kind in sorted(slices, key=lambda s: s[1] == "LSB"):
-                moved[row] += st.cache.prefetch((target, e, kind), cold)
+            moved[row] = fetch(st.cache, target, experts, crit, kinds, cold)
         return moved
 
     # Proportional step per decode token on the relative error of the running miss rate. The
