@@ -142,6 +142,8 @@ def whole_run(trace: np.ndarray, sequences: int, steps: int = 200, prompt: int =
             decode_steps=np.full(sequences, steps, dtype=np.int32),
             experts=experts,
             high=rng.random(experts.shape) < 0.07,
+            next_gate=np.full((n, 24, 16), -1, dtype=np.int16),  # read only when prefetching
+            next_gate_critical=np.zeros(experts.shape, dtype=bool),
         )  # fmt: skip
         replay_requests(SliceCache(1, {"FULL": 1}, 1, 1), np.array([2]), np.array([0]), "lru")
         t0 = time.perf_counter()

@@ -37,6 +37,8 @@ def record(cfg, loaded) -> Stream:
         decode_steps=np.zeros(1, np.int32),
         experts=np.zeros((0, 1, 1), np.int16),
         high=np.zeros((0, 1, 1), bool),
+        next_gate=np.zeros((0, 1, 2), np.int16),
+        next_gate_critical=np.zeros((0, 1, 1), bool),
     )
 
 
