@@ -2,13 +2,17 @@
 
     python -m sweep.report --experiment NAME [--tracking-uri URI] [--parent RUN_ID] [--out DIR]
 
-writes `runs.csv` (every run with its params and metrics, failed ones included),
-`accuracy_vs_miss_rate.png` (accuracy against the high-bit-normalised miss rate, one line per
-policy over cache sizes: the shape of SliceMoE Fig. 8) and `energy_latency.png` (decode energy
-and latency per decoded token, per policy and cache size, divided by those of the paper's
-baseline, high-bit Cache-Prior, at the same model, cache size, hardware and task: the shape of
-Fig. 9). Cache sizes are bytes independent of the bit width, so the baseline's own bits are
-used when the sweep ran it at several, any single one otherwise.
+writes `runs.csv` (every run with its params and metrics, failed ones included) and, for every
+setting (runs equal in every config field but the policy, bit widths and cache; a sweep that
+mixes e.g. two `eval.limit` values or seeds has two settings, each with its own figures,
+numbered from the second on, and stderr says what was grouped and left out):
+`accuracy_vs_miss_rate.png` (accuracy against the 8-bit-normalised miss rate, a line per policy
+through its cache sizes, 95 % intervals from the number of documents, the Pareto front: the
+shape of SliceMoE Fig. 8) and `energy_latency.png` (decode energy and latency per decoded token,
+per policy and cache size, divided by those of the paper's baseline, high-bit Cache-Prior, at
+the same model, cache size, hardware and task: the shape of Fig. 9). Cache sizes are bytes
+independent of the bit width, so the baseline's own bits are used when the sweep ran it at
+several, any single one otherwise.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ COLUMNS = {
 SETTING = ["model", "bits", "hardware", "task", "cache"]
 # A run is normalised to the baseline at the same model, cache size, hardware and task.
 MATCH = ["model", "hardware", "task", "cache"]
+# What the comparison figures vary: the policy, the bit widths and the cache. Every other config
+# field must be equal for runs to share a figure (sweep.report.settings).
+VARIED = ("policy", "bits", "cache")
+# Where and how a run was executed, not what it measured.
+EXECUTION = frozenset({"model.device", "model.path", "trace", "trace_path"})
 PER_TOKEN = ["energy_decode_j_per_token", "latency_decode_s_per_token"]
 BASELINE = "cache_prior_highbit"
 
@@ -98,26 +107,125 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "FINISHED"] if "status" in df else df.iloc[0:0]
 
 
+def _field(column: str) -> str:
+    """The config field behind a report column (`tau` -> `policy.tau`)."""
+    back = {v: k.removeprefix("params.") for k, v in COLUMNS.items() if k.startswith("params.")}
+    return back.get(column, column)
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """The report columns that hold config fields (every RunConfig field MLflow logged)."""
+    from dataclasses import asdict
+
+    from slicemoe.config import RunConfig
+    from sweep.jobs import flatten
+
+    fields = set(flatten(asdict(RunConfig())))
+    return [c for c in df.columns if _field(c) in fields]
+
+
+def settings(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The finished runs split into groups that may share a figure: equal in every config field
+    but the policy, bit widths and cache (VARIED) and how they were executed. Each group comes
+    with a description of the fields that set it apart ("" when there is one group)."""
+    fin = finished(df)
+    fixed = [
+        c for c in config_columns(fin)
+        if _field(c).split(".")[0] not in VARIED and _field(c) not in EXECUTION
+    ]  # fmt: skip
+    if fin.empty:
+        return []
+    keys = fin[fixed].astype(str)
+    differ = [c for c in fixed if keys[c].nunique() > 1]
+    if not differ:
+        return [("", fin)]
+    groups = []
+    for values, group in fin.groupby([keys[c] for c in differ], sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        desc = " ".join(f"{_field(c)}={v}" for c, v in zip(differ, values))
+        groups.append((desc, group))
+    return groups
+
+
+def describe(df: pd.DataFrame, groups: list[tuple[str, pd.DataFrame]]) -> str:
+    """What the report grouped and what it left out, for the reader."""
+    lines = [f"{len(df)} runs, {len(finished(df))} finished"]
+    dropped = df[df["status"] != "FINISHED"] if "status" in df else df.iloc[0:0]
+    if len(dropped):
+        lines.append(f"left out {len(dropped)} runs not FINISHED: {', '.join(dropped['run'])}")
+    if len(groups) > 1:
+        lines.append(f"{len(groups)} settings that must not share a figure (each gets its own):")
+        lines += [f"  {i}: {desc} ({len(g)} runs)" for i, (desc, g) in enumerate(groups, 1)]
+    return "\n".join(lines)
+
+
 def series_label(df: pd.DataFrame) -> pd.Series:
-    """The policy name, plus whichever of model/bits/hardware/task vary within df."""
-    extra = [c for c in SETTING[:-1] if c in df and df[c].nunique() > 1]
+    """The policy name, plus the bit widths where they vary, plus any policy field that varies
+    between runs of the same policy (e.g. `tau=0.3`): one label per line of a figure."""
     label = df["policy"].astype(str)
-    for col in extra:
-        label = label + " " + df[col].astype(str)
+    if "bits" in df and df["bits"].nunique() > 1:
+        label = label + " " + df["bits"].astype(str)
+    own = [c for c in config_columns(df) if _field(c).startswith("policy.") and c != "policy"]
+    for col in own:
+        varies = df.groupby("policy")[col].transform(lambda v: v.astype(str).nunique() > 1)
+        label = label.where(~varies, label + f" {_field(col).split('.')[1]}=" + df[col].astype(str))
     return label
 
 
-def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy"):
+def wilson(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion measured on n documents."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both axes (lower x, higher y), by x."""
+    best, keep = float("-inf"), []
+    for i, row in points.sort_values([x, y], ascending=[True, False]).iterrows():
+        if row[y] > best:
+            keep.append(i)
+            best = row[y]
+    return points.loc[keep]
+
+
+MARKERS = "osD^vP*Xh<>p"
+
+
+def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title: str = ""):
+    """One setting's runs (see `settings`): `metric` against the 8-bit-normalised miss rate
+    (the same unit for every bit width), a marker per policy, a line per series through its
+    cache sizes in size order, each point labelled with its cache, 95 % intervals from the
+    number of documents, and the Pareto front."""
     import matplotlib.pyplot as plt
 
     fin = finished(df).assign(series=lambda d: series_label(d))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, group in sorted(fin.groupby("series"), key=lambda kv: kv[0]):
-        group = group.sort_values("miss_rate_hbn")
-        ax.plot(group["miss_rate_hbn"], group[metric], marker="o", label=label)
-    ax.set_xlabel("miss rate (high-bit normalised)")
+    x = "miss_rate_refn"
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    n = pd.to_numeric(fin.get("eval.limit"), errors="coerce") if "eval.limit" in fin else None
+    for i, (label, group) in enumerate(sorted(fin.groupby("series"), key=lambda kv: kv[0])):
+        group = group.sort_values("cache_size")
+        yerr = None
+        if metric.startswith("accuracy") and n is not None and n.loc[group.index].notna().all():
+            lo, hi = zip(*(wilson(a * m, m) for a, m in zip(group[metric], n.loc[group.index])))
+            yerr = [group[metric] - pd.Series(lo, index=group.index),
+                    pd.Series(hi, index=group.index) - group[metric]]  # fmt: skip
+        ax.errorbar(group[x], group[metric], yerr=yerr, marker=MARKERS[i % len(MARKERS)],
+                    markersize=7 - 0.6 * (i % 4), capsize=3, alpha=0.85, label=label,
+                    zorder=3 + i)  # fmt: skip
+        for _, row in group.iterrows():
+            ax.annotate(str(row["cache"]).replace("frac_", "") + ("%" if "frac_" in str(row["cache"]) else ""),
+                        (row[x], row[metric]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, alpha=0.8)  # fmt: skip
+    front = pareto(fin, x, metric)
+    ax.step(front[x], front[metric], where="post", color="gray", linestyle=":", linewidth=1,
+            label="Pareto front", zorder=1)  # fmt: skip
+    ax.set_xlabel("miss rate (Flash bytes / 8-bit expert bytes used)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs miss rate per policy (points: cache sizes)")
+    docs = f", n = {int(n.iloc[0])} documents per point, 95 % Wilson intervals" if (
+        n is not None and n.notna().all() and n.nunique() == 1) else ""  # fmt: skip
+    ax.set_title(f"{metric} vs miss rate{docs}\n{title}".strip(), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -156,12 +264,14 @@ def normalise(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
             f"no finished runs of policy {baseline!r} to normalise to; add policy={baseline} to "
             "the sweep or pick another baseline"
         )
-    same_bits = base.groupby([*MATCH, "bits"], as_index=False)[PER_TOKEN].mean()
+    # The baseline's accuracy comes along, so that a reader sees what it was matched to.
+    cols = [*PER_TOKEN, *(["accuracy"] if "accuracy" in base else [])]
+    same_bits = base.groupby([*MATCH, "bits"], as_index=False)[cols].mean()
     single = base.groupby(MATCH).filter(lambda g: g["bits"].nunique() == 1)
-    any_bits = single.groupby(MATCH, as_index=False)[PER_TOKEN].mean()
+    any_bits = single.groupby(MATCH, as_index=False)[cols].mean()
     out = fin.merge(same_bits, on=[*MATCH, "bits"], how="left", suffixes=("", "_base"))
     other = fin.merge(any_bits, on=MATCH, how="left", suffixes=("", "_base"))
-    for col in PER_TOKEN:
+    for col in cols:
         out[f"{col}_base"] = out[f"{col}_base"].fillna(other[f"{col}_base"])
     out["energy_norm"] = out["energy_decode_j_per_token"] / out["energy_decode_j_per_token_base"]
     out["latency_norm"] = out["latency_decode_s_per_token"] / out["latency_decode_s_per_token_base"]
@@ -173,6 +283,7 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
 
     norm = normalise(df, baseline).assign(series=lambda d: series_label(d))
     caches = norm.sort_values("cache_size")["cache"].drop_duplicates().tolist()
+    base_acc = norm.groupby("cache")["accuracy_base"].mean() if "accuracy_base" in norm else {}
     series = sorted(norm["series"].unique())
     width = 0.8 / len(series)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -186,8 +297,9 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
             ax.bar([x + i * width for x in range(len(caches))], values, width, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(caches))])
-        ax.set_xticklabels(caches)
-        ax.set_xlabel("cache")
+        ax.set_xticklabels([f"{c}\n{baseline} acc {base_acc.get(c, float('nan')):.2f}"
+                            for c in caches], fontsize=7)  # fmt: skip
+        ax.set_xlabel("cache (and the accuracy of the baseline each bar is divided by)")
         ax.set_ylabel(f"{title} / {baseline}")
         ax.set_title(f"{title}, / {baseline} at the same model and cache size", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -197,25 +309,34 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
 
 
 def write_report(df: pd.DataFrame, out: Path, baseline: str = BASELINE) -> list[Path]:
+    """runs.csv, and the comparison figures of every setting (`settings`): one file per
+    setting, numbered from the second on; what was grouped and left out goes to stderr."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "runs.csv"]
     df.to_csv(written[0], index=False)
-    if finished(df).empty:
+    groups = settings(df)
+    print(describe(df, groups), file=sys.stderr)
+    if not groups:
         print("no finished runs: wrote runs.csv only", file=sys.stderr)
         return written
-    plots = [("accuracy_vs_miss_rate.png", lambda: plot_accuracy_vs_miss_rate(df))]
-    plots.append(("energy_latency.png", lambda: plot_energy_latency(df, baseline)))
-    for name, make in plots:
-        try:
-            fig = make()
-        except ValueError as err:
-            print(f"{name} skipped: {err}", file=sys.stderr)
-            continue
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(out / name)
+    for i, (desc, group) in enumerate(groups, 1):
+        suffix = "" if i == 1 else f"_{i}"
+        plots = [
+            (f"accuracy_vs_miss_rate{suffix}.png",
+             lambda g=group, d=desc: plot_accuracy_vs_miss_rate(g, title=d)),
+            (f"energy_latency{suffix}.png", lambda g=group: plot_energy_latency(g, baseline)),
+        ]  # fmt: skip
+        for name, make in plots:
+            try:
+                fig = make()
+            except ValueError as err:
+                print(f"{name} skipped: {err}", file=sys.stderr)
+                continue
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+            written.append(out / name)
     return written
 
 

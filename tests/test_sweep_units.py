@@ -391,3 +391,62 @@ def test_report_normalises_per_token_to_the_baseline_at_the_same_model_and_cache
     two = pd.concat([df, pd.DataFrame([row("cache_prior_highbit", "mat42", "frac_25", 8, 8, 100)])])
     out = normalise(two).set_index(["policy", "bits", "cache"])
     assert out.loc[("dbsc", "mat42", "frac_25"), "energy_norm"] == pytest.approx(0.125)
+
+
+def report_rows(**fixed):
+    """Finished runs of two policies at two cache sizes, as sweep.report.tidy leaves them."""
+    import itertools
+
+    rows = []
+    for policy, (cache, size) in itertools.product(
+        ("cache_prior_highbit", "dbsc"), (("frac_25", 1e6), ("frac_50", 2e6))
+    ):
+        good = policy == "dbsc"
+        rows.append(dict(
+            run=f"{policy} {cache}", status="FINISHED", model="tiny", bits="mat84",
+            hardware="h", task="arith", policy=policy, cache=cache, cache_size=size,
+            seed=0, **{"eval.limit": 40, "policy.tau": 0.5, "model.device": "cpu"},
+            accuracy=0.7 if good else 0.6, miss_rate_refn=0.1 if good else 0.2,
+            energy_decode_j_per_token=1.0 if good else 2.0, latency_decode_s_per_token=1.0,
+        ) | fixed)  # fmt: skip
+    return rows
+
+
+def test_report_never_puts_runs_of_different_settings_in_one_figure(tmp_path, capsys):
+    import pandas as pd
+
+    from sweep.report import settings, write_report
+
+    df = pd.DataFrame(report_rows() + report_rows(**{"eval.limit": 10, "model.device": "cuda"}))
+    groups = settings(df)
+    # eval.limit sets them apart; where they ran (model.device) does not.
+    assert [desc for desc, _ in groups] == ["eval.limit=10", "eval.limit=40"]
+    assert [len(g) for _, g in groups] == [4, 4]
+    written = {p.name for p in write_report(df, tmp_path)}
+    assert {"accuracy_vs_miss_rate.png", "accuracy_vs_miss_rate_2.png"} <= written
+    assert {"energy_latency.png", "energy_latency_2.png"} <= written
+    err = capsys.readouterr().err
+    assert "2 settings that must not share a figure" in err and "eval.limit=10 (4 runs)" in err
+    # One setting: one figure, no message about settings.
+    assert [d for d, _ in settings(pd.DataFrame(report_rows()))] == [""]
+
+
+def test_report_series_tell_apart_runs_of_one_policy_with_other_parameters():
+    import pandas as pd
+
+    from sweep.report import series_label
+
+    df = pd.DataFrame(report_rows() + report_rows(policy="dbsc", **{"policy.tau": 0.3}))
+    labels = set(series_label(df))
+    assert labels == {"cache_prior_highbit", "dbsc tau=0.5", "dbsc tau=0.3"}
+
+
+def test_report_wilson_interval_and_pareto_front():
+    import pandas as pd
+
+    from sweep.report import pareto, wilson
+
+    lo, hi = wilson(7, 10)  # 0.7 of 10 documents
+    assert lo == pytest.approx(0.3968, abs=1e-4) and hi == pytest.approx(0.8922, abs=1e-4)
+    pts = pd.DataFrame({"x": [0.1, 0.2, 0.3, 0.15], "y": [0.5, 0.7, 0.6, 0.4]})
+    assert pareto(pts, "x", "y").index.tolist() == [0, 1]
