@@ -308,9 +308,64 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
     return fig
 
 
-def write_report(df: pd.DataFrame, out: Path, baseline: str = BASELINE) -> list[Path]:
+def warmup_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """Within one setting: the runs of one policy, bits and cache that differ only in their
+    warmup (the comparison of SliceMoE Fig. 10)."""
+    if "policy.warmup" not in df:
+        return []
+    return [
+        g for _, g in df.groupby(["policy", "bits", "cache"], sort=True)
+        if g["policy.warmup"].nunique() > 1
+    ]  # fmt: skip
+
+
+def plot_warmup(runs: pd.DataFrame, steps: dict, window: int = 5):
+    """Fig. 10's comparison for runs that differ only in `policy.warmup`: the miss rate per
+    decode step (a `window`-step running mean; `steps[run_id]` is the run's miss_rate_step
+    curve) and decode energy and latency per token divided by the empty cache's (by the first
+    warmup's when no run started empty)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = runs.sort_values("policy.warmup")
+    ref = runs[runs["policy.warmup"] == "empty"]
+    ref = ref.iloc[0] if len(ref) else runs.iloc[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for _, run in runs.iterrows():
+        curve = np.asarray(steps.get(run["run_id"], []), float)
+        if len(curve):
+            smooth = pd.Series(curve).rolling(window, min_periods=1).mean()
+            left.plot(smooth, label=f"{run['policy.warmup']} (all steps {run['miss_rate']:.3f})")
+    left.set_xlabel("decode step")
+    left.set_ylabel(f"slice miss rate ({window}-step running mean)")
+    left.set_title("miss rate per decode step by warmup (legend: all-steps miss rate)", fontsize=9)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    x = np.arange(len(runs))
+    for i, (column, label) in enumerate(
+        (("energy_decode_j_per_token", "energy"), ("latency_decode_s_per_token", "latency"))
+    ):
+        right.bar(x + 0.4 * i, runs[column] / ref[column], 0.4, label=label)
+    right.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    right.set_xticks(x + 0.2)
+    right.set_xticklabels(
+        [f"{w}\nacc {a:.3f}" for w, a in zip(runs["policy.warmup"], runs["accuracy"])], fontsize=7
+    )
+    right.set_ylabel(f"per decode token / warmup={ref['policy.warmup']}")
+    first = runs.iloc[0]
+    right.set_title(f"{first['policy']} {first['bits']} {first['cache']}: decode cost", fontsize=9)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(
+    df: pd.DataFrame, out: Path, baseline: str = BASELINE, steps: dict | None = None
+) -> list[Path]:
     """runs.csv, and the comparison figures of every setting (`settings`): one file per
-    setting, numbered from the second on; what was grouped and left out goes to stderr."""
+    setting, numbered from the second on; what was grouped and left out goes to stderr.
+    `steps`: run id -> miss_rate_step curve, for the warmup figures."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +383,9 @@ def write_report(df: pd.DataFrame, out: Path, baseline: str = BASELINE) -> list[
              lambda g=group, d=desc: plot_accuracy_vs_miss_rate(g, title=d)),
             (f"energy_latency{suffix}.png", lambda g=group: plot_energy_latency(g, baseline)),
         ]  # fmt: skip
+        for j, runs in enumerate(warmup_groups(group), 1):
+            name = f"warmup{suffix}{'' if j == 1 else f'_{j}'}.png"
+            plots.append((name, lambda r=runs: plot_warmup(r, steps or {})))
         for name, make in plots:
             try:
                 fig = make()
@@ -338,6 +396,18 @@ def write_report(df: pd.DataFrame, out: Path, baseline: str = BASELINE) -> list[
             plt.close(fig)
             written.append(out / name)
     return written
+
+
+def step_curves(run_ids) -> dict:
+    """run id -> its miss_rate_step curve, from the tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return {
+        r: [m.value for m in sorted(client.get_metric_history(r, "miss_rate_step"),
+                                    key=lambda m: m.step)]
+        for r in run_ids
+    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -363,7 +433,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.parent:
         runs = runs[runs["run_id"].isin(sweep_run_ids(args.parent))]
     df = tidy(runs)
-    for path in write_report(df, args.out or Path("report") / args.experiment, args.baseline):
+    warm = [g for _, s in settings(df) for g in warmup_groups(s)]
+    steps = step_curves(pd.concat(warm)["run_id"]) if warm else {}
+    out = args.out or Path("report") / args.experiment
+    for path in write_report(df, out, args.baseline, steps):
         print(path)
 
 

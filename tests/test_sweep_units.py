@@ -450,3 +450,20 @@ def test_report_wilson_interval_and_pareto_front():
     assert lo == pytest.approx(0.3968, abs=1e-4) and hi == pytest.approx(0.8922, abs=1e-4)
     pts = pd.DataFrame({"x": [0.1, 0.2, 0.3, 0.15], "y": [0.5, 0.7, 0.6, 0.4]})
     assert pareto(pts, "x", "y").index.tolist() == [0, 1]
+
+
+def test_report_draws_the_warmup_comparison_for_runs_that_differ_only_in_warmup(tmp_path):
+    import pandas as pd
+
+    from sweep.report import warmup_groups, write_report
+
+    rows = [
+        r | {"run_id": f"r{i}", "policy.warmup": w, "miss_rate": 0.2}
+        for i, (r, w) in enumerate(zip(report_rows() * 2, ["empty"] * 4 + ["pcw"] * 4))
+    ]
+    df = pd.DataFrame(rows)
+    groups = warmup_groups(df)
+    assert len(groups) == 4 and all(set(g["policy.warmup"]) == {"empty", "pcw"} for g in groups)
+    steps = {r["run_id"]: [0.9, 0.5, 0.2] for r in rows}
+    written = {p.name for p in write_report(df, tmp_path, steps=steps)}
+    assert {"warmup.png", "warmup_2.png", "warmup_3.png", "warmup_4.png"} <= written
