@@ -360,33 +360,139 @@ def plot_warmup(runs: pd.DataFrame, steps: dict, window: int = 5):
     return fig
 
 
+# What the paper claims for each figure (SliceMoE, Sections 5.3-5.4), shown next to ours.
+CLAIMS = {
+    "fig8": "DBSC (with AMAT, optionally PCW) keeps near-high-bit accuracy at a lower miss rate "
+    "than the high-bit Cache-Prior baseline.",
+    "fig9": "Against high-bit Cache-Prior at matched accuracy, DBSC cuts decode energy by up to "
+    "2.37x (DeepSeek-V2-Lite) / 2.85x (Qwen1.5-MoE-A2.7B) and decode latency by up to 1.81x / "
+    "1.64x.",
+    "fig10": "PCW gives 2.31x lower decode energy and a 1.96x speed-up over an empty cache, and "
+    "the best accuracy among the initial cache states.",
+}
+DBSC = ("dbsc", "dbsc_pcw")
+
+
+def _interval(run) -> tuple[float, float] | None:
+    n = pd.to_numeric(pd.Series([run.get("eval.limit")]), errors="coerce").iloc[0]
+    return wilson(run["accuracy"] * n, n) if n == n and n > 0 else None
+
+
+def verdict(kind: str, runs: pd.DataFrame, baseline: str = BASELINE) -> str:
+    """What this data says about the paper's claim for figure `kind`, in a sentence or two."""
+    fin = finished(runs)
+    if kind == "fig10":
+        by = fin.set_index("policy.warmup")
+        if not {"empty", "pcw"} <= set(by.index):
+            return "needs warmup=empty and warmup=pcw runs."
+        e = (
+            by.loc["empty", "energy_decode_j_per_token"]
+            / by.loc["pcw", "energy_decode_j_per_token"]
+        )
+        lat = (
+            by.loc["empty", "latency_decode_s_per_token"]
+            / by.loc["pcw", "latency_decode_s_per_token"]
+        )
+        best = by["accuracy"].max()
+        acc = "the best accuracy" if by.loc["pcw", "accuracy"] >= best else "not the best accuracy"
+        tie = " (tied: every warmup scores the same)" if by["accuracy"].nunique() == 1 else ""
+        return (f"PCW: {e:.2f}x lower decode energy and {lat:.2f}x speed-up over an empty cache; "
+                f"{acc}{tie}.")  # fmt: skip
+    base = fin[fin["policy"] == baseline]
+    ours = fin[fin["policy"].isin(DBSC)]
+    if base.empty or ours.empty:
+        return f"needs runs of {baseline} and of {' or '.join(DBSC)} at the same cache sizes."
+    lines = []
+    for cache, b in base.groupby("cache"):
+        b = b.iloc[0]
+        ci = _interval(b)
+        for _, r in ours[ours["cache"] == cache].iterrows():
+            matched = ci is None or r["accuracy"] >= ci[0]
+            acc = (f"accuracy {r['accuracy']:.3f} vs {b['accuracy']:.3f}"
+                   + ("" if matched else ", below the baseline's 95 % interval"))  # fmt: skip
+            if kind == "fig8":
+                lower = r["miss_rate_refn"] < b["miss_rate_refn"]
+                lines.append(f"{r['policy']} at {cache}: miss rate {r['miss_rate_refn']:.3f} vs "
+                             f"{b['miss_rate_refn']:.3f} ({'lower' if lower else 'not lower'}), "
+                             f"{acc}.")  # fmt: skip
+            else:
+                e = b["energy_decode_j_per_token"] / r["energy_decode_j_per_token"]
+                lat = b["latency_decode_s_per_token"] / r["latency_decode_s_per_token"]
+                lines.append(f"{r['policy']} at {cache}: {e:.2f}x less energy, {lat:.2f}x faster; "
+                             f"{acc}.")  # fmt: skip
+    return " ".join(lines)
+
+
+RUN_COLUMNS = [
+    "run", "policy", "bits", "cache", "policy.warmup", "accuracy", "eval.limit", "miss_rate_refn",
+    "energy_decode_j_per_token", "latency_decode_s_per_token", "run_id",
+]  # fmt: skip
+
+
+def write_html(out: Path, title: str, summary: str, sections: list[tuple]) -> Path:
+    """A self-contained `index.html`: per figure, the paper's claim, what the data says, the
+    figure (embedded) and every run behind it."""
+    import base64
+    import html
+
+    parts = [f"<h1>{html.escape(title)}</h1><pre>{html.escape(summary)}</pre>"]
+    for name, kind, desc, runs in sections:
+        image = base64.b64encode((out / name).read_bytes()).decode()
+        table = runs[[c for c in RUN_COLUMNS if c in runs]].to_html(
+            index=False, float_format="%.4g"
+        )
+        parts.append(
+            f"<h2>{html.escape(name)}{' - ' + html.escape(desc) if desc else ''}</h2>"
+            f"<p><b>Paper:</b> {html.escape(CLAIMS[kind])}</p>"
+            f"<p><b>This data:</b> {html.escape(verdict(kind, runs))}</p>"
+            f'<img alt="{html.escape(name)}" src="data:image/png;base64,{image}">'
+            f"<details><summary>the {len(runs)} runs behind it</summary>{table}</details>"
+        )  # fmt: skip
+    page = out / "index.html"
+    page.write_text(
+        "<!doctype html><meta charset='utf-8'><title>slicemoe report</title>"
+        "<style>body{font-family:sans-serif;max-width:1500px;margin:auto}img{max-width:100%}"
+        "table{font-size:12px;border-collapse:collapse}td,th{padding:2px 6px}</style>"
+        + "".join(parts)
+    )
+    return page
+
+
 def write_report(
-    df: pd.DataFrame, out: Path, baseline: str = BASELINE, steps: dict | None = None
+    df: pd.DataFrame,
+    out: Path,
+    baseline: str = BASELINE,
+    steps: dict | None = None,
+    title: str = "slicemoe report",
 ) -> list[Path]:
-    """runs.csv, and the comparison figures of every setting (`settings`): one file per
-    setting, numbered from the second on; what was grouped and left out goes to stderr.
-    `steps`: run id -> miss_rate_step curve, for the warmup figures."""
+    """runs.csv, the comparison figures of every setting (`settings`; one file per setting,
+    numbered from the second on) and index.html with all of them; what was grouped and left
+    out goes to stderr and to the page. `steps`: run id -> miss_rate_step curve, for the
+    warmup figures."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "runs.csv"]
     df.to_csv(written[0], index=False)
     groups = settings(df)
-    print(describe(df, groups), file=sys.stderr)
+    summary = describe(df, groups)
+    print(summary, file=sys.stderr)
     if not groups:
         print("no finished runs: wrote runs.csv only", file=sys.stderr)
         return written
+    sections = []
     for i, (desc, group) in enumerate(groups, 1):
         suffix = "" if i == 1 else f"_{i}"
         plots = [
-            (f"accuracy_vs_miss_rate{suffix}.png",
+            (f"accuracy_vs_miss_rate{suffix}.png", "fig8", group,
              lambda g=group, d=desc: plot_accuracy_vs_miss_rate(g, title=d)),
-            (f"energy_latency{suffix}.png", lambda g=group: plot_energy_latency(g, baseline)),
+            (f"energy_latency{suffix}.png", "fig9", group,
+             lambda g=group: plot_energy_latency(g, baseline)),
         ]  # fmt: skip
         for j, runs in enumerate(warmup_groups(group), 1):
             name = f"warmup{suffix}{'' if j == 1 else f'_{j}'}.png"
-            plots.append((name, lambda r=runs: plot_warmup(r, steps or {})))
-        for name, make in plots:
+            plots.append((name, "fig10", runs, lambda r=runs: plot_warmup(r, steps or {})))
+        for name, kind, runs, make in plots:
             try:
                 fig = make()
             except ValueError as err:
@@ -395,6 +501,8 @@ def write_report(
             fig.savefig(out / name, dpi=120)
             plt.close(fig)
             written.append(out / name)
+            sections.append((name, kind, desc, runs))
+    written.append(write_html(out, title, summary, sections))
     return written
 
 
@@ -436,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warm = [g for _, s in settings(df) for g in warmup_groups(s)]
     steps = step_curves(pd.concat(warm)["run_id"]) if warm else {}
     out = args.out or Path("report") / args.experiment
-    for path in write_report(df, out, args.baseline, steps):
+    for path in write_report(df, out, args.baseline, steps, f"slicemoe: {args.experiment}"):
         print(path)
 
 

@@ -121,7 +121,7 @@ def test_report_cli_writes_the_csv_and_both_figures(policy_sweep):
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 4 and set(RESULT_METRICS) <= set(runs.columns)
     assert set(runs["policy"]) == {"cache_prior_highbit", "dbsc"}
-    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
+    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png", "index.html"):
         assert (out / name).stat().st_size > 10_000
 
 

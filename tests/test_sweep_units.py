@@ -467,3 +467,23 @@ def test_report_draws_the_warmup_comparison_for_runs_that_differ_only_in_warmup(
     steps = {r["run_id"]: [0.9, 0.5, 0.2] for r in rows}
     written = {p.name for p in write_report(df, tmp_path, steps=steps)}
     assert {"warmup.png", "warmup_2.png", "warmup_3.png", "warmup_4.png"} <= written
+
+
+def test_report_html_puts_each_figure_next_to_the_paper_claim_and_what_the_data_says(tmp_path):
+    import pandas as pd
+
+    from sweep.report import CLAIMS, verdict, write_report
+
+    df = pd.DataFrame(report_rows())
+    fig9 = verdict("fig9", df)
+    # dbsc: half the baseline's energy per token (1.0 vs 2.0), same latency, more accurate.
+    assert "dbsc at frac_25: 2.00x less energy, 1.00x faster; accuracy 0.700 vs 0.600." in fig9
+    assert "below the baseline's 95 % interval" not in fig9
+    worse = pd.DataFrame(report_rows(**{"eval.limit": 400}))
+    worse.loc[worse["policy"] == "dbsc", "accuracy"] = 0.5  # 0.6 +- 0.05 at n=400
+    assert "below the baseline's 95 % interval" in verdict("fig8", worse)
+    page = [p for p in write_report(df, tmp_path) if p.name == "index.html"][0]
+    text = page.read_text()
+    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
+        assert name in text
+    assert CLAIMS["fig9"].split(",")[0] in text and "data:image/png;base64," in text
