@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from slicemoe.config import RunConfig
+from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.run import METRICS as RESULT_METRICS  # logged to MLflow under these names
 from sweep import schema
 from sweep.errors import SweepError
@@ -64,9 +64,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Config fields added after KEY_VERSION 1: left out of the key while at their defaults, so runs
+# stored before the field existed (which ran as its default) still resume.
+ADDED = {f"prefetch.{k}": v for k, v in flatten(asdict(PrefetchConfig())).items()}
+
+
 def run_key(cfg: RunConfig) -> str:
     """Hash of the resolved run config minus VOLATILE fields; stable across processes."""
-    flat = {k: v for k, v in flatten(asdict(cfg)).items() if k not in VOLATILE}
+    flat = {
+        k: v
+        for k, v in flatten(asdict(cfg)).items()
+        if k not in VOLATILE and not (k in ADDED and v == ADDED[k])
+    }
     blob = KEY_VERSION + json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from slicemoe.config import RunConfig
+from slicemoe.config import CacheConfig, RunConfig
 from sweep import app, jobs, schema
 from sweep.errors import SweepError
 
@@ -132,6 +132,16 @@ def test_run_key_ignores_only_volatile_fields():
     assert key != jobs.run_key(replace(base, seed=1))
     assert key != jobs.run_key(replace(base, trace=True))
     assert key != jobs.run_key(replace(base, cache=replace(base.cache, frac=0.5)))
+
+
+def test_a_config_field_added_later_keeps_the_keys_of_runs_stored_before_it():
+    from slicemoe.config import PrefetchConfig
+
+    # The keys these configs had before RunConfig.prefetch existed.
+    assert jobs.run_key(RunConfig()) == "c58c1b5020c40d558c2f"
+    assert jobs.run_key(RunConfig(cache=CacheConfig(frac=0.5))) == "8ac48023f69dd4e7d381"
+    gate = PrefetchConfig(name="next_gate", predictor="next_gate")
+    assert jobs.run_key(RunConfig(prefetch=gate)) != jobs.run_key(RunConfig())
 
 
 def test_make_job_flattens_params_and_names_the_run(monkeypatch):
