@@ -77,7 +77,10 @@ def load(cfg: RunConfig) -> Loaded:
     path = checkpoint_dir(cfg.model.name, cfg.model.path)
     device = _device(cfg.model.device)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype))
+    # Never a pickle checkpoint (validate refuses them too).
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, cfg.model.dtype), use_safetensors=True
+    )
     model = model.to(device).eval()
     quantize_model(model, cfg.bits)
     return Loaded(load_key(cfg), model, tok, read_shape(path), device)

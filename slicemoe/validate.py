@@ -11,7 +11,7 @@ from pathlib import Path
 from slicemoe.cache import EVICTION
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
-from slicemoe.models import Shape, checkpoint_dir, config_dir, read_shape
+from slicemoe.models import Shape, check_checkpoint, checkpoint_dir, config_dir, read_shape
 from slicemoe.prefetch import PREDICTORS
 from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
@@ -101,7 +101,7 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
     m = cfg.model
     try:
         if weights:
-            checkpoint_dir(m.name, m.path)
+            check_checkpoint(checkpoint_dir(m.name, m.path))
         shape = read_shape(config_dir(m.name, m.path))
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError("model.path", str(err)) from None

@@ -1,5 +1,6 @@
 """One run end to end on the shipped tiny model."""
 
+import json
 from dataclasses import replace
 
 import pandas as pd
@@ -297,3 +298,50 @@ def test_running_logit_range_is_kept_per_device(loaded):
         assert one[m] == pytest.approx(three[m], rel=1e-9), m
     token = run(small_cache(replace(pol, lam_scale="token")), loaded)
     assert token["miss_rate"] != one["miss_rate"]
+
+
+def hostile(tmp_path, damage):
+    """A copy of the tiny checkpoint, damaged."""
+    import shutil
+
+    from slicemoe.models import TINY_PATH
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(TINY_PATH, root)
+    damage(root)
+    return str(root)
+
+
+def _truncate(root):
+    f = root / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _remote_code(root):
+    c = json.loads((root / "config.json").read_text())
+    c.update(model_type="my_moe", auto_map={"AutoModelForCausalLM": "modeling_my_moe.MyMoe"})
+    (root / "config.json").write_text(json.dumps(c))
+
+
+def _pickle_only(root):
+    (root / "model.safetensors").rename(root / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_truncate, "model.safetensors is truncated: "),
+        (lambda r: (r / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda r: (r / "config.json").write_text("{}"), "config.json names no model_type"),
+        (_remote_code, "needs trust_remote_code, which is never enabled"),
+        (_pickle_only, "only pickle weights (pytorch_model.bin), which are never loaded"),
+        (lambda r: (r / "tokenizer.json").unlink(), "has no tokenizer"),
+        (lambda r: (r / "config.json").unlink(), "has no config.json"),
+    ],
+)
+def test_a_hostile_checkpoint_fails_validation_in_one_line(tmp_path, damage, message):
+    path = hostile(tmp_path, damage)
+    with pytest.raises(ConfigError) as err:
+        validate(RunConfig(model=ModelConfig(path=path)))
+    assert err.value.field == "model.path" and message in str(err.value)
+    assert "\n" not in str(err.value)

@@ -10,6 +10,7 @@ so a family needs nothing here but its gating rule.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,67 @@ def checkpoint_dir(name: str, path: str | None) -> str:
         f"model.path is required for model={name}: set model.path=/dir/of/the/checkpoint "
         "(its shipped config.json gives shapes and cache sizes only, no weights)"
     )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_checkpoint(path: str) -> None:
+    """Refuse, in one line, a checkpoint directory that loading would fail on or that would
+    run code: no or malformed config.json, code that needs trust_remote_code, pickle (.bin)
+    weights, truncated safetensors files, no tokenizer. Only headers are read."""
+    root = Path(path)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"{root} has no config.json; point model.path at a HF checkpoint"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{root / 'config.json'} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{root / 'config.json'} names no model_type")
+    from transformers import CONFIG_MAPPING
+
+    if config["model_type"] not in CONFIG_MAPPING:
+        remote = (
+            " and needs trust_remote_code, which is never enabled" if "auto_map" in config else ""
+        )
+        raise ValueError(
+            f"{root / 'config.json'}: model_type {config['model_type']!r} is not in the installed "
+            f"transformers{remote}"
+        )
+    weights = sorted(root.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in root.glob("*.bin"))
+        what = (
+            f"only pickle weights ({', '.join(pickles)}), which are never loaded"
+            if pickles
+            else "no weights"
+        )
+        raise ValueError(f"{root} has {what}: it needs *.safetensors files")
+    for f in weights:
+        _check_safetensors(f)
+    if not any((root / t).is_file() for t in TOKENIZER_FILES):
+        raise ValueError(f"{root} has no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+
+
+def _check_safetensors(f: Path) -> None:
+    """The file holds what its header says: 8 bytes of header length, the JSON header, and
+    the tensors up to the largest end offset."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{f} is truncated or not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{f} has a malformed safetensors header") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        raise ValueError(f"{f} is truncated: {size:,} bytes, its header needs {8 + n + end:,}")
 
 
 def config_dir(name: str, path: str | None) -> str:
@@ -296,10 +358,20 @@ def _skeleton(config_file: str, mtime: float):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(Path(config_file).parent))
+    try:
+        config = AutoConfig.from_pretrained(str(Path(config_file).parent))
+    except Exception as err:  # transformers raises many kinds for a config it cannot read
+        raise ValueError(f"{config_file}: {type(err).__name__}: {err}".splitlines()[0]) from None
     gate_rule(config.get_text_config())  # refuses unsupported families with the reason
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:
+        raise ValueError(
+            f"{config_file}: cannot build the model from it ({type(err).__name__}: {err})".splitlines()[
+                0
+            ]
+        ) from None
     if not moe_blocks(model):
         raise ValueError(f"{config_file}: model type {config.model_type!r} has no MoE blocks")
     return model
