@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,9 @@ def connect(conf: RayConf) -> str:
         )
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI codes in log files
+    # ray.init installs a native SIGTERM handler that dumps and aborts; the process keeps its own
+    # (sweep.__main__ closes the runs in flight and exits 143).
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
     except ConnectionError as err:
@@ -64,6 +68,8 @@ def connect(conf: RayConf) -> str:
             "authentication is on: export RAY_AUTH_MODE=token and make the cluster's token "
             "available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         ) from None
+    if on_term is not None:
+        signal.signal(signal.SIGTERM, on_term)
     return address
 
 

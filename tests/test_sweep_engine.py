@@ -240,8 +240,18 @@ def test_actors_log_to_a_tracking_server(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("multirun", [False, True], ids=["single", "multirun"])
-def test_ctrl_c_ends_in_one_line_with_status_130_and_the_runs_in_flight_killed(tmp_path, multirun):
+@pytest.mark.parametrize(
+    "multirun, signum, status",
+    [
+        (False, "SIGINT", 130),
+        (True, "SIGINT", 130),
+        (False, "SIGTERM", 143),
+        (True, "SIGTERM", 143),
+    ],
+)
+def test_ctrl_c_and_sigterm_end_in_one_line_and_the_runs_in_flight_killed(
+    tmp_path, multirun, signum, status
+):
     import signal
 
     args = ["-m", "seed=0,1"] if multirun else ["seed=0"]
@@ -251,9 +261,9 @@ def test_ctrl_c_ends_in_one_line_with_status_130_and_the_runs_in_flight_killed(t
     while not any(line.startswith("run ") for line in calls(tmp_path)):
         assert time.monotonic() < deadline and driver.poll() is None, driver.stdout.read()
         time.sleep(0.2)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(getattr(signal, signum))
     out, _ = driver.communicate(timeout=60)
-    assert driver.returncode == 130, out
+    assert driver.returncode == status, out
     assert "Traceback" not in out and out.rstrip().splitlines()[-1].startswith("interrupted:")
     statuses = runs_by_status(tmp_path)
     assert statuses["KILLED"] >= 1 and statuses["RUNNING"] == 0, statuses
