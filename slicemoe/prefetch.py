@@ -29,11 +29,11 @@ from slicemoe.config import PrefetchConfig
 from slicemoe.routing import Gate, critical
 
 
-def fetch(cache, layer: int, experts, critical, kinds, cold: bool) -> int:
-    """Prefetch the slices of `experts` of `layer` into `cache` (`kinds(critical)`: the slices
+def fetch(cache, layer: int, experts, crit, kinds, cold: bool) -> int:
+    """Prefetch the slices of `experts` of `layer` into `cache` (`kinds(crit)`: the slices
     of one expert); the Flash bytes moved. MSB slices go first: an LSB fetched before them
     would be the first thing their room is made from (the LSB pool is emptied first)."""
-    slices = [(int(e), kind) for e, c in zip(experts, critical) for kind in kinds(bool(c))]
+    slices = [(int(e), kind) for e, c in zip(experts, crit) for kind in kinds(bool(c))]
     return sum(
         cache.prefetch((layer, e, kind), cold)
         for e, kind in sorted(slices, key=lambda s: s[1] == "LSB")
