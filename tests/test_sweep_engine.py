@@ -244,8 +244,6 @@ def test_actors_log_to_a_tracking_server(tmp_path):
     "multirun, signum, status",
     [
         (False, "SIGINT", 130),
-        (True, "SIGINT", 130),
-        (False, "SIGTERM", 143),
         (True, "SIGTERM", 143),
     ],
 )
