@@ -254,13 +254,15 @@ class SliceCache:
             pool = self.low if len(self.low) else self.main
             self.evict(pool.victim())
 
-    def insert(self, key: Key) -> None:
-        """Place a slice without counting a request (used by warmup strategies)."""
+    def insert(self, key: Key, cold: bool = False) -> None:
+        """Place a slice without counting a request (used by warmup strategies); `cold` enters
+        it at the evict-first end of its pool."""
         if key in self.entries:
             return
         self._make_room(self.sizes[key[2]])
         self.entries.add(key)
-        self._pool(key).add(key)
+        pool = self._pool(key)
+        (pool.add_cold if cold else pool.add)(key)
         self.used += self.sizes[key[2]]
         if key[2] != "LSB":
             self.resident[key[0], key[1]] = True
@@ -299,11 +301,7 @@ class SliceCache:
             if not cold:
                 self._pool(key).touch(key)
             return 0
-        self.insert(key)
-        if cold:
-            pool = self._pool(key)
-            pool.remove(key)
-            pool.add_cold(key)
+        self.insert(key, cold)
         self.prefetched.add(key)
         nbytes = self.sizes[key[2]]
         if self.counting:

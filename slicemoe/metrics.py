@@ -95,6 +95,19 @@ DOCS = {
 METRICS = tuple(DOCS)
 
 
+def stats_row(stats) -> np.ndarray:
+    """A cache's cumulative statistics (slicemoe.cache.Stats) as a COUNTERS row, the columns
+    they do not cover zero."""
+    v = np.zeros(len(COUNTERS))
+    for kind in KINDS:
+        v[COL[f"requests_{kind}"]] = stats.requests[kind]
+        v[COL[f"misses_{kind}"]] = stats.requests[kind] - stats.hits[kind]
+    v[COL["activations"]] = stats.activations
+    v[COL["prefetch_bytes"]] = stats.prefetch_bytes
+    v[COL["prefetch_used_bytes"]] = stats.prefetch_used_bytes
+    return v
+
+
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("nan")
 

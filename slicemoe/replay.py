@@ -18,17 +18,18 @@ import numpy as np
 from slicemoe.cache import KIND_CODE, KINDS, SliceCache
 from slicemoe.config import RunConfig
 from slicemoe.hardware import Cost, charge
-from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble
+from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
 from slicemoe.models.adapter import (
     Footprint,
     computes_high,
     decode_bill,
+    fetch_ahead,
     footprint,
     head_bill,
     prefill_bill,
     slice_kinds,
 )
-from slicemoe.prefetch import fetch
+from slicemoe.prefetch import top_m
 from slicemoe.quant import reference_bytes
 from slicemoe.stream import Stream, replayable, stream_key
 from slicemoe.trace import write_trace
@@ -235,9 +236,7 @@ class _Device:
         if f.predictor == "next_gate":
             if nxt == 0:
                 return None
-            crit = np.zeros(m, dtype=bool)
-            crit[:k] = self.next_gate_critical[t, layer]
-            return self.next_gate[t, layer, :m], crit
+            return top_m(self.next_gate[t, layer], self.next_gate_critical[t, layer], m)
         if f.predictor == "prev_token":
             prev_t = nxt_t - 1  # the latest token the next layer has seen
             if prev_t < 0:
@@ -253,17 +252,11 @@ class _Device:
         fp, cache, hw = self.fp, self.cache, self.cfg.hardware
         cache.counting = True
         steps, layers, k = self.experts.shape
-        cold = self.cfg.prefetch.insert == "lru"
-        critical_lsb = self.cfg.prefetch.slices == "critical"
-
-        def kinds(critical: bool) -> tuple[str, ...]:
-            return slice_kinds(self.sliced, fp.nested, critical and critical_lsb)
-
         out = np.zeros((steps, len(COUNTERS)))
         predicted = None  # the experts predicted for the layer step about to run
         head = charge(hw, *head_bill(fp, 1))
         for t in range(steps):
-            before = _stats_row(cache)
+            before = stats_row(cache.stats)
             cost = head
             for layer in range(layers):
                 cache.tag = (self.s, "decode", t)
@@ -288,26 +281,18 @@ class _Device:
                 if pred is not None:
                     experts, crit = pred
                     predicted = {int(e) for e in experts}
-                    moved = fetch(cache, (layer + 1) % layers, experts, crit, kinds, cold)
+                    target = (layer + 1) % layers
+                    moved = fetch_ahead(
+                        cache, target, experts, crit, self.cfg.prefetch, self.sliced, fp.nested
+                    )
                 ops, dram, flash = decode_bill(fp, k, self.prompt_len + t, read, missed)
                 cost = cost + charge(hw, ops, dram + moved, flash + moved, moved)
-            out[t] += _stats_row(cache) - before
+            out[t] += stats_row(cache.stats) - before
             for name in COST_COUNTERS:
                 out[t, COL[name]] = getattr(cost, name)
-        out[:, COL["activations"]] = out[:, COL["expert_calls"]] = layers * k
+        out[:, COL["expert_calls"]] = layers * k
         out[:, COL["tokens"]] = 1
         return out
-
-
-def _stats_row(cache: SliceCache) -> np.ndarray:
-    """The cache's cumulative statistics as a COUNTERS row (the other columns zero)."""
-    s, v = cache.stats, np.zeros(len(COUNTERS))
-    for kind in KINDS:
-        v[COL[f"requests_{kind}"]] = s.requests[kind]
-        v[COL[f"misses_{kind}"]] = s.requests[kind] - s.hits[kind]
-    v[COL["prefetch_bytes"]] = s.prefetch_bytes
-    v[COL["prefetch_used_bytes"]] = s.prefetch_used_bytes
-    return v
 
 
 def miss_ratio_curve(stream: Stream, cfg: RunConfig, fractions) -> list[dict]:

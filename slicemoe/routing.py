@@ -102,13 +102,13 @@ class RoutingParams:
     bias: torch.Tensor | None = None
 
 
-def _choice(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
+def choice_scores(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
     """What experts are chosen by: the scores, plus the selection-only bias where one exists."""
     return probs if p.bias is None else probs + p.bias.float()
 
 
 def _select(gate: Gate, logits, probs: torch.Tensor, priority: torch.Tensor, p: RoutingParams):
-    choice = _choice(probs, p)
+    choice = choice_scores(probs, p)
     # Priorities are small integers; a step wider than the choice scores' range keeps them
     # apart, and the scores break ties by rank.
     span = choice.amax(-1, keepdim=True) - choice.amin(-1, keepdim=True) + 1.0
@@ -137,7 +137,7 @@ def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
     spread = p.spread
     if spread is None:
         spread = logits.amax(-1, keepdim=True) - logits.amin(-1, keepdim=True)
-    boosted = _choice(gate.probs(logits + p.lam * spread * cached.float()), p)
+    boosted = choice_scores(gate.probs(logits + p.lam * spread * cached.float()), p)
     allowed = gate.allowed(boosted)
     if allowed is not None:
         boosted = boosted.masked_fill(~allowed, float("-inf"))
@@ -159,7 +159,7 @@ def cumsum(gate: Gate, logits, cached, p: RoutingParams):
 
 def max_rank(gate: Gate, logits, cached, p: RoutingParams):
     probs = gate.probs(logits)
-    rank = _ranks(_choice(probs, p))
+    rank = _ranks(choice_scores(probs, p))
     keep = rank < p.max_rank_keep
     fill = cached & (rank < p.max_rank_m)
     return _select(gate, logits, probs, 2 * keep.long() + fill.long(), p)

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from slicemoe.cache import SliceCache
 from slicemoe.config import PrefetchConfig, RunConfig
-from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, KINDS, METRICS, assemble
+from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, METRICS, assemble, stats_row
 from slicemoe.models import Shape, checkpoint_dir, gate_rule, model_dims, moe_blocks, read_shape
 from slicemoe.models.adapter import Runtime, footprint, install, quantize_model, router_logits
 from slicemoe.prefetch import NextGate, make_predictor
@@ -98,17 +98,11 @@ def _counters(rt: Runtime) -> np.ndarray:
     """The cumulative decode COUNTERS of the runtime's current batch, all devices summed."""
     v = np.zeros(len(COUNTERS))
     for st in rt.seqs:
-        s = st.cache.stats
-        for k in KINDS:
-            v[COL[f"requests_{k}"]] += s.requests[k]
-            v[COL[f"misses_{k}"]] += s.requests[k] - s.hits[k]
-        v[COL["activations"]] += s.activations
+        v += stats_row(st.cache.stats)
         v[COL["expert_calls"]] += st.expert_calls
         v[COL["highbit_calls"]] += st.highbit_calls
         v[COL["tokens"]] += st.decode_tokens
         v[COL["resident_sum"]] += st.resident_sum
-        v[COL["prefetch_bytes"]] += s.prefetch_bytes
-        v[COL["prefetch_used_bytes"]] += s.prefetch_used_bytes
         v[COL["predicted_calls"]] += st.predicted_calls.sum()
         v[COL["covered_calls"]] += st.covered_calls.sum()
     for name in COST_COUNTERS:
@@ -131,9 +125,12 @@ class _Simulator:
         def logits(layer, hidden):
             return router_logits(blocks[layer], hidden)
 
-        predictor = make_predictor(cfg.prefetch, gate, len(blocks), cfg.policy.tau, logits)
+        predictor = make_predictor(cfg.prefetch, gate.top_k, len(blocks))
         self.recorder = Recorder(loaded.shape)
-        ranker = NextGate(gate, logits, len(blocks), self.recorder.depth, cfg.policy.tau)
+        # One ranking per layer step serves both the stream and next_gate (which may read
+        # deeper than the stream records).
+        depth = max(self.recorder.depth, cfg.prefetch.top_m)
+        ranker = NextGate(gate, logits, len(blocks), depth, cfg.policy.tau)
         self.rt = Runtime(gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
         install(loaded.model, self.rt)
         # Per MoE layer, summed over sequences: expert calls predicted for, and covered.

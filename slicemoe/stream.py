@@ -165,7 +165,8 @@ class Recorder:
 
     def add(self, seq: int, prompt_len: int, counts, chosen, high, gate, gate_critical) -> None:
         """Per decode step and layer (flattened, step-major): `chosen` [k] experts, `high` [k]
-        flags, `gate` [depth] next-gate ranking, `gate_critical` [k] flags."""
+        flags, `gate` the next-gate ranking (its first `depth` are kept), `gate_critical` [k]
+        flags."""
         layers, k = self.shape.num_moe_layers, self.shape.top_k
         steps = len(chosen) // layers
         dtype = np.int16 if self.shape.num_experts < 2**15 else np.int32
@@ -174,7 +175,9 @@ class Recorder:
             "prefill_counts": counts,
             "experts": np.array(chosen, dtype=dtype).reshape(steps, layers, k),
             "high": np.array(high, bool).reshape(steps, layers, k),
-            "next_gate": np.array(gate, dtype=dtype).reshape(steps, layers, self.depth),
+            "next_gate": np.array([g[: self.depth] for g in gate], dtype=dtype).reshape(
+                steps, layers, self.depth
+            ),
             "next_gate_critical": np.array(gate_critical, bool).reshape(steps, layers, k),
         }
 

@@ -107,10 +107,12 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "FINISHED"] if "status" in df else df.iloc[0:0]
 
 
+# Report column -> the config field behind it (`tau` -> `policy.tau`).
+FIELDS = {v: k.removeprefix("params.") for k, v in COLUMNS.items() if k.startswith("params.")}
+
+
 def _field(column: str) -> str:
-    """The config field behind a report column (`tau` -> `policy.tau`)."""
-    back = {v: k.removeprefix("params.") for k, v in COLUMNS.items() if k.startswith("params.")}
-    return back.get(column, column)
+    return FIELDS.get(column, column)
 
 
 def config_columns(df: pd.DataFrame) -> list[str]:
@@ -203,19 +205,19 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title
     fin = finished(df).assign(series=lambda d: series_label(d))
     x = "miss_rate_refn"
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    n = pd.to_numeric(fin.get("eval.limit"), errors="coerce") if "eval.limit" in fin else None
     for i, (label, group) in enumerate(sorted(fin.groupby("series"), key=lambda kv: kv[0])):
         group = group.sort_values("cache_size")
         yerr = None
-        if metric.startswith("accuracy") and n is not None and n.loc[group.index].notna().all():
-            lo, hi = zip(*(wilson(a * m, m) for a, m in zip(group[metric], n.loc[group.index])))
-            yerr = [group[metric] - pd.Series(lo, index=group.index),
-                    pd.Series(hi, index=group.index) - group[metric]]  # fmt: skip
+        intervals = [_interval(run, metric) for _, run in group.iterrows()]
+        if metric.startswith("accuracy") and None not in intervals:
+            lo, hi = (pd.Series(v, index=group.index) for v in zip(*intervals))
+            yerr = [group[metric] - lo, hi - group[metric]]
         ax.errorbar(group[x], group[metric], yerr=yerr, marker=MARKERS[i % len(MARKERS)],
                     markersize=7 - 0.6 * (i % 4), capsize=3, alpha=0.85, label=label,
                     zorder=3 + i)  # fmt: skip
         for _, row in group.iterrows():
-            ax.annotate(str(row["cache"]).replace("frac_", "") + ("%" if "frac_" in str(row["cache"]) else ""),
+            name = str(row["cache"])
+            ax.annotate(name.replace("frac_", "") + ("%" if name.startswith("frac_") else ""),
                         (row[x], row[metric]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, alpha=0.8)  # fmt: skip
     front = pareto(fin, x, metric)
@@ -223,6 +225,7 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title
             label="Pareto front", zorder=1)  # fmt: skip
     ax.set_xlabel("miss rate (Flash bytes / 8-bit expert bytes used)")
     ax.set_ylabel(metric)
+    n = pd.to_numeric(fin["eval.limit"], errors="coerce") if "eval.limit" in fin else None
     docs = f", n = {int(n.iloc[0])} documents per point, 95 % Wilson intervals" if (
         n is not None and n.notna().all() and n.nunique() == 1) else ""  # fmt: skip
     ax.set_title(f"{metric} vs miss rate{docs}\n{title}".strip(), fontsize=9)
@@ -373,9 +376,10 @@ CLAIMS = {
 DBSC = ("dbsc", "dbsc_pcw")
 
 
-def _interval(run) -> tuple[float, float] | None:
+def _interval(run, metric: str = "accuracy") -> tuple[float, float] | None:
+    """The 95 % interval of a run's score, from its number of documents (eval.limit)."""
     n = pd.to_numeric(pd.Series([run.get("eval.limit")]), errors="coerce").iloc[0]
-    return wilson(run["accuracy"] * n, n) if n == n and n > 0 else None
+    return wilson(run[metric] * n, n) if n == n and n > 0 else None
 
 
 def verdict(kind: str, runs: pd.DataFrame, baseline: str = BASELINE) -> str:

@@ -351,6 +351,10 @@ def _config_file(path: str | None) -> Path:
     return f
 
 
+def _one_line(text: str) -> str:
+    return text.splitlines()[0]
+
+
 @functools.lru_cache(maxsize=16)
 def _skeleton(config_file: str, mtime: float):
     """The model built on the meta device from its config.json: every tensor's shape, no
@@ -358,19 +362,20 @@ def _skeleton(config_file: str, mtime: float):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # transformers raises many kinds of errors for a config it cannot read or build.
     try:
         config = AutoConfig.from_pretrained(str(Path(config_file).parent))
-    except Exception as err:  # transformers raises many kinds for a config it cannot read
-        raise ValueError(f"{config_file}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    except Exception as err:
+        raise ValueError(_one_line(f"{config_file}: {type(err).__name__}: {err}")) from None
     gate_rule(config.get_text_config())  # refuses unsupported families with the reason
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as err:
         raise ValueError(
-            f"{config_file}: cannot build the model from it ({type(err).__name__}: {err})".splitlines()[
-                0
-            ]
+            _one_line(
+                f"{config_file}: cannot build the model from it ({type(err).__name__}: {err})"
+            )
         ) from None
     if not moe_blocks(model):
         raise ValueError(f"{config_file}: model type {config.model_type!r} has no MoE blocks")

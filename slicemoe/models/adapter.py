@@ -34,7 +34,6 @@ from slicemoe.models import (
     router_of,
     selection_bias,
 )
-from slicemoe.prefetch import fetch
 from slicemoe.routing import Gate, RoutingParams, precision, route
 
 # --- quantization of a loaded model ---------------------------------------------------------
@@ -156,6 +155,23 @@ def computes_high(kinds: tuple[str, ...], lsb_served: bool = True) -> bool:
     return "MSB" not in kinds or (len(kinds) == 2 and lsb_served)
 
 
+def fetch_ahead(cache, layer: int, experts, crit, prefetch: PrefetchConfig, sliced, nested):
+    """Prefetch the slices of `experts` of `layer` into `cache`: MSB (a whole expert when
+    unsliced), plus LSB for `crit` ones under `prefetch.slices=critical`; the Flash bytes moved.
+    MSB slices go first: an LSB fetched before them would be the first thing their room is made
+    from (the LSB pool is emptied first)."""
+    critical_lsb = prefetch.slices == "critical"
+    slices = [
+        (int(e), kind)
+        for e, c in zip(experts, crit)
+        for kind in slice_kinds(sliced, nested, bool(c) and critical_lsb)
+    ]
+    return sum(
+        cache.prefetch((layer, e, kind), cold=prefetch.insert == "lru")
+        for e, kind in sorted(slices, key=lambda s: s[1] == "LSB")
+    )
+
+
 def _ops(fp: Footprint, tokens, experts, attn):
     return (
         2.0 * tokens * fp.dense_params * fp.dense_op_cost
@@ -235,8 +251,8 @@ class Runtime:
         prefetch: PrefetchConfig | None = None,
         ranker=None,
     ):
-        """`predictor`: the prefetcher (slicemoe.prefetch), or None; `ranker`: a NextGate whose
-        predictions are recorded in the request stream, or None."""
+        """`predictor`: the prefetcher (slicemoe.prefetch), or None; `ranker`: the NextGate whose
+        ranking the predictor reads and the request stream records, or None."""
         self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
         self.predictor, self.prefetch = predictor, prefetch or PrefetchConfig()
         self.ranker = ranker
@@ -362,7 +378,10 @@ class Runtime:
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
         idx_np = idx.cpu().numpy()
         fp, fetch = self.fp, self.policy.lsb_miss == "fetch"
-        ranking = self._rank(layer, hidden, len(self.seqs))
+        ranking = recorded = None
+        if self.ranker is not None:
+            ranking = self.ranker.rank(layer, hidden)
+            recorded = ranking if ranking is not None else self.ranker.nothing(len(self.seqs))
         use_high = np.zeros_like(high)
         ops, dram, flash = [], [], []
         for row, st in enumerate(self.seqs):
@@ -385,16 +404,16 @@ class Runtime:
             st.highbit_calls += int(use_high[row].sum())
             st.chosen.append(idx_np[row])
             st.requested_high.append(high[row])
-            if ranking is not None:
-                st.next_gate.append(ranking[0][row])
-                st.next_gate_critical.append(ranking[1][row])
+            if recorded is not None:
+                st.next_gate.append(recorded[0][row])
+                st.next_gate_critical.append(recorded[1][row])
             if st.predicted is not None:
                 st.predicted_calls[layer] += len(idx_np[row])
                 st.covered_calls[layer] += sum(int(e) in st.predicted for e in idx_np[row])
             bill = decode_bill(fp, len(idx_np[row]), int(self.context[row]), read, missed)
             for column, value in zip((ops, dram, flash), bill):
                 column.append(value)
-        prefetched = self._prefetch(layer, hidden, idx_np)
+        prefetched = self._prefetch(layer, ranking, idx_np)
         active = self.active.nonzero()[0]
         # Prefetched slices are Flash reads and DRAM fills, overlapping this layer.
         dram = np.asarray(dram, float) + prefetched[active]
@@ -405,39 +424,24 @@ class Runtime:
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
         return w.to(logits.dtype), virt
 
-    def _rank(self, layer: int, hidden, rows: int):
-        """The ranker's (experts [B, depth], critical [B, k]) for the next layer; -1 and False
-        after the last layer."""
-        if self.ranker is None:
-            return None
-        k = self.fp.shape.top_k
-        pred = self.ranker.predict(layer, self.step, hidden)
-        if pred is None:
-            return np.full((rows, self.ranker.m), -1), np.zeros((rows, k), dtype=bool)
-        return pred[0], pred[1][:, :k]
-
-    def _prefetch(self, layer: int, hidden, chosen: np.ndarray) -> np.ndarray:
+    def _prefetch(self, layer: int, ranking, chosen: np.ndarray) -> np.ndarray:
         """Fetch the predicted experts of the next layer (layer 0 of the next token after the
         last) into each active row's cache; the Flash bytes moved per row."""
         moved = np.zeros(len(self.seqs))
         if self.predictor is None:
             return moved
         self.predictor.observe(layer, self.step, chosen)
-        pred = self.predictor.predict(layer, self.step, hidden)
+        pred = self.predictor.predict(layer, self.step, ranking)
         target = (layer + 1) % self.fp.shape.num_moe_layers
-        cold = self.prefetch.insert == "lru"
-        critical_lsb = self.prefetch.slices == "critical"
-
-        def kinds(critical: bool) -> tuple[str, ...]:
-            return self.kinds(critical and critical_lsb)
-
         for row, st in enumerate(self.seqs):
             st.predicted = None
             if not self.active[row] or pred is None:
                 continue
             experts, crit = pred[0][row], pred[1][row]
             st.predicted = frozenset(int(e) for e in experts)
-            moved[row] = fetch(st.cache, target, experts, crit, kinds, cold)
+            moved[row] = fetch_ahead(
+                st.cache, target, experts, crit, self.prefetch, self.sliced, self.fp.nested
+            )
         return moved
 
     # Proportional step per decode token on the relative error of the running miss rate. The
@@ -496,4 +500,4 @@ def _routed_forward(self, hidden_states, *args):
     return logits, weights, idx
 
 
-__all__ = ["Runtime", "footprint", "install", "quantize_model", "router_logits"]
+__all__ = ["Runtime", "fetch_ahead", "footprint", "install", "quantize_model", "router_logits"]
