@@ -263,7 +263,8 @@ def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None
     `idx`, `high` [B, k]: the chosen experts and whether each asked for its high-bit path.
     `ahead`: (target layer, experts [B, m], critical [B, m], rows predicted for [B]) or None.
     Returns (served at high precision [B, k], demand Flash bytes [B], expert bytes read [B],
-    prefetched bytes [B], experts resident after the requests [B] (layer 0 only, else None)).
+    prefetched bytes [B], experts resident after the requests [B] (layer 0 only, else None)),
+    zero for rows not in `on`.
     """
     rows, k = idx.shape
     zero = torch.zeros(rows, dtype=torch.int64, device=idx.device)
@@ -284,7 +285,7 @@ def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None
             high_path = first == FULL
         read += torch.where(on, torch.where(high_path, spec.sizes[FULL], spec.low_bytes), 0)
         served[:, j] = torch.where(on, high_path, h)
-    held = resident(st, spec).flatten(1).sum(1) if layer == 0 else None
+    held = torch.where(on, resident(st, spec).flatten(1).sum(1), 0) if layer == 0 else None
     moved = zero.clone()
     if ahead is not None:
         target, experts, crit, predicted = ahead
