@@ -240,11 +240,15 @@ def selection_bias(router, args: tuple):
 
 def moe_blocks(model) -> list:
     """The sparse MoE blocks in layer order (dense layers, e.g. DeepSeek's first, are skipped)."""
+    from slicemoe.models.code_experts import CodeExperts
+
+    def routed(experts) -> bool:
+        return hasattr(experts, "gate_up_proj") or isinstance(experts, CodeExperts)
+
     return [
         m
         for m in model.modules()
-        if (hasattr(m, "gate") or hasattr(m, "router"))
-        and hasattr(getattr(m, "experts", None), "gate_up_proj")
+        if (hasattr(m, "gate") or hasattr(m, "router")) and routed(getattr(m, "experts", None))
     ]
 
 
@@ -312,13 +316,9 @@ def model_dims(model) -> Dims:
     c = model.config
     blocks = moe_blocks(model)
     total = sum(p.numel() for p in model.parameters())
-    # The routed experts' tensors (after quantize_model, both paths) are not dense weights.
-    experts = sum(
-        getattr(b.experts, name).numel()
-        for b in blocks
-        for name in ("gate_up_proj", "down_proj", *EXPERT_BIASES)
-        if hasattr(b.experts, name)
-    )
+    # The routed experts' weights (after quantize_model: both paths, or codes held as buffers)
+    # are not dense weights.
+    experts = sum(p.numel() for b in blocks for p in b.experts.parameters())
     head = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads

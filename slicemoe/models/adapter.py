@@ -34,6 +34,7 @@ from slicemoe.models import (
     router_of,
     selection_bias,
 )
+from slicemoe.models.code_experts import CodeExperts, supports
 from slicemoe.routing import Gate, RoutingParams, precision, route
 
 # --- quantization of a loaded model ---------------------------------------------------------
@@ -53,16 +54,23 @@ def _qdq(w: torch.Tensor, bits: BitsConfig, in_out: bool) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def quantize_model(model, bits: BitsConfig) -> None:
+def quantize_model(model, bits: BitsConfig, codes: bool = False) -> None:
     """Quantize experts (high and low path) and, optionally, the non-expert linear weights.
 
+    `codes`: hold each family's experts once, as codes both paths compute from
+    (slicemoe.models.code_experts), where its layout allows; otherwise (and for unquantized
+    experts) the two paths are dequantized copies, 2E virtual experts of the family's own module.
     Routers stay as loaded: they are a negligible share of the bytes and routing decisions
     are what the cache policies study, so they should not move with the expert precision.
     """
     blocks = moe_blocks(model)
     in_out = model.config.model_type in IN_OUT_EXPERTS
+    silu = getattr(model.config, "hidden_act", None) in ("silu", "swish")
     for block in blocks:
         ex = block.experts
+        if codes and bits.high is not None and supports(ex, model.config):
+            block.experts = CodeExperts(ex, bits, silu)
+            continue
         e = ex.gate_up_proj.shape[0]
         if bits.high is None:  # unquantized experts: the low path is the high path
             pairs = [(p.data, p.data) for p in (ex.gate_up_proj, ex.down_proj)]

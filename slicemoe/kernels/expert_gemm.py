@@ -1,0 +1,154 @@
+"""The routed experts of slicemoe.models.code_experts.CodeExperts as two grouped GEMMs that
+dequantize their weights in the kernel: codes are read once per (expert, path) a batch uses, at
+one byte per weight, and the high and the low path read the same codes.
+
+The (token, slot) pairs are sorted by virtual expert and each expert's rows padded to whole
+blocks of BM (`align`, plain tensor ops, so the whole forward can be captured in a CUDA graph);
+a program computes one block of rows against one tile of output columns of that block's expert:
+1. gate/up: h = silu(x W_gate^T) * (x W_up^T), both halves of the fused [2I, H] codes;
+2. down: y = (h W_down^T) x the routing weight, written at the pair's own row, and the k rows
+   of a token are summed afterwards (a fixed order: the same result on every run).
+Weights are dequantized as quant.QTensor.dequantize does, w = (q >> shift - zp) x scale in
+float32, rounded to the model's dtype; products accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def align(v: torch.Tensor, num_virtual: int, bm: int):
+    """Row order for the grouped GEMMs: (ids [P], block_expert [P // bm]). `ids` lists the flat
+    (token, slot) indices of `v` grouped by virtual expert, each group padded to a multiple of
+    bm with the out-of-range index len(v); block b computes expert block_expert[b]
+    (num_virtual: no expert, the program returns)."""
+    f = v.numel()
+    counts = torch.zeros(num_virtual, dtype=torch.int64, device=v.device)
+    counts.scatter_add_(0, v, torch.ones_like(v))
+    padded = (counts + bm - 1) // bm * bm
+    ends = padded.cumsum(0)
+    order = torch.argsort(v, stable=True)
+    grouped = v[order]
+    rank = torch.arange(f, device=v.device) - (counts.cumsum(0) - counts)[grouped]
+    size = -(-(f + min(num_virtual, f) * (bm - 1)) // bm) * bm
+    ids = torch.full((size,), f, dtype=torch.int64, device=v.device)
+    ids.scatter_(0, (ends - padded)[grouped] + rank, order)
+    starts = torch.arange(0, size, bm, device=v.device)
+    return ids, torch.searchsorted(ends, starts, right=True)
+
+
+@triton.jit
+def _dequant(q_ptr, s_ptr, z_ptr, rows, cols, n_in, groups, shift, mult, G: tl.constexpr,
+             mask):  # fmt: skip
+    q = tl.load(q_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0).to(tl.int32)
+    g = rows[:, None] * groups + cols[None, :] // G
+    scale = tl.load(s_ptr + g, mask=mask, other=0.0)
+    zp = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
+    return ((q >> shift).to(tl.float32) - zp) * (scale * mult)
+
+
+@triton.jit
+def _expert(v, E, shift_low, mult_low, copy_low):
+    """(expert, code copy, shift, scale multiplier, zero-point row) of virtual expert v."""
+    low = v >= E
+    return (
+        v % E,
+        tl.where(low, copy_low, 0),
+        tl.where(low, shift_low, 0),
+        tl.where(low, mult_low, 1.0),
+        low.to(tl.int64),
+    )
+
+
+@triton.jit
+def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOPK,
+             shift_low, mult_low, copy_low, q_copy, s_copy, z_path,
+             I: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    v = tl.load(block_ptr + tl.program_id(0))
+    if v >= V:
+        return
+    e, copy, shift, mult, path = _expert(v, E, shift_low, mult_low, copy_low)
+    slots = tl.program_id(0) * BM + tl.arange(0, BM)
+    f = tl.load(ids_ptr + slots)
+    token = f // TOPK
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    groups = H // G
+    q = q_ptr + copy * q_copy + e * (2 * I * H)
+    s = s_ptr + copy * s_copy + e * (2 * I * groups)
+    z = z_ptr + path * z_path + e * (2 * I * groups)
+    acc_gate = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + token[:, None] * H + k[None, :],
+                    mask=(f < F)[:, None] & (k < H)[None, :], other=0.0)  # fmt: skip
+        wmask = (n < I)[:, None] & (k < H)[None, :]
+        w_gate = _dequant(q, s, z, n, k, H, groups, shift, mult, G, wmask).to(x.dtype)
+        w_up = _dequant(q, s, z, n + I, k, H, groups, shift, mult, G, wmask).to(x.dtype)
+        acc_gate = tl.dot(x, tl.trans(w_gate), acc_gate)
+        acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+    h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+    tl.store(h_ptr + slots[:, None] * I + n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=(n < I)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _down(h_ptr, ids_ptr, block_ptr, w_ptr, q_ptr, s_ptr, z_ptr, y_ptr, F, E, V,
+          shift_low, mult_low, copy_low, q_copy, s_copy, z_path,
+          I: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    v = tl.load(block_ptr + tl.program_id(0))
+    if v >= V:
+        return
+    e, copy, shift, mult, path = _expert(v, E, shift_low, mult_low, copy_low)
+    slots = tl.program_id(0) * BM + tl.arange(0, BM)
+    f = tl.load(ids_ptr + slots)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    groups = I // G
+    q = q_ptr + copy * q_copy + e * (H * I)
+    s = s_ptr + copy * s_copy + e * (H * groups)
+    z = z_ptr + path * z_path + e * (H * groups)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        k = k0 + tl.arange(0, BK)
+        h = tl.load(h_ptr + slots[:, None] * I + k[None, :], mask=(k < I)[None, :], other=0.0)
+        w = _dequant(q, s, z, n, k, I, groups, shift, mult, G, (n < H)[:, None] & (k < I)[None, :])
+        acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc)
+    weight = tl.load(w_ptr + f, mask=f < F, other=0.0).to(tl.float32)
+    y = acc * weight[:, None]
+    tl.store(y_ptr + f[:, None] * H + n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(f < F)[:, None] & (n < H)[None, :])  # fmt: skip
+
+
+def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
+    """CodeExperts.forward on CUDA (`ex`: the CodeExperts module)."""
+    tokens, hsize = hidden.shape
+    topk = top_k_index.shape[1]
+    e = ex.num_experts
+    v = top_k_index.reshape(-1)
+    f = v.numel()
+    gu_q, gu_s, gu_z = ex.gate_up_proj_q, ex.gate_up_proj_scale, ex.gate_up_proj_zp
+    dn_q, dn_s, dn_z = ex.down_proj_q, ex.down_proj_scale, ex.down_proj_zp
+    inter = gu_q.shape[2] // 2
+    g = ex.bits.group
+    # Small batches: few rows per expert, a short block; large ones: a square tile.
+    bm = 16 if f <= 16 * 2 * e else 64
+    bk = 128 if g <= 128 and 128 % g == 0 else g
+    ids, blocks = align(v, 2 * e, bm)
+    low = (ex.shift, float(2**ex.shift), int(gu_q.shape[0] > 1))
+    x = hidden.contiguous()
+    h = torch.empty((ids.numel(), inter), dtype=hidden.dtype, device=hidden.device)
+    _gate_up[(blocks.numel(), triton.cdiv(inter, 64))](
+        x, ids, blocks, gu_q, gu_s, gu_z, h, f, e, 2 * e, topk, *low,
+        gu_q[0].numel(), gu_s[0].numel(), gu_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
+        BK=bk,
+    )  # fmt: skip
+    y = torch.empty((f, hsize), dtype=hidden.dtype, device=hidden.device)
+    weights = top_k_weights.reshape(-1).contiguous()
+    _down[(blocks.numel(), triton.cdiv(hsize, 64))](
+        h, ids, blocks, weights, dn_q, dn_s, dn_z, y, f, e, 2 * e, *low,
+        dn_q[0].numel(), dn_s[0].numel(), dn_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
+        BK=bk,
+    )  # fmt: skip
+    return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
