@@ -18,6 +18,9 @@ class ModelConfig:
     path: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Where the simulated devices' state lives (slicemoe.simulator): python (the reference, on
+    # the host), tensor (on the model's device), auto (tensor on CUDA). Same metrics either way.
+    backend: str = "auto"
 
 
 @dataclass

@@ -49,7 +49,7 @@ def charge(
 ) -> Cost:
     """Cost of one layer step that does `ops` operations and moves the given bytes.
 
-    Scalars or numpy arrays (one entry per simulated device) work alike.
+    Scalars, numpy arrays or torch tensors (one entry per simulated device) work alike.
     Flash fills land in DRAM, so callers include the filled bytes in `dram_bytes` too.
     `prefetched` of the `flash_bytes` were fetched ahead for the next layer: they overlap this
     layer's compute and DRAM time, while demand misses wait (unless `overlap_flash`):
@@ -60,10 +60,10 @@ def charge(
     dram_s = dram_bytes * 8 / (hw.dram_gbps * 1e9)
     flash_s = flash_bytes * 8 / (hw.flash_gbps * 1e9)
     if hw.overlap_flash:
-        latency = np.maximum(np.maximum(compute_s, dram_s), flash_s)
+        latency = _max(_max(compute_s, dram_s), flash_s)
     else:
         ahead_s = prefetched * 8 / (hw.flash_gbps * 1e9)
-        latency = np.maximum(np.maximum(compute_s, dram_s), ahead_s) + (flash_s - ahead_s)
+        latency = _max(_max(compute_s, dram_s), ahead_s) + (flash_s - ahead_s)
     return Cost(
         ops=ops,
         dram_bytes=dram_bytes,
@@ -76,6 +76,11 @@ def charge(
         flash_s=flash_s,
         latency_s=latency,
     )
+
+
+def _max(a, b):
+    """Elementwise maximum of scalars, numpy arrays or torch tensors (which have the method)."""
+    return a.maximum(b) if hasattr(a, "maximum") else np.maximum(a, b)
 
 
 # A thin-and-light laptop: same accelerator as the phone, so comparing the two profiles isolates

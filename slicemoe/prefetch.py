@@ -41,59 +41,72 @@ class NextGate:
 
     def rank(self, layer: int, hidden: torch.Tensor):
         """(the best `depth` experts of layer + 1, best first [B, depth], DBSC's critical flags
-        of their top-k [B, k]); None after the last layer."""
+        of their top-k [B, k]), tensors on the model's device; None after the last layer."""
         if layer + 1 == self.layers:
             return None
         logits, bias = self.router_logits(layer + 1, hidden)
         choice = choice_scores(self.gate.probs(logits), RoutingParams(bias=bias))
         idx = choice.topk(self.depth, dim=-1).indices
-        crit = critical(self.gate.weights(logits, idx[:, : self.gate.top_k]), self.tau)
-        return idx.cpu().numpy(), crit.cpu().numpy()
+        return idx, critical(self.gate.weights(logits, idx[:, : self.gate.top_k]), self.tau)
 
-    def nothing(self, rows: int):
+    def nothing(self, rows: int, device=None):
         """What a stream records where there is no ranking: expert -1, not critical."""
-        return np.full((rows, self.depth), -1), np.zeros((rows, self.gate.top_k), dtype=bool)
+        return (
+            torch.full((rows, self.depth), -1, dtype=torch.int64, device=device),
+            torch.zeros((rows, self.gate.top_k), dtype=torch.bool, device=device),
+        )
 
 
-def top_m(ranked: np.ndarray, crit: np.ndarray, m: int):
+def top_m(ranked, crit, m: int):
     """The first m experts of a ranking (last axis) and their critical flags (False past the
-    top-k the flags cover)."""
-    flags = np.zeros(ranked[..., :m].shape, dtype=bool)
+    top-k the flags cover); numpy arrays or tensors alike."""
+    shape = ranked[..., :m].shape
+    if isinstance(ranked, torch.Tensor):
+        flags = torch.zeros(shape, dtype=torch.bool, device=ranked.device)
+    else:
+        flags = np.zeros(shape, dtype=bool)
     flags[..., : crit.shape[-1]] = crit[..., :m]
     return ranked[..., :m], flags
+
+
+# The in-loop predictors keep what they learn in tensors updated in place, on the model's
+# device, so that a captured decode step (slicemoe.simulator) replays them too. `predict`
+# returns (experts [B, m], critical [B, m], whether a prediction exists: a bool or a bool
+# tensor), or None where the predictor never predicts (next_gate after the last layer).
 
 
 class PreGating:
     def __init__(self, m: int):
         self.m = m
 
-    def start(self) -> None:
+    def start(self, rows: int, k: int, device) -> None:
         pass
 
-    def observe(self, layer: int, step: int, chosen: np.ndarray) -> None:
+    def observe(self, layer: int, chosen: torch.Tensor) -> None:
         pass
 
-    def predict(self, layer: int, step: int, ranking):
-        return None if ranking is None else top_m(*ranking, self.m)
+    def predict(self, layer: int, ranking):
+        return None if ranking is None else (*top_m(*ranking, self.m), True)
 
 
 class PrevToken:
     def __init__(self, layers: int, m: int):
         self.layers, self.m = layers, m
-        self.last: dict[int, np.ndarray] = {}  # layer -> [B, k] experts of its latest token
 
-    def start(self) -> None:
-        self.last = {}
+    def start(self, rows: int, k: int, device) -> None:
+        # per layer, the experts of its latest token [B, k], and whether it has seen one
+        self.last = torch.zeros((self.layers, rows, k), dtype=torch.int64, device=device)
+        self.seen = torch.zeros(self.layers, dtype=torch.bool, device=device)
 
-    def observe(self, layer: int, step: int, chosen: np.ndarray) -> None:
-        self.last[layer] = chosen
+    def observe(self, layer: int, chosen: torch.Tensor) -> None:
+        self.last[layer].copy_(chosen)
+        self.seen[layer].fill_(True)  # a fill kernel, no copy from the host
 
-    def predict(self, layer: int, step: int, ranking):
+    def predict(self, layer: int, ranking):
         # The next layer's latest token is the previous one (this one, for the next layer 0).
-        prev = self.last.get((layer + 1) % self.layers)
-        if prev is None:
-            return None
-        return prev[:, : self.m], np.zeros(prev[:, : self.m].shape, dtype=bool)
+        nxt = (layer + 1) % self.layers
+        prev = self.last[nxt, :, : self.m]
+        return prev, torch.zeros_like(prev, dtype=torch.bool), self.seen[nxt]
 
 
 PREDICTORS = ("none", "next_gate", "prev_token", "oracle")

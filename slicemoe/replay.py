@@ -21,13 +21,15 @@ from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
 from slicemoe.models.adapter import (
     Footprint,
+    charge_all,
     computes_high,
     decode_bill,
     fetch_ahead,
     footprint,
     head_bill,
-    prefill_bill,
+    prefill_cost,
     slice_kinds,
+    stream_prefill,
 )
 from slicemoe.prefetch import top_m
 from slicemoe.quant import reference_bytes
@@ -87,11 +89,6 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
     return result
 
 
-def _charge(hw, bill, shape) -> Cost:
-    """The hardware cost of every layer step of `shape` (bill terms broadcast to it)."""
-    return charge(hw, *(np.broadcast_to(np.asarray(x, float), shape) for x in bill))
-
-
 class _Device:
     """One recorded sequence on its own simulated device."""
 
@@ -122,20 +119,11 @@ class _Device:
             yield layer, e, KINDS[kind]
 
     def prefill(self) -> Cost:
-        fp, cache = self.fp, self.cache
-        cache.tag = (self.s, "prefill", -1)
+        fp = self.fp
+        self.cache.tag = (self.s, "prefill", -1)
         kinds = slice_kinds(self.sliced, fp.nested, True)
-        layers = len(self.counts)
-        used, missed = np.zeros(layers), np.zeros(layers)
-        for layer, row in enumerate(self.counts):
-            experts = np.nonzero(row)[0]
-            used[layer] = len(experts)
-            for e in experts:
-                hits = cache.access(layer, int(e), kinds)
-                missed[layer] += sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h)
-        hw = self.cfg.hardware
-        cost = _charge(hw, prefill_bill(fp, self.prompt_len, 0, used, missed), (layers,))
-        return cost.total() + charge(hw, *head_bill(fp, 1)).total()
+        used, missed = stream_prefill(self.cache, self.counts, kinds, fp.sizes)
+        return prefill_cost(fp, self.cfg.hardware, self.prompt_len, used, missed)
 
     def warmup(self) -> int:
         kind = "MSB" if self.sliced else "FULL"
@@ -218,7 +206,7 @@ class _Device:
         out[:, COL["tokens"]] = 1
         hw = self.cfg.hardware
         ctx = (self.prompt_len + np.arange(steps))[:, None]
-        layer_cost = _charge(hw, decode_bill(fp, k, ctx, read, missed), read.shape)
+        layer_cost = charge_all(hw, decode_bill(fp, k, ctx, read, missed), read.shape)
         head = charge(hw, *head_bill(fp, 1))
         for name in COST_COUNTERS:
             out[:, COL[name]] = np.sum(getattr(layer_cost, name), axis=1) + getattr(head, name)

@@ -123,7 +123,7 @@ def _select(gate: Gate, logits, probs: torch.Tensor, priority: torch.Tensor, p: 
 def _ranks(probs: torch.Tensor) -> torch.Tensor:
     order = probs.argsort(-1, descending=True)
     return torch.empty_like(order).scatter_(
-        -1, order, torch.arange(probs.shape[-1]).expand_as(order)
+        -1, order, torch.arange(probs.shape[-1], device=probs.device).expand_as(order)
     )
 
 

@@ -44,7 +44,7 @@ NOT_IN_STREAM = {
     "hardware": None,
     "policy": ("name", "warmup", "warmup_steps", "lam", "lam_scale", "cumsum_p", "max_rank_keep",
                "max_rank_m", "miss_rate_target"),
-    "model": ("device",),
+    "model": ("device", "backend"),
     "trace": None,
     "trace_path": None,
     "prefetch": None,

@@ -16,7 +16,10 @@ from slicemoe.prefetch import PREDICTORS
 from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
 from slicemoe.stream import cache_independent
+from slicemoe.tensorcache import EVICTIONS as TENSOR_EVICTIONS
 from slicemoe.warmup import WARMUP
+
+BACKENDS = ("auto", "python", "tensor")  # slicemoe.simulator
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,14 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
                 "bits.group",
                 f"{b.group} does not divide the model's {name} {dim}; pick a divisor (e.g. 32)",
             )
+    if m.backend not in BACKENDS:
+        raise ConfigError("model.backend", f"{m.backend!r} is unknown; use one of {BACKENDS}")
+    if m.backend == "tensor" and (cfg.trace or c.eviction not in TENSOR_EVICTIONS):
+        raise ConfigError(
+            "model.backend",
+            "tensor keeps no per-request trace and no Belady cache; use model.backend=python "
+            f"(or auto) with trace=true or cache.eviction={c.eviction}",
+        )
     if m.device.startswith("cuda"):
         import torch
 

@@ -23,7 +23,7 @@ from sweep.errors import SweepError
 
 # Fields that say where or how a run executes, not what it computes: two configs that differ
 # only here are the same run and share a run key.
-VOLATILE = frozenset({"model.device", "trace_path"})
+VOLATILE = frozenset({"model.device", "model.backend", "trace_path"})
 # Part of every key, so that a change in how keys are derived never matches older runs.
 KEY_VERSION = "1"
 RUNNER_API = ("validate", "load_key", "load", "run")

@@ -14,7 +14,8 @@ import transformers
 from slicemoe.config import BitsConfig, CacheConfig, ModelConfig, PolicyConfig, RunConfig
 from slicemoe.models import EXPERT_BIASES, moe_blocks, router_of
 from slicemoe.models.adapter import quantize_model
-from slicemoe.run import Loaded, _Simulator, load_key
+from slicemoe.run import Loaded, load_key
+from slicemoe.simulator import Simulator
 
 COMMON = dict(
     vocab_size=96,
@@ -216,8 +217,8 @@ def test_full_precision_scores_equal_plain_transformers(family):
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (9, 14, 6)]
     split = [4, 9, 2]  # prompt tokens per row; the rest is teacher-forced
-    nll = _Simulator(cfg, loaded).batch(
-        0, [r[:s] for r, s in zip(rows, split)], forced=[r[s:] for r, s in zip(rows, split)]
+    nll = Simulator(cfg, loaded).loglikelihood(
+        0, [r[:s] for r, s in zip(rows, split)], [r[s:] for r, s in zip(rows, split)]
     )
     for row, s, got in zip(rows, split, nll):
         with torch.no_grad():
@@ -258,10 +259,11 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
         ),
     )
     quantize_model(model, cfg.bits)
-    loaded = Loaded(load_key(cfg), model, SimpleNamespace(pad_token_id=0), shape, "cpu")
-    sim = _Simulator(cfg, loaded)
+    loaded = Loaded(load_key(cfg), model, SimpleNamespace(pad_token_id=0, decode=str), shape, "cpu")
+    sim = Simulator(cfg, loaded)
     g = torch.Generator().manual_seed(2)
-    sim.batch(0, [torch.randint(1, 96, (n,), generator=g).tolist() for n in (7, 11)], max_new=8)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (7, 11)]
+    sim.generate_until(0, prompts, max_new=8)
     rows = sim.rows()
     assert np.isfinite(rows).all() and rows[:, COL["tokens"]].sum() == 2 * 7
     assert rows[:, COL["requests_LSB"]].sum() > 0 and rows[:, COL["misses_MSB"]].sum() > 0

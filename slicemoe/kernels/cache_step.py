@@ -25,7 +25,7 @@ _LFU_STAMP = tl.constexpr(LFU_STAMP)
 
 @triton.jit
 def _size(kind, s_msb, s_lsb, s_full):
-    return tl.where(kind == 0, s_msb, tl.where(kind == 1, s_lsb, s_full))
+    return tl.where(kind == 0, s_msb, tl.where(kind == 1, s_lsb, s_full)).to(tl.int64)
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _pool_min(row, start, N: tl.constexpr, BLOCK: tl.constexpr):
     """(smallest key, its entry) among entries start .. start + N of a row."""
     best = tl.full((), _ABSENT, tl.int64)
     arg = tl.full((), -1, tl.int64)
-    for c in tl.static_range(0, N, BLOCK):
+    for c in range(0, N, BLOCK):
         offs = c + tl.arange(0, BLOCK)
         k = tl.load(row + start + offs, mask=offs < N, other=_ABSENT)
         m = tl.min(k, axis=0)
@@ -48,7 +48,7 @@ def _pool_min(row, start, N: tl.constexpr, BLOCK: tl.constexpr):
 def _make_room(row, prow, used, nbytes, capacity, s_msb, s_lsb, s_full,
                N: tl.constexpr, BLOCK: tl.constexpr, HAS_MSB: tl.constexpr,
                HAS_LSB: tl.constexpr, HAS_FULL: tl.constexpr, MAX_EVICT: tl.constexpr):  # fmt: skip
-    for _ in tl.static_range(MAX_EVICT):
+    for _ in range(MAX_EVICT):
         if used + nbytes > capacity:
             tl.debug_barrier()
             best = tl.full((), _ABSENT, tl.int64)
@@ -179,7 +179,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
     moved = tl.full((), 0, tl.int64)
     held = tl.full((), 0, tl.int64)
     if tl.load(on_ptr + b) != 0:
-        for j in tl.static_range(K):
+        for j in range(K):
             e = tl.load(idx_ptr + b * K + j).to(tl.int64)
             h = tl.load(high_ptr + b * K + j) != 0
             st += tl.where(so == S_ACT, 1, 0)
@@ -205,7 +205,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
             tl.store(served_ptr + b * K + j, high_path.to(tl.int8))
         if layer == 0:
             tl.debug_barrier()
-            for c in tl.static_range(0, N, BLOCK):
+            for c in range(0, N, BLOCK):
                 offs = c + tl.arange(0, BLOCK)
                 inside = offs < N
                 msb = tl.load(row + offs, mask=inside, other=_ABSENT) != _ABSENT
@@ -213,7 +213,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
                 held += tl.sum((msb | full).to(tl.int64), axis=0)
         if AHEAD:
             if tl.load(ahead_on_ptr + b) != 0:
-                for j in tl.static_range(M):
+                for j in range(M):
                     e = tl.load(ahead_e_ptr + b * M + j).to(tl.int64)
                     c = tl.load(ahead_c_ptr + b * M + j) != 0
                     first = _first_kind(c & PREFETCH_LSB, SLICED, NESTED)
@@ -224,7 +224,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
                                                      S_PREF)  # fmt: skip
                     moved += got
                 if HAS_LSB and PREFETCH_LSB:
-                    for j in tl.static_range(M):
+                    for j in range(M):
                         e = tl.load(ahead_e_ptr + b * M + j).to(tl.int64)
                         if tl.load(ahead_c_ptr + b * M + j) != 0:
                             got, used, clock, st = _prefetch(row, prow, N + target * E + e, 1,
@@ -235,7 +235,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
                                                              S_PREF)  # fmt: skip
                             moved += got
     else:
-        for j in tl.static_range(K):
+        for j in range(K):
             tl.store(served_ptr + b * K + j, tl.load(high_ptr + b * K + j))
     tl.store(used_ptr + b, used)
     tl.store(clock_ptr + b, clock)

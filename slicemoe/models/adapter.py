@@ -16,6 +16,7 @@ running them one at a time.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,6 +26,7 @@ from slicemoe import quant
 from slicemoe.cache import SliceCache
 from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig, PrefetchConfig
 from slicemoe.hardware import Cost, charge
+from slicemoe.metrics import COL, COST_COUNTERS, stats_row
 from slicemoe.models import (
     EXPERT_BIASES,
     IN_OUT_EXPERTS,
@@ -190,7 +192,10 @@ def _ops(fp: Footprint, tokens, experts, attn):
 
 def _attended(fp: Footprint, dim_full, dim_window, tokens):
     """`dim` x the tokens a query attends to, over full and sliding-window layers."""
-    return dim_full * tokens + dim_window * np.minimum(tokens, fp.window)
+    window = (
+        tokens.clamp(max=fp.window) if hasattr(tokens, "clamp") else np.minimum(tokens, fp.window)
+    )
+    return dim_full * tokens + dim_window * window
 
 
 def prefill_bill(fp: Footprint, tokens, ctx, used, missed):
@@ -215,7 +220,58 @@ def head_bill(fp: Footprint, tokens):
     return 2.0 * fp.head_params * fp.dense_op_cost * tokens, fp.head_bytes, 0
 
 
+def stream_prefill(cache: SliceCache, counts: np.ndarray, kinds, sizes: dict):
+    """Prefill streams, layer by layer, every expert a layer used (in index order) through the
+    device's cache: (distinct experts used [L], bytes missed [L]); `counts` [L, E]."""
+    layers = len(counts)
+    used, missed = np.zeros(layers), np.zeros(layers)
+    for layer, row in enumerate(counts):
+        experts = np.nonzero(row)[0]
+        used[layer] = len(experts)
+        for e in experts:
+            hits = cache.access(layer, int(e), kinds)
+            missed[layer] += sum(sizes[k] for k, h in zip(kinds, hits) if not h)
+    return used, missed
+
+
+def charge_all(hw: HardwareConfig, bill, shape) -> Cost:
+    """The hardware cost of every layer step of `shape` (bill terms broadcast to it)."""
+    return charge(hw, *(np.broadcast_to(np.asarray(x, float), shape) for x in bill))
+
+
+def prefill_cost(fp: Footprint, hw: HardwareConfig, tokens: int, used, missed) -> Cost:
+    """One device's prefill: every MoE layer's bill, and the LM head for the last token."""
+    layers = charge_all(hw, prefill_bill(fp, tokens, 0, used, missed), used.shape)
+    return layers.total() + charge(hw, *head_bill(fp, 1)).total()
+
+
 # --- the runtime ----------------------------------------------------------------------------
+
+# The miss-rate controller's proportional step per decode token on the relative error of the
+# running miss rate. Picked by hand on the tiny model: large enough to settle within ~20 tokens,
+# small enough not to oscillate.
+LAMBDA_GAIN = 0.05
+
+
+class Bindable:
+    """The seam between a model's routers and a runtime: `with runtime.bound(state):` around a
+    forward pass routes every MoE layer of it through `runtime.route(state, ...)`, so a batch's
+    state is passed explicitly and nothing of it stays on the runtime between calls."""
+
+    _state = None
+
+    @contextmanager
+    def bound(self, state):
+        self._state = state
+        try:
+            yield
+        finally:
+            self._state = None
+
+    def routed(self, layer: int, logits: torch.Tensor, bias, hidden):
+        if self._state is None:
+            raise RuntimeError("a SliceMoE model runs inside runtime.bound(state)")
+        return self.route(self._state, layer, logits, bias, hidden)
 
 
 @dataclass
@@ -224,6 +280,7 @@ class SeqState:
 
     cache: SliceCache
     counts: np.ndarray  # [layer, expert] prefill routing counts (PCW's hotness)
+    cost: np.ndarray  # [COST_COUNTERS] this device's decode cost so far
     expert_calls: int = 0
     highbit_calls: int = 0
     resident_sum: float = 0.0
@@ -248,7 +305,27 @@ class SeqState:
     covered_calls: np.ndarray | None = None
 
 
-class Runtime:
+@dataclass
+class Rows:
+    """The reference runtime's state of one batch: a SeqState per row (device)."""
+
+    seqs: list[SeqState]
+    first_seq: int
+    valid: torch.Tensor  # [B, S] prompt tokens (no padding)
+    phase: str = "prefill"
+    step: int = -1
+    active: np.ndarray | None = None  # [B] rows decoding this step
+    context: np.ndarray | None = None  # [B] tokens in each row's KV cache
+    # After each decode step: per-row cumulative COUNTERS [B, C] and (predicted, covered)
+    # expert calls per layer [B, 2, L].
+    history: list = field(default_factory=list)
+    layer_history: list = field(default_factory=list)
+
+
+class Runtime(Bindable):
+    """The readable reference: each row's device simulated in Python with a SliceCache, on the
+    host. slicemoe.models.tensor_runtime.TensorRuntime is the same on the model's device."""
+
     def __init__(
         self,
         gate: Gate,
@@ -272,21 +349,15 @@ class Runtime:
         )
         self.sliced = policy.precision in ("low", "dbsc")
         self.E = fp.shape.num_experts
-        self.seqs: list[SeqState] = []
-        self.phase, self.step = "prefill", -1
-        self.valid: torch.Tensor | None = None  # [B, S] prefill token mask (no padding)
-        self.active: np.ndarray | None = None  # [B] decode rows still generating
-        self.context: np.ndarray | None = None  # [B] tokens in each row's KV cache
-        # Hardware cost summed over all sequences of the evaluation, per phase.
-        self.cost = {"prefill": Cost(), "decode": Cost()}
 
-    def start(self, caches: list[SliceCache], valid: torch.Tensor) -> None:
+    def begin(self, caches: list[SliceCache], valid: torch.Tensor, first_seq: int) -> Rows:
         """A new batch: one device per cache; `valid[b, s]` marks prompt tokens (no padding)."""
         layers = self.fp.shape.num_moe_layers
-        self.seqs = [
+        seqs = [
             SeqState(
                 c,
                 np.zeros((layers, self.E), dtype=np.int64),
+                np.zeros(len(COST_COUNTERS)),
                 lam=self.policy.lam,
                 range_sum=np.zeros(layers),
                 range_n=np.zeros(layers, dtype=np.int64),
@@ -296,92 +367,91 @@ class Runtime:
             for c in caches
         ]
         if self.predictor is not None:
-            self.predictor.start()
-        self.phase, self.valid = "prefill", valid
-        self.context = np.zeros(len(caches), dtype=np.int64)
+            self.predictor.start(len(caches), self.fp.shape.top_k, valid.device)
+        return Rows(seqs, first_seq, valid)
 
-    def begin_step(self, step: int, active: np.ndarray, context: np.ndarray) -> None:
-        """Decode step `step` of the rows in `active`, each with `context` tokens cached."""
-        self.phase, self.step = "decode", step
-        self.active, self.context = active.copy(), context.copy()
-        if step == self.policy.warmup_steps:
-            for st in self.seqs:
+    def counts(self, state: Rows) -> np.ndarray:
+        """[B, L, E] prefill routing counts."""
+        return np.stack([st.counts for st in state.seqs])
+
+    def to_decode(self, state: Rows, caches, context, limit) -> None:
+        """Prefill is done and the caches (the rows' own) warmed up; `context` [B]: prompt
+        tokens; `limit` [B]: decode steps each row may run (the reference is told each step
+        which rows run)."""
+        state.phase, state.context = "decode", np.asarray(context).copy()
+        for st in state.seqs:
+            st.cache.counting = True
+
+    def begin_step(self, state: Rows, step: int, active: np.ndarray) -> None:
+        """Decode step `step` of the rows in `active`."""
+        state.step, state.active = step, np.asarray(active, dtype=bool).copy()
+        for i, st in enumerate(state.seqs):
+            st.cache.tag = (state.first_seq + i, "decode", step)
+            if step == self.policy.warmup_steps:
                 st.steady_base = (st.cache.stats.flash_bytes, st.cache.stats.activations)
 
-    def kinds(self, high: bool) -> tuple[str, ...]:
-        return slice_kinds(self.sliced, self.fp.nested, high)
-
-    def _charge(self, ops, dram, flash, prefetched=0.0) -> None:
-        """Charge one layer step of each listed row (arrays, one entry per row)."""
-        cost = charge(
-            self.hw,
-            np.asarray(ops, float),
-            np.asarray(dram, float),
-            np.asarray(flash, float),
-            np.asarray(prefetched, float),
+    def end_step(self, state: Rows) -> None:
+        """The LM head of every row that ran, and the step's counters."""
+        rows = np.nonzero(state.active)[0]
+        head = charge(self.hw, *head_bill(self.fp, 1))
+        for row in rows:
+            state.seqs[row].cost += [getattr(head, name) for name in COST_COUNTERS]
+        state.context = state.context + state.active
+        state.history.append(np.stack([_row_counters(st) for st in state.seqs]))
+        state.layer_history.append(
+            np.stack([np.stack([st.predicted_calls, st.covered_calls]) for st in state.seqs])
         )
-        self.cost[self.phase] = self.cost[self.phase] + cost.total()
 
-    def head(self, n_tokens: np.ndarray) -> None:
-        """Embedding + LM head for n_tokens[b] tokens of each row (weights read once)."""
-        rows = np.nonzero(n_tokens)[0]
-        ops, dram, flash = head_bill(self.fp, n_tokens[rows])
-        self._charge(ops, np.full(len(rows), dram), np.full(len(rows), flash))
+    def history(self, state: Rows, steps: int):
+        """(per-row COUNTERS after each of the first `steps` steps [steps, B, C],
+        (predicted, covered) expert calls per layer [steps, B, 2, L])."""
+        return np.array(state.history[:steps]), np.array(state.layer_history[:steps])
 
-    def fill(self, flash_bytes: np.ndarray) -> None:
-        """Slices read from Flash into DRAM outside any layer's compute (warmup fills)."""
-        self._charge(np.zeros(len(flash_bytes)), flash_bytes, flash_bytes)
+    def records(self, state: Rows, steps):
+        """Per row, the request stream of its first steps[b] steps (Recorder.add's lists)."""
+        n = np.asarray(steps) * self.fp.shape.num_moe_layers
+        return [
+            (st.chosen[:m], st.requested_high[:m], st.next_gate[:m], st.next_gate_critical[:m])
+            for st, m in zip(state.seqs, n)
+        ]
 
-    def route(self, layer: int, logits: torch.Tensor, bias=None, hidden=None):
+    def route(self, state: Rows, layer: int, logits: torch.Tensor, bias=None, hidden=None):
         """Choose experts and precision for one MoE layer; returns (weights, virtual idx).
         `bias`: the router's selection-only score correction (DeepSeek-V3), if it has one;
         `hidden`: the block's input, for predictors that read it."""
-        if self.phase == "prefill":
-            return self._prefill(layer, logits, bias)
-        return self._decode(layer, logits, bias, hidden)
+        if state.phase == "prefill":
+            return self._prefill(state, layer, logits, bias)
+        return self._decode(state, layer, logits, bias, hidden)
 
-    def _prefill(self, layer, logits, bias):
-        b, s = self.valid.shape
+    def _prefill(self, state: Rows, layer, logits, bias):
+        b, s = state.valid.shape
         # The model's own routing: top-k with no regard for the cache.
         no_cache = torch.zeros_like(logits, dtype=torch.bool)
         idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
         onehot = torch.zeros(b * s, self.E, dtype=torch.int64).scatter_(1, idx.cpu(), 1)
-        counts = (onehot.view(b, s, self.E) * self.valid.view(b, s, 1)).sum(1).numpy()
-        kinds = self.kinds(high=True)
-        fp, ops, dram, flash = self.fp, [], [], []
-        for row in range(b):
-            st = self.seqs[row]
+        counts = (onehot.view(b, s, self.E) * state.valid.cpu().view(b, s, 1)).sum(1).numpy()
+        for row, st in enumerate(state.seqs):
             st.counts[layer] += counts[row]
-            used = np.nonzero(counts[row])[0]
-            missed = 0
-            for e in used:
-                hits = st.cache.access(layer, int(e), kinds)
-                missed += sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h)
-            bill = prefill_bill(
-                fp, int(self.valid[row].sum()), int(self.context[row]), len(used), missed
-            )
-            for column, value in zip((ops, dram, flash), bill):
-                column.append(value)
-        self._charge(ops, dram, flash)
         return w.to(logits.dtype), idx
 
-    def _params(self, layer, logits, bias) -> RoutingParams:
+    def _params(self, state: Rows, layer, logits, bias) -> RoutingParams:
         """This step's routing parameters, one lam (and logit range) per row."""
-        lam = torch.tensor([[st.lam] for st in self.seqs], device=logits.device)
+        lam = torch.tensor([[st.lam] for st in state.seqs], device=logits.device)
         if self.policy.lam_scale != "running":
             return replace(self.params, lam=lam, bias=bias)
         spread = (logits.amax(-1) - logits.amin(-1)).float().cpu().numpy()
-        for row, st in enumerate(self.seqs):
-            if self.active[row]:
+        for row, st in enumerate(state.seqs):
+            if state.active[row]:
                 st.range_sum[layer] += spread[row]
                 st.range_n[layer] += 1
-        mean = [st.range_sum[layer] / max(st.range_n[layer], 1) for st in self.seqs]
+        mean = [st.range_sum[layer] / max(st.range_n[layer], 1) for st in state.seqs]
         spread = torch.tensor(mean, device=logits.device).view(-1, 1)
         return replace(self.params, lam=lam, spread=spread, bias=bias)
 
-    def _decode(self, layer, logits, bias, hidden):
-        cached = np.stack([st.cache.resident[layer] for st in self.seqs])
-        params = self._params(layer, logits, bias)
+    def _decode(self, state: Rows, layer, logits, bias, hidden):
+        seqs, active = state.seqs, state.active
+        cached = np.stack([st.cache.resident[layer] for st in seqs])
+        params = self._params(state, layer, logits, bias)
         idx, w = route(self.policy.routing, self.gate, logits, torch.from_numpy(cached), params)
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
         idx_np = idx.cpu().numpy()
@@ -389,11 +459,12 @@ class Runtime:
         ranking = recorded = None
         if self.ranker is not None:
             ranking = self.ranker.rank(layer, hidden)
-            recorded = ranking if ranking is not None else self.ranker.nothing(len(self.seqs))
+            recorded = ranking if ranking is not None else self.ranker.nothing(len(seqs))
+            recorded = [x.cpu().numpy() for x in recorded]
         use_high = np.zeros_like(high)
-        ops, dram, flash = [], [], []
-        for row, st in enumerate(self.seqs):
-            if not self.active[row]:
+        bills = {}
+        for row, st in enumerate(seqs):
+            if not active[row]:
                 use_high[row] = high[row]
                 continue
             missed = read = 0
@@ -418,61 +489,71 @@ class Runtime:
             if st.predicted is not None:
                 st.predicted_calls[layer] += len(idx_np[row])
                 st.covered_calls[layer] += sum(int(e) in st.predicted for e in idx_np[row])
-            bill = decode_bill(fp, len(idx_np[row]), int(self.context[row]), read, missed)
-            for column, value in zip((ops, dram, flash), bill):
-                column.append(value)
-        prefetched = self._prefetch(layer, ranking, idx_np)
-        active = self.active.nonzero()[0]
-        # Prefetched slices are Flash reads and DRAM fills, overlapping this layer.
-        dram = np.asarray(dram, float) + prefetched[active]
-        flash = np.asarray(flash, float) + prefetched[active]
-        self._charge(ops, dram, flash, prefetched[active])
+            bills[row] = decode_bill(fp, len(idx_np[row]), int(state.context[row]), read, missed)
+        moved = self._prefetch(state, layer, ranking, idx)
+        for row, (ops, dram, flash) in bills.items():
+            # Prefetched slices are Flash reads and DRAM fills, overlapping this layer.
+            cost = charge(self.hw, ops, dram + moved[row], flash + moved[row], moved[row])
+            seqs[row].cost += [getattr(cost, name) for name in COST_COUNTERS]
         if layer == self.fp.shape.num_moe_layers - 1 and self.policy.miss_rate_target is not None:
-            self._adapt_lambda()
+            self._adapt_lambda(state)
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
         return w.to(logits.dtype), virt
 
-    def _prefetch(self, layer: int, ranking, chosen: np.ndarray) -> np.ndarray:
+    def kinds(self, high: bool) -> tuple[str, ...]:
+        return slice_kinds(self.sliced, self.fp.nested, high)
+
+    def _prefetch(self, state: Rows, layer: int, ranking, chosen: torch.Tensor) -> np.ndarray:
         """Fetch the predicted experts of the next layer (layer 0 of the next token after the
         last) into each active row's cache; the Flash bytes moved per row."""
-        moved = np.zeros(len(self.seqs))
+        moved = np.zeros(len(state.seqs))
         if self.predictor is None:
             return moved
-        self.predictor.observe(layer, self.step, chosen)
-        pred = self.predictor.predict(layer, self.step, ranking)
+        self.predictor.observe(layer, chosen)
+        pred = self.predictor.predict(layer, ranking)
         target = (layer + 1) % self.fp.shape.num_moe_layers
-        for row, st in enumerate(self.seqs):
+        made = pred is not None and bool(pred[2])
+        experts, crit = (pred[0].cpu().numpy(), pred[1].cpu().numpy()) if made else (None, None)
+        for row, st in enumerate(state.seqs):
             st.predicted = None
-            if not self.active[row] or pred is None:
+            if not state.active[row] or not made:
                 continue
-            experts, crit = pred[0][row], pred[1][row]
-            st.predicted = frozenset(int(e) for e in experts)
+            st.predicted = frozenset(int(e) for e in experts[row])
             moved[row] = fetch_ahead(
-                st.cache, target, experts, crit, self.prefetch, self.sliced, self.fp.nested
-            )
+                st.cache, target, experts[row], crit[row], self.prefetch, self.sliced,
+                self.fp.nested,
+            )  # fmt: skip
         return moved
 
-    # Proportional step per decode token on the relative error of the running miss rate. The
-    # gain was picked by hand on the tiny model: large enough to settle within ~20 tokens,
-    # small enough not to oscillate.
-    LAMBDA_GAIN = 0.05
-
-    def _adapt_lambda(self) -> None:
+    def _adapt_lambda(self, state: Rows) -> None:
         """Hold each device's high-bit-normalised miss rate under policy.miss_rate_target by
         raising cache_prior's lambda when above it and relaxing it when below. As in the paper,
         the constraint applies after `warmup_steps` decode steps and to the misses since then."""
         target = self.policy.miss_rate_target
-        for row, st in enumerate(self.seqs):
-            if not self.active[row] or st.steady_base is None:
+        for row, st in enumerate(state.seqs):
+            if not state.active[row] or st.steady_base is None:
                 continue
             s, (flash0, acts0) = st.cache.stats, st.steady_base
             if s.activations > acts0:
                 hbn = (s.flash_bytes - flash0) / ((s.activations - acts0) * self.fp.sizes["FULL"])
                 err = (hbn - target) / max(target, 1e-6)
-                st.lam = max(0.0, st.lam + self.LAMBDA_GAIN * float(np.clip(err, -1, 4)))
+                st.lam = max(0.0, st.lam + LAMBDA_GAIN * float(np.clip(err, -1, 4)))
 
 
-def install(model, runtime: Runtime) -> None:
+def _row_counters(st: SeqState) -> np.ndarray:
+    """A device's cumulative decode COUNTERS."""
+    v = stats_row(st.cache.stats)
+    v[COL["expert_calls"]] = st.expert_calls
+    v[COL["highbit_calls"]] = st.highbit_calls
+    v[COL["tokens"]] = st.decode_tokens
+    v[COL["resident_sum"]] = st.resident_sum
+    v[COL["predicted_calls"]] = st.predicted_calls.sum()
+    v[COL["covered_calls"]] = st.covered_calls.sum()
+    v[[COL[name] for name in COST_COUNTERS]] = st.cost
+    return v
+
+
+def install(model, runtime: Bindable) -> None:
     """Swap each block's router class for one that defers to the runtime."""
     for layer, block in enumerate(moe_blocks(model)):
         gate = router_of(block)
@@ -504,7 +585,7 @@ def router_logits(block, hidden: torch.Tensor):
 def _routed_forward(self, hidden_states, *args):
     logits = super(type(self), self).forward(hidden_states, *args)[0]
     bias = selection_bias(self, args)
-    weights, idx = self._slicemoe_runtime.route(self._slicemoe_layer, logits, bias, hidden_states)
+    weights, idx = self._slicemoe_runtime.routed(self._slicemoe_layer, logits, bias, hidden_states)
     return logits, weights, idx
 
 

@@ -1,0 +1,330 @@
+"""The runtime of B simulated devices kept on the model's device.
+
+The same simulation as slicemoe.models.adapter.Runtime (the readable reference, on the host,
+one Python SliceCache per row; whole runs give the same metrics through either), with every
+per-device quantity a tensor row and every rule an operation on all rows at once: the caches
+(slicemoe.tensorcache; on CUDA one kernel per layer step, slicemoe.kernels.cache_step), routing
+with the cache state (all four policies), DBSC's precision, lsb_miss, the miss-rate controller,
+prefetching, the request stream and the hardware bill. A decode step never waits for the host,
+so it can be captured once and replayed (slicemoe.simulator).
+
+Prefill routes on the device and counts; the caches then take the prefill stream and the warmup
+on the host, through the same SliceCache code as the reference (once per batch), and continue
+on the device (tensorcache.from_slicecaches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from slicemoe import tensorcache as tc
+from slicemoe.cache import KIND_CODE, KINDS, SliceCache
+from slicemoe.config import HardwareConfig, PolicyConfig, PrefetchConfig
+from slicemoe.hardware import charge
+from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
+from slicemoe.models.adapter import LAMBDA_GAIN, Bindable, Footprint, decode_bill, head_bill
+from slicemoe.routing import Gate, RoutingParams, precision, route
+
+
+@dataclass
+class Rows:
+    """One batch on the device: B rows, decode steps up to `steps`."""
+
+    spec: tc.Spec
+    valid: torch.Tensor  # [B, S] prompt tokens (no padding)
+    counts: torch.Tensor  # [B, L, E] prefill routing counts
+    phase: str = "prefill"
+    cache: tc.CacheState | None = None
+    t: torch.Tensor | None = None  # () this decode step
+    limit: torch.Tensor | None = None  # [B] decode steps each row runs
+    context: torch.Tensor | None = None  # [B] tokens in each row's KV cache
+    on: torch.Tensor | None = None  # [B] rows decoding this step
+    lam: torch.Tensor | None = None  # [B] cache_prior strength (adapted by the controller)
+    range_sum: torch.Tensor | None = None  # [B, L] router logit ranges, lam_scale=running
+    range_n: torch.Tensor | None = None
+    base: torch.Tensor | None = None  # [B, 2] (Flash bytes, activations) at warmup_steps
+    base_set: torch.Tensor | None = None  # [B]
+    calls: torch.Tensor | None = None  # [B, 4] expert, high-bit calls, tokens, resident sum
+    layer_calls: torch.Tensor | None = None  # [B, 2, L] predicted for, covered
+    predicted: torch.Tensor | None = None  # [B, E] experts predicted for the next layer step
+    predicted_on: torch.Tensor | None = None  # [B] ... where a prediction was made
+    bills: torch.Tensor | None = None  # [B, 3, L] this step's read, missed, moved bytes
+    cost: torch.Tensor | None = None  # [B, COST_COUNTERS] decode cost so far
+    history: torch.Tensor | None = None  # [steps, B, COUNTERS] after each step
+    layer_history: torch.Tensor | None = None  # [steps, B, 2, L]
+    # the request stream: [B, steps, L, k] experts, high-bit requests, next-gate ranking ...
+    chosen: torch.Tensor | None = None
+    high: torch.Tensor | None = None
+    next_gate: torch.Tensor | None = None
+    next_gate_critical: torch.Tensor | None = None
+
+
+READ, MISSED, MOVED = range(3)
+EXPERT_CALLS, HIGHBIT_CALLS, TOKENS, RESIDENT = range(4)
+
+
+class TensorRuntime(Bindable):
+    def __init__(
+        self,
+        gate: Gate,
+        fp: Footprint,
+        policy: PolicyConfig,
+        hw: HardwareConfig,
+        capacity: int,
+        eviction: str,
+        predictor=None,
+        prefetch: PrefetchConfig | None = None,
+        ranker=None,
+        depth: int = 0,
+    ):
+        """As adapter.Runtime; `capacity`, `eviction`: the caches'; `depth`: ranking entries the
+        request stream keeps (0: no stream is recorded, and no ranking is made unless the
+        predictor reads it)."""
+        self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
+        self.predictor, self.prefetch = predictor, prefetch or PrefetchConfig()
+        self.ranker, self.depth = ranker, depth
+        self.params = RoutingParams(
+            cumsum_p=policy.cumsum_p,
+            max_rank_keep=policy.max_rank_keep,
+            max_rank_m=policy.max_rank_m,
+        )
+        shape = fp.shape
+        self.E, self.L, self.k = shape.num_experts, shape.num_moe_layers, shape.top_k
+        self.spec = tc.Spec(
+            self.L,
+            self.E,
+            tuple(fp.sizes[k] for k in KINDS),
+            capacity,
+            eviction,
+            sliced=policy.precision in ("low", "dbsc"),
+            nested=fp.nested,
+            lsb_fetch=policy.lsb_miss == "fetch",
+            low_bytes=fp.low_bytes,
+            prefetch_lsb=self.prefetch.slices == "critical",
+            prefetch_cold=self.prefetch.insert == "lru",
+        )
+
+    def layer_step(self, state: Rows, *args):
+        if state.cache.key.is_cuda:
+            from slicemoe.kernels.cache_step import layer_step
+
+            return layer_step(state.cache, self.spec, *args)
+        return tc.layer_step(state.cache, self.spec, *args)
+
+    def begin(self, caches: list[SliceCache], valid: torch.Tensor, first_seq: int) -> Rows:
+        dev = valid.device
+        counts = torch.zeros((len(caches), self.L, self.E), dtype=torch.int64, device=dev)
+        return Rows(self.spec, valid, counts)
+
+    def counts(self, state: Rows) -> np.ndarray:
+        return state.counts.cpu().numpy()
+
+    def to_decode(self, state: Rows, caches, context, limit) -> None:
+        """The warmed-up SliceCaches become the device's; `limit` [B]: decode steps per row."""
+        dev, rows, steps = state.valid.device, len(caches), int(np.max(limit, initial=0))
+        f64 = dict(dtype=torch.float64, device=dev)
+        i64 = dict(dtype=torch.int64, device=dev)
+        state.phase = "decode"
+        state.cache = tc.from_slicecaches(self.spec, caches, dev)
+        state.t = torch.zeros((), **i64)
+        state.limit = torch.as_tensor(limit, **i64)
+        state.context = torch.as_tensor(context, **i64)
+        state.on = torch.zeros(rows, dtype=torch.bool, device=dev)
+        state.lam = torch.full((rows,), float(self.policy.lam), **f64)
+        state.range_sum = torch.zeros((rows, self.L), **f64)
+        state.range_n = torch.zeros((rows, self.L), **i64)
+        state.base = torch.zeros((rows, 2), **i64)
+        state.base_set = torch.zeros(rows, dtype=torch.bool, device=dev)
+        state.calls = torch.zeros((rows, 4), **f64)
+        state.layer_calls = torch.zeros((rows, 2, self.L), **i64)
+        state.predicted = torch.zeros((rows, self.E), dtype=torch.bool, device=dev)
+        state.predicted_on = torch.zeros(rows, dtype=torch.bool, device=dev)
+        state.bills = torch.zeros((rows, 3, self.L), **i64)
+        state.cost = torch.zeros((rows, len(COST_COUNTERS)), **f64)
+        state.history = torch.zeros((steps, rows, len(COUNTERS)), **f64)
+        state.layer_history = torch.zeros((steps, rows, 2, self.L), **i64)
+        k, depth = self.k, max(self.depth, 1)
+        state.chosen = torch.zeros((rows, steps, self.L, k), **i64)
+        state.high = torch.zeros((rows, steps, self.L, k), dtype=torch.bool, device=dev)
+        state.next_gate = torch.full((rows, steps, self.L, depth), -1, **i64)
+        state.next_gate_critical = torch.zeros_like(state.high)
+        if self.predictor is not None:
+            self.predictor.start(rows, k, dev)
+
+    def begin_step(self, state: Rows, step=None, active=None) -> None:
+        """The next decode step of every row still within its limit. The host's `step` and
+        `active` are not read: the step lives on the device, and rows that stop early (a stop
+        string) are left out of the counters afterwards (slicemoe.simulator)."""
+        t = state.t
+        # In place: a captured step replays on these very tensors.
+        state.on.copy_(t < state.limit)
+        opens = t == self.policy.warmup_steps
+        stats = state.cache.stats
+        now = torch.stack([_flash_bytes(stats), stats[:, tc.S["activations"]]], 1)
+        state.base.copy_(torch.where(opens, now, state.base))
+        state.base_set |= opens
+
+    def end_step(self, state: Rows) -> None:
+        """Bill the step's layers and LM head, keep the step's counters, advance the step."""
+        on, fp = state.on, self.fp
+        bills = state.bills.double()
+        ctx = state.context.double()[:, None]
+        ops, dram, flash = decode_bill(fp, self.k, ctx, bills[:, READ], bills[:, MISSED])
+        moved = bills[:, MOVED]
+        ops = torch.as_tensor(ops).expand_as(moved)
+        layers = charge(self.hw, ops, dram + moved, flash + moved, moved)
+        head = charge(self.hw, *head_bill(fp, 1))
+        step_cost = torch.stack(
+            [getattr(layers, n).sum(1) + getattr(head, n) for n in COST_COUNTERS], 1
+        )
+        state.cost += torch.where(on[:, None], step_cost, 0)
+        state.context += on
+        idx = state.t.view(1)
+        state.history.index_copy_(0, idx, self._counters(state)[None])
+        state.layer_history.index_copy_(0, idx, state.layer_calls[None])
+        state.t += 1
+
+    def _counters(self, state: Rows) -> torch.Tensor:
+        """Per row, the cumulative COUNTERS (as adapter._row_counters)."""
+        stats, rows = state.cache.stats.double(), state.cache.rows
+        v = torch.zeros((rows, len(COUNTERS)), dtype=torch.float64, device=stats.device)
+        for kind in KINDS:
+            requests = stats[:, tc.S[f"requests_{kind}"]]
+            v[:, COL[f"requests_{kind}"]] = requests
+            v[:, COL[f"misses_{kind}"]] = requests - stats[:, tc.S[f"hits_{kind}"]]
+        for name in ("activations", "prefetch_bytes", "prefetch_used_bytes"):
+            v[:, COL[name]] = stats[:, tc.S[name]]
+        for j, name in enumerate(("expert_calls", "highbit_calls", "tokens", "resident_sum")):
+            v[:, COL[name]] = state.calls[:, j]
+        v[:, COL["predicted_calls"]] = state.layer_calls[:, 0].sum(1).double()
+        v[:, COL["covered_calls"]] = state.layer_calls[:, 1].sum(1).double()
+        first = COL[COST_COUNTERS[0]]  # the cost columns are the last ones, in order
+        v[:, first : first + len(COST_COUNTERS)] = state.cost
+        return v
+
+    def history(self, state: Rows, steps: int):
+        """(per-row COUNTERS after each of the first `steps` steps [steps, B, C],
+        (predicted, covered) expert calls per layer [steps, B, 2, L]), on the host."""
+        return state.history[:steps].cpu().numpy(), state.layer_history[:steps].cpu().numpy()
+
+    def records(self, state: Rows, steps):
+        """Per row, the request stream of its first steps[b] steps (Recorder.add's lists)."""
+        arrays = [state.chosen, state.high, state.next_gate, state.next_gate_critical]
+        chosen, high, gate, crit = (a.flatten(1, 2).cpu().numpy() for a in arrays)
+        n = np.asarray(steps) * self.L
+        return [
+            (list(chosen[b, :m]), list(high[b, :m]), list(gate[b, :m]), list(crit[b, :m]))
+            for b, m in enumerate(n)
+        ]
+
+    # --- routing, inside the model's forward pass --------------------------------------------
+
+    def route(self, state: Rows, layer: int, logits: torch.Tensor, bias=None, hidden=None):
+        if state.phase == "prefill":
+            return self._prefill(state, layer, logits, bias)
+        return self._decode(state, layer, logits, bias, hidden)
+
+    def _prefill(self, state: Rows, layer, logits, bias):
+        b, s = state.valid.shape
+        no_cache = torch.zeros_like(logits, dtype=torch.bool)
+        idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
+        onehot = torch.zeros((b * s, self.E), dtype=torch.int64, device=logits.device)
+        onehot.scatter_(1, idx, 1)
+        state.counts[:, layer] += (onehot.view(b, s, self.E) * state.valid.view(b, s, 1)).sum(1)
+        return w.to(logits.dtype), idx
+
+    def _params(self, state: Rows, layer, logits, bias) -> RoutingParams:
+        lam = state.lam.float()[:, None]
+        if self.policy.lam_scale != "running":
+            return replace(self.params, lam=lam, bias=bias)
+        spread = (logits.amax(-1) - logits.amin(-1)).float().double()
+        state.range_sum[:, layer] += torch.where(state.on, spread, 0)
+        state.range_n[:, layer] += state.on
+        mean = state.range_sum[:, layer] / state.range_n[:, layer].clamp_min(1)
+        return replace(self.params, lam=lam, spread=mean.float()[:, None], bias=bias)
+
+    def _decode(self, state: Rows, layer, logits, bias, hidden):
+        on, spec, k = state.on, self.spec, self.k
+        cached = tc.resident(state.cache, spec)[:, layer]
+        params = self._params(state, layer, logits, bias)
+        idx, w = route(self.policy.routing, self.gate, logits, cached, params)
+        high = precision(self.policy.precision, w, self.policy.tau)
+        ranking = None
+        if self.ranker is not None and (self.depth or self.prefetch.predictor == "next_gate"):
+            ranking = self.ranker.rank(layer, hidden)
+        ahead = self._predict(state, layer, idx, ranking)
+        # Expert calls covered by the prediction made for this layer step.
+        covered = state.predicted.gather(1, idx).sum(1)
+        counted = on & state.predicted_on
+        state.layer_calls[:, 0, layer] += torch.where(counted, k, 0)
+        state.layer_calls[:, 1, layer] += torch.where(counted, covered, 0)
+        served, missed, read, moved, held = self.layer_step(state, layer, idx, high, on, ahead)
+        if ahead is None:
+            state.predicted_on.zero_()
+        else:
+            _, experts, _, made = ahead
+            state.predicted.zero_()
+            state.predicted.scatter_(1, experts, True)
+            state.predicted_on.copy_(on & made)
+        calls = state.calls
+        calls[:, EXPERT_CALLS] += torch.where(on, k, 0)
+        calls[:, HIGHBIT_CALLS] += torch.where(on, served.sum(1), 0)
+        if layer == 0:
+            calls[:, TOKENS] += on
+            calls[:, RESIDENT] += held
+        for j, value in ((READ, read), (MISSED, missed), (MOVED, moved)):
+            state.bills[:, j, layer] = value
+        self._record(state, layer, idx, high, ranking)
+        if layer == self.L - 1 and self.policy.miss_rate_target is not None:
+            self._adapt_lambda(state)
+        virt = torch.where(served, idx, idx + self.E)
+        return w.to(logits.dtype), virt
+
+    def _predict(self, state: Rows, layer: int, chosen, ranking):
+        """The prefetch for the next layer: (target, experts, critical, rows predicted for)."""
+        if self.predictor is None:
+            return None
+        self.predictor.observe(layer, chosen)
+        pred = self.predictor.predict(layer, ranking)
+        if pred is None:
+            return None
+        experts, crit, made = pred
+        if isinstance(made, bool):  # a fill, not a copy from the host: capturable
+            made = torch.full((len(chosen),), made, dtype=torch.bool, device=chosen.device)
+        made = made.expand(len(chosen))
+        return (layer + 1) % self.L, experts.contiguous(), crit.contiguous(), made.contiguous()
+
+    def _record(self, state: Rows, layer: int, idx, high, ranking) -> None:
+        if not self.depth:
+            return
+        t = state.t.view(1)
+        state.chosen[:, :, layer].index_copy_(1, t, idx[:, None])
+        state.high[:, :, layer].index_copy_(1, t, high[:, None])
+        if ranking is None:
+            ranking = self.ranker.nothing(len(idx), idx.device)
+        gate, crit = ranking
+        state.next_gate[:, :, layer].index_copy_(1, t, gate[:, None, : self.depth])
+        state.next_gate_critical[:, :, layer].index_copy_(1, t, crit[:, None])
+
+    def _adapt_lambda(self, state: Rows) -> None:
+        """adapter.Runtime._adapt_lambda on every row at once."""
+        stats = state.cache.stats
+        acts = stats[:, tc.S["activations"]]
+        flash0, acts0 = state.base[:, 0], state.base[:, 1]
+        going = state.on & state.base_set & (acts > acts0)
+        full = self.fp.sizes["FULL"]
+        hbn = (_flash_bytes(stats) - flash0).double() / ((acts - acts0).clamp_min(1) * full)
+        target = self.policy.miss_rate_target
+        err = ((hbn - target) / max(target, 1e-6)).clamp(-1, 4)
+        lam = (state.lam + LAMBDA_GAIN * err).clamp_min(0.0)
+        state.lam.copy_(torch.where(going, lam, state.lam))
+
+
+def _flash_bytes(stats: torch.Tensor) -> torch.Tensor:
+    return sum(stats[:, tc.S[f"bytes_{k}"]] for k in KINDS)
+
+
+__all__ = ["KIND_CODE", "TensorRuntime"]

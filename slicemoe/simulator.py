@@ -1,0 +1,421 @@
+"""Batches of sequences through a SliceMoE model, one simulated device per row.
+
+Two request types share one prefill and one decode step, as evaluation libraries split them:
+- `generate_until(first_seq, prompts, stop, max_new, eos)`: greedy generation, each text cut at
+  its first stop string;
+- `loglikelihood(first_seq, prompts, forced)`: teacher-forced decoding, the NLL of every forced
+  token.
+Each call is one batch (rows = sequences first_seq, first_seq + 1, ...). The simulator keeps, over
+all batches, what a run's metrics are made of (slicemoe.run): the decode counters of every step
+summed over devices, the prefill cost, the warmup's Flash bytes, the request stream and traces.
+
+Decode step t of a batch chooses token t of every row (greedy, or the forced one) from the last
+logits and feeds it; every MoE layer routes through the runtime. The host learns that a row has
+stopped (eos or a stop string) from its tokens after the step, so a row's counters are kept only
+for the steps before the one that chose its stop token: each row is charged exactly for the
+tokens it consumed, whenever the host looks.
+
+Backends (`model.backend`): `python`, the readable reference (adapter.Runtime, a SliceCache per
+row on the host), or `tensor` (tensor_runtime.TensorRuntime, the same on the model's device);
+`auto` takes `tensor` on CUDA. KV caches: transformers' dynamic cache and masks (any family,
+any device), or a static cache with the simulator's own masks, where on CUDA the whole decode
+step (token choice, model, caches, routing, hardware bill) is captured once per batch in a CUDA
+graph and replayed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from slicemoe.cache import SliceCache
+from slicemoe.config import RunConfig
+from slicemoe.hardware import Cost, charge
+from slicemoe.metrics import COUNTERS
+from slicemoe.models import gate_rule, model_dims, moe_blocks
+from slicemoe.models.adapter import (
+    Runtime,
+    footprint,
+    install,
+    prefill_cost,
+    router_logits,
+    slice_kinds,
+    stream_prefill,
+)
+from slicemoe.models.code_experts import CodeExperts
+from slicemoe.models.tensor_runtime import TensorRuntime
+from slicemoe.prefetch import NextGate, make_predictor
+from slicemoe.stream import Recorder
+from slicemoe.tensorcache import EVICTIONS
+from slicemoe.validate import capacity_bytes
+from slicemoe.warmup import apply_warmup
+
+# How often (decode steps) the device backend shows the host its tokens, to find stopped rows.
+CHECK_EVERY = 8
+
+
+@dataclass
+class Batch:
+    """One batch's decode state, passed to every step."""
+
+    first_seq: int
+    lens: np.ndarray  # [B] prompt tokens
+    limit: np.ndarray  # [B] decode steps each row may run
+    state: object  # the runtime's (adapter.Rows or tensor_runtime.Rows)
+    kv: object  # DynamicKV or StaticKV
+    logits: torch.Tensor  # [B, V] of the last forward pass
+    pos: torch.Tensor  # [B] position of the next token
+    t: torch.Tensor  # () the step, on the device
+    tokens: torch.Tensor  # [B, steps + 1] the token chosen at each step
+    forced: torch.Tensor | None  # [B, steps] teacher-forced tokens, pad past a row's end
+    nll: torch.Tensor | None  # [B, steps]
+    step: int = 0  # the step, on the host
+
+
+class Simulator:
+    def __init__(self, cfg: RunConfig, loaded, record: bool = False):
+        """`loaded`: slicemoe.run.Loaded; `record`: keep the request stream (slicemoe.stream)."""
+        self.cfg, self.loaded, self.record = cfg, loaded, record
+        model = loaded.model
+        self.model, self.device = model, torch.device(loaded.device)
+        self.dims = model_dims(model)
+        self.fp = fp = footprint(self.dims, loaded.shape, cfg.bits, cfg.hardware)
+        gate = gate_rule(model.config)
+        blocks = moe_blocks(model)
+
+        def logits(layer, hidden):
+            return router_logits(blocks[layer], hidden)
+
+        self.recorder = Recorder(loaded.shape)
+        self.capacity = capacity_bytes(cfg, loaded.shape)
+        predictor = make_predictor(cfg.prefetch, gate.top_k, len(blocks))
+        # One ranking per layer step serves both the stream and next_gate (which may read
+        # deeper than the stream records).
+        depth = max(self.recorder.depth, cfg.prefetch.top_m)
+        ranker = NextGate(gate, logits, len(blocks), depth, cfg.policy.tau)
+        self.backend = backend(cfg, self.device)
+        if self.backend == "tensor":
+            self.rt = TensorRuntime(
+                gate, fp, cfg.policy, cfg.hardware, self.capacity, cfg.cache.eviction,
+                predictor, cfg.prefetch, ranker, self.recorder.depth if record else 0,
+            )  # fmt: skip
+        else:
+            self.rt = Runtime(gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
+        install(model, self.rt)
+        self.static = self.backend == "tensor" and static_kv(model, self.device)
+        self.graphs = self.static and self.device.type == "cuda"  # capture the decode step
+        # transformers renamed the KV-cache argument (past_key_values -> cache) during 5.x.
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        tok = loaded.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        # Over all batches: step_rows[t] = COUNTERS of decode step t summed over every device;
+        # per MoE layer, expert calls a prefetch was made for and those it covered.
+        self.step_rows: list[np.ndarray] = []
+        self.prefill_cost = Cost()
+        self.warmup_bytes = 0.0
+        layers = loaded.shape.num_moe_layers
+        self.layer_predicted, self.layer_covered = np.zeros(layers), np.zeros(layers)
+        self.traces = []
+
+    # --- the two request types ------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_until(self, first_seq, prompts, stop=(), max_new=64, eos=None) -> list[str]:
+        """Greedy continuations of `prompts` (token lists), up to `max_new` tokens, eos or a
+        stop string; each text cut at its first stop string."""
+        batch = self.prefill(first_seq, prompts, steps=np.full(len(prompts), max_new - 1))
+        tok = self.loaded.tokenizer
+        rows = len(prompts)
+        finish = np.full(rows, -1)  # the step whose token stopped the row
+        texts = [""] * rows
+        seen = 0  # tokens the host has looked at
+        every = 1 if self.backend == "python" else CHECK_EVERY
+        for t in range(max_new):
+            last = t == max_new - 1
+            self.decode_step(batch, active=finish < 0, feed=not last)
+            if last or (t + 1) % every == 0:
+                chosen = batch.tokens[:, : t + 1].cpu().numpy()
+                for i in np.nonzero(finish < 0)[0]:
+                    for j in range(seen, t + 1):
+                        texts[i] = tok.decode(chosen[i, : j + 1].tolist())
+                        if chosen[i, j] == eos or any(s in texts[i] for s in stop):
+                            finish[i] = j
+                            break
+                seen = t + 1
+                if (finish >= 0).all():
+                    break
+        self.end(batch, np.where(finish < 0, max_new - 1, finish))
+        return [_cut(text, stop) for text in texts]
+
+    @torch.no_grad()
+    def loglikelihood(self, first_seq, prompts, forced) -> list[list[float]]:
+        """The NLL of each token of `forced[b]` (token lists) after `prompts[b]`, teacher-forced."""
+        lens = np.array([len(f) for f in forced])
+        batch = self.prefill(first_seq, prompts, steps=lens, forced=forced)
+        for _ in range(int(lens.max(initial=0))):
+            self.decode_step(batch, active=batch.step < lens)
+        self.end(batch, lens)
+        nll = batch.nll.cpu().numpy()
+        return [nll[b, :n].tolist() for b, n in enumerate(lens)]
+
+    # --- prefill and the decode step ----------------------------------------------------------
+
+    def prefill(self, first_seq: int, prompts, steps: np.ndarray, forced=None) -> Batch:
+        """Prompts through the model (left-padded, each row its own positions), every used
+        expert streamed through each row's cache, then the warmup: a Batch ready to decode,
+        row b for up to steps[b] steps."""
+        cfg, rt, dev, fp = self.cfg, self.rt, self.device, self.fp
+        rows = len(prompts)
+        lens = np.array([len(p) for p in prompts])
+        s = int(lens.max())
+        ids = torch.full((rows, s), self.pad, dtype=torch.long)
+        mask = torch.zeros((rows, s), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, s - len(p) :] = torch.tensor(p)
+            mask[i, s - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        caches = self._caches(rows, first_seq)
+        state = rt.begin(caches, mask.bool().to(dev), first_seq)
+        horizon = int(steps.max(initial=0))
+        kv = (StaticKV if self.static else DynamicKV)(self.model, self.cache_kw, rows, s + horizon)
+        with rt.bound(state):
+            logits = kv.prefill(ids.to(dev), mask.to(dev), pos.to(dev))
+        counts = rt.counts(state)
+        sliced = cfg.policy.precision in ("low", "dbsc")
+        kinds = slice_kinds(sliced, fp.nested, True)  # prefill runs at high precision
+        kind = "MSB" if sliced else "FULL"  # what makes an expert usable at low cost
+        for i, c in enumerate(caches):
+            used, missed = stream_prefill(c, counts[i], kinds, fp.sizes)
+            self.prefill_cost += prefill_cost(fp, cfg.hardware, int(lens[i]), used, missed)
+            # Seeded per sequence, so a sequence warms up alike in any batch.
+            rng = np.random.default_rng([cfg.seed, first_seq + i])
+            filled = apply_warmup(cfg.policy.warmup, c, counts[i], kind, rng)
+            self.prefill_cost += charge(cfg.hardware, 0.0, filled, filled).total()
+            self.warmup_bytes += filled
+        rt.to_decode(state, caches, lens, steps)
+        tokens = torch.full((rows, horizon + 1), self.pad, dtype=torch.long, device=dev)
+        forced_t = nll = None
+        if forced is not None:
+            forced_t = torch.full((rows, max(horizon, 1)), self.pad, dtype=torch.long)
+            for i, f in enumerate(forced):
+                forced_t[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+            forced_t = forced_t.to(dev)
+            nll = torch.zeros((rows, max(horizon, 1)), dtype=torch.float32, device=dev)
+        return Batch(
+            first_seq, lens, np.asarray(steps), state, kv, logits, pos[:, -1].to(dev) + 1,
+            torch.zeros((), dtype=torch.long, device=dev), tokens, forced_t, nll,
+        )  # fmt: skip
+
+    def decode_step(self, batch: Batch, active: np.ndarray, feed: bool = True) -> None:
+        """Decode step `batch.step`: choose every row's token and, with `feed`, run it through
+        the model with the caches in the loop. `active` [B]: rows the host knows still run (the
+        reference runtime skips the others; the device one runs every row within its limit)."""
+        if not feed:
+            self._choose(batch)
+            return
+        if self.graphs:
+            if batch.step == 0:
+                batch.kv.graph = Captured(lambda: self._step(batch, None))
+            batch.kv.graph()
+        else:
+            self._step(batch, active)
+        batch.step += 1
+
+    def _step(self, batch: Batch, active) -> None:
+        """One decode step in device operations (replayable as a CUDA graph)."""
+        tok = self._choose(batch)
+        self.rt.begin_step(batch.state, batch.step, active)
+        with self.rt.bound(batch.state):
+            logits = batch.kv.step(tok, batch.pos)
+        self.rt.end_step(batch.state)
+        batch.logits.copy_(logits)
+        batch.pos += 1
+        batch.t += 1
+
+    def _choose(self, batch: Batch) -> torch.Tensor:
+        """Token t of every row: greedy, or the forced one (scored)."""
+        t = batch.t.view(1)
+        logp = torch.log_softmax(batch.logits, -1)
+        if batch.forced is None:
+            tok = logp.argmax(-1)
+        else:
+            tok = batch.forced.index_select(1, t)[:, 0]
+            batch.nll.index_copy_(1, t, -logp.gather(1, tok[:, None]))
+        batch.tokens.index_copy_(1, t, tok[:, None])
+        return tok
+
+    def end(self, batch: Batch, steps: np.ndarray) -> None:
+        """Close a batch whose row b consumed steps[b] tokens: its counters, request stream and
+        traces join the run's, each row's from the steps it ran only."""
+        ran = int(steps.max(initial=0))
+        history, layer_history = self.rt.history(batch.state, ran)
+        counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
+        kept = np.arange(ran)[:, None] < steps[None, :]
+        rows = (counters * kept[..., None]).sum(1)
+        while len(self.step_rows) < ran:
+            self.step_rows.append(np.zeros(len(COUNTERS)))
+        for t in range(ran):
+            self.step_rows[t] += rows[t]
+        for b in np.nonzero(steps)[0]:
+            self.layer_predicted += layer_history[steps[b] - 1, b, 0]
+            self.layer_covered += layer_history[steps[b] - 1, b, 1]
+        if self.record:
+            counts = self.rt.counts(batch.state)
+            for b, record in enumerate(self.rt.records(batch.state, steps)):
+                self.recorder.add(batch.first_seq + b, int(batch.lens[b]), counts[b], *record)
+        if self.cfg.trace:
+            for b, st in enumerate(batch.state.seqs):
+                # (sequence, phase, step, ...): decode requests of the steps the row ran
+                trace = [r for r in st.cache.trace if r[1] == "prefill" or r[2] < steps[b]]
+                self.traces.append(trace)
+
+    def rows(self) -> np.ndarray:
+        """[steps, COUNTERS]: every decode step's counters, summed over all devices."""
+        return np.array(self.step_rows).reshape(-1, len(COUNTERS))
+
+    def _caches(self, n: int, first_seq: int) -> list[SliceCache]:
+        shape = self.loaded.shape
+        caches = []
+        for i in range(n):
+            c = SliceCache(
+                self.capacity, self.fp.sizes, shape.num_moe_layers, shape.num_experts,
+                self.cfg.cache.eviction,
+            )  # fmt: skip
+            c.trace = [] if self.cfg.trace else None
+            c.tag = (first_seq + i, "prefill", -1)
+            c.counting = False  # statistics are decode statistics
+            caches.append(c)
+        return caches
+
+
+def backend(cfg: RunConfig, device: torch.device) -> str:
+    """The runtime a run gets: `model.backend`, where `auto` is the device one on CUDA (the
+    reference keeps traces and Belady's cache, which need every request on the host)."""
+    if cfg.model.backend != "auto":
+        return cfg.model.backend
+    host_only = cfg.trace or cfg.cache.eviction not in EVICTIONS
+    return "tensor" if device.type == "cuda" and not host_only else "python"
+
+
+def static_kv(model, device: torch.device) -> bool:
+    """Whether the static KV cache serves this model: every layer full attention, and routed
+    experts that compute without host synchronisation (codes, on CUDA)."""
+    c = model.config
+    layers = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    coded = all(isinstance(b.experts, CodeExperts) for b in moe_blocks(model))
+    return all(t == "full_attention" for t in layers) and (coded or device.type != "cuda")
+
+
+def _cut(text: str, stop) -> str:
+    cut = min([text.find(s) for s in stop if s in text] or [len(text)])
+    return text[:cut]
+
+
+# --- KV caches --------------------------------------------------------------------------------
+
+
+class DynamicKV:
+    """transformers' DynamicCache, grown every step, and its own masks: any family (sliding
+    windows, linear attention and state-space layers get their own kind of cache from the
+    config), any device."""
+
+    def __init__(self, model, cache_kw: str, rows: int, max_len: int):
+        self.model, self.cache_kw = model, cache_kw
+        self.kv = DynamicCache(config=model.config)
+        self.mask = None
+
+    def prefill(self, ids, mask, pos) -> torch.Tensor:
+        self.mask = mask
+        return self._forward(ids, pos)
+
+    def step(self, tokens, pos) -> torch.Tensor:
+        ones = torch.ones((len(tokens), 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], 1)
+        return self._forward(tokens[:, None], pos[:, None])
+
+    def _forward(self, ids, pos) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+            output_router_logits=False, **{self.cache_kw: self.kv},
+        )  # fmt: skip
+        return out.logits[:, -1].float()
+
+
+class StaticKV:
+    """A KV cache preallocated for the batch (transformers' StaticCache) with the simulator's
+    own attention masks, built from which slots hold a row's tokens: every decode step has the
+    same shapes and no host synchronisation, so it can be captured and replayed."""
+
+    def __init__(self, model, cache_kw: str, rows: int, max_len: int):
+        from transformers import StaticCache
+
+        self.model, self.cache_kw = model, cache_kw
+        device = next(model.parameters()).device
+        self.kv = StaticCache(config=model.config, max_cache_len=max_len)
+        self.valid = torch.zeros((rows, max_len), dtype=torch.bool, device=device)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # the next token's slot
+        self.keys = torch.arange(max_len, device=device)
+        self.zero = torch.zeros((), dtype=model.dtype, device=device)
+        self.blocked = torch.full(
+            (), torch.finfo(model.dtype).min, dtype=model.dtype, device=device
+        )
+        self.graph = None
+
+    def _mask(self, query_slots: torch.Tensor):
+        """An additive [B, 1, Q, slots] mask: each query attends to its row's tokens so far."""
+        allowed = self.valid[:, None, :] & (self.keys <= query_slots[:, None])[None]
+        return {"full_attention": torch.where(allowed[:, None], self.zero, self.blocked)}
+
+    def prefill(self, ids, mask, pos) -> torch.Tensor:
+        s = ids.shape[1]
+        self.valid[:, :s] = mask.bool()
+        self.slot.fill_(s)
+        out = self.model(
+            input_ids=ids, attention_mask=self._mask(self.keys[:s]), position_ids=pos,
+            use_cache=True, logits_to_keep=1, output_router_logits=False,
+            **{self.cache_kw: self.kv},
+        )  # fmt: skip
+        return out.logits[:, -1].float()
+
+    def step(self, tokens, pos) -> torch.Tensor:
+        slot = self.slot.view(1)
+        self.valid.index_fill_(1, slot, True)
+        out = self.model(
+            input_ids=tokens[:, None], attention_mask=self._mask(slot), position_ids=pos[:, None],
+            use_cache=True, logits_to_keep=1, output_router_logits=False,
+            **{self.cache_kw: self.kv},
+        )  # fmt: skip
+        self.slot += 1
+        return out.logits[:, -1].float()
+
+
+class Captured:
+    """A step function run eagerly on its first call (lazy initialisation, kernel compilation;
+    a real step), captured as a CUDA graph on its second, and replayed from then on. The
+    function reads and writes only tensors that outlive it."""
+
+    def __init__(self, fn):
+        self.fn, self.graph, self.warm = fn, None, False
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            self.fn()
+        self.graph = graph
+        graph.replay()
