@@ -14,6 +14,9 @@ if ! python -c "import torch" 2>/dev/null; then
   else
     python -m pip install -q "torch==${SLICEMOE_CPU_TORCH:-2.13.0}" \
       || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # The simulator's CUDA kernels are Triton; without a GPU the tests run them in Triton's
+    # interpreter and compile them for Hopper (a CUDA torch brings its own Triton).
+    python -m pip install -q "triton==${SLICEMOE_CPU_TRITON:-3.6.0}"
   fi
 fi
 python -m pip install -q -e ".[dev]"

@@ -1,11 +1,12 @@
 """Expert prefetching: predict the next layer's experts and fetch them while this layer computes.
 
 After each MoE layer l of a decode step has routed, the runtime shows the predictor what it
-chose (`observe(layer, step, chosen)`) and asks it for the experts the next layer will use: layer
+chose (`observe(layer, chosen)`) and asks it for the experts the next layer will use: layer
 l + 1 of the same token, or layer 0 of the next token after the last layer.
-`predict(layer, step, ranking)` returns `(experts [B, m], critical [B, m])` or None, one row per
-simulated device; `ranking` is the next-gate ranking of this layer step (`NextGate.rank`). The
-runtime fetches their slices (MSB, plus LSB for critical ones when `prefetch.slices=critical`;
+`predict(layer, ranking)` returns `(experts [B, m], critical [B, m], made)` (tensors, one row per
+simulated device; `made`: whether a prediction exists, a bool or a bool tensor) or None;
+`ranking` is the next-gate ranking of this layer step (`NextGate.rank`). The runtime fetches
+their slices (MSB, plus LSB for critical ones when `prefetch.slices=critical`;
 slicemoe.models.adapter.fetch_ahead) into each device's cache and charges the transfer as
 overlapping layer l (slicemoe.hardware.charge).
 
@@ -18,8 +19,8 @@ overlapping layer l (slicemoe.hardware.charge).
   replay of a recorded pass (slicemoe.replay), with top-k routing only: its requests must not
   depend on the cache.
 
-Every model pass ranks the next layer's experts and the request stream records the ranking
-(slicemoe.stream), so a replay prefetches by the same rules.
+A model pass that records its request stream ranks the next layer's experts and the stream
+keeps the ranking (slicemoe.stream), so a replay prefetches by the same rules.
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ class Loaded:
 
 
 def load_key(cfg: RunConfig) -> str:
-    return json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.bits)], sort_keys=True)
+    """Configs with one key share a loaded model (the backend runs on any)."""
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "backend"}
+    return json.dumps([model, dataclasses.asdict(cfg.bits)], sort_keys=True)
 
 
 def _device(name: str) -> torch.device:

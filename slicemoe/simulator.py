@@ -98,13 +98,14 @@ class Simulator:
         depth = max(self.recorder.depth, cfg.prefetch.top_m)
         ranker = NextGate(gate, logits, len(blocks), depth, cfg.policy.tau)
         self.backend = backend(cfg, self.device)
+        rules = (gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
         if self.backend == "tensor":
+            depth = self.recorder.depth if record else 0
             self.rt = TensorRuntime(
-                gate, fp, cfg.policy, cfg.hardware, self.capacity, cfg.cache.eviction,
-                predictor, cfg.prefetch, ranker, self.recorder.depth if record else 0,
-            )  # fmt: skip
+                *rules, capacity=self.capacity, eviction=cfg.cache.eviction, depth=depth
+            )
         else:
-            self.rt = Runtime(gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
+            self.rt = Runtime(*rules)
         install(model, self.rt)
         self.static = self.backend == "tensor" and static_kv(model, self.device)
         self.graphs = self.static and self.device.type == "cuda"  # capture the decode step

@@ -59,13 +59,13 @@ def test_the_kernel_gives_the_reference_layer_step(case):
     g = torch.Generator().manual_seed(len(str(case)))
     sizes = (5, 4, 9)
     rows = 7
-    for capacity in (9, 23, 41):
+    for capacity in (9, 41):
         spec = tc.Spec(
             LAYERS, EXPERTS, sizes, capacity, eviction, sliced, nested, lsb_fetch,
             low_bytes=5, prefetch_lsb=prefetch_lsb, prefetch_cold=cold,
         )  # fmt: skip
         base = states(spec, rows, g)
-        for layer in range(LAYERS):
+        for layer in range(2):  # layer 0 counts the resident experts
             idx = torch.stack([torch.randperm(EXPERTS, generator=g)[:K] for _ in range(rows)])
             high = torch.rand(rows, K, generator=g) < 0.5
             on = torch.rand(rows, generator=g) < 0.85

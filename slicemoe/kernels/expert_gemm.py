@@ -50,30 +50,38 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, cols, n_in, groups, shift, mult, G: tl.c
 
 
 @triton.jit
-def _expert(v, E, shift_low, mult_low, copy_low):
-    """(expert, code copy, shift, scale multiplier, zero-point row) of virtual expert v."""
+def _block(block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM: tl.constexpr,
+           BN: tl.constexpr):  # fmt: skip
+    """This program's block: its virtual expert v (v >= 2E: none), the expert, code copy,
+    shift, scale multiplier and zero-point row of v's path, its slots and their (token, slot)
+    pairs, and its output columns."""
+    v = tl.load(block_ptr + tl.program_id(0))
     low = v >= E
+    slots = tl.program_id(0) * BM + tl.arange(0, BM)
     return (
+        v,
         v % E,
         tl.where(low, copy_low, 0),
         tl.where(low, shift_low, 0),
         tl.where(low, mult_low, 1.0),
         low.to(tl.int64),
+        slots,
+        tl.load(ids_ptr + slots),
+        tl.program_id(1) * BN + tl.arange(0, BN),
     )
 
 
 @triton.jit
 def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOPK,
-             shift_low, mult_low, copy_low, q_copy, s_copy, z_path,
-             I: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    v = tl.load(block_ptr + tl.program_id(0))
+             shift_low, mult_low, copy_low, q_copy, s_copy, z_path, I: tl.constexpr,
+             H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             BK: tl.constexpr):  # fmt: skip
+    v, e, copy, shift, mult, path, slots, f, n = _block(
+        block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM, BN
+    )
     if v >= V:
         return
-    e, copy, shift, mult, path = _expert(v, E, shift_low, mult_low, copy_low)
-    slots = tl.program_id(0) * BM + tl.arange(0, BM)
-    f = tl.load(ids_ptr + slots)
     token = f // TOPK
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
     groups = H // G
     q = q_ptr + copy * q_copy + e * (2 * I * H)
     s = s_ptr + copy * s_copy + e * (2 * I * groups)
@@ -96,15 +104,14 @@ def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOP
 
 @triton.jit
 def _down(h_ptr, ids_ptr, block_ptr, w_ptr, q_ptr, s_ptr, z_ptr, y_ptr, F, E, V,
-          shift_low, mult_low, copy_low, q_copy, s_copy, z_path,
-          I: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    v = tl.load(block_ptr + tl.program_id(0))
+          shift_low, mult_low, copy_low, q_copy, s_copy, z_path, I: tl.constexpr,
+          H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+          BK: tl.constexpr):  # fmt: skip
+    v, e, copy, shift, mult, path, slots, f, n = _block(
+        block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM, BN
+    )
     if v >= V:
         return
-    e, copy, shift, mult, path = _expert(v, E, shift_low, mult_low, copy_low)
-    slots = tl.program_id(0) * BM + tl.arange(0, BM)
-    f = tl.load(ids_ptr + slots)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
     groups = I // G
     q = q_ptr + copy * q_copy + e * (H * I)
     s = s_ptr + copy * s_copy + e * (H * groups)

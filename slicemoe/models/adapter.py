@@ -279,7 +279,6 @@ class SeqState:
     """One simulated device: its cache, prefill counts, meters and decode tallies."""
 
     cache: SliceCache
-    counts: np.ndarray  # [layer, expert] prefill routing counts (PCW's hotness)
     cost: np.ndarray  # [COST_COUNTERS] this device's decode cost so far
     expert_calls: int = 0
     highbit_calls: int = 0
@@ -312,6 +311,7 @@ class Rows:
     seqs: list[SeqState]
     first_seq: int
     valid: torch.Tensor  # [B, S] prompt tokens (no padding)
+    counts: torch.Tensor  # [B, L, E] prefill routing counts
     phase: str = "prefill"
     step: int = -1
     active: np.ndarray | None = None  # [B] rows decoding this step
@@ -322,9 +322,8 @@ class Rows:
     layer_history: list = field(default_factory=list)
 
 
-class Runtime(Bindable):
-    """The readable reference: each row's device simulated in Python with a SliceCache, on the
-    host. slicemoe.models.tensor_runtime.TensorRuntime is the same on the model's device."""
+class RuntimeRules(Bindable):
+    """What every runtime is given: the gate, footprint, policy, hardware and prefetcher."""
 
     def __init__(
         self,
@@ -350,13 +349,40 @@ class Runtime(Bindable):
         self.sliced = policy.precision in ("low", "dbsc")
         self.E = fp.shape.num_experts
 
+    def route(self, state, layer: int, logits: torch.Tensor, bias=None, hidden=None):
+        """Choose experts and precision for one MoE layer; returns (weights, virtual idx).
+        `bias`: the router's selection-only score correction (DeepSeek-V3), if it has one;
+        `hidden`: the block's input, for predictors that read it."""
+        if state.phase == "prefill":
+            return self._prefill(state, layer, logits, bias)
+        return self._decode(state, layer, logits, bias, hidden)
+
+    def _prefill(self, state, layer, logits, bias):
+        """The model's own routing (top-k, high path), with no regard for the cache; the
+        prefill counts of each row (PCW's hotness, and what streams through its cache)."""
+        b, s = state.valid.shape
+        no_cache = torch.zeros_like(logits, dtype=torch.bool)
+        idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
+        onehot = torch.zeros((b * s, self.E), dtype=torch.int64, device=logits.device)
+        onehot.scatter_(1, idx, 1)
+        state.counts[:, layer] += (onehot.view(b, s, self.E) * state.valid.view(b, s, 1)).sum(1)
+        return w.to(logits.dtype), idx
+
+    def counts(self, state) -> np.ndarray:
+        """[B, L, E] prefill routing counts."""
+        return state.counts.cpu().numpy()
+
+
+class Runtime(RuntimeRules):
+    """The readable reference: each row's device simulated in Python with a SliceCache, on the
+    host. slicemoe.models.tensor_runtime.TensorRuntime is the same on the model's device."""
+
     def begin(self, caches: list[SliceCache], valid: torch.Tensor, first_seq: int) -> Rows:
         """A new batch: one device per cache; `valid[b, s]` marks prompt tokens (no padding)."""
         layers = self.fp.shape.num_moe_layers
         seqs = [
             SeqState(
                 c,
-                np.zeros((layers, self.E), dtype=np.int64),
                 np.zeros(len(COST_COUNTERS)),
                 lam=self.policy.lam,
                 range_sum=np.zeros(layers),
@@ -368,11 +394,8 @@ class Runtime(Bindable):
         ]
         if self.predictor is not None:
             self.predictor.start(len(caches), self.fp.shape.top_k, valid.device)
-        return Rows(seqs, first_seq, valid)
-
-    def counts(self, state: Rows) -> np.ndarray:
-        """[B, L, E] prefill routing counts."""
-        return np.stack([st.counts for st in state.seqs])
+        counts = torch.zeros((len(caches), layers, self.E), dtype=torch.int64, device=valid.device)
+        return Rows(seqs, first_seq, valid, counts)
 
     def to_decode(self, state: Rows, caches, context, limit) -> None:
         """Prefill is done and the caches (the rows' own) warmed up; `context` [B]: prompt
@@ -414,25 +437,6 @@ class Runtime(Bindable):
             (st.chosen[:m], st.requested_high[:m], st.next_gate[:m], st.next_gate_critical[:m])
             for st, m in zip(state.seqs, n)
         ]
-
-    def route(self, state: Rows, layer: int, logits: torch.Tensor, bias=None, hidden=None):
-        """Choose experts and precision for one MoE layer; returns (weights, virtual idx).
-        `bias`: the router's selection-only score correction (DeepSeek-V3), if it has one;
-        `hidden`: the block's input, for predictors that read it."""
-        if state.phase == "prefill":
-            return self._prefill(state, layer, logits, bias)
-        return self._decode(state, layer, logits, bias, hidden)
-
-    def _prefill(self, state: Rows, layer, logits, bias):
-        b, s = state.valid.shape
-        # The model's own routing: top-k with no regard for the cache.
-        no_cache = torch.zeros_like(logits, dtype=torch.bool)
-        idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
-        onehot = torch.zeros(b * s, self.E, dtype=torch.int64).scatter_(1, idx.cpu(), 1)
-        counts = (onehot.view(b, s, self.E) * state.valid.cpu().view(b, s, 1)).sum(1).numpy()
-        for row, st in enumerate(state.seqs):
-            st.counts[layer] += counts[row]
-        return w.to(logits.dtype), idx
 
     def _params(self, state: Rows, layer, logits, bias) -> RoutingParams:
         """This step's routing parameters, one lam (and logit range) per row."""

@@ -22,11 +22,10 @@ import torch
 
 from slicemoe import tensorcache as tc
 from slicemoe.cache import KIND_CODE, KINDS, SliceCache
-from slicemoe.config import HardwareConfig, PolicyConfig, PrefetchConfig
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
-from slicemoe.models.adapter import LAMBDA_GAIN, Bindable, Footprint, decode_bill, head_bill
-from slicemoe.routing import Gate, RoutingParams, precision, route
+from slicemoe.models.adapter import LAMBDA_GAIN, RuntimeRules, decode_bill, head_bill
+from slicemoe.routing import RoutingParams, precision, route
 
 
 @dataclass
@@ -66,40 +65,23 @@ READ, MISSED, MOVED = range(3)
 EXPERT_CALLS, HIGHBIT_CALLS, TOKENS, RESIDENT = range(4)
 
 
-class TensorRuntime(Bindable):
-    def __init__(
-        self,
-        gate: Gate,
-        fp: Footprint,
-        policy: PolicyConfig,
-        hw: HardwareConfig,
-        capacity: int,
-        eviction: str,
-        predictor=None,
-        prefetch: PrefetchConfig | None = None,
-        ranker=None,
-        depth: int = 0,
-    ):
-        """As adapter.Runtime; `capacity`, `eviction`: the caches'; `depth`: ranking entries the
-        request stream keeps (0: no stream is recorded, and no ranking is made unless the
-        predictor reads it)."""
-        self.gate, self.fp, self.policy, self.hw = gate, fp, policy, hw
-        self.predictor, self.prefetch = predictor, prefetch or PrefetchConfig()
-        self.ranker, self.depth = ranker, depth
-        self.params = RoutingParams(
-            cumsum_p=policy.cumsum_p,
-            max_rank_keep=policy.max_rank_keep,
-            max_rank_m=policy.max_rank_m,
-        )
+class TensorRuntime(RuntimeRules):
+    def __init__(self, *rules, capacity: int, eviction: str, depth: int = 0, **kw):
+        """adapter.RuntimeRules's arguments, and the caches' `capacity` and `eviction`;
+        `depth`: ranking entries the request stream keeps (0: no stream is recorded, and no
+        ranking is made unless the predictor reads it)."""
+        super().__init__(*rules, **kw)
+        self.depth = depth
+        fp, policy = self.fp, self.policy
         shape = fp.shape
-        self.E, self.L, self.k = shape.num_experts, shape.num_moe_layers, shape.top_k
+        self.L, self.k = shape.num_moe_layers, shape.top_k
         self.spec = tc.Spec(
             self.L,
             self.E,
             tuple(fp.sizes[k] for k in KINDS),
             capacity,
             eviction,
-            sliced=policy.precision in ("low", "dbsc"),
+            sliced=self.sliced,
             nested=fp.nested,
             lsb_fetch=policy.lsb_miss == "fetch",
             low_bytes=fp.low_bytes,
@@ -118,9 +100,6 @@ class TensorRuntime(Bindable):
         dev = valid.device
         counts = torch.zeros((len(caches), self.L, self.E), dtype=torch.int64, device=dev)
         return Rows(self.spec, valid, counts)
-
-    def counts(self, state: Rows) -> np.ndarray:
-        return state.counts.cpu().numpy()
 
     def to_decode(self, state: Rows, caches, context, limit) -> None:
         """The warmed-up SliceCaches become the device's; `limit` [B]: decode steps per row."""
@@ -221,20 +200,6 @@ class TensorRuntime(Bindable):
         ]
 
     # --- routing, inside the model's forward pass --------------------------------------------
-
-    def route(self, state: Rows, layer: int, logits: torch.Tensor, bias=None, hidden=None):
-        if state.phase == "prefill":
-            return self._prefill(state, layer, logits, bias)
-        return self._decode(state, layer, logits, bias, hidden)
-
-    def _prefill(self, state: Rows, layer, logits, bias):
-        b, s = state.valid.shape
-        no_cache = torch.zeros_like(logits, dtype=torch.bool)
-        idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
-        onehot = torch.zeros((b * s, self.E), dtype=torch.int64, device=logits.device)
-        onehot.scatter_(1, idx, 1)
-        state.counts[:, layer] += (onehot.view(b, s, self.E) * state.valid.view(b, s, 1)).sum(1)
-        return w.to(logits.dtype), idx
 
     def _params(self, state: Rows, layer, logits, bias) -> RoutingParams:
         lam = state.lam.float()[:, None]

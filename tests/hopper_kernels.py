@@ -1,0 +1,56 @@
+"""Compile the Triton kernels to Hopper (sm_90) machine code, ahead of time and without a GPU
+(Triton's frontend type-checks them, its bundled ptxas assembles them). Run as a script, in a
+process where Triton is not in interpreter mode: tests/test_kernels_compile.py does."""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from slicemoe.kernels import cache_step, expert_gemm
+from slicemoe.tensorcache import STATS, S
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_hopper(fn, types: dict, constants: dict, **options) -> None:
+    assert set(types) | set(constants) == set(fn.arg_names), "the signature here is stale"
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=HOPPER, options=options)
+    assert kernel.asm["cubin"]  # machine code was assembled
+    print(f"compiled {fn.__name__} for sm_90: {kernel.metadata.shared} B of shared memory")
+
+
+def cache_layer_step(sliced: bool, nested: bool, eviction: int) -> None:
+    ptr = dict.fromkeys(("key_ptr", "used_ptr", "clock_ptr", "stats_ptr", "idx_ptr",
+                         "ahead_e_ptr", "out_ptr"), "*i64")  # fmt: skip
+    flags = dict.fromkeys(("pref_ptr", "high_ptr", "on_ptr", "ahead_c_ptr", "ahead_on_ptr",
+                           "served_ptr"), "*u8")  # fmt: skip
+    ints = dict(layer="i32", target="i32", capacity="i64", s_msb="i32", s_lsb="i32",
+                s_full="i32", low_bytes="i32")  # fmt: skip
+    constants = dict(
+        N=1440, E=60, K=4, M=4, EVICTION=eviction, SLICED=sliced, NESTED=nested, LSB_FETCH=True,
+        PREFETCH_LSB=True, COLD=False, AHEAD=True, MAX_EVICT=3, BLOCK=1024, NSTATS=16,
+        NCOLS=len(STATS), S_REQ=S["requests_MSB"], S_HIT=S["hits_MSB"], S_BYTES=S["bytes_MSB"],
+        S_ACT=S["activations"], S_PREF=S["prefetch_bytes"], S_USED=S["prefetch_used_bytes"],
+    )  # fmt: skip
+    compile_for_hopper(cache_step._layer_step, {**ptr, **flags, **ints}, constants, num_warps=1)
+
+
+def expert_gemms(bm: int) -> None:
+    common = dict(ids_ptr="*i64", block_ptr="*i64", q_ptr="*u8", s_ptr="*fp32", z_ptr="*u8",
+                  F="i32", E="i32", V="i32", shift_low="i32", mult_low="fp32", copy_low="i32",
+                  q_copy="i32", s_copy="i32", z_path="i32")  # fmt: skip
+    shape = dict(I=1408, H=2048, G=32, BM=bm, BN=64, BK=128)  # Qwen1.5-MoE's experts
+    gate_up = {**common, "x_ptr": "*bf16", "h_ptr": "*bf16", "TOPK": "i32"}
+    compile_for_hopper(expert_gemm._gate_up, gate_up, shape)
+    down = {**common, "h_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
+    compile_for_hopper(expert_gemm._down, down, shape)
+
+
+if __name__ == "__main__":
+    for variant in ((True, True, 0), (True, False, 2), (False, True, 1)):
+        cache_layer_step(*variant)
+    for bm in (16, 64):
+        expert_gemms(bm)
