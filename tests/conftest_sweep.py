@@ -3,7 +3,8 @@
 The stand-in has the four functions of `slicemoe.run` and answers instantly, so engine behaviour
 (failures, dying actors, a driver killed mid-sweep) can be provoked on purpose. By seed:
   seed 13  -> the run raises RuntimeError
-  seed 66  -> the first such run kills its actor process (a marker file makes it happen once)
+  seed 66  -> the first such run SIGKILLs its own actor process (a marker file makes it once)
+  seed 77  -> the run runs out of memory (MemoryError, as torch's allocators raise it)
 Every load and run appends a line to $FAKE_DIR/calls.log; every run sleeps $FAKE_SLEEP seconds.
 With $FAKE_BROKEN_NODE set, importing this module fails inside Ray workers (code missing there).
 """
@@ -64,7 +65,9 @@ def run(cfg: RunConfig, loaded: dict | None = None) -> dict:
     marker = Path(os.environ["FAKE_DIR"]) / "died.marker"
     if cfg.seed == 66 and not marker.exists():
         marker.touch()
-        os._exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if cfg.seed == 77:
+        raise MemoryError(f"out of memory: tried to allocate 2.00 GiB for {tag}")
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     frac = cfg.cache.frac or 0.5
     result = {name: float(i) + frac for i, name in enumerate(RESULT_METRICS)}
