@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -84,10 +85,19 @@ class Preflight(Callback):
     and have room, so that a read-only or full disk stops it in one line naming the path."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_folders(config, str(config.hydra.run.dir))
+        self._check(config, str(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_folders(config, str(config.hydra.sweep.dir))
+        self._check(config, str(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _check(config: DictConfig, output_dir: str) -> None:
+        try:
+            check_folders(config, output_dir)
+        except SweepError as err:
+            # Hydra turns a callback's exception into a warning and goes on; this must stop.
+            print(err, file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 def check_folders(cfg: DictConfig, output_dir: str) -> None:

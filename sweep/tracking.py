@@ -38,9 +38,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # sooner (a few seconds), so that an actor keeps computing while the server is away.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-# Creating or migrating the SQLite store is routine, not news.
-for _name in ("mlflow.store.db.utils", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+# The result table says where the runs are: no link per run on stdout.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# Creating or migrating the SQLite store is routine, not news; nor is each retry of a request
+# to a server that is away, or a database error with its traceback (the error reaches the
+# sweep, which says it once).
+for _name, _level in (
+    ("mlflow.store.db.utils", logging.CRITICAL),
+    ("alembic", logging.WARNING),
+    ("urllib3.connectionpool", logging.ERROR),
+):
+    logging.getLogger(_name).setLevel(_level)
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities import Run as MlflowRun  # noqa: E402
@@ -208,9 +216,9 @@ class Tracker:
         """Check the store, then get or create the experiment (in the driver, before fan-out)."""
         uri = resolve_uri(uri)
         check_reachable(uri)
-        client = MlflowClient(uri)
         try:
             with _creating(uri):
+                client = MlflowClient(uri)  # creates an SQLite store's tables
                 exp = client.get_experiment_by_name(experiment)
                 if exp is None:
                     try:

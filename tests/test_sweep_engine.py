@@ -8,7 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest_sweep import RUNNER, kill, run_sweep, search, start_sweep
+from conftest_sweep import (
+    RUNNER,
+    free_port,
+    kill,
+    run_sweep,
+    search,
+    start_mlflow_server,
+    start_sweep,
+    stop_server,
+)
 
 from sweep.jobs import RESULT_METRICS
 
@@ -196,40 +205,10 @@ def test_settings_cannot_vary_inside_one_multirun(tmp_path):
 @pytest.mark.slow
 def test_actors_log_to_a_tracking_server(tmp_path):
     """Any tracking URI: here an `mlflow server`, artifacts uploaded through it."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            f"--backend-store-uri=sqlite:///{tmp_path}/server.db",
-            f"--artifacts-destination={tmp_path}/artifacts",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
         args = [
             "-m",
             f"sweep.runner={RUNNER}",
@@ -249,8 +228,7 @@ def test_actors_log_to_a_tracking_server(tmp_path):
             assert names == {"config.yaml", "trace.parquet"}
         assert list((tmp_path / "artifacts").rglob("trace.parquet"))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 @pytest.mark.slow
