@@ -197,9 +197,9 @@ def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path):
             assert f"cannot write the spool {full}/mlflow-spool/" in out
             assert "No space left on device; the result of run [defaults] is lost" in out
         finally:
-            subprocess.run(["umount", str(full)])
+            subprocess.run(["umount", "--lazy", str(full)])
     finally:
         if os.geteuid():
             read_only.chmod(0o755)
         else:
-            subprocess.run(["umount", str(read_only)])
+            subprocess.run(["umount", "--lazy", str(read_only)])

@@ -653,3 +653,42 @@ def test_report_html_puts_each_figure_next_to_the_paper_claim_and_what_the_data_
     for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
         assert name in text
     assert CLAIMS["fig9"].split(",")[0] in text and "data:image/png;base64," in text
+
+
+def test_a_store_away_at_the_end_stops_naming_the_spooled_runs_and_a_relaunch_skips_them(
+    tracker, tmp_path, monkeypatch
+):
+    """A result the store did not take before the end: the launch stops naming the run and how
+    to push it; a relaunch counts it done (never computed again) while the store is still away,
+    and pushes it once the store answers."""
+    from mlflow.exceptions import MlflowException
+
+    from sweep.ledger import Ledger
+    from sweep.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(
+        f"mlflow.tracking_uri={tracker.uri}", "mlflow.experiment=units", "mlflow.outage_wait_s=0"
+    )
+    job = fake_job(seed=8)
+    ledger = Ledger(cfg)
+    record = ledger.claim(job)
+    record.metrics = [("accuracy", 0.75, 1, 0)]
+    real_push = Tracker.push
+
+    def away(self, record):
+        raise MlflowException("API request failed: Max retries exceeded (connection refused)")
+
+    monkeypatch.setattr(Tracker, "push", away)
+    ledger.received(jobs.Outcome("FINISHED", {"accuracy": 0.75}, record=record, store_error="x"))
+    with pytest.raises(SweepError) as err:
+        ledger.drain()
+    message = str(err.value)
+    assert "did not take 1 runs" in message and f"[{job.name}] (run key {job.key})" in message
+    assert f"python -m sweep.sync {tmp_path / 'mlflow-spool'}" in message
+
+    relaunch = Ledger(cfg)  # the store still away
+    assert relaunch.done()[job.key].metrics == {"accuracy": 0.75}
+    monkeypatch.setattr(Tracker, "push", real_push)
+    assert Ledger(cfg).done()[job.key].run_id == record.run_id  # pushed, now from the store
+    assert not list((tmp_path / "mlflow-spool").glob("*/record.json"))
