@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig
@@ -76,16 +78,25 @@ class Ledger:
 
     def done(self) -> dict[str, Outcome]:
         """Run key -> its finished run, in the store or in the spool."""
-        done = {
-            key: Outcome("FINISHED", stored_metrics(run), run_id=run.info.run_id)
-            for key, run in self.tracker.finished().items()
-        }
+        with self._reading():
+            done = {key: _finished(run) for key, run in self.tracker.finished().items()}
         return {**self.spooled_done, **done}
 
     def open_parent(self, sweep_id: str, name: str) -> str:
         self.sweep_id = sweep_id
-        self.parent_id = self.tracker.open_parent(sweep_id, name, self.commit)
+        with self._reading():
+            self.parent_id = self.tracker.open_parent(sweep_id, name, self.commit)
         return self.parent_id
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """At launch the store must answer: what is done decides what runs."""
+        try:
+            yield
+        except STORE_ERRORS as err:
+            raise SweepError(
+                f"mlflow.tracking_uri={self.tracker.uri}: {last_line(str(err))}"
+            ) from None
 
     def reopen_parent(self) -> None:
         """The next batch of the same sweep (Optuna sends many)."""
@@ -162,7 +173,7 @@ class Ledger:
         try:
             run = self.tracker.client.get_run(record.run_id)
             if run.info.status == "FINISHED":
-                return Outcome("FINISHED", stored_metrics(run), run_id=record.run_id)
+                return _finished(run)
         except STORE_ERRORS:
             pass  # the record below goes to the spool
         log.warning(f"run [{job.name}]: {error}" + ("" if final else "; dispatching it again"))
@@ -195,18 +206,16 @@ class Ledger:
         if self.away_since is None or time.monotonic() < self.next_try:
             return
         self.next_try = time.monotonic() + RETRY_S
-        try:
-            self.tracker.client.get_experiment(self.tracker.experiment_id)
-        except STORE_ERRORS:
-            return
-        if not self.push_spool():
+        if self.tracker.answers() and not self.push_spool():
             log.warning(f"the tracking store {self.tracker.uri} answers again; spool pushed")
             self.away_since = None
 
     def push_spool(self) -> list:
         """Push this store's spooled records; returns the entries left."""
         entries = self.spool.entries(self.tracker.uri, self.experiment)
-        return self.spool.push(entries, self.tracker) if entries else []
+        if not entries or not self.tracker.answers():
+            return entries
+        return self.spool.push(entries, self.tracker)
 
     # --- the end --------------------------------------------------------------------------
 
@@ -243,9 +252,10 @@ class Ledger:
             self.away_since = None
             return
         runs = [e for e in left if e.record.key]
+        what = f"{len(runs)} runs" if runs else "the sweep's parent run"
         raise SweepError(
-            f"the tracking store {self.tracker.uri} did not take {len(runs)} runs "
-            f"({left[0].error}); their results are safe in {self.spool.folder}:\n"
+            f"the tracking store {self.tracker.uri} did not take {what} ({left[0].error}); "
+            f"their results are safe in {self.spool.folder}:\n"
             + describe(runs or left)
             + f"\nPush them with `python -m sweep.sync {self.spool.folder}` once the store "
             "answers, or relaunch the same command: it pushes them first and computes none of "

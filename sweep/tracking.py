@@ -134,12 +134,10 @@ class RunRecord:
     params: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""
     tags: dict[str, str] = field(default_factory=dict)
-    metrics: list[tuple[str, float, int, int]] = field(
-        default_factory=list
-    )  # name, value, ms, step
-    artifacts: dict[str, str | bytes] = field(
-        default_factory=dict
-    )  # name -> local path or contents
+    # (name, value, timestamp in ms, step)
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
+    # name -> a local file's path, or its contents
+    artifacts: dict[str, str | bytes] = field(default_factory=dict)
 
     def add_result(self, result: dict[str, Any]) -> dict[str, float]:
         """The run's metrics (scalars at step 0, curves one step per decode step) and its trace
@@ -239,6 +237,17 @@ class Tracker:
         except MlflowException as err:
             raise SweepError(f"mlflow.tracking_uri={uri}: {last_line(err.message)}") from None
         return cls(uri, exp_id)
+
+    def answers(self) -> bool:
+        """Whether the store answers now, asked once (no retries)."""
+        try:
+            if urlparse(self.uri).scheme in ("http", "https"):
+                check_reachable(self.uri)
+            else:
+                self.client.get_experiment(self.experiment_id)
+        except (SweepError, *STORE_ERRORS):
+            return False
+        return True
 
     def search(self, filter_string: str) -> Iterable[MlflowRun]:
         token = None
