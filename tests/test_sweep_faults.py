@@ -77,11 +77,12 @@ def test_two_drivers_on_one_multirun_compute_each_run_once_on_loopback_only(tmp_
     they share one parent run, every run key is claimed by one of them and FINISHED exactly
     once, neither kills the other's runs, and each ends with the whole sweep's results."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2,3,4,5,6,7"]
+    args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "ray.num_actors=1"]
+    args.append("seed=0,1,2,3,4,5,6,7")
     env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "1"}
     drivers = [start_sweep(args, tmp_path, **env) for _ in range(2)]
     try:
-        wait_for(lambda: len(calls(tmp_path, "run ")) >= 2, "the first runs", drivers)
+        wait_for(lambda: len(calls(tmp_path, "run ")) >= 1, "the first run", drivers)
         # Every socket of both drivers and of the Ray instances they started, while they run.
         sockets = sockets_of(descendants({d.pid for d in drivers}))
         assert sum(listening for *_, listening in sockets) >= 4, sockets  # Ray's servers
