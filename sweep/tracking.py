@@ -312,6 +312,14 @@ class Tracker:
         """Write all of `record` and close its run; returns the run id. A record without a run
         claims one first; pushing again after a partial failure is harmless (identical metrics
         are dropped by MLflow, tags, params and artifacts overwritten with the same values)."""
+        if record.run_id is not None and record.key:
+            status = self.client.get_run(record.run_id).info.status
+            if status != "RUNNING":
+                if record.status != "FINISHED" or status == "FINISHED":
+                    return record.run_id  # closed already: by an earlier push, or elsewhere
+                # Closed by another driver that took this one for gone (a suspended machine):
+                # claimed anew, so that the key never has two FINISHED runs.
+                record.run_id = None
         if record.run_id is None:
             state = self.claim(record)
             if state.finished is not None:

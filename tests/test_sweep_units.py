@@ -318,12 +318,25 @@ def test_a_claim_keeps_live_drivers_apart_and_takes_over_from_dead_ones(tracker)
     assert not is_alive({**remote, "heartbeat": str(time.time() - STALE_S - 1)})
     assert not is_alive({"role": "run"})  # left by a version without claims
 
-    # A finished key is never claimed again.
-    from sweep.tracking import RunRecord
+    # A driver taken for gone comes back (a suspended machine) and pushes its result: its claim
+    # was closed meanwhile, so the result gets a claim of its own.
+    third.metrics = [("accuracy", 1.0, 0, 0)]
+    taken_over = third.run_id
+    tracker.client.set_terminated(taken_over, "KILLED")
+    made = tracker.push(third)
+    assert made == third.run_id and made not in (taken_over, first.run_id, None)
+    assert tracker.client.get_run(taken_over).info.status == "KILLED"
+    assert tracker.client.get_run(made).info.status == "FINISHED"
 
-    tracker.push(RunRecord(job.key, job.name, third.run_id, metrics=[("accuracy", 1.0, 0, 0)]))
+    # A finished key is never claimed again, nor finished twice.
     fourth = new_record(job, None, "", "abc", me.tags())
-    assert tracker.claim(fourth).finished.info.run_id == third.run_id and fourth.run_id is None
+    assert tracker.claim(fourth).finished.info.run_id == made and fourth.run_id is None
+    late = new_record(job, None, "", "abc", me.tags())
+    late.run_id = tracker.start(late)  # a claim closed meanwhile, while the key was finished
+    tracker.client.set_terminated(late.run_id, "KILLED")
+    assert tracker.push(late) == made
+    finished = tracker.search(f"tags.run_key = '{job.key}' and attributes.status = 'FINISHED'")
+    assert [r.info.run_id for r in finished] == [made]
 
 
 def test_parents_are_reopened_and_never_doubled(tracker):
