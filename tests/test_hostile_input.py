@@ -56,6 +56,7 @@ CASES = [
     ("cache.eviction=mru", "cache.eviction"),
     ("model.device=tpu", "model.device"),
     ("model.dtype=int8", "model.dtype"),
+    ("model.backend=gpu", "model.backend"),
     ("policy=nope", "policy/nope"),
     # files and folders
     ("model.path=/etc", "model.path"),
