@@ -6,6 +6,9 @@ before it loads a model.
 
 from __future__ import annotations
 
+import math
+import re
+from operator import attrgetter
 from pathlib import Path
 
 from slicemoe.cache import EVICTION
@@ -32,11 +35,60 @@ class ConfigError(ValueError):
 
 # --- validation ------------------------------------------------------------------------------
 
+INF = math.inf
+# Every number of the schema with a range: (field, lowest, highest, whether the lowest itself is
+# excluded). All must be finite, so NaN and inf are refused too; a null optional is not checked.
+BOUNDS = (
+    ("bits.group", 1, INF, False),
+    ("bits.nonexpert_bits", 2, 8, False),
+    ("bits.nonexpert_group", 1, INF, False),
+    ("cache.frac", 0, INF, True),
+    ("cache.bytes", 1, INF, False),
+    ("policy.tau", 0, INF, False),
+    ("policy.lam", 0, INF, False),
+    ("policy.cumsum_p", 0, 1, True),
+    ("policy.max_rank_keep", 0, INF, False),
+    ("policy.max_rank_m", 1, INF, False),
+    ("policy.warmup_steps", 0, INF, False),
+    ("policy.miss_rate_target", 0, 1, False),
+    ("hardware.xpu_tops", 0, INF, True),
+    ("hardware.xpu_tops_per_w", 0, INF, True),
+    ("hardware.dram_gbps", 0, INF, True),
+    ("hardware.dram_pj_per_bit", 0, INF, False),
+    ("hardware.dram_gb", 0, INF, True),
+    ("hardware.flash_gbps", 0, INF, True),
+    ("hardware.flash_pj_per_bit", 0, INF, False),
+    ("hardware.flash_gb", 0, INF, True),
+    ("hardware.kv_bits", 1, 32, False),
+    ("hardware.act_bits", 1, 32, False),
+    ("hardware.fp16_op_cost", 0, INF, True),
+    ("eval.limit", 1, INF, False),
+    ("eval.num_fewshot", 0, INF, False),
+    ("eval.max_new_tokens", 1, INF, False),
+    ("eval.seq_len", 2, INF, False),
+    ("eval.stride", 1, INF, False),
+    ("prefetch.top_m", 0, INF, False),
+    ("batch_size", 1, INF, False),
+)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_bounds(cfg, bounds=BOUNDS) -> None:
+    for name, low, high, open_low in bounds:
+        value = attrgetter(name)(cfg)
+        if value is None or (
+            math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
+        ):
+            continue
+        span = f"{'(' if open_low else '['}{low:g}, " + ("inf)" if high == INF else f"{high:g}]")
+        raise ConfigError(name, f"{value} is out of range; use a finite number in {span}")
+
 
 def validate(cfg: RunConfig, weights: bool = True) -> None:
     """Fail before any work with a message naming the field and the fix. `weights=False`
     checks a real model's config against its shipped config.json, before model.path is set."""
     b, p, c, e = cfg.bits, cfg.policy, cfg.cache, cfg.eval
+    check_bounds(cfg)
     if b.high is not None and not 2 <= b.high <= 8:
         raise ConfigError("bits.high", f"{b.high} is out of range; use 2..8 or null for fp16")
     if b.low is not None:
@@ -46,8 +98,6 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
             raise ConfigError("bits.low", f"low bits {b.low} must be below bits.high={b.high}")
     if b.scheme not in ("amat", "trunc", "base"):
         raise ConfigError("bits.scheme", f"{b.scheme!r} is unknown; use amat, trunc or base")
-    if b.group < 1:
-        raise ConfigError("bits.group", "must be a positive divisor of the input dims")
     if p.routing not in ROUTING:
         raise ConfigError(
             "policy.routing", f"{p.routing!r} is unknown; use one of {sorted(ROUTING)}"
@@ -69,8 +119,6 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
             "skip needs nested slices; bits.scheme=base keeps two whole copies (no LSB slice): "
             "use policy.lsb_miss=fetch or bits.scheme=amat",
         )
-    if not p.tau >= 0:  # also refuses NaN
-        raise ConfigError("policy.tau", f"{p.tau} must be a number >= 0 (0: all high-bit)")
     if p.lam_scale not in ("token", "running"):
         raise ConfigError("policy.lam_scale", f"{p.lam_scale!r} is unknown; use token or running")
     if p.miss_rate_target is not None and p.routing != "cache_prior":
@@ -78,8 +126,6 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
             "policy.miss_rate_target",
             "the online controller adapts cache_prior's lambda; set policy.routing=cache_prior",
         )
-    if p.warmup_steps < 0:
-        raise ConfigError("policy.warmup_steps", "must be >= 0")
     if c.eviction not in EVICTION:
         raise ConfigError(
             "cache.eviction", f"{c.eviction!r} is unknown; use one of {sorted(EVICTION)}"
@@ -95,12 +141,19 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
             )
     if (c.frac is None) == (c.bytes is None):
         raise ConfigError("cache", "set exactly one of cache.frac and cache.bytes (the other null)")
-    if c.frac is not None and not c.frac > 0:
-        raise ConfigError(
-            "cache.frac", f"{c.frac} must be > 0 (a share of all routed experts at 8 bits)"
-        )
+    if e.stride > e.seq_len:
+        raise ConfigError("eval.stride", f"{e.stride} must not exceed eval.seq_len={e.seq_len}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError("model.dtype", "use float32, bfloat16 or float16")
+    if not DEVICE.fullmatch(cfg.model.device):
+        raise ConfigError(
+            "model.device", f"{cfg.model.device!r} is unknown; use auto, cpu, cuda or cuda:N"
+        )
+    if cfg.trace_path is not None and not Path(cfg.trace_path).parent.is_dir():
+        raise ConfigError(
+            "trace_path",
+            f"the folder of {cfg.trace_path} does not exist; create it or drop trace_path",
+        )
     m = cfg.model
     try:
         if weights:
@@ -135,6 +188,17 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("model.device", "no CUDA device here; use auto or cpu")
+        index = int(m.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                "model.device",
+                f"{m.device}: this machine has {torch.cuda.device_count()} CUDA devices",
+            )
+    if p.routing == "max_rank" and not p.max_rank_keep <= shape.top_k:
+        raise ConfigError(
+            "policy.max_rank_keep",
+            f"{p.max_rank_keep} experts always kept exceed the model's top-k={shape.top_k}",
+        )
     check_prefetch(cfg, shape)
     task = get_task_or_error(e.task)
     if e.data_path is not None and not Path(e.data_path).exists():
@@ -152,14 +216,6 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
                 "eval.data_path",
                 f"task {e.task} needs local data (no `datasets` here): set eval.data_path",
             ) from None
-    if e.limit is not None and e.limit < 1:
-        raise ConfigError("eval.limit", "must be >= 1 or null for all documents")
-    if e.max_new_tokens < 1:
-        raise ConfigError("eval.max_new_tokens", "must be >= 1")
-    if e.num_fewshot < 0:
-        raise ConfigError("eval.num_fewshot", "must be >= 0")
-    if cfg.batch_size < 1:
-        raise ConfigError("batch_size", "must be >= 1")
 
 
 def check_prefetch(cfg: RunConfig, shape: Shape) -> None:

@@ -7,10 +7,17 @@ exhausted does it move to the key with the most pending work per actor already o
 that dies (OOM, segfault, lost node) is replaced and the unfinished jobs of its unit dispatched
 again, up to `max_actor_failures` times; a run that merely raises is a FAILED outcome from a
 healthy actor.
+
+Every job is claimed through the driver's ledger (sweep.ledger) right before dispatch; a job whose
+run key another live driver holds is parked and looked at again every few seconds, until that
+driver has finished it (the outcome is taken from the store) or is gone (the job is claimed and
+run here).
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,8 +29,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from sweep import worker
 from sweep.cluster import Plan
 from sweep.errors import SweepError
-from sweep.jobs import Job, Outcome, load_runner
-from sweep.tracking import Tracker
+from sweep.jobs import Job, Outcome, load_runner, units_of
+from sweep.ledger import RECHECK_S
+from sweep.tracking import RunRecord, Tracker
 
 
 class RunActor:
@@ -41,33 +49,18 @@ class RunActor:
         self.tracker = Tracker(tracking_uri, experiment_id)
         self.reuse_streams, self.mrc_points = reuse_streams, mrc_points
 
-    def execute(self, unit: list[Job], run_ids: list[str]) -> list[Outcome]:
+    def execute(self, unit: list[Job], records: list[RunRecord]) -> list[Outcome]:
         if unit[0].stream_key is None:
-            return [worker.execute(self.runner, self.models, unit[0], run_ids[0], self.tracker)]
+            return [worker.execute(self.runner, self.models, unit[0], records[0], self.tracker)]
         return worker.execute_group(
             self.runner,
             self.models,
             unit,
-            run_ids,
+            records,
             self.tracker,
             self.reuse_streams,
             self.mrc_points,
         )
-
-
-def units_of(jobs: list[Job]) -> list[list[Job]]:
-    """Jobs with one stream key form one unit; every other job is a unit of its own."""
-    groups: dict[str, list[Job]] = {}
-    units: list[list[Job]] = []
-    for job in jobs:
-        if job.stream_key is None:
-            units.append([job])
-        elif job.stream_key in groups:
-            groups[job.stream_key].append(job)
-        else:
-            groups[job.stream_key] = [job]
-            units.append(groups[job.stream_key])
-    return units
 
 
 @dataclass
@@ -86,7 +79,7 @@ class Member:
 class InFlight:
     member: Member
     unit: list[Job]
-    run_ids: list[str]
+    records: list[RunRecord]
 
 
 class ActorPool:
@@ -109,18 +102,15 @@ class ActorPool:
     def _spawn(self) -> Member:
         return Member(self.remote.options(**self.options).remote(*self.actor_args))
 
-    def run(
-        self,
-        jobs: list[Job],
-        start_run: Callable[[Job], str],
-        lost_run: Callable[[Job, str, str, bool], Outcome | None],
-        on_change: Callable[[int, int, int], None],
-    ) -> dict[int, Outcome]:
+    def run(self, jobs: list[Job], ledger: Any, on_change: Callable[[int, int, int], None]):
         """Execute jobs; returns their outcomes by job index.
 
-        start_run(job) creates the job's MLflow run right before dispatch; lost_run(job, run_id,
-        error, final) closes the run of a job whose actor died (final: no retry follows) and
-        returns its outcome if the run had finished before the actor died.
+        ledger.claim(job) claims the job's run right before dispatch: its RunRecord, an Outcome
+        when another driver finished it meanwhile, or None when a live driver holds it (parked);
+        ledger.recheck(job) looks at a parked job again (an Outcome, True once free, else False);
+        ledger.received(outcome) takes each outcome; ledger.lost(job, record, error, final)
+        closes the run of a job whose actor died (final: no retry follows) and returns its
+        outcome if the run had finished before; ledger.tick() is called about once a second.
         """
         queues: dict[str, deque[list[Job]]] = {}
         for unit in units_of(jobs):
@@ -128,7 +118,21 @@ class ActorPool:
         idle = list(self.members)
         deaths: Counter[int] = Counter()
         outcomes: dict[int, Outcome] = {}
-        while queues or self.inflight:
+        parked: dict[int, tuple[Job, float]] = {}  # job index -> (job, when to look again)
+        while queues or self.inflight or parked:
+            ledger.tick()
+            for index, (job, due) in list(parked.items()):
+                if time.monotonic() < due:
+                    continue
+                state = ledger.recheck(job)
+                if isinstance(state, Outcome):
+                    outcomes[index] = state
+                elif state:
+                    queues.setdefault(job.load_key, deque()).appendleft([job])
+                else:
+                    parked[index] = (job, time.monotonic() + random.uniform(*RECHECK_S))
+                    continue
+                del parked[index]
             while idle and queues:
                 member = idle.pop()
                 holders = Counter(
@@ -138,12 +142,28 @@ class ActorPool:
                 unit = queues[key].popleft()
                 if not queues[key]:
                     del queues[key]
-                run_ids = [start_run(job) for job in unit]
+                claimed, records = [], []
+                for job in unit:
+                    got = ledger.claim(job)
+                    if isinstance(got, Outcome):
+                        outcomes[job.index] = got
+                    elif got is None:
+                        parked[job.index] = (job, time.monotonic() + random.uniform(*RECHECK_S))
+                    else:
+                        claimed.append(job)
+                        records.append(got)
+                if not claimed:
+                    idle.append(member)
+                    continue
                 member.serve(key, self.remember)
-                self.inflight[member.handle.execute.remote(unit, run_ids)] = InFlight(
-                    member, unit, run_ids
+                self.inflight[member.handle.execute.remote(claimed, records)] = InFlight(
+                    member, claimed, records
                 )
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+            ready = []
+            if self.inflight:
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+            elif parked:
+                time.sleep(0.5)
             for ref in ready:
                 slot = self.inflight.pop(ref)
                 try:
@@ -153,8 +173,8 @@ class ActorPool:
                     if err.actor_init_failed:
                         # Every actor would fail the same way (missing code or dependency on a
                         # node): stop instead of burning retries on each job.
-                        for job, run_id in zip(slot.unit, slot.run_ids):
-                            lost_run(job, run_id, "the actor could not start", True)
+                        for job, record in zip(slot.unit, slot.records):
+                            ledger.lost(job, record, "the actor could not start", True)
                         raise SweepError(
                             "Ray actors cannot start: "
                             f"{str(err).strip().splitlines()[-1]}. On a cluster, install this "
@@ -168,31 +188,31 @@ class ActorPool:
                     final = deaths[slot.unit[0].index] > self.max_actor_failures
                     error = f"actor died: {type(err).__name__}: {str(err).splitlines()[0]}"
                     retry = []
-                    for job, run_id in zip(slot.unit, slot.run_ids):
-                        done = lost_run(job, run_id, error, final)
+                    for job, record in zip(slot.unit, slot.records):
+                        done = ledger.lost(job, record, error, final)
                         if done is None and not final:
                             retry.append(job)
                         else:
                             outcomes[job.index] = done or Outcome(
-                                "FAILED", {}, run_id=run_id, error=error
+                                "FAILED", {}, run_id=record.run_id, error=error
                             )
                     if retry:
                         queues.setdefault(retry[0].load_key, deque()).appendleft(retry)
                     results = []
                 except RayTaskError as err:
                     # The run's own errors are caught in the actor; this is the sweep's plumbing
-                    # failing (e.g. the tracking store went away): record it, keep the actor.
+                    # failing: record it, keep the actor.
                     idle.append(slot.member)
                     error = str(err).strip().splitlines()[-1]
                     results = [
-                        lost_run(job, run_id, error, True)
-                        or Outcome("FAILED", {}, run_id=run_id, error=error)
-                        for job, run_id in zip(slot.unit, slot.run_ids)
+                        ledger.lost(job, record, error, True)
+                        or Outcome("FAILED", {}, run_id=record.run_id, error=error)
+                        for job, record in zip(slot.unit, slot.records)
                     ]
                 for job, outcome in zip(slot.unit, results):
-                    outcomes[job.index] = outcome
+                    outcomes[job.index] = ledger.received(outcome)
             finished = sum(o.status == "FINISHED" for o in outcomes.values())
-            running = sum(len(slot.unit) for slot in self.inflight.values())
+            running = sum(len(slot.unit) for slot in self.inflight.values()) + len(parked)
             on_change(running, finished, len(outcomes) - finished)
         return outcomes
 

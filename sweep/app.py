@@ -7,11 +7,16 @@ which never calls `task`; `task` serves single runs (and other launchers, should
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sweep import schema
@@ -20,6 +25,9 @@ from sweep.jobs import load_runner, make_job, objective_of, return_value
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# A launch needs little room (the tracking database grows by kilobytes a run), but a disk this
+# full would fail it half-way.
+MIN_FREE_MB = 50
 
 schema.register()
 
@@ -32,36 +40,35 @@ def task(cfg: DictConfig) -> Any:
     # Imported once the config is known to be valid: config errors show without waiting for
     # MLflow to import.
     from sweep import worker
+    from sweep.jobs import Outcome
+    from sweep.ledger import Ledger
     from sweep.progress import result_table
-    from sweep.tracking import Tracker, git_commit, stored_metrics
 
-    tracker = Tracker.open(
-        cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location
-    )
-    done = tracker.finished().get(job.key) if cfg.sweep.resume else None
-    if done is not None:
-        metrics = stored_metrics(done)
-        print(result_table([(job.name, "FINISHED", metrics)]))
+    ledger = Ledger(cfg)
+    done = ledger.done().get(job.key) if cfg.sweep.resume else None
+    record = ledger.claim_or_wait(job) if done is None else done
+    if isinstance(record, Outcome):
+        print(result_table([(job.name, "FINISHED", record.metrics)]))
         log.info(
-            f"finished already as MLflow run {done.info.run_id} (run key {job.key}); "
+            f"finished already as MLflow run {record.run_id} (run key {job.key}); "
             "sweep.resume=false computes it again"
         )
-        return return_value(metrics, objective)
-    tracker.kill_stale({job.key})
-    run_id = tracker.create_run(job, None, "", git_commit())
+        return return_value(record.metrics, objective)
     _threads_like_an_actor(cfg.ray.num_cpus_per_actor)
     try:
-        outcome = worker.execute(runner, worker.ModelCache(1), job, run_id, tracker)
-    except BaseException:
-        tracker.client.set_terminated(run_id, "KILLED")  # Ctrl-C: rerunning the command redoes it
+        outcome = worker.execute(runner, worker.ModelCache(1), job, record, ledger.tracker)
+    except BaseException:  # Ctrl-C: rerunning the command redoes it
+        ledger.kill_in_flight([record.run_id] if record.run_id else [])
         raise
+    ledger.received(outcome)
     print(result_table([(job.name, outcome.status, outcome.metrics)]))
+    ledger.drain()
     if outcome.status != "FINISHED":
         raise SweepError(
-            f"run [{job.name}] failed: {outcome.error} (MLflow run {run_id}; its error.txt holds "
-            "the traceback)"
+            f"run [{job.name}] failed: {outcome.error} (MLflow run {outcome.run_id}; its "
+            "error.txt holds the traceback)"
         )
-    log.info(f"MLflow run {run_id} in {tracker.uri}")
+    log.info(f"MLflow run {outcome.run_id} in {ledger.tracker.uri}")
     return return_value(outcome.metrics, objective)
 
 
@@ -71,6 +78,47 @@ def _threads_like_an_actor(num_cpus: float) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class Preflight(Callback):
+    """Before Hydra makes its output folder: every folder the launch writes to must be writable
+    and have room, so that a read-only or full disk stops it in one line naming the path."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, str(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _check(config: DictConfig, output_dir: str) -> None:
+        try:
+            check_folders(config, output_dir)
+        except SweepError as err:
+            # Hydra turns a callback's exception into a warning and goes on; this must stop.
+            print(err, file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def check_folders(cfg: DictConfig, output_dir: str) -> None:
+    folders = {"the output folder": output_dir, "mlflow.spool": cfg.mlflow.spool}
+    uri = urlparse(str(cfg.mlflow.tracking_uri))
+    if uri.scheme == "sqlite":
+        folders["mlflow.tracking_uri"] = str(Path(uri.path.removeprefix("/")).parent)
+    for what, folder in folders.items():
+        path = Path(folder).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise SweepError(
+                f"{what} {path} cannot be written: {existing} is read-only or not a folder; run "
+                "from a writable folder or point that setting elsewhere"
+            )
+        free = shutil.disk_usage(existing).free
+        if free < MIN_FREE_MB * 2**20:
+            raise SweepError(
+                f"{what} {path}: only {free / 2**20:.1f} MB free on {existing}; free some space "
+                "or point that setting elsewhere"
+            )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -29,10 +29,16 @@ def address_of(conf: RayConf) -> str:
 
 def connect(conf: RayConf) -> str:
     """ray.init once per process; returns the address joined."""
+    address = address_of(conf)
+    if address == "local":
+        # Ray binds its servers (GCS, raylet, workers, agents, metrics exporters) to the node's
+        # address, on Linux the machine's outward one. Without cluster support (Ray's own
+        # default on macOS and Windows) the node is 127.0.0.1 and nothing listens beyond this
+        # machine. Read when ray is first imported, and inherited by every process it starts.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.exceptions import AuthenticationError
 
-    address = address_of(conf)
     if ray.is_initialized():
         return address
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
@@ -77,10 +83,6 @@ def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:
     """How many actors, with which resources each, for n_jobs runs on a cluster with
     `resources` (as ray.cluster_resources() reports them)."""
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    for name in ("num_actors", "num_cpus_per_actor", "num_gpus_per_actor"):
-        value = getattr(conf, name)
-        if value is not None and not value >= (1 if name == "num_actors" else 0):
-            raise SweepError(f"ray.{name}={value} is out of range; use a positive number or null")
     per_gpu = conf.num_gpus_per_actor
     if per_gpu is None:
         per_gpu = 1.0 if gpus >= 1 else 0.0

@@ -52,6 +52,10 @@ class Outcome:
     metrics: dict[str, float]
     run_id: str | None = None
     error: str | None = None
+    # Set when the tracking store could not take the run: its RunRecord, for the spool
+    # (sweep.sync), and the store's error.
+    record: Any = None
+    store_error: str | None = None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -78,6 +82,22 @@ def run_key(cfg: RunConfig) -> str:
     }
     blob = KEY_VERSION + json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def units_of(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs with one stream key form one unit (one model pass); every other job is a unit of its
+    own."""
+    groups: dict[str, list[Job]] = {}
+    units: list[list[Job]] = []
+    for job in jobs:
+        if job.stream_key is None:
+            units.append([job])
+        elif job.stream_key in groups:
+            groups[job.stream_key].append(job)
+        else:
+            groups[job.stream_key] = [job]
+            units.append(groups[job.stream_key])
+    return units
 
 
 def load_runner(name: str) -> ModuleType:

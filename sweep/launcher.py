@@ -2,10 +2,13 @@
 
 One `launch` call (a batch from the sweeper; Optuna sends many) goes:
 1. compose every job's config, validate all of them (nothing starts if one is wrong);
-2. open the tracking store and the sweep's parent run (reopened when the sweep is relaunched);
-3. skip jobs whose run key already has a FINISHED run; close runs a killed driver left RUNNING;
-4. run the rest on the actor pool (started on the first batch, kept for later ones);
-5. close the parent, print a result table, hand Hydra one JobReturn per job.
+2. open the tracking store (pushing what an earlier launch spooled) and the sweep's parent run
+   (reopened when the sweep is relaunched);
+3. skip jobs whose run key already has a FINISHED run, in the store or in the spool;
+4. run the rest on the actor pool (started on the first batch, kept for later ones), each claimed
+   right before dispatch (sweep.ledger), so concurrent drivers share the work;
+5. close the parent, print a result table, push what waits in the spool, hand Hydra one JobReturn
+   per job.
 The task function is never called in the driver: the actors run `sweep.worker.execute`.
 
 Hydra imports this module (through hydra_plugins) whenever any Hydra app starts, so MLflow and
@@ -28,7 +31,16 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweep.errors import SweepError
-from sweep.jobs import Job, Outcome, is_setting, load_runner, make_job, objective_of, return_value
+from sweep.jobs import (
+    Job,
+    Outcome,
+    is_setting,
+    load_runner,
+    make_job,
+    objective_of,
+    return_value,
+    units_of,
+)
 from sweep.progress import Progress, result_table
 
 log = logging.getLogger(__name__)
@@ -45,10 +57,7 @@ class Multirun:
     def __init__(self, config: DictConfig, hydra_context: HydraContext) -> None:
         self.config = config
         self.hydra_context = hydra_context
-        self.tracker: Any = None
-        self.parent_id: str | None = None
-        self.sweep_id = ""
-        self.commit = "unknown"
+        self.ledger: Any = None
         self.pool: Any = None
         self.rows: list[tuple[Job, Outcome]] = []
         self.done: dict[str, Outcome] = {}  # run key -> its finished run
@@ -63,7 +72,10 @@ class Multirun:
         cfg = self.config
         # Hydra's sweepers write their own summaries there (e.g. optimization_results.yaml).
         self.sweep_dir = Path(str(cfg.hydra.sweep.dir))
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SweepError(f"cannot create {self.sweep_dir}: {err.strerror}") from None
         runner = load_runner(cfg.sweep.runner)
         objective = self._objective(cfg)
         composed = [
@@ -83,7 +95,7 @@ class Multirun:
         skipped = len(jobs) - len(todo)
         log.info(
             f"{len(jobs)} runs: {len(todo)} to run, {skipped} finished already or duplicated "
-            f"(experiment {cfg.mlflow.experiment!r}, parent run {self.parent_id})"
+            f"(experiment {cfg.mlflow.experiment!r}, parent run {self.ledger.parent_id})"
         )
         outcomes = self._execute(cfg, list(todo.values()), len(jobs), skipped)
         by_key = {j.key: outcomes[j.index] for j in todo.values() if j.index in outcomes}
@@ -91,7 +103,9 @@ class Multirun:
         results = [(job, by_key.get(job.key) or done[job.key]) for job in jobs]
         self._close_batch(results, skipped)
         print(result_table([(j.name, o.status, o.metrics) for j, o in results]), flush=True)
-        print(where_results_are(self.tracker.uri, self.parent_id, self.sweep_dir), flush=True)
+        self.ledger.drain()
+        uri, parent_id = self.ledger.tracker.uri, self.ledger.parent_id
+        print(where_results_are(uri, parent_id, self.sweep_dir), flush=True)
         return [_job_return(c, job, out, objective) for c, (job, out) in zip(composed, results)]
 
     def _compose(self, overrides: list[str], index: int) -> DictConfig:
@@ -113,23 +127,15 @@ class Multirun:
         return objective
 
     def _open_tracking(self, cfg: DictConfig) -> None:
-        from sweep.tracking import Tracker, git_commit, stored_metrics
+        from sweep.ledger import Ledger
 
-        if self.tracker is None:
-            self.tracker = Tracker.open(
-                cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_location
-            )
+        if self.ledger is None:
+            self.ledger = Ledger(cfg)
             # Read once: later batches (Optuna sends many) add their own finished runs.
-            finished = self.tracker.finished() if cfg.sweep.resume else {}
-            self.done = {
-                key: Outcome("FINISHED", stored_metrics(run), run_id=run.info.run_id)
-                for key, run in finished.items()
-            }
-            self.commit = git_commit()
-            self.sweep_id, name = sweep_identity(cfg)
-            self.parent_id = self.tracker.open_parent(self.sweep_id, name, self.commit)
+            self.done = self.ledger.done() if cfg.sweep.resume else {}
+            self.ledger.open_parent(*sweep_identity(cfg))
         else:
-            self.tracker.client.update_run(self.parent_id, status="RUNNING")
+            self.ledger.reopen_parent()
 
     def _execute(
         self, cfg: DictConfig, jobs: list[Job], total: int, skipped: int
@@ -138,32 +144,27 @@ class Multirun:
         if not jobs:
             progress.close()
             return {}
-        self.tracker.kill_stale({j.key for j in jobs})
-        from sweep.actors import units_of
-
-        # Jobs sharing a request stream run on one actor: size the pool by units.
-        pool = self._pool(cfg, len(units_of(jobs)))
+        pool = None
         try:
-            return pool.run(jobs, self._start_run, self._lost_run, progress.update)
+            # Jobs sharing a request stream run on one actor: size the pool by units.
+            pool = self._pool(cfg, len(units_of(jobs)))
+            return pool.run(jobs, self.ledger, progress.update)
         except BaseException:
             # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
             # actor finished (replayed members of a unit) stay FINISHED.
-            for slot in pool.inflight.values():
-                for run_id in slot.run_ids:
-                    if self.tracker.client.get_run(run_id).info.status == "RUNNING":
-                        self.tracker.client.set_terminated(run_id, "KILLED")
-            self.tracker.client.set_terminated(self.parent_id, "KILLED")
+            slots = pool.inflight.values() if pool is not None else []
+            self.ledger.kill_in_flight([r.run_id for s in slots for r in s.records if r.run_id])
             raise  # sweep.__main__ says it in one line
         finally:
             progress.close()
 
     def _pool(self, cfg: DictConfig, n_jobs: int) -> Any:
-        import ray
-
         from sweep import cluster
 
         ray_conf = OmegaConf.to_object(cfg.ray)
         address = cluster.connect(ray_conf)
+        import ray  # after connect: it decides how the local instance binds
+
         plan = cluster.plan(ray_conf, n_jobs, ray.cluster_resources())
         if self.pool is None:
             from sweep.actors import ActorPool
@@ -175,8 +176,8 @@ class Multirun:
             args = (
                 cfg.sweep.runner,
                 ray_conf.models_per_actor,
-                self.tracker.uri,
-                self.tracker.experiment_id,
+                self.ledger.tracker.uri,
+                self.ledger.tracker.experiment_id,
                 # sweep.resume=false computes everything again, request streams included.
                 bool(cfg.sweep.resume),
                 int(cfg.sweep.miss_ratio_points),
@@ -187,23 +188,6 @@ class Multirun:
         else:
             self.pool.grow(plan.actors)
         return self.pool
-
-    def _start_run(self, job: Job) -> str:
-        return self.tracker.create_run(job, self.parent_id, self.sweep_id, self.commit)
-
-    def _lost_run(self, job: Job, run_id: str, error: str, final: bool) -> Outcome | None:
-        """Close the run of a job whose actor was lost; its outcome if it had finished."""
-        from sweep.tracking import stored_metrics
-
-        try:
-            run = self.tracker.client.get_run(run_id)
-            if run.info.status == "FINISHED":
-                return Outcome("FINISHED", stored_metrics(run), run_id=run_id)
-            log.warning(f"run [{job.name}]: {error}" + ("" if final else "; dispatching it again"))
-            self.tracker.log_failure(run_id, error, status="FAILED" if final else "KILLED")
-        except Exception as err:  # the store may be what broke; the outcome is recorded anyway
-            log.warning(f"could not record the failure in MLflow run {run_id}: {err}")
-        return None
 
     def _close_batch(self, results: list[tuple[Job, Outcome]], skipped: int) -> None:
         from sweep.tracking import results_csv
@@ -216,8 +200,12 @@ class Multirun:
         self.counts["finished"] += len(results) - len(failed)
         status = "FAILED" if failed else "FINISHED"
         table = results_csv(self.rows)
-        (self.sweep_dir / "results.csv").write_text(table)
-        self.tracker.close_parent(self.parent_id, status, self.counts, table)
+        path = self.sweep_dir / "results.csv"
+        try:
+            path.write_text(table)
+        except OSError as err:
+            raise SweepError(f"cannot write {path}: {err.strerror}") from None
+        self.ledger.close_parent(status, self.counts, table)
         for job, out in failed:
             log.error(f"run [{job.name}] failed: {out.error} (MLflow run {out.run_id})")
 

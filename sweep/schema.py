@@ -8,6 +8,7 @@ as `policy.tua=0.3` fails at composition time with the full key in the message.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from slicemoe.config import RunConfig
+from slicemoe.validate import INF, ConfigError, check_bounds
 from sweep.errors import SweepError
 
 
@@ -33,7 +35,7 @@ class RayConf:
     models_per_actor: int = 1
     # How often a run is re-dispatched after the actor executing it died.
     max_actor_failures: int = 2
-    # Object store of a private local instance; runs exchange only small dicts.
+    # Object store of a private local instance (Ray's minimum is 75); runs exchange small dicts.
     object_store_mb: int = 128
     # Passed to ray.init; on a cluster without the code installed, e.g. {"working_dir": "."}.
     runtime_env: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +49,12 @@ class MlflowConf:
     experiment: str = "slicemoe"
     # None: MLflow's default for the tracking store, fixed when the experiment is created.
     artifact_location: Optional[str] = None
+    # Results the store could not take (server down, database locked or full) wait here, in the
+    # driver's working directory unless absolute, until they are pushed (sweep.sync).
+    spool: str = "mlflow-spool"
+    # At the end of a sweep with spooled results: how long to keep trying the store before
+    # exiting non-zero with the list of spooled runs.
+    outage_wait_s: float = 120.0
 
 
 @dataclass
@@ -76,6 +84,18 @@ class AppConfig(RunConfig):
 
 
 RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
+# The launch settings with a range, as slicemoe.validate.BOUNDS.
+SETTING_BOUNDS = (
+    ("ray.num_actors", 1, INF, False),
+    ("ray.num_cpus_per_actor", 0, INF, False),
+    ("ray.num_gpus_per_actor", 0, INF, False),
+    ("ray.models_per_actor", 1, INF, False),
+    ("ray.max_actor_failures", 0, INF, False),
+    ("ray.object_store_mb", 75, INF, False),
+    ("mlflow.outage_wait_s", 0, INF, False),
+    ("sweep.miss_ratio_points", 0, 10_000, False),
+)
+ADDRESS = re.compile(r"auto|local|[a-z]+://\S+|[\w.\-\[\]:]+:\d+")
 
 
 def register() -> None:
@@ -101,9 +121,31 @@ def check_keys(cfg: DictConfig) -> None:
         ) from None
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The ray/mlflow/sweep settings of a launch, before anything starts."""
+    try:
+        check_bounds(cfg, SETTING_BOUNDS)
+        for name in ("mlflow.tracking_uri", "mlflow.experiment", "mlflow.spool"):
+            if not str(OmegaConf.select(cfg, name) or "").strip():
+                raise ConfigError(name, "must not be empty")
+        address = cfg.ray.address
+        if address is not None and not ADDRESS.fullmatch(address):
+            raise ConfigError(
+                "ray.address", f"{address!r}: use auto, local, HOST:PORT or ray://HOST:PORT"
+            )
+        if cfg.sweep.name is not None and not cfg.sweep.name.strip():
+            raise ConfigError(
+                "sweep.name", "must not be empty; drop it to name the sweep by its overrides"
+            )
+    except ConfigError as err:
+        raise SweepError(f"Invalid setting {err}") from None
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
-    """The `RunConfig` part of a composed app config, resolved, as the dataclass."""
+    """The `RunConfig` part of a composed app config, resolved, as the dataclass (after checking
+    that the config has no unknown keys and sane launch settings)."""
     check_keys(cfg)
+    check_settings(cfg)
     resolved = {
         k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
         for k in RUN_FIELDS

@@ -1,42 +1,61 @@
-"""MLflow bookkeeping: experiment, parent and child runs, results, and the resume lookup.
+"""MLflow bookkeeping: experiment, parent and child runs, results, claims and the resume lookup.
 
 Everything goes through `MlflowClient` with explicit run ids (no fluent active-run state), so the
 driver can hold a parent run open while actors in other processes log to their child runs.
 Runs are told apart by tags: `role=sweep` for a parent, `role=run` for a run, `run_key` for the
-config identity that resume matches on.
+config identity that resume matches on, `driver` for the driver that claimed it.
+
+What a run writes is built up as a `RunRecord` (plain data) and written in one `push` at its
+end; a record the store cannot take goes to the driver's spool (sweep.sync) instead of being lost.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import logging
 import math
 import numbers
 import os
-import shutil
+import random
 import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 # Before mlflow is imported anywhere in this process.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# Creating or migrating the SQLite store is routine, not news.
-for _name in ("mlflow.store.db.utils", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+# MLflow retries a failing HTTP request for about four minutes by default; the spool takes over
+# sooner (a few seconds), so that an actor keeps computing while the server is away.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# The result table says where the runs are: no link per run on stdout.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# Creating or migrating the SQLite store is routine, not news; nor is each retry of a request
+# to a server that is away, or a database error with its traceback (the error reaches the
+# sweep, which says it once).
+for _name, _level in (
+    ("mlflow.store.db.utils", logging.CRITICAL),
+    ("alembic", logging.WARNING),
+    ("urllib3.connectionpool", logging.ERROR),
+):
+    logging.getLogger(_name).setLevel(_level)
 
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities import Run as MlflowRun  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from sweep.drivers import is_alive  # noqa: E402
 from sweep.errors import SweepError  # noqa: E402
 from sweep.jobs import RESULT_METRICS, Job, Outcome  # noqa: E402
 
@@ -45,6 +64,11 @@ STREAM_ARTIFACT = "requests.npz"
 # MLflow's log_batch accepts at most 1000 metrics per call.
 BATCH = 1000
 HEALTH_TIMEOUT_S = 5.0
+# What a store that is away raises: MLflow's own errors (HTTP, database) and OS errors (local
+# artifact store, a full disk).
+STORE_ERRORS = (MlflowException, OSError)
+# A parent run proposed by a driver that died before keeping it no longer blocks the sweep.
+CANDIDATE_TTL_S = 60
 
 
 def resolve_uri(uri: str) -> str:
@@ -94,6 +118,89 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+@dataclass
+class RunRecord:
+    """What one run writes to MLflow, as plain data (shipped between processes, spooled as JSON).
+
+    `create_tags`, `params` and `config_yaml` make the run when it is claimed (or, when the store
+    was away at dispatch, when the record is pushed); the rest is written by `Tracker.push`.
+    """
+
+    key: str  # run key; "" for a sweep's parent run
+    name: str
+    run_id: str | None = None
+    status: str = "FINISHED"
+    create_tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    config_yaml: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    # (name, value, timestamp in ms, step)
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
+    # name -> a local file's path, or its contents
+    artifacts: dict[str, str | bytes] = field(default_factory=dict)
+
+    def add_result(self, result: dict[str, Any]) -> dict[str, float]:
+        """The run's metrics (scalars at step 0, curves one step per decode step) and its trace
+        and request stream files; returns the scalars."""
+        now = int(time.time() * 1000)
+        scalars = scalar_metrics(result)
+        self.metrics += [(k, v, now, 0) for k, v in scalars.items()]
+        for name, values in (result.get("curves") or {}).items():
+            self.metrics += [(name, _float(v), now, step) for step, v in enumerate(values)]
+        for key, name in (("trace_path", "trace.parquet"), ("stream_path", STREAM_ARTIFACT)):
+            if result.get(key) and Path(result[key]).is_file():
+                self.artifacts[name] = str(result[key])
+        return scalars
+
+    def fail(self, error: str, status: str = "FAILED") -> RunRecord:
+        self.status = status
+        self.tags["error"] = last_line(error)[:5000]
+        self.artifacts["error.txt"] = error.encode()
+        return self
+
+    def detached(self) -> RunRecord:
+        """The same record with every artifact read into memory, to outlive its files."""
+        self.artifacts = {
+            name: item if isinstance(item, bytes) else Path(item).read_bytes()
+            for name, item in self.artifacts.items()
+        }
+        return self
+
+
+def new_record(
+    job: Job, parent_id: str | None, sweep_id: str, commit: str, driver: dict[str, str]
+) -> RunRecord:
+    """The record of a job about to be dispatched by the driver with tags `driver`."""
+    tags = {
+        "role": "run",
+        "run_key": job.key,
+        "load_key": job.load_key,
+        "sweep_id": sweep_id,
+        "overrides": job.name,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        **driver,
+    }
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    return RunRecord(
+        job.key, job.name, create_tags=tags, params=dict(job.params), config_yaml=job.config_yaml
+    )
+
+
+@dataclass
+class Claim:
+    """Who has a run key: this driver (`run_id`), nobody yet, a finished run or a live driver."""
+
+    run_id: str | None = None
+    finished: MlflowRun | None = None
+    holder: MlflowRun | None = None
+
+
+class Held(Exception):
+    """A record without a run met a live claim on its key; it waits in the spool."""
+
+
 class Tracker:
     """One experiment in one tracking store; usable from the driver and from actors."""
 
@@ -104,32 +211,43 @@ class Tracker:
 
     @classmethod
     def open(cls, uri: str, experiment: str, artifact_location: str | None = None) -> Tracker:
-        """Check the store, then get or create the experiment (in the driver, before fan-out:
-        processes creating a fresh SQLite store at once race on its tables)."""
+        """Check the store, then get or create the experiment (in the driver, before fan-out)."""
         uri = resolve_uri(uri)
         check_reachable(uri)
-        client = MlflowClient(uri)
         try:
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                try:
-                    exp_id = client.create_experiment(experiment, artifact_location)
-                except MlflowException:
-                    exp = client.get_experiment_by_name(experiment)
-                    if exp is None:
-                        raise
+            with _creating(uri):
+                client = MlflowClient(uri)  # creates an SQLite store's tables
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    try:
+                        exp_id = client.create_experiment(experiment, artifact_location)
+                    except MlflowException:  # another driver created it a moment ago
+                        exp = client.get_experiment_by_name(experiment)
+                        if exp is None:
+                            raise
+                        exp_id = exp.experiment_id
+                elif exp.lifecycle_stage == "deleted":
+                    raise SweepError(
+                        f"mlflow.experiment={experiment} is deleted in {uri}; restore it "
+                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or "
+                        "pick another name"
+                    )
+                else:
                     exp_id = exp.experiment_id
-            elif exp.lifecycle_stage == "deleted":
-                raise SweepError(
-                    f"mlflow.experiment={experiment} is deleted in {uri}; restore it "
-                    f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or pick "
-                    "another name"
-                )
-            else:
-                exp_id = exp.experiment_id
         except MlflowException as err:
-            raise SweepError(f"mlflow.tracking_uri={uri}: {err.message}") from None
+            raise SweepError(f"mlflow.tracking_uri={uri}: {last_line(err.message)}") from None
         return cls(uri, exp_id)
+
+    def answers(self) -> bool:
+        """Whether the store answers now, asked once (no retries)."""
+        try:
+            if urlparse(self.uri).scheme in ("http", "https"):
+                check_reachable(self.uri)
+            else:
+                self.client.get_experiment(self.experiment_id)
+        except (SweepError, *STORE_ERRORS):
+            return False
+        return True
 
     def search(self, filter_string: str) -> Iterable[MlflowRun]:
         token = None
@@ -147,88 +265,129 @@ class Tracker:
         runs = self.search("attributes.status = 'FINISHED' and tags.role = 'run'")
         return {r.data.tags["run_key"]: r for r in runs if "run_key" in r.data.tags}
 
-    def kill_stale(self, keys: set[str]) -> int:
-        """Mark runs left RUNNING by a killed driver as KILLED before their keys run again."""
-        running = self.search("attributes.status = 'RUNNING' and tags.role = 'run'")
-        stale = [r for r in running if r.data.tags.get("run_key") in keys]
-        for run in stale:
-            self.client.set_terminated(run.info.run_id, "KILLED")
-        return len(stale)
-
-    def open_parent(self, sweep_id: str, name: str, commit: str) -> str:
-        """The parent run of this sweep: reopened when the same sweep is launched again."""
-        for run in self.search(f"tags.role = 'sweep' and tags.sweep_id = '{sweep_id}'"):
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=name[:250],
-            tags={
-                "role": "sweep",
-                "sweep_id": sweep_id,
-                "git_commit": commit,
-                "mlflow.source.git.commit": commit,
-                "host": socket.gethostname(),
-            },
-        )
-        return run.info.run_id
-
-    def close_parent(self, run_id: str, status: str, counts: dict[str, int], table: str) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(f"runs_{k}", float(v), now, 0) for k, v in counts.items()]
-        )
-        self.client.log_text(run_id, table, "results.csv")
-        self.client.set_terminated(run_id, status)
-
-    def create_run(self, job: Job, parent_id: str | None, sweep_id: str, commit: str) -> str:
-        """A RUNNING run holding the job's params, tags and config.yaml; an actor finishes it."""
-        tags = {
-            "role": "run",
-            "run_key": job.key,
-            "load_key": job.load_key,
-            "sweep_id": sweep_id,
-            "overrides": job.name,
-            "git_commit": commit,
-            "mlflow.source.git.commit": commit,
-        }
-        if parent_id:
-            tags["mlflow.parentRunId"] = parent_id
+    def start(self, record: RunRecord) -> str:
+        """Create `record`'s run (RUNNING) with its params and config.yaml."""
+        tags = {**record.create_tags, "heartbeat": f"{time.time():.0f}"}
         run_id = self.client.create_run(
-            self.experiment_id, run_name=job.name[:250], tags=tags
+            self.experiment_id, run_name=record.name[:250], tags=tags
         ).info.run_id
-        params = [Param(k, v) for k, v in job.params.items()]
+        params = [Param(k, v) for k, v in record.params.items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[i : i + 100])
-        self.client.log_text(run_id, job.config_yaml, "config.yaml")
+        self.client.log_text(run_id, record.config_yaml, "config.yaml")
         return run_id
 
-    def log_result(self, run_id: str, result: dict[str, Any]) -> dict[str, float]:
-        """Log the scalar metrics (step 0), the curves (one step per decode step) and the trace;
-        returns the scalars."""
-        now = int(time.time() * 1000)
-        scalars = scalar_metrics(result)
-        metrics = [Metric(k, v, now, 0) for k, v in scalars.items()]
-        for name, values in (result.get("curves") or {}).items():
-            metrics += [Metric(name, _float(v), now, step) for step, v in enumerate(values)]
+    def claim(self, record: RunRecord) -> Claim:
+        """Claim `record`'s run key for its driver: its run is created, then withdrawn (deleted)
+        again if the key turns out to be finished or held by a live driver. Two drivers claiming
+        at once each see the other's run and both withdraw (and retry later); one that sees no
+        other keeps the key, since whoever came second sees it."""
+        run_id = self.start(record)
+        state = self.key_state(record.key, mine=run_id, driver=record.create_tags.get("driver"))
+        if state.finished is not None or state.holder is not None:
+            self.client.delete_run(run_id)
+            return state
+        record.run_id = run_id
+        return Claim(run_id=run_id)
+
+    def key_state(self, key: str, mine: str | None = None, driver: str | None = None) -> Claim:
+        """Who has `key`. RUNNING runs of a dead driver, or left by this `driver` before a retry,
+        are closed (KILLED) on the way: only a live driver's claim is ever left alone."""
+        holder = None
+        for run in self.search(f"tags.run_key = '{key}' and tags.role = 'run'"):
+            if run.info.run_id == mine:
+                continue
+            if run.info.status == "FINISHED":
+                return Claim(finished=run)
+            if run.info.status != "RUNNING":
+                continue
+            tags = run.data.tags
+            if tags.get("driver") != driver and is_alive(tags):
+                holder = run
+            else:
+                self.client.set_terminated(run.info.run_id, "KILLED")
+        return Claim(holder=holder)
+
+    def push(self, record: RunRecord) -> str:
+        """Write all of `record` and close its run; returns the run id. A record without a run
+        claims one first; pushing again after a partial failure is harmless (identical metrics
+        are dropped by MLflow, tags, params and artifacts overwritten with the same values)."""
+        if record.run_id is not None and record.key:
+            status = self.client.get_run(record.run_id).info.status
+            if status != "RUNNING":
+                if record.status != "FINISHED" or status == "FINISHED":
+                    return record.run_id  # closed already: by an earlier push, or elsewhere
+                # Closed by another driver that took this one for gone (a suspended machine):
+                # claimed anew, so that the key never has two FINISHED runs.
+                record.run_id = None
+        if record.run_id is None:
+            state = self.claim(record)
+            if state.finished is not None:
+                # Computed twice while the store was away: the stored run stays the result.
+                return state.finished.info.run_id
+            if state.holder is not None:
+                raise Held(f"run key {record.key} is being computed by another live driver")
+        run_id = record.run_id
+        for name, item in record.artifacts.items():
+            self._log_as(run_id, item, name)
+        if record.tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record.tags.items()])
+        metrics = [Metric(*m) for m in record.metrics]
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : i + BATCH])
-        trace = result.get("trace_path")
-        if trace and Path(trace).is_file():
-            self._log_as(run_id, Path(trace), "trace.parquet")
-        stream = result.get("stream_path")
-        if stream and Path(stream).is_file():
-            self._log_as(run_id, Path(stream), STREAM_ARTIFACT)
-        return scalars
+        self.client.set_terminated(run_id, record.status)
+        return run_id
 
-    def store_stream(self, run_id: str, path: Path, stream_key: str) -> None:
-        """Keep a recorded request stream with the run that recorded it, findable by key."""
-        self._log_as(run_id, path, STREAM_ARTIFACT)
-        self.client.set_tag(run_id, "stream_key", stream_key)
+    def open_parent(self, sweep_id: str, name: str, commit: str) -> str:
+        """The parent run of this sweep: reopened when the same sweep is launched again. The
+        first drivers of a sweep each propose a run (`role=sweep-candidate`); one that finds no
+        other keeps it (`role=sweep`), the others withdraw theirs and adopt it."""
+        for _ in range(100):
+            parents = list(self.search(f"tags.role = 'sweep' and tags.sweep_id = '{sweep_id}'"))
+            if parents:
+                run_id = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            mine = self.client.create_run(
+                self.experiment_id,
+                run_name=name[:250],
+                tags={
+                    "role": "sweep-candidate",
+                    "sweep_id": sweep_id,
+                    "git_commit": commit,
+                    "mlflow.source.git.commit": commit,
+                    "host": socket.gethostname(),
+                },
+            ).info.run_id
+            rivals = self._parent_rivals(sweep_id, mine)
+            if not rivals:
+                self.client.set_tag(mine, "role", "sweep")
+                return mine
+            self.client.delete_run(mine)
+            time.sleep(random.uniform(0.1, 1.0))
+        raise SweepError(f"could not open the parent run of sweep {sweep_id} in {self.uri}")
+
+    def _parent_rivals(self, sweep_id: str, mine: str) -> list[MlflowRun]:
+        rivals = []
+        for role in ("sweep", "sweep-candidate"):
+            for run in self.search(f"tags.role = '{role}' and tags.sweep_id = '{sweep_id}'"):
+                age_s = time.time() - run.info.start_time / 1000
+                if run.info.run_id == mine:
+                    continue
+                if role == "sweep-candidate" and age_s > CANDIDATE_TTL_S:
+                    self.client.delete_run(run.info.run_id)  # its driver died proposing it
+                else:
+                    rivals.append(run)
+        return rivals
 
     def find_stream(self, stream_key: str, folder: Path) -> Path | None:
-        """Download a request stream recorded earlier for `stream_key`, if the store has one."""
-        for run in self.search(f"tags.stream_key = '{stream_key}'"):
+        """Download a request stream recorded earlier for `stream_key`, if the store has one (and
+        can be reached: otherwise the stream is recorded again)."""
+        try:
+            runs = list(self.search(f"tags.stream_key = '{stream_key}'"))
+        except STORE_ERRORS:
+            return None
+        for run in runs:
             try:
                 return Path(
                     self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
@@ -237,18 +396,39 @@ class Tracker:
                 continue  # artifact gone or unreadable: try the next, else record again
         return None
 
-    def log_failure(self, run_id: str, error: str, status: str = "FAILED") -> None:
-        self.client.set_tag(run_id, "error", last_line(error)[:5000])
-        self.client.log_text(run_id, error, "error.txt")
-        self.client.set_terminated(run_id, status)
-
-    def _log_as(self, run_id: str, path: Path, name: str) -> None:
-        if path.name == name:
-            self.client.log_artifact(run_id, str(path))
+    def _log_as(self, run_id: str, item: str | bytes, name: str) -> None:
+        if isinstance(item, str) and Path(item).name == name:
+            self.client.log_artifact(run_id, item)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(path, Path(tmp) / name)
-            self.client.log_artifact(run_id, str(Path(tmp) / name))
+            path = Path(tmp) / name
+            path.write_bytes(item if isinstance(item, bytes) else Path(item).read_bytes())
+            self.client.log_artifact(run_id, str(path))
+
+
+def parent_record(run_id: str, status: str, counts: dict[str, int], table: str) -> RunRecord:
+    """The sweep's parent run closed: its counts and results.csv."""
+    now = int(time.time() * 1000)
+    metrics = [(f"runs_{k}", float(v), now, 0) for k, v in counts.items()]
+    return RunRecord(
+        "", "parent", run_id, status, metrics=metrics, artifacts={"results.csv": table.encode()}
+    )
+
+
+@contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """Drivers creating a fresh SQLite store at once race in MLflow's schema migrations: under a
+    lock on the database's folder one creates it, the others wait, then find it made."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        yield
+        return
+    folder = os.open(Path(parsed.path).parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 A run's own errors never escape: they are logged to its MLflow run (tag `error`, artifact
 `error.txt`, status FAILED) and returned as a FAILED outcome, so one bad config cannot stop the
-actor or the sweep.
+actor or the sweep. Everything a run logs is collected in its RunRecord and written at its end;
+when the store cannot take it, the record travels back with the outcome to the driver's spool.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from sweep.jobs import Job, Outcome
-from sweep.tracking import Tracker, last_line
+from sweep.tracking import STORE_ERRORS, STREAM_ARTIFACT, Held, RunRecord, Tracker, last_line
 
 
 class ModelCache:
@@ -56,81 +57,81 @@ def _no_progress_bars() -> None:
 
 
 def execute(
-    runner: ModuleType, models: ModelCache, job: Job, run_id: str, tracker: Tracker
+    runner: ModuleType, models: ModelCache, job: Job, record: RunRecord, tracker: Tracker
 ) -> Outcome:
     """One job with the model in the loop."""
 
     def compute(cfg):
-        reused = job.load_key in models
-        tracker.client.set_tag(run_id, "model_load", "reused" if reused else "fresh")
+        record.tags["model_load"] = "reused" if job.load_key in models else "fresh"
         loaded = models.get(job.load_key, lambda: runner.load(cfg))
         # After loading: the runner imports torch, which tells which device was used.
-        tracker.client.set_tag(run_id, "device", _device(cfg.model.device))
+        record.tags["device"] = _device(cfg.model.device)
         return runner.run(cfg, loaded)
 
-    return _finish(job, run_id, tracker, compute)
+    return _finish(job, record, tracker, compute)
 
 
 def execute_group(
     runner: ModuleType,
     models: ModelCache,
     jobs: list[Job],
-    run_ids: list[str],
+    records: list[RunRecord],
     tracker: Tracker,
     reuse_streams: bool = True,
     mrc_points: int = 0,
 ) -> list[Outcome]:
     """Jobs that share one request stream: one model pass (none when an earlier sweep stored
     the stream and `reuse_streams`), then one replay per job, each finished in MLflow as soon as
-    it is done, so a killed sweep keeps every replayed run."""
+    it is done, so a killed sweep keeps every replayed run. The first job's run keeps the stream
+    (and its miss-ratio curve)."""
     key = jobs[0].stream_key
-    try:
-        stream, recorded = _stream(runner, models, jobs[0], run_ids[0], tracker, reuse_streams)
-    except Exception:
-        error = traceback.format_exc()
-        for run_id in run_ids:
-            tracker.log_failure(run_id, error)
-        return [Outcome("FAILED", {}, run_id=r, error=last_line(error)) for r in run_ids]
-
-    if recorded and mrc_points and callable(getattr(runner, "miss_ratio_curve", None)):
+    with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         try:
-            _log_miss_ratio_curve(runner, stream, jobs[0].config, run_ids[0], tracker, mrc_points)
-        except Exception:  # an extra figure: its failure must not cost the runs
-            error = last_line(traceback.format_exc())
-            tracker.client.set_tag(run_ids[0], "miss_ratio_curve_error", error[:5000])
+            stream = _stream(runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp))
+        except Exception:
+            error = traceback.format_exc()
+            return [
+                deliver(tracker, r.fail(error), Outcome("FAILED", {}, error=last_line(error)))
+                for r in records
+            ]
+        if records[0].tags.get("stream_source") == "recorded" and mrc_points:
+            try:
+                _miss_ratio_curve(runner, stream, jobs[0].config, records[0], mrc_points, Path(tmp))
+            except Exception:  # an extra figure: its failure must not cost the runs
+                error = last_line(traceback.format_exc())
+                records[0].tags["miss_ratio_curve_error"] = error[:5000]
 
-    def replay(cfg):
-        return runner.replay(stream, cfg)
+        def replay(cfg):
+            return runner.replay(stream, cfg)
 
-    outcomes = []
-    for job, run_id in zip(jobs, run_ids):
-        tracker.client.set_tag(run_id, "replayed_from", key)
-        outcomes.append(_finish(job, run_id, tracker, replay))
-    return outcomes
+        outcomes = []
+        for job, record in zip(jobs, records):
+            record.tags["replayed_from"] = key
+            outcomes.append(_finish(job, record, tracker, replay))
+        return outcomes
 
 
-def _stream(runner, models, job: Job, run_id: str, tracker: Tracker, reuse: bool):
+def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse: bool, tmp: Path):
     """The request stream of `job`'s stream key: stored by an earlier sweep, else recorded by a
-    model pass and stored as the artifact requests.npz of `run_id`."""
+    model pass and kept with `record`'s run (artifact requests.npz, tag stream_key)."""
     from slicemoe.stream import Stream
 
-    with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
-        found = tracker.find_stream(job.stream_key, Path(tmp)) if reuse else None
-        if found is not None:
-            tracker.client.set_tag(run_id, "stream_source", "stored")
-            return Stream.load(found), False
-        loaded = models.get(job.load_key, lambda: runner.load(job.config))
-        tracker.client.set_tag(run_id, "device", _device(job.config.model.device))
-        start = time.time()
-        stream = runner.record(job.config, loaded)
-        tracker.store_stream(run_id, stream.save(Path(tmp) / "requests.npz"), job.stream_key)
-        tracker.client.set_tag(run_id, "stream_source", "recorded")
-        # The model pass is not part of any replayed run's wall_s: it is stated here.
-        tracker.client.set_tag(run_id, "stream_record_s", f"{time.time() - start:.2f}")
-        return stream, True
+    found = tracker.find_stream(job.stream_key, tmp) if reuse else None
+    if found is not None:
+        record.tags["stream_source"] = "stored"
+        return Stream.load(found)
+    loaded = models.get(job.load_key, lambda: runner.load(job.config))
+    record.tags["device"] = _device(job.config.model.device)
+    start = time.time()
+    stream = runner.record(job.config, loaded)
+    record.artifacts[STREAM_ARTIFACT] = str(stream.save(tmp / STREAM_ARTIFACT))
+    record.tags.update(stream_source="recorded", stream_key=job.stream_key)
+    # The model pass is not part of any replayed run's wall_s: it is stated here.
+    record.tags["stream_record_s"] = f"{time.time() - start:.2f}"
+    return stream
 
 
-def _log_miss_ratio_curve(runner, stream, cfg, run_id: str, tracker: Tracker, points: int):
+def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: Path) -> None:
     """Miss rate against cache size (points from 100/points % to 100 % of the routed experts at
     8 bits), as miss_ratio_curve.csv and .png of the run that recorded the stream."""
     import matplotlib
@@ -143,32 +144,41 @@ def _log_miss_ratio_curve(runner, stream, cfg, run_id: str, tracker: Tracker, po
 
     fractions = [(i + 1) / points for i in range(points)]
     table = pd.DataFrame(runner.miss_ratio_curve(stream, cfg, fractions))
-    with tempfile.TemporaryDirectory() as tmp:
-        csv, png = Path(tmp) / "miss_ratio_curve.csv", Path(tmp) / "miss_ratio_curve.png"
-        table.to_csv(csv, index=False)
-        fig = plot_miss_ratio_curve(table, title=f"stream {stream.key} ({cfg.cache.eviction})")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        tracker.client.log_artifact(run_id, str(csv))
-        tracker.client.log_artifact(run_id, str(png))
+    csv, png = tmp / "miss_ratio_curve.csv", tmp / "miss_ratio_curve.png"
+    table.to_csv(csv, index=False)
+    fig = plot_miss_ratio_curve(table, title=f"stream {stream.key} ({cfg.cache.eviction})")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    record.artifacts.update({csv.name: str(csv), png.name: str(png)})
 
 
-def _finish(job: Job, run_id: str, tracker: Tracker, compute: Callable) -> Outcome:
-    """compute(cfg) -> the run's result, logged to `run_id`; any error becomes a FAILED run."""
+def _finish(job: Job, record: RunRecord, tracker: Tracker, compute: Callable) -> Outcome:
+    """compute(cfg) -> the run's result, logged to `record`'s run; any error becomes a FAILED
+    run."""
     cfg = job.config
     with tempfile.TemporaryDirectory(prefix="slicemoe-run-") as tmp:
         if cfg.trace and not cfg.trace_path:
             cfg = dataclasses.replace(cfg, trace_path=str(Path(tmp) / "trace.parquet"))
+        record.tags["host"] = socket.gethostname()
         try:
-            tracker.client.set_tag(run_id, "host", socket.gethostname())
-            result = compute(cfg)
-            metrics = tracker.log_result(run_id, result)
-            tracker.client.set_terminated(run_id, "FINISHED")
-            return Outcome("FINISHED", metrics, run_id=run_id)
+            outcome = Outcome("FINISHED", record.add_result(compute(cfg)))
         except Exception:
             error = traceback.format_exc()
-            tracker.log_failure(run_id, error)
-            return Outcome("FAILED", {}, run_id=run_id, error=last_line(error))
+            record.fail(error)
+            outcome = Outcome("FAILED", {}, error=last_line(error))
+        return deliver(tracker, record, outcome)
+
+
+def deliver(tracker: Tracker, record: RunRecord, outcome: Outcome) -> Outcome:
+    """Write the record to the store; when the store cannot take it, the record goes back with
+    the outcome (its files read into memory) for the driver to spool."""
+    try:
+        outcome.run_id = tracker.push(record)
+    except (*STORE_ERRORS, Held) as err:
+        outcome.run_id = record.run_id
+        outcome.record = record.detached()
+        outcome.store_error = last_line(str(err))
+    return outcome
 
 
 def _device(requested: str) -> str:

@@ -3,19 +3,23 @@
 The stand-in has the four functions of `slicemoe.run` and answers instantly, so engine behaviour
 (failures, dying actors, a driver killed mid-sweep) can be provoked on purpose. By seed:
   seed 13  -> the run raises RuntimeError
-  seed 66  -> the first such run kills its actor process (a marker file makes it happen once)
+  seed 66  -> the first such run SIGKILLs its own actor process (a marker file makes it once)
+  seed 77  -> the run runs out of memory (MemoryError, as torch's allocators raise it)
 Every load and run appends a line to $FAKE_DIR/calls.log; every run sleeps $FAKE_SLEEP seconds.
 With $FAKE_BROKEN_NODE set, importing this module fails inside Ray workers (code missing there).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from slicemoe.config import RunConfig
@@ -64,7 +68,9 @@ def run(cfg: RunConfig, loaded: dict | None = None) -> dict:
     marker = Path(os.environ["FAKE_DIR"]) / "died.marker"
     if cfg.seed == 66 and not marker.exists():
         marker.touch()
-        os._exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if cfg.seed == 77:
+        raise MemoryError(f"out of memory: tried to allocate 2.00 GiB for {tag}")
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     frac = cfg.cache.frac or 0.5
     result = {name: float(i) + frac for i, name in enumerate(RESULT_METRICS)}
@@ -138,32 +144,130 @@ def search(uri: str, experiment: str, filter_string: str = "") -> list:
     return client.search_runs([exp.experiment_id], filter_string, max_results=10000)
 
 
-def ray_head_pids(temp_dir: Path, gcs_port: int) -> set[int]:
-    """Processes of the Ray head started with `--temp-dir temp_dir --port gcs_port`, with all
-    their descendants (dashboard modules, agents, workers), so that only they are stopped and
-    not other Ray instances on the machine, as a bare `ray stop` would."""
-    marks = (str(temp_dir), f":{gcs_port}")
+def descendants(roots: set[int]) -> set[int]:
+    """`roots` and every process below them."""
     parents: dict[int, int] = {}
-    roots = set()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents[int(proc.name)] = ppid
-        if any(mark in cmdline for mark in marks):
-            roots.add(int(proc.name))
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int(
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except (OSError, ValueError, IndexError):
+                continue
     found = set(roots)
     grew = True
     while grew:
         children = {pid for pid, ppid in parents.items() if ppid in found} - found
         found |= children
         grew = bool(children)
+    return found
+
+
+def ray_head_pids(temp_dir: Path, gcs_port: int) -> set[int]:
+    """Processes of the Ray head started with `--temp-dir temp_dir --port gcs_port`, with all
+    their descendants (dashboard modules, agents, workers), so that only they are stopped and
+    not other Ray instances on the machine, as a bare `ray stop` would."""
+    marks = (str(temp_dir), f":{gcs_port}")
+    roots = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(mark in cmdline for mark in marks):
+            roots.add(int(proc.name))
+    found = descendants(roots)
     found.discard(os.getpid())
     return found
+
+
+def sockets_of(
+    pids: set[int],
+) -> list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address, int, bool]]:
+    """Every TCP and UDP socket the processes `pids` hold: (protocol, local address, local port,
+    listening), read from /proc (Linux)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue  # gone meanwhile
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] not in inodes:
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            # The address is in 32-bit words of host byte order.
+            raw = b"".join(bytes.fromhex(hex_ip[i : i + 8])[::-1] for i in range(0, len(hex_ip), 8))
+            ip = ipaddress.ip_address(raw)
+            listening = fields[3] == "0A" or proto.startswith("udp")
+            found.append((proto, ip, int(hex_port, 16), listening))
+    return found
+
+
+def is_loopback(ip) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(tmp: Path, port: int, timeout_s: float = 120) -> subprocess.Popen:
+    """An `mlflow server` on 127.0.0.1 only, its store and artifacts in `tmp`; returns once it
+    answers (polled every 0.5 s, at most `timeout_s`)."""
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--workers=1",
+            f"--backend-store-uri=sqlite:///{tmp}/server.db",
+            f"--artifacts-destination={tmp}/artifacts",
+        ],
+        cwd=tmp,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop_server(server)
+                raise RuntimeError("mlflow server did not come up") from None
+            time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop the server's process group (uvicorn and its worker) and wait for it."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
 
 
 def stop_ray_head(temp_dir: Path, gcs_port: int, grace_s: float = 10) -> None:

@@ -8,7 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest_sweep import RUNNER, kill, run_sweep, search, start_sweep
+from conftest_sweep import (
+    RUNNER,
+    free_port,
+    kill,
+    run_sweep,
+    search,
+    start_mlflow_server,
+    start_sweep,
+    stop_server,
+)
 
 from sweep.jobs import RESULT_METRICS
 
@@ -35,34 +44,48 @@ def finished_keys(tmp: Path) -> dict[str, str]:
     return {r.data.tags["run_key"]: r.info.run_id for r in runs}
 
 
+def assert_no_metric_lost(tmp: Path, run) -> None:
+    """A FINISHED run has every result metric, and its curves at every step."""
+    from mlflow.tracking import MlflowClient
+
+    assert set(RESULT_METRICS) <= set(run.data.metrics), run.info.run_id
+    history = MlflowClient(uri(tmp)).get_metric_history(run.info.run_id, "miss_rate_running")
+    assert sorted(m.step for m in history) == list(range(5)), run.info.run_id
+
+
 @pytest.mark.slow
 def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path):
+    """seed 13 raises, seed 77 runs out of memory (both FAILED with their message, the sweep
+    goes on), seed 66 SIGKILLs its actor mid-run once (retried on a new actor, no duplicate,
+    no metric lost)."""
     args = [
         "-m",
         f"sweep.runner={RUNNER}",
         f"mlflow.experiment={EXP}",
-        "seed=0,13,66",
+        "seed=0,13,66,77",
         "cache=frac_10,frac_25",
     ]
     first = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
     out = first.stdout + first.stderr
-    # Two runs raise: the sweep finishes the others, then exits non-zero naming a failed run.
+    # Four runs raise: the sweep finishes the others, then exits non-zero naming a failed run.
     assert first.returncode == 1, out
     assert "boom for seed=13" in out and "failed" in out
 
     parents = search(uri(tmp_path), EXP, "tags.role = 'sweep'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.data.metrics["runs_failed"] == 2 and parent.data.metrics["runs_finished"] == 4
+    assert parent.data.metrics["runs_failed"] == 4 and parent.data.metrics["runs_finished"] == 4
     children = search(uri(tmp_path), EXP, "tags.role = 'run'")
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     # The actor that died took one attempt with it (KILLED); the retry finished on a new actor.
-    assert Counter(r.info.status for r in children) == {"FINISHED": 4, "FAILED": 2, "KILLED": 1}
+    assert Counter(r.info.status for r in children) == {"FINISHED": 4, "FAILED": 4, "KILLED": 1}
+    killed = next(r for r in children if r.info.status == "KILLED")
+    assert "actor died" in killed.data.tags["error"] and "seed=66" in killed.data.tags["overrides"]
     for run in children:
         if run.info.status == "FINISHED":
-            assert set(RESULT_METRICS) <= set(run.data.metrics)
+            assert_no_metric_lost(tmp_path, run)
         if run.info.status == "FAILED":
-            assert "boom" in run.data.tags["error"]
+            assert run.data.tags["error"].startswith(("RuntimeError: boom", "MemoryError: out of"))
     # Each actor loaded the model once (two actors, plus the replacement of the dead one).
     log = calls(tmp_path)
     assert sum(line.startswith("load ") for line in log) <= 3
@@ -74,7 +97,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
     second = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
     assert second.returncode == 1
     rerun = [line for line in calls(tmp_path)[mark:] if line.startswith("run ")]
-    assert sorted(line.split()[1] for line in rerun) == ["seed=13", "seed=13"]
+    assert sorted(line.split()[1] for line in rerun) == ["seed=13"] * 2 + ["seed=77"] * 2
     assert finished_keys(tmp_path) == done
     assert len(search(uri(tmp_path), EXP, "tags.role = 'sweep'")) == 1
     assert "4 finished already" in second.stdout + second.stderr
@@ -182,40 +205,10 @@ def test_settings_cannot_vary_inside_one_multirun(tmp_path):
 @pytest.mark.slow
 def test_actors_log_to_a_tracking_server(tmp_path):
     """Any tracking URI: here an `mlflow server`, artifacts uploaded through it."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            f"--backend-store-uri=sqlite:///{tmp_path}/server.db",
-            f"--artifacts-destination={tmp_path}/artifacts",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
         args = [
             "-m",
             f"sweep.runner={RUNNER}",
@@ -235,8 +228,7 @@ def test_actors_log_to_a_tracking_server(tmp_path):
             assert names == {"config.yaml", "trace.parquet"}
         assert list((tmp_path / "artifacts").rglob("trace.parquet"))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 @pytest.mark.slow

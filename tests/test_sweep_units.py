@@ -237,14 +237,25 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     assert resolve_uri("http://h:5000") == "http://h:5000"
 
 
+def claimed(tracker, job, sweep_id="", driver=None):
+    """The record of `job`, claimed by `driver` (this process by default)."""
+    from sweep.drivers import Driver
+    from sweep.tracking import new_record
+
+    record = new_record(job, None, sweep_id, "abc", (driver or Driver.this_process()).tags())
+    assert tracker.claim(record).run_id == record.run_id is not None
+    return record
+
+
 def test_worker_logs_metrics_curves_trace_and_config(tracker, tmp_path):
     from sweep import worker
 
     job = fake_job(trace="true", seed=1)
-    run_id = tracker.create_run(job, None, "sid", "abc")
-    out = worker.execute(fake, worker.ModelCache(1), job, run_id, tracker)
+    record = claimed(tracker, job, "sid")
+    out = worker.execute(fake, worker.ModelCache(1), job, record, tracker)
     assert out.status == "FINISHED" and set(out.metrics) == set(jobs.RESULT_METRICS)
-    run = tracker.client.get_run(run_id)
+    assert out.run_id == record.run_id and out.record is None
+    run = tracker.client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert set(jobs.RESULT_METRICS) <= set(run.data.metrics)
     assert math.isnan(run.data.metrics["perplexity"])
@@ -252,38 +263,199 @@ def test_worker_logs_metrics_curves_trace_and_config(tracker, tmp_path):
     tags = run.data.tags
     assert tags["run_key"] == job.key and tags["sweep_id"] == "sid" and tags["git_commit"] == "abc"
     assert tags["host"] and tags["device"] == "cpu" and tags["model_load"] == "fresh"
-    history = tracker.client.get_metric_history(run_id, "miss_rate_running")
+    history = tracker.client.get_metric_history(out.run_id, "miss_rate_running")
     assert [m.step for m in history] == list(range(5))
-    artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
+    artifacts = {a.path for a in tracker.client.list_artifacts(out.run_id)}
     assert artifacts == {"config.yaml", "trace.parquet"}
-    assert tracker.finished()[job.key].info.run_id == run_id
+    assert tracker.finished()[job.key].info.run_id == out.run_id
 
 
 def test_a_failing_run_is_recorded_with_its_error(tracker):
     from sweep import worker
 
     job = fake_job(seed=13)
-    run_id = tracker.create_run(job, None, "", "abc")
-    out = worker.execute(fake, worker.ModelCache(1), job, run_id, tracker)
+    out = worker.execute(fake, worker.ModelCache(1), job, claimed(tracker, job), tracker)
     assert out.status == "FAILED" and "boom" in out.error
-    run = tracker.client.get_run(run_id)
+    run = tracker.client.get_run(out.run_id)
     assert run.info.status == "FAILED" and "RuntimeError: boom" in run.data.tags["error"]
-    assert "error.txt" in {a.path for a in tracker.client.list_artifacts(run_id)}
+    assert "error.txt" in {a.path for a in tracker.client.list_artifacts(out.run_id)}
     assert job.key not in tracker.finished()
 
 
-def test_stale_running_runs_are_killed_and_parents_reopened(tracker):
+def test_a_claim_keeps_live_drivers_apart_and_takes_over_from_dead_ones(tracker):
+    import subprocess
+    import sys
+
+    from sweep.drivers import STALE_S, Driver, host_id, is_alive, process_mark
+
+    me, other = Driver.this_process(), Driver.this_process()  # two drivers, both alive here
     job = fake_job(seed=2)
-    stale = tracker.create_run(job, None, "", "abc")
-    other = tracker.create_run(fake_job(seed=3), None, "", "abc")
-    assert tracker.kill_stale({job.key}) == 1
-    assert tracker.client.get_run(stale).info.status == "KILLED"
-    assert tracker.client.get_run(other).info.status == "RUNNING"
+    first = claimed(tracker, job, driver=me)
+    from sweep.tracking import new_record
+
+    second = new_record(job, None, "", "abc", other.tags())
+    state = tracker.claim(second)
+    # The live claim stays, the second one is withdrawn (deleted) again.
+    assert state.holder.info.run_id == first.run_id and second.run_id is None
+    assert tracker.client.get_run(first.run_id).info.status == "RUNNING"
+    assert [r.info.run_id for r in tracker.search(f"tags.run_key = '{job.key}'")] == [first.run_id]
+
+    # A driver that has exited (same machine: its pid is gone) holds nothing: its run is KILLED.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(gone.stdout)
+    assert process_mark(dead_pid) is None
+    tracker.client.set_tag(first.run_id, "driver_pid", str(dead_pid))
+    assert not is_alive(tracker.client.get_run(first.run_id).data.tags)
+    third = new_record(job, None, "", "abc", other.tags())
+    assert tracker.claim(third).run_id == third.run_id
+    assert tracker.client.get_run(first.run_id).info.status == "KILLED"
+
+    # On another machine, a driver is alive while its heartbeat is fresh.
+    remote = {"driver": "x", "driver_host": host_id() + "-elsewhere", "driver_pid": "1"}
+    assert is_alive({**remote, "heartbeat": str(time.time() - 5)})
+    assert not is_alive({**remote, "heartbeat": str(time.time() - STALE_S - 1)})
+    assert not is_alive({"role": "run"})  # left by a version without claims
+
+    # A driver taken for gone comes back (a suspended machine) and pushes its result: its claim
+    # was closed meanwhile, so the result gets a claim of its own.
+    third.metrics = [("accuracy", 1.0, 0, 0)]
+    taken_over = third.run_id
+    tracker.client.set_terminated(taken_over, "KILLED")
+    made = tracker.push(third)
+    assert made == third.run_id and made not in (taken_over, first.run_id, None)
+    assert tracker.client.get_run(taken_over).info.status == "KILLED"
+    assert tracker.client.get_run(made).info.status == "FINISHED"
+
+    # A finished key is never claimed again, nor finished twice.
+    fourth = new_record(job, None, "", "abc", me.tags())
+    assert tracker.claim(fourth).finished.info.run_id == made and fourth.run_id is None
+    late = new_record(job, None, "", "abc", me.tags())
+    late.run_id = tracker.start(late)  # a claim closed meanwhile, while the key was finished
+    tracker.client.set_terminated(late.run_id, "KILLED")
+    assert tracker.push(late) == made
+    finished = tracker.search(f"tags.run_key = '{job.key}' and attributes.status = 'FINISHED'")
+    assert [r.info.run_id for r in finished] == [made]
+
+
+def test_parents_are_reopened_and_never_doubled(tracker):
+    from sweep.tracking import parent_record
+
     parent = tracker.open_parent("s1", "a sweep", "abc")
-    tracker.close_parent(parent, "FINISHED", {"total": 1}, "run\n")
+    tracker.push(parent_record(parent, "FINISHED", {"total": 1}, "run\n"))
     assert tracker.open_parent("s1", "a sweep", "abc") == parent
     assert tracker.client.get_run(parent).info.status == "RUNNING"
     assert tracker.open_parent("s2", "another", "abc") != parent
+    # One another driver kept (role=sweep) is adopted, not doubled.
+    rival = tracker.client.create_run(
+        tracker.experiment_id, tags={"role": "sweep-candidate", "sweep_id": "s3"}
+    ).info.run_id
+    tracker.client.set_tag(rival, "role", "sweep")
+    assert tracker.open_parent("s3", "third", "abc") == rival
+    assert len(list(tracker.search("tags.sweep_id = 's3'"))) == 1
+
+
+class AwayClient:
+    """An MlflowClient whose store stops answering after `answers` writes."""
+
+    def __init__(self, client, answers: int):
+        self.client, self.answers = client, answers
+
+    def __getattr__(self, name):
+        call = getattr(self.client, name)
+        if name not in ("log_batch", "log_artifact", "set_terminated", "create_run", "set_tag"):
+            return call
+
+        def maybe(*args, **kwargs):
+            self.answers -= 1
+            if self.answers < 0:
+                from mlflow.exceptions import MlflowException
+
+                raise MlflowException(
+                    "API request failed: Max retries exceeded (connection refused)"
+                )
+            return call(*args, **kwargs)
+
+        return maybe
+
+
+def test_a_result_the_store_cannot_take_is_spooled_then_pushed_whole(tracker, tmp_path):
+    from sweep import sync, worker
+    from sweep.tracking import Tracker
+
+    job = fake_job(trace="true", seed=5)
+    record = claimed(tracker, job)
+    away = Tracker(tracker.uri, tracker.experiment_id)
+    away.client = AwayClient(tracker.client, answers=1)  # one artifact, then nothing
+    out = worker.execute(fake, worker.ModelCache(1), job, record, away)
+    assert out.status == "FINISHED" and out.record is not None and "Max retries" in out.store_error
+    assert isinstance(out.record.artifacts["trace.parquet"], bytes)  # outlives the actor's files
+    spool = sync.Spool(tmp_path / "spool")
+    spool.put(out.record, tracker.uri, "units", out.store_error)
+    assert tracker.client.get_run(record.run_id).info.status == "RUNNING"
+
+    # Pushed by hand (python -m sweep.sync), into the run the claim made: nothing lost.
+    assert sync.main([str(spool.folder), "--tracking-uri", tracker.uri]) == 0
+    assert spool.entries() == [] and job.key in tracker.finished()
+    run = tracker.client.get_run(record.run_id)
+    assert run.info.status == "FINISHED" and set(jobs.RESULT_METRICS) <= set(run.data.metrics)
+    assert run.data.tags["host"] and run.data.tags["model_load"] == "fresh"
+    history = tracker.client.get_metric_history(record.run_id, "miss_rate_running")
+    assert sorted(m.step for m in history) == list(range(5))
+    names = {a.path for a in tracker.client.list_artifacts(record.run_id)}
+    assert names == {"config.yaml", "trace.parquet"}
+
+
+def test_a_record_without_a_run_is_claimed_when_pushed_and_never_doubled(tracker, tmp_path):
+    """Dispatched while the store was away: the push makes the run; a push that fails half-way
+    keeps the run id it made, so the next push does not make a second one."""
+    from sweep import sync
+    from sweep.drivers import Driver
+    from sweep.tracking import Tracker, new_record
+
+    job = fake_job(seed=6)
+    record = new_record(job, None, "", "abc", Driver.this_process().tags())
+    record.metrics = [("accuracy", 0.5, 1, 0)]
+    spool = sync.Spool(tmp_path / "spool")
+    spool.put(record, tracker.uri, "units")
+    away = Tracker(tracker.uri, tracker.experiment_id)
+    away.client = AwayClient(tracker.client, answers=2)  # creates the run, then fails
+    assert len(spool.push(spool.entries(), away)) == 1
+    made = spool.entries()[0].record.run_id
+    assert made is not None and "Max retries" in spool.entries()[0].error
+    assert spool.push(spool.entries(), tracker) == []
+    runs = list(tracker.search(f"tags.run_key = '{job.key}'"))
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(made, "FINISHED")]
+    # A copy computed twice while the store was away is dropped: the stored run stays.
+    again = new_record(job, None, "", "abc", Driver.this_process().tags())
+    assert tracker.push(again) == made and again.run_id is None
+
+
+def test_a_spool_that_cannot_be_written_fails_in_one_line_naming_it(tmp_path):
+    from sweep import sync
+    from sweep.tracking import RunRecord
+
+    (tmp_path / "file").write_text("")
+    spool = sync.Spool(tmp_path / "file" / "spool")
+    with pytest.raises(SweepError) as err:
+        spool.put(RunRecord("k", "cache=frac_10", "r1"), "sqlite:///x", "e")
+    assert str(tmp_path / "file" / "spool") in str(err.value) and "\n" not in str(err.value)
+    assert "[cache=frac_10] is lost" in str(err.value)
+
+
+def test_read_only_or_full_folders_stop_the_launch_naming_them(tmp_path, monkeypatch):
+    import shutil
+
+    cfg = compose_cfg(f"mlflow.tracking_uri=sqlite:///{tmp_path}/db/mlflow.db")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SweepError, match=f"output folder {tmp_path}/file/out cannot be written"):
+        app.check_folders(cfg, str(tmp_path / "file" / "out"))
+    app.check_folders(cfg, str(tmp_path / "out"))  # not there yet: its parent is writable
+    full = shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    with pytest.raises(SweepError, match=r"only 1.0 MB free on"):
+        app.check_folders(cfg, str(tmp_path / "out"))
 
 
 def test_model_cache_loads_once_and_evicts_least_recent():
@@ -324,9 +496,6 @@ def test_actor_plan_whole_gpus_by_default_cpu_fallback():
     assert plan(RayConf(num_actors=5), 100, {"CPU": 2.0}).actors == 5
     with pytest.raises(SweepError, match="ray.num_gpus_per_actor=1"):
         plan(RayConf(num_gpus_per_actor=1), 10, {"CPU": 8.0})
-    for bad in (dict(num_actors=0), dict(num_cpus_per_actor=-1), dict(num_gpus_per_actor=-1.0)):
-        with pytest.raises(SweepError, match=f"ray.{next(iter(bad))}=.* out of range"):
-            plan(RayConf(**bad), 10, {"CPU": 8.0})
 
 
 # --- progress and table -------------------------------------------------------------------------
@@ -497,3 +666,42 @@ def test_report_html_puts_each_figure_next_to_the_paper_claim_and_what_the_data_
     for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
         assert name in text
     assert CLAIMS["fig9"].split(",")[0] in text and "data:image/png;base64," in text
+
+
+def test_a_store_away_at_the_end_stops_naming_the_spooled_runs_and_a_relaunch_skips_them(
+    tracker, tmp_path, monkeypatch
+):
+    """A result the store did not take before the end: the launch stops naming the run and how
+    to push it; a relaunch counts it done (never computed again) while the store is still away,
+    and pushes it once the store answers."""
+    from mlflow.exceptions import MlflowException
+
+    from sweep.ledger import Ledger
+    from sweep.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(
+        f"mlflow.tracking_uri={tracker.uri}", "mlflow.experiment=units", "mlflow.outage_wait_s=0"
+    )
+    job = fake_job(seed=8)
+    ledger = Ledger(cfg)
+    record = ledger.claim(job)
+    record.metrics = [("accuracy", 0.75, 1, 0)]
+    real_push = Tracker.push
+
+    def away(self, record):
+        raise MlflowException("API request failed: Max retries exceeded (connection refused)")
+
+    monkeypatch.setattr(Tracker, "push", away)
+    ledger.received(jobs.Outcome("FINISHED", {"accuracy": 0.75}, record=record, store_error="x"))
+    with pytest.raises(SweepError) as err:
+        ledger.drain()
+    message = str(err.value)
+    assert "did not take 1 runs" in message and f"[{job.name}] (run key {job.key})" in message
+    assert f"python -m sweep.sync {tmp_path / 'mlflow-spool'}" in message
+
+    relaunch = Ledger(cfg)  # the store still away
+    assert relaunch.done()[job.key].metrics == {"accuracy": 0.75}
+    monkeypatch.setattr(Tracker, "push", real_push)
+    assert Ledger(cfg).done()[job.key].run_id == record.run_id  # pushed, now from the store
+    assert not list((tmp_path / "mlflow-spool").glob("*/record.json"))

@@ -1,0 +1,185 @@
+"""Malformed values, however given, stop a launch before any work: a non-zero exit, no
+traceback, the field named, and the tracking store as it was (no run left RUNNING, nothing
+finished touched).
+
+Each case runs `python -m sweep` in this process (`sweep.__main__.main` with its argv), half of
+them as single runs and half as multiruns (`-m`), against a store that already holds a finished
+run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import sys
+from operator import attrgetter
+
+import pytest
+from conftest_sweep import RUNNER, search
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from slicemoe.config import RunConfig
+from slicemoe.validate import BOUNDS, ConfigError, validate
+from sweep import app, schema
+from sweep.__main__ import main
+from sweep.errors import SweepError
+from sweep.schema import SETTING_BOUNDS
+
+EXP = "hostile"
+# Every bounded number of the schema is also refused NaN, infinite and out of range by
+# test_every_bounded_number_refuses_nan_inf_and_out_of_range, without a launch.
+CASES = [
+    # numbers: NaN, infinite, negative, out of range
+    ("policy.tau=nan", "policy.tau"),
+    ("policy.lam=-0.2", "policy.lam"),
+    ("policy.cumsum_p=1.5", "policy.cumsum_p"),
+    ("policy=max_rank policy.max_rank_keep=9", "policy.max_rank_keep"),
+    ("policy=cache_prior_highbit policy.miss_rate_target=1.5", "policy.miss_rate_target"),
+    ("cache.frac=0", "cache.frac"),
+    ("cache.frac=inf", "cache.frac"),
+    ("cache.frac=null cache.bytes=-5", "cache.bytes"),
+    ("bits.group=7", "bits.group"),
+    ("bits.high=9", "bits.high"),
+    ("bits.low=8", "bits.low"),
+    ("hardware.dram_gbps=0", "hardware.dram_gbps"),
+    ("hardware.flash_pj_per_bit=nan", "hardware.flash_pj_per_bit"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.num_fewshot=-1", "eval.num_fewshot"),
+    ("eval.stride=300", "eval.stride"),
+    ("batch_size=0", "batch_size"),
+    ("prefetch.top_m=-2", "prefetch.top_m"),
+    # names that are not options
+    ("policy.routing=psychic", "policy.routing"),
+    ("cache.eviction=mru", "cache.eviction"),
+    ("model.device=tpu", "model.device"),
+    ("model.dtype=int8", "model.dtype"),
+    ("model.backend=gpu", "model.backend"),
+    ("policy=nope", "policy/nope"),
+    # files and folders
+    ("model.path=/etc", "model.path"),
+    ("model=qwen3-30b-a3b", "model.path"),
+    ("eval=gsm8k eval.data_path=/etc", "eval.data_path"),
+    ("trace=true trace_path=/nonexistent/dir/trace.parquet", "trace_path"),
+    # wrong types
+    ("bits.low=abc", "bits.low"),
+    ("policy.tau=[1,2]", "policy.tau"),
+    # unknown keys, however added
+    ("policy.tua=0.3", "policy.tua"),
+    ("+polcy.tau=0.3", "polcy"),
+    ("++polcy.tau=0.3", "polcy"),
+    ("+ray.num_actor=2", "ray.num_actor"),
+    ("~policy.tau", "policy.tau"),
+    # launch settings
+    ("ray.num_actors=0", "ray.num_actors"),
+    ("ray.num_gpus_per_actor=nan", "ray.num_gpus_per_actor"),
+    ("ray.object_store_mb=1", "ray.object_store_mb"),
+    ("ray.address=bogus", "ray.address"),
+    ("mlflow.experiment=''", "mlflow.experiment"),
+    ("mlflow.outage_wait_s=-1", "mlflow.outage_wait_s"),
+    ("sweep.miss_ratio_points=-1", "sweep.miss_ratio_points"),
+    ("sweep.objective=[nope]", "sweep.objective"),
+]
+
+
+def launch(args: list[str], capfd) -> tuple[int, str]:
+    """`python -m sweep ARGS` in this process: its exit status and everything it printed."""
+    argv, on_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["sweep", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, on_term)
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+def snapshot(uri: str) -> dict:
+    return {
+        r.info.run_id: (r.info.status, r.info.end_time, len(r.data.metrics), len(r.data.tags))
+        for r in search(uri, EXP)
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with one finished run (the stand-in runner), as a user's would be."""
+    folder = tmp_path_factory.mktemp("hostile")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.chdir(folder)
+    mp.setenv("FAKE_DIR", str(folder))
+    mp.delenv("HYDRA_FULL_ERROR", raising=False)
+    args = [f"sweep.runner={RUNNER}", f"mlflow.tracking_uri={uri}", f"mlflow.experiment={EXP}"]
+    argv = sys.argv
+    sys.argv = ["sweep", *args]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    assert [r.info.status for r in search(uri, EXP)] == ["FINISHED"]
+    yield folder, uri
+    mp.undo()
+
+
+def test_the_table_is_large_and_names_distinct_fields():
+    assert len(CASES) >= 30 and len({field for _, field in CASES}) >= 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_a_malformed_value_stops_the_launch_naming_the_field(index, store, capfd):
+    folder, uri = store
+    overrides, field = CASES[index]
+    before = snapshot(uri)
+    mode = ["-m"] if index % 2 else []
+    # The case comes last: Hydra lets the last value of a key win.
+    settings = [f"mlflow.tracking_uri={uri}", f"mlflow.experiment={EXP}"]
+    code, out = launch([*mode, *settings, *overrides.split()], capfd)
+    assert code not in (0, None), out
+    assert "Traceback" not in out, out
+    assert field in out, out
+    assert snapshot(uri) == before  # nothing RUNNING, nothing finished touched
+
+
+def bad_values(low: float, high: float, open_low: bool) -> list[float]:
+    values = [math.nan, math.inf, low if open_low else low - 1]
+    return values + ([high + 1] if math.isfinite(high) else [])
+
+
+@pytest.mark.parametrize("name, low, high, open_low", BOUNDS)
+def test_every_bounded_number_refuses_nan_inf_and_out_of_range(name, low, high, open_low):
+    section, _, attr = name.rpartition(".")
+    for value in bad_values(low, high, open_low):
+        cfg = copy.deepcopy(RunConfig())
+        setattr(attrgetter(section)(cfg) if section else cfg, attr, value)
+        with pytest.raises(ConfigError) as err:
+            validate(cfg, weights=False)
+        assert err.value.field == name, (name, value, str(err.value))
+
+
+@pytest.fixture(scope="module")
+def composed():
+    with initialize_config_dir(app.CONF_DIR, version_base="1.3"):
+        return compose("config")
+
+
+@pytest.mark.parametrize("name, low, high, open_low", SETTING_BOUNDS)
+def test_every_bounded_setting_refuses_nan_inf_and_out_of_range(
+    name, low, high, open_low, composed
+):
+    for value in bad_values(low, high, open_low):
+        cfg = copy.deepcopy(composed)
+        try:
+            OmegaConf.update(cfg, name, value)
+        except ValidationError as err:  # an integer field: refused by its type already
+            assert err.full_key == name
+            continue
+        with pytest.raises(SweepError, match=f"Invalid setting {name}: "):
+            schema.check_settings(cfg)

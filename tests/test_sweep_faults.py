@@ -1,0 +1,206 @@
+"""Faults around a sweep, end to end through `python -m sweep -m` with the stand-in runner of
+conftest_sweep: two drivers on one sweep, a tracking server that goes away mid-sweep, and folders
+that are read-only or full. The local engine is also checked to listen on loopback only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest_sweep import (
+    RUNNER,
+    descendants,
+    free_port,
+    is_loopback,
+    run_sweep,
+    search,
+    sockets_of,
+    start_mlflow_server,
+    start_sweep,
+    stop_server,
+)
+
+from sweep.jobs import RESULT_METRICS
+
+EXP = "faults"
+
+
+def calls(tmp: Path, prefix: str) -> list[str]:
+    path = tmp / "calls.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.split()[1] for line in lines if line.startswith(prefix)]
+
+
+def wait_for(condition, what: str, procs: list[subprocess.Popen], timeout_s: float = 120) -> None:
+    """Poll `condition` every 0.2 s while the processes `procs` run, for at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, f"ended before {what}:\n" + "".join(p.stdout.read() for p in ended)
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def check_store(uri: str, seeds: int) -> list:
+    """Each run key FINISHED exactly once, no run RUNNING, no metric lost; the finished runs."""
+    from mlflow.tracking import MlflowClient
+
+    runs = search(uri, EXP, "tags.role = 'run'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    keys = Counter(r.data.tags["run_key"] for r in finished)
+    assert len(keys) == seeds and set(keys.values()) == {1}, keys
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    client = MlflowClient(uri)
+    for run in finished:
+        assert set(RESULT_METRICS) <= set(run.data.metrics), run.info.run_id
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "miss_rate_running")]
+        assert sorted(steps) == list(range(5)), run.info.run_id
+    return finished
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_multirun_compute_each_run_once_on_loopback_only(tmp_path):
+    """Both start at the same moment on a fresh store: one creates it while the other waits,
+    they share one parent run, every run key is claimed by one of them and FINISHED exactly
+    once, neither kills the other's runs, and each ends with the whole sweep's results."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "ray.num_actors=1"]
+    args.append("seed=0,1,2,3,4,5,6,7")
+    env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "1"}
+    drivers = [start_sweep(args, tmp_path, **env) for _ in range(2)]
+    try:
+        wait_for(lambda: len(calls(tmp_path, "run ")) >= 1, "the first run", drivers)
+        # Every socket of both drivers and of the Ray instances they started, while they run.
+        sockets = sockets_of(descendants({d.pid for d in drivers}))
+        assert sum(listening for *_, listening in sockets) >= 4, sockets  # Ray's servers
+        assert [s for s in sockets if not is_loopback(s[1])] == []
+        outs = [d.communicate(timeout=240)[0] for d in drivers]
+    finally:
+        stop_all(drivers)
+    assert [d.returncode for d in drivers] == [0, 0], "\n".join(outs)
+    assert sorted(calls(tmp_path, "run ")) == [f"seed={i}" for i in range(8)]  # each ran once
+    check_store(uri, 8)
+    runs = search(uri, EXP, "tags.role = 'run'")
+    assert Counter(r.info.status for r in runs) == {"FINISHED": 8}  # nothing KILLED
+    parents = search(uri, EXP, "tags.role = 'sweep'")
+    assert len(parents) == 1 and not search(uri, EXP, "tags.role = 'sweep-candidate'")
+    assert parents[0].data.metrics["runs_finished"] == 8
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+    for out in outs:
+        rows = re.findall(r"^seed=\d\s+FINISHED", out, flags=re.M)
+        assert len(rows) == 8, out  # each driver reports the whole sweep
+
+
+@pytest.mark.slow
+def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(tmp_path):
+    """The server stops after two runs and stays away for longer than the client's retries:
+    the sweep computes on, spools what the server cannot take, and pushes all of it once the
+    server is back."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    args = [
+        "-m",
+        f"sweep.runner={RUNNER}",
+        f"mlflow.experiment={EXP}",
+        f"mlflow.tracking_uri={url}",
+        "mlflow.outage_wait_s=150",
+        "seed=0,1,2,3,4,5",
+    ]
+    # The client gives up on a request after about two seconds here.
+    retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "1.5", **retries}
+    spool = tmp_path / "mlflow-spool"
+    driver = start_sweep(args, tmp_path, **env)
+    try:
+        wait_for(lambda: len(calls(tmp_path, "done ")) >= 2, "two runs", [driver])
+        stop_server(server)
+        away = time.monotonic()
+        # Results computed while the server is away, each after the client gave up on it.
+        wait_for(lambda: len(list(spool.glob("*/record.json"))) >= 3, "the spool", [driver])
+        server = start_mlflow_server(tmp_path, port)
+        outage_s = time.monotonic() - away
+        out = driver.communicate(timeout=240)[0]
+    finally:
+        stop_all([driver])
+    try:
+        assert driver.returncode == 0, out
+        assert outage_s > 6, outage_s  # several times the client's retries
+        assert "results are kept in" in out and "Traceback" not in out
+        assert sorted(calls(tmp_path, "run ")) == [f"seed={i}" for i in range(6)]
+        assert not list(spool.glob("*/record.json"))
+        check_store(url, 6)
+        parent = search(url, EXP, "tags.role = 'sweep'")[0]
+        assert parent.info.status == "FINISHED" and parent.data.metrics["runs_finished"] == 6
+    finally:
+        stop_server(server)
+
+
+def mount_tmpfs(folder: Path, options: str) -> None:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)])
+    if done.returncode:
+        pytest.skip("needs to mount a tmpfs (root)")
+
+
+@pytest.mark.slow
+def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path):
+    read_only, full = tmp_path / "ro", tmp_path / "full"
+    if os.geteuid():
+        read_only.mkdir(mode=0o555)
+    else:
+        mount_tmpfs(read_only, "ro,size=1m")
+    try:
+        res = run_sweep(["eval.limit=1"], read_only)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"the output folder {read_only}/outputs/" in res.stderr
+        assert f"{read_only} is read-only" in res.stderr
+        assert list(read_only.iterdir()) == []
+
+        mount_tmpfs(full, "size=60m")
+        try:
+            (full / "filler").write_bytes(b"\0" * (50 * 2**20))  # 10 MB left
+            res = run_sweep(["-m", "eval.limit=1", "cache=frac_10,frac_25"], full)
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+            assert re.search(
+                rf"the output folder {full}/multirun/\S+: only \d+\.\d MB free", res.stderr
+            )
+            assert sorted(p.name for p in full.iterdir()) == ["filler"]
+
+            # The disk fills up while a run computes: neither the store nor the spool can take
+            # its result, which the run says in one line (a relaunch, with room again, closes
+            # the run it left RUNNING, as for any driver that is gone, and computes it again).
+            (full / "filler").unlink()
+            args = [f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}"]
+            driver = start_sweep(args, full, FAKE_DIR=str(full), FAKE_SLEEP="1")
+            try:
+                wait_for(lambda: calls(full, "run "), "the run", [driver])
+                with open(full / "filler", "wb") as f, contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 2**20)
+                out = driver.communicate(timeout=120)[0]
+            finally:
+                stop_all([driver])
+            assert driver.returncode == 1 and "Traceback" not in out, out
+            assert f"cannot write the spool {full}/mlflow-spool/" in out
+            assert "No space left on device; the result of run [defaults] is lost" in out
+        finally:
+            subprocess.run(["umount", "--lazy", str(full)])
+    finally:
+        if os.geteuid():
+            read_only.chmod(0o755)
+        else:
+            subprocess.run(["umount", "--lazy", str(read_only)])
