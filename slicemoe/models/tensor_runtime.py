@@ -109,8 +109,8 @@ class TensorRuntime(RuntimeRules):
         state.phase = "decode"
         state.cache = tc.from_slicecaches(self.spec, caches, dev)
         state.t = torch.zeros((), **i64)
-        state.limit = torch.as_tensor(limit, **i64)
-        state.context = torch.as_tensor(context, **i64)
+        state.limit = torch.tensor(limit, **i64)  # copies: never a view of the caller's array
+        state.context = torch.tensor(context, **i64)
         state.on = torch.zeros(rows, dtype=torch.bool, device=dev)
         state.lam = torch.full((rows,), float(self.policy.lam), **f64)
         state.range_sum = torch.zeros((rows, self.L), **f64)
