@@ -4,8 +4,12 @@ Expert-only quantization (group 32; everything else as loaded): WikiText perplex
 high-bit path and of the low path under each scheme, for Sym/Asym x Base/Trunc and AMAT, at
 MAT42, MAT63 and MAT84. No cache is involved: every expert runs at the path being measured.
 
+    python -m slicemoe.table1                     # the shipped head of WikiText-2 test
     python -m slicemoe.table1 --data ../shared/data/wikitext-2/test.txt
     python -m slicemoe.table1 --model /path/to/Qwen1.5-MoE-A2.7B --data test.txt --device cuda
+
+The sweep measures the same table as MLflow runs (`+experiment=paper_table1`, one run per path
+through the simulator), and `sweep.report` lays them out with `format_table`.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import torch
 
 from slicemoe import quant
 from slicemoe.config import EvalConfig
+from slicemoe.eval import shipped
 from slicemoe.eval.wikitext import windows
 from slicemoe.models import moe_blocks, resolve_path
 
 ROWS = [("Sym", "base"), ("Sym", "trunc"), ("Asym", "base"), ("Asym", "trunc"), ("AMAT", "amat")]
 MATS = [(4, 2), (6, 3), (8, 4)]
+SAMPLE = "wikitext-2-test-head.txt"  # slicemoe/eval/data
 
 
 @torch.no_grad()
@@ -87,35 +93,55 @@ def table(model_path, data, seq_len=256, limit=None, batch=8, device="cpu", dtyp
     return out, len(wins)
 
 
+def header() -> list[str]:
+    return ["quant", "scheme"] + [f"MAT{h}{l} {b}b" for h, l in MATS for b in (h, l)]
+
+
+def rows(out) -> list[list]:
+    """The table's rows: perplexities keyed (quantizer, scheme, h, l, bits) in `out`, None where
+    a cell was not measured."""
+    return [
+        [quantizer, scheme]
+        + [out.get((quantizer, scheme, h, l, b)) for h, l in MATS for b in (h, l)]
+        for quantizer, scheme in ROWS
+    ]
+
+
 def format_table(out) -> str:
-    head = (
-        "| quant | scheme | "
-        + " | ".join(f"MAT{h}{l} {b}b" for h, l in MATS for b in (h, l))
-        + " |"
-    )
-    lines = [head, "|" + "---|" * (2 + 2 * len(MATS))]
-    for quantizer, scheme in ROWS:
-        cells = [f"{out[(quantizer, scheme, h, l, b)]:.4g}" for h, l in MATS for b in (h, l)]
-        lines.append(f"| {quantizer} | {scheme} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nunquantized experts: {out['fp']:.4g}"
+    """Markdown; `out["fp"]`, when present, is the perplexity with experts as loaded."""
+    lines = ["| " + " | ".join(header()) + " |", "|" + "---|" * len(header())]
+    for row in rows(out):
+        cells = row[:2] + ["-" if v is None else f"{v:.4g}" for v in row[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    fp = out.get("fp")
+    return "\n".join(lines) + ("" if fp is None else f"\n\nunquantized experts: {fp:.4g}")
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m slicemoe.table1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--model", default=None, help="local HF checkpoint (default: the shipped tiny model)"
     )
-    ap.add_argument("--data", required=True, help="WikiText-2 test text file")
+    ap.add_argument(
+        "--data", default=None, help=f"WikiText-2 test text file (default: the shipped {SAMPLE})"
+    )
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--limit", type=int, default=None, help="first N windows only")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    a = ap.parse_args()
-    out, n = table(a.model, a.data, a.seq_len, a.limit, a.batch, a.device, a.dtype)
-    print(f"WikiText perplexity over {n} windows of {a.seq_len} tokens\n")
+    return ap
+
+
+def main():
+    a = parser().parse_args()
+    data = a.data or shipped(SAMPLE)
+    out, n = table(a.model, data, a.seq_len, a.limit, a.batch, a.device, a.dtype)
+    print(f"WikiText perplexity over {n} windows of {a.seq_len} tokens of {data}\n")
     print(format_table(out))
 
 

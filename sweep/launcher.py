@@ -48,7 +48,11 @@ log = logging.getLogger(__name__)
 # Overrides that do not change what a sweep computes, so relaunching with a different value
 # (e.g. on a cluster instead of locally) continues the same sweep.
 NOT_IDENTITY = ("hydra.", "ray.", "sweep.resume", "sweep.objective", "mlflow.tracking_uri")
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Sweepers that enumerate their jobs up front and need no number back (all others optimise).
+GRID_SWEEPERS = (
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    "hydra_plugins.slicemoe_sweeper.slicemoe_sweeper.GridsSweeper",
+)
 
 
 class Multirun:
@@ -117,8 +121,8 @@ class Multirun:
 
     def _objective(self, cfg: DictConfig) -> list[str] | None:
         objective = objective_of(cfg)
-        sweeper = str(cfg.hydra.sweeper.get("_target_", BASIC_SWEEPER))
-        if objective is None and sweeper != BASIC_SWEEPER:
+        sweeper = str(cfg.hydra.sweeper.get("_target_", GRID_SWEEPERS[0]))
+        if objective is None and sweeper not in GRID_SWEEPERS:
             raise SweepError(
                 f"hydra/sweeper {sweeper.rsplit('.', 1)[-1]} needs a number per run: set "
                 "sweep.objective=[METRIC] (one metric per optimisation direction), e.g. "

@@ -2,17 +2,26 @@
 
     python -m sweep.report --experiment NAME [--tracking-uri URI] [--parent RUN_ID] [--out DIR]
 
-writes `runs.csv` (every run with its params and metrics, failed ones included) and, for every
-setting (runs equal in every config field but the policy, bit widths and cache; a sweep that
-mixes e.g. two `eval.limit` values or seeds has two settings, each with its own figures,
-numbered from the second on, and stderr says what was grouped and left out):
-`accuracy_vs_miss_rate.png` (accuracy against the 8-bit-normalised miss rate, a line per policy
-through its cache sizes, 95 % intervals from the number of documents, the Pareto front: the
-shape of SliceMoE Fig. 8) and `energy_latency.png` (decode energy and latency per decoded token,
-per policy and cache size, divided by those of the paper's baseline, high-bit Cache-Prior, at
-the same model, cache size, hardware and task: the shape of Fig. 9). Cache sizes are bytes
-independent of the bit width, so the baseline's own bits are used when the sweep ran it at
-several, any single one otherwise.
+writes `runs.csv` (every run with its params and metrics, failed ones included), `index.html`
+(self-contained: every figure and table next to the paper's claim and what these runs say of it,
+with the runs behind each) and, for every setting (runs equal in every config field but the
+policy, bit widths and cache; a sweep that mixes e.g. two `eval.limit` values or seeds has two
+settings, each with its own files, numbered from the second on, and stderr says what was grouped
+and left out):
+- `accuracy_vs_miss_rate.png`: accuracy against the 8-bit-normalised miss rate, a line per
+  policy through its cache sizes, 95 % intervals from the number of documents, the Pareto front
+  (the shape of SliceMoE Fig. 8);
+- `energy_latency.png`: decode energy gain and speed-up per decoded token over the paper's
+  baseline, high-bit Cache-Prior, at matched accuracy: each run against the cheapest baseline
+  run at its model, cache size, hardware and task that is at least as accurate (Fig. 9);
+- `warmup.png`: runs that differ only in their cache warmup, miss rate per decode step and
+  decode cost against the empty cache (Fig. 10);
+- `miss_ratio_curves.png`: the miss-ratio curve of every request stream the sweep recorded,
+  with the sweep's runs of that stream on it;
+- `table1.md` and `table1.csv`: for runs on a text (perplexity), Table 1's layout: the high-bit
+  path and each scheme's low path at each Matryoshka bit width.
+Where a policy's runs differ in warmup, Figs. 8 and 9 keep the warmup it ran at the most cache
+sizes (the others are the warmup figure's).
 """
 
 from __future__ import annotations
@@ -21,14 +30,18 @@ import argparse
 import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from sweep.jobs import RESULT_METRICS
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Downloading a small CSV per stream needs no progress bar.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # MLflow column -> report column.
 COLUMNS = {
@@ -40,6 +53,8 @@ COLUMNS = {
     "tags.sweep_id": "sweep_id",
     "tags.mlflow.parentRunId": "parent_run_id",
     "tags.error": "error",
+    "tags.replayed_from": "stream",
+    "tags.stream_source": "stream_source",
     "params.model.name": "model",
     "params.bits.name": "bits",
     "params.cache.name": "cache",
@@ -51,8 +66,6 @@ COLUMNS = {
     "params.hardware.name": "hardware",
     "params.eval.task": "task",
 }
-# Runs that differ only in the policy are compared with each other.
-SETTING = ["model", "bits", "hardware", "task", "cache"]
 # A run is normalised to the baseline at the same model, cache size, hardware and task.
 MATCH = ["model", "hardware", "task", "cache"]
 # What the comparison figures vary: the policy, the bit widths and the cache. Every other config
@@ -195,6 +208,20 @@ def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 MARKERS = "osD^vP*Xh<>p"
 
 
+def main_warmups(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Figs. 8 and 9 compare policies: of a policy whose runs differ in `policy.warmup`, keep the
+    warmup it ran at the most cache sizes (all of them on a tie). Returns the runs kept and how
+    many were left to the warmup figure."""
+    if "policy.warmup" not in df:
+        return df, 0
+    keep = pd.Series(True, index=df.index)
+    for _, runs in df.groupby("policy"):
+        reach = runs.groupby("policy.warmup")["cache"].nunique()
+        if len(reach) > 1 and (reach == reach.max()).sum() == 1:
+            keep[runs.index] = runs["policy.warmup"] == reach.idxmax()
+    return df[keep], int((~keep).sum())
+
+
 def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title: str = ""):
     """One setting's runs (see `settings`): `metric` against the 8-bit-normalised miss rate
     (the same unit for every bit width), a marker per policy, a line per series through its
@@ -203,18 +230,21 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title
     import matplotlib.pyplot as plt
 
     fin = finished(df).assign(series=lambda d: series_label(d))
+    policies = sorted(fin["policy"].unique())
     x = "miss_rate_refn"
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, (label, group) in enumerate(sorted(fin.groupby("series"), key=lambda kv: kv[0])):
         group = group.sort_values("cache_size")
+        p = policies.index(group["policy"].iloc[0])
         yerr = None
         intervals = [_interval(run, metric) for _, run in group.iterrows()]
         if metric.startswith("accuracy") and None not in intervals:
             lo, hi = (pd.Series(v, index=group.index) for v in zip(*intervals))
             yerr = [group[metric] - lo, hi - group[metric]]
-        ax.errorbar(group[x], group[metric], yerr=yerr, marker=MARKERS[i % len(MARKERS)],
-                    markersize=7 - 0.6 * (i % 4), capsize=3, alpha=0.85, label=label,
-                    zorder=3 + i)  # fmt: skip
+        # Sizes differ by policy, so that a policy drawn over another one still shows.
+        ax.errorbar(group[x], group[metric], yerr=yerr, marker=MARKERS[p % len(MARKERS)],
+                    markersize=8 - 0.8 * (p % 4), color=f"C{i % 10}", capsize=3, alpha=0.85,
+                    label=label, zorder=3 + i)  # fmt: skip
         for _, row in group.iterrows():
             name = str(row["cache"])
             ax.annotate(name.replace("frac_", "") + ("%" if name.startswith("frac_") else ""),
@@ -230,7 +260,7 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title
         n is not None and n.notna().all() and n.nunique() == 1) else ""  # fmt: skip
     ax.set_title(f"{metric} vs miss rate{docs}\n{title}".strip(), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -257,56 +287,148 @@ def plot_miss_ratio_curve(table: pd.DataFrame, title: str = ""):
     return fig
 
 
+def streams(runs: pd.DataFrame, curves: dict) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """(label, miss-ratio curve, the runs replayed from it) per request stream recorded for
+    these runs; `curves[run_id]` is the curve logged by the run that recorded a stream."""
+    if "stream" not in runs:
+        return []
+    out = []
+    for _, members in runs.dropna(subset=["stream"]).groupby("stream", sort=False):
+        recorders = [r for r in members["run_id"] if r in curves]
+        if recorders:
+            first = members.iloc[0]
+            label = f"{'/'.join(sorted(members['policy'].unique()))} {first['bits']}"
+            out.append((label, curves[recorders[0]], members))
+    return sorted(out, key=lambda s: s[0])
+
+
+def plot_miss_ratio_curves(runs: pd.DataFrame, curves: dict, title: str = ""):
+    """Every recorded stream's 8-bit-normalised miss rate against the cache size (one model pass
+    replayed at each size), and the sweep's runs of that stream as points on it."""
+    import matplotlib.pyplot as plt
+
+    found = streams(finished(runs), curves)
+    if not found:
+        raise ValueError("no run of this setting recorded a stream with a miss-ratio curve")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (label, table, members) in enumerate(found):
+        ax.plot(table["cache_capacity_bytes"] / 1e6, table["miss_rate_refn"], color=f"C{i % 10}",
+                linewidth=1.2, label=label)  # fmt: skip
+        ax.plot(members["cache_size"] / 1e6, members["miss_rate_refn"], "o", color=f"C{i % 10}",
+                markersize=5)  # fmt: skip
+    ax.set_xlabel("cache capacity for routed experts (MB)")
+    ax.set_ylabel("miss rate (Flash bytes / 8-bit expert bytes used)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"miss-ratio curve per request stream (points: the sweep's runs)\n{title}".strip(),
+                 fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _candidates(run, base: pd.DataFrame) -> pd.DataFrame:
+    """The baseline's runs at `run`'s model, cache size, hardware and task: at the run's bits
+    when the baseline ran there, else at its one bit width (none when it ran at several)."""
+    same = base
+    for col in MATCH:
+        same = same[same[col] == run[col]]
+    if (same["bits"] == run["bits"]).any():
+        return same[same["bits"] == run["bits"]]
+    return same if same["bits"].nunique() == 1 else same.iloc[0:0]
+
+
+def matched_baseline(run, base: pd.DataFrame):
+    """(the baseline run `run` is compared with, whether it matches the run's accuracy): of
+    `_candidates`, the cheapest in decode energy per token that is at least as accurate as the
+    run; when none is, the most accurate (False). None and None without a candidate; the
+    cheapest and None when there is no accuracy to match."""
+    cands = _candidates(run, base)
+    if cands.empty:
+        return None, None
+    energy = PER_TOKEN[0]
+    acc = run.get("accuracy", float("nan"))
+    if "accuracy" not in cands or acc != acc:
+        return cands.sort_values(energy).iloc[0], None
+    good = cands[cands["accuracy"] >= acc]
+    if len(good):
+        return good.sort_values(energy).iloc[0], True
+    return cands.sort_values(["accuracy", energy], ascending=[False, True]).iloc[0], False
+
+
 def normalise(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
-    """Decode energy and latency per token divided by the baseline policy's at the same model,
-    cache size, hardware and task (and bits, when the baseline ran at this run's bits)."""
+    """Decode energy and latency per token of every run divided by its matched baseline run's
+    (`matched_baseline`): columns `energy_norm`, `latency_norm`, the baseline's values
+    (`*_base`), its series label (`baseline`) and `matched`."""
     fin = finished(df).reset_index(drop=True)
+    fin = fin.assign(series=series_label(fin)) if len(fin) else fin
     base = fin[fin["policy"] == baseline]
     if base.empty:
         raise ValueError(
             f"no finished runs of policy {baseline!r} to normalise to; add policy={baseline} to "
             "the sweep or pick another baseline"
         )
-    # The baseline's accuracy comes along, so that a reader sees what it was matched to.
     cols = [*PER_TOKEN, *(["accuracy"] if "accuracy" in base else [])]
-    same_bits = base.groupby([*MATCH, "bits"], as_index=False)[cols].mean()
-    single = base.groupby(MATCH).filter(lambda g: g["bits"].nunique() == 1)
-    any_bits = single.groupby(MATCH, as_index=False)[cols].mean()
-    out = fin.merge(same_bits, on=[*MATCH, "bits"], how="left", suffixes=("", "_base"))
-    other = fin.merge(any_bits, on=MATCH, how="left", suffixes=("", "_base"))
-    for col in cols:
-        out[f"{col}_base"] = out[f"{col}_base"].fillna(other[f"{col}_base"])
-    out["energy_norm"] = out["energy_decode_j_per_token"] / out["energy_decode_j_per_token_base"]
-    out["latency_norm"] = out["latency_decode_s_per_token"] / out["latency_decode_s_per_token_base"]
+    picked = []
+    for _, run in fin.iterrows():
+        b, matched = matched_baseline(run, base)
+        values = {f"{c}_base": float("nan") if b is None else b[c] for c in cols}
+        picked.append(values | {"baseline": None if b is None else b["series"], "matched": matched})
+    out = pd.concat([fin, pd.DataFrame(picked, index=fin.index)], axis=1)
+    # True, False or None (no accuracy to match), kept as such rather than as numpy bools.
+    out["matched"] = pd.Series([p["matched"] for p in picked], index=fin.index, dtype=object)
+    out["energy_norm"] = out[PER_TOKEN[0]] / out[f"{PER_TOKEN[0]}_base"]
+    out["latency_norm"] = out[PER_TOKEN[1]] / out[f"{PER_TOKEN[1]}_base"]
     return out
 
 
 def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
+    """Per cache size and series, the decode energy gain and speed-up per token over the matched
+    baseline run (`matched_baseline`, named above each bar when the baseline ran at several
+    settings; hatched: no baseline run was as accurate)."""
     import matplotlib.pyplot as plt
 
-    norm = normalise(df, baseline).assign(series=lambda d: series_label(d))
+    norm = normalise(df, baseline)
+    several = norm.loc[norm["policy"] == baseline, "series"].nunique() > 1
+    norm = norm[norm["policy"] != baseline]
+    if norm.empty:
+        raise ValueError(f"only {baseline} runs: nothing to compare with it")
     caches = norm.sort_values("cache_size")["cache"].drop_duplicates().tolist()
-    base_acc = norm.groupby("cache")["accuracy_base"].mean() if "accuracy_base" in norm else {}
     series = sorted(norm["series"].unique())
     width = 0.8 / len(series)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, column, title in (
-        (axes[0], "energy_norm", "decode energy per token"),
-        (axes[1], "latency_norm", "decode latency per token"),
+        (axes[0], "energy_norm", "decode energy gain per token"),
+        (axes[1], "latency_norm", "decode speed-up per token"),
     ):
-        table = norm.groupby(["cache", "series"])[column].mean()
         for i, label in enumerate(series):
-            values = [table.get((cache, label), float("nan")) for cache in caches]
-            ax.bar([x + i * width for x in range(len(caches))], values, width, label=label)
+            for j, cache in enumerate(caches):
+                runs = norm[(norm["series"] == label) & (norm["cache"] == cache)]
+                if runs.empty:
+                    continue
+                run = runs.iloc[0]
+                x, gain = j + i * width, 1 / run[column]
+                ax.bar(x, gain, width, color=f"C{i % 10}", label=label if j == 0 else None,
+                       hatch="//" if run["matched"] is False else None,
+                       edgecolor="black", linewidth=0.4)  # fmt: skip
+                if several and run["baseline"]:
+                    ax.annotate(run["baseline"].removeprefix(baseline).strip(), (x, gain),
+                                textcoords="offset points", xytext=(0, 2), ha="center",
+                                rotation=90, fontsize=6)  # fmt: skip
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(caches))])
-        ax.set_xticklabels([f"{c}\n{baseline} acc {base_acc.get(c, float('nan')):.2f}"
-                            for c in caches], fontsize=7)  # fmt: skip
-        ax.set_xlabel("cache (and the accuracy of the baseline each bar is divided by)")
-        ax.set_ylabel(f"{title} / {baseline}")
-        ax.set_title(f"{title}, / {baseline} at the same model and cache size", fontsize=9)
+        ax.set_xticklabels(caches, fontsize=8)
+        ax.set_xlabel("cache size")
+        ax.set_ylabel(f"{title}: {baseline} / run")
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        f"Each bar: the run against the cheapest {baseline} run at its cache size that is at "
+        "least as accurate (named above the bar);\nhatched: no baseline run was as accurate, "
+        "so the most accurate one",
+        fontsize=8,
+    )
     fig.tight_layout()
     return fig
 
@@ -363,8 +485,50 @@ def plot_warmup(runs: pd.DataFrame, steps: dict, window: int = 5):
     return fig
 
 
-# What the paper claims for each figure (SliceMoE, Sections 5.3-5.4), shown next to ours.
+def _number(value) -> float:
+    return float(pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0])
+
+
+def table1_cells(runs: pd.DataFrame) -> dict:
+    """Perplexities of runs on a text, keyed as `slicemoe.table1` keys them ((quantizer, scheme,
+    h, l, bits), "fp"): top-k runs with every expert at the high-bit path fill that cell of each
+    scheme of their quantizer (it does not depend on the scheme), runs at the low path their
+    scheme's cell, and unquantized experts "fp"."""
+    from slicemoe.table1 import ROWS
+
+    out = {}
+    for _, run in finished(runs).iterrows():
+        if run.get("policy.routing", "topk") != "topk" or run["perplexity"] != run["perplexity"]:
+            continue
+        high, low = _number(run["bits.high"]), _number(run["bits.low"])
+        path = run["policy.precision"]
+        symmetric = str(run["bits.symmetric"]).lower() == "true"
+        if high != high:
+            if path == "high":
+                out["fp"] = run["perplexity"]
+            continue
+        if low != low:
+            continue
+        h, l = int(high), int(low)
+        for quantizer, scheme in ROWS:
+            if (quantizer == "Sym") != symmetric:
+                continue
+            if path == "high" or (path == "low" and scheme == run["bits.scheme"]):
+                out[(quantizer, scheme, h, l, h if path == "high" else l)] = run["perplexity"]
+    return out
+
+
+def table1_frame(cells: dict) -> pd.DataFrame:
+    from slicemoe.table1 import header, rows
+
+    return pd.DataFrame(rows(cells), columns=header())
+
+
+# What the paper claims for each figure (SliceMoE, Sections 4.2, 5.3-5.4), shown next to ours.
 CLAIMS = {
+    "table1": "Low-bit truncation alone (Trunc) degrades the model severely, whereas AMAT's low-bit "
+    "path stays compatible with, and can even beat, independently quantized low-bit experts "
+    "(Base) (WikiText-2 perplexity of DeepSeek-V2-Lite and Qwen1.5-MoE).",
     "fig8": "DBSC (with AMAT, optionally PCW) keeps near-high-bit accuracy at a lower miss rate "
     "than the high-bit Cache-Prior baseline.",
     "fig9": "Against high-bit Cache-Prior at matched accuracy, DBSC cuts decode energy by up to "
@@ -372,19 +536,38 @@ CLAIMS = {
     "1.64x.",
     "fig10": "PCW gives 2.31x lower decode energy and a 1.96x speed-up over an empty cache, and "
     "the best accuracy among the initial cache states.",
+    "mrc": "No such figure in the paper. Each curve is one recorded request stream replayed at "
+    "every cache size: where each policy's cache sizes sit on it, and how much more DRAM buys.",
 }
 DBSC = ("dbsc", "dbsc_pcw")
 
 
 def _interval(run, metric: str = "accuracy") -> tuple[float, float] | None:
     """The 95 % interval of a run's score, from its number of documents (eval.limit)."""
-    n = pd.to_numeric(pd.Series([run.get("eval.limit")]), errors="coerce").iloc[0]
+    n = _number(run.get("eval.limit"))
     return wilson(run[metric] * n, n) if n == n and n > 0 else None
+
+
+def _against(run, b, matched: bool | None) -> str:
+    """How a run's accuracy compares with its matched baseline run's, in words."""
+    text = f"accuracy {run['accuracy']:.3f} vs {b['accuracy']:.3f} for {b['series']}"
+    if matched is not False:
+        return text
+    # No baseline run was as accurate as this one: is the gap more than noise?
+    ci = _interval(run)
+    noise = "" if ci is None else (
+        f"; {b['accuracy']:.3f} is {'within' if b['accuracy'] >= ci[0] else 'below'} this "
+        f"run's 95 % interval {ci[0]:.3f}-{ci[1]:.3f}")  # fmt: skip
+    return f"{text}, the most accurate baseline run (none was as accurate{noise})"
 
 
 def verdict(kind: str, runs: pd.DataFrame, baseline: str = BASELINE) -> str:
     """What this data says about the paper's claim for figure `kind`, in a sentence or two."""
     fin = finished(runs)
+    if kind == "table1":
+        return _table1_verdict(table1_cells(fin))
+    if kind == "mrc":
+        return f"{fin['stream'].nunique() if 'stream' in fin else 0} request streams."
     if kind == "fig10":
         by = fin.set_index("policy.warmup")
         if not {"empty", "pcw"} <= set(by.index):
@@ -402,55 +585,124 @@ def verdict(kind: str, runs: pd.DataFrame, baseline: str = BASELINE) -> str:
         tie = " (tied: every warmup scores the same)" if by["accuracy"].nunique() == 1 else ""
         return (f"PCW: {e:.2f}x lower decode energy and {lat:.2f}x speed-up over an empty cache; "
                 f"{acc}{tie}.")  # fmt: skip
-    base = fin[fin["policy"] == baseline]
-    ours = fin[fin["policy"].isin(DBSC)]
-    if base.empty or ours.empty:
+    norm = normalise(fin, baseline) if (fin["policy"] == baseline).any() else fin.iloc[0:0]
+    ours = norm[norm["policy"].isin(DBSC) & norm["baseline"].notna()] if len(norm) else norm
+    if ours.empty:
         return f"needs runs of {baseline} and of {' or '.join(DBSC)} at the same cache sizes."
+    base = norm[norm["policy"] == baseline]
     lines = []
-    for cache, b in base.groupby("cache"):
-        b = b.iloc[0]
-        ci = _interval(b)
-        for _, r in ours[ours["cache"] == cache].iterrows():
-            matched = ci is None or r["accuracy"] >= ci[0]
-            acc = (f"accuracy {r['accuracy']:.3f} vs {b['accuracy']:.3f}"
-                   + ("" if matched else ", below the baseline's 95 % interval"))  # fmt: skip
-            if kind == "fig8":
-                lower = r["miss_rate_refn"] < b["miss_rate_refn"]
-                lines.append(f"{r['policy']} at {cache}: miss rate {r['miss_rate_refn']:.3f} vs "
-                             f"{b['miss_rate_refn']:.3f} ({'lower' if lower else 'not lower'}), "
-                             f"{acc}.")  # fmt: skip
-            else:
-                e = b["energy_decode_j_per_token"] / r["energy_decode_j_per_token"]
-                lat = b["latency_decode_s_per_token"] / r["latency_decode_s_per_token"]
-                lines.append(f"{r['policy']} at {cache}: {e:.2f}x less energy, {lat:.2f}x faster; "
-                             f"{acc}.")  # fmt: skip
+    for _, r in ours.sort_values(["cache_size", "series"]).iterrows():
+        b, matched = matched_baseline(r, base)
+        acc = _against(r, b, matched)
+        if kind == "fig8":
+            lower = r["miss_rate_refn"] < b["miss_rate_refn"]
+            lines.append(f"{r['series']} at {r['cache']}: miss rate {r['miss_rate_refn']:.3f} vs "
+                         f"{b['miss_rate_refn']:.3f} ({'lower' if lower else 'not lower'}), "
+                         f"{acc}.")  # fmt: skip
+        else:
+            lines.append(f"{r['series']} at {r['cache']}: {1 / r['energy_norm']:.2f}x less "
+                         f"energy, {1 / r['latency_norm']:.2f}x faster; {acc}.")  # fmt: skip
     return " ".join(lines)
 
 
+def _table1_verdict(cells: dict) -> str:
+    from slicemoe.table1 import MATS
+
+    lines = []
+    for h, l in MATS:
+        amat = cells.get(("AMAT", "amat", h, l, l))
+        if amat is None:
+            continue
+        parts = [f"MAT{h}{l} {l}-bit path: AMAT {amat:.4g}"]
+        for quantizer in ("Asym", "Sym"):
+            base = cells.get((quantizer, "base", h, l, l))
+            if base is not None:
+                parts.append(f"{quantizer} Base {base:.4g} (AMAT {amat / base:.2f}x)")
+        trunc = [cells[k] for k in (("Asym", "trunc", h, l, l), ("Sym", "trunc", h, l, l))
+                 if k in cells]  # fmt: skip
+        if trunc:
+            parts.append(f"Trunc {min(trunc):.4g} or worse ({min(trunc) / amat:.0f}x AMAT)")
+        lines.append(", ".join(parts) + ".")
+    return " ".join(lines) or "needs low-path runs of AMAT (bits.scheme=amat, policy=lru_lowbit)."
+
+
 RUN_COLUMNS = [
-    "run", "policy", "bits", "cache", "policy.warmup", "accuracy", "eval.limit", "miss_rate_refn",
+    "run", "policy", "policy.lam", "bits", "bits.symmetric", "bits.scheme", "cache",
+    "policy.warmup", "accuracy", "perplexity", "eval.limit", "miss_rate_refn",
     "energy_decode_j_per_token", "latency_decode_s_per_token", "run_id",
 ]  # fmt: skip
 
 
-def write_html(out: Path, title: str, summary: str, sections: list[tuple]) -> Path:
-    """A self-contained `index.html`: per figure, the paper's claim, what the data says, the
-    figure (embedded) and every run behind it."""
+@dataclass
+class Section:
+    """One figure or table of the report: `make()` returns the matplotlib figure, or for
+    `table1` the cells (`table1_cells`)."""
+
+    name: str  # the file it is written to
+    kind: str  # a key of CLAIMS
+    desc: str  # the setting it belongs to
+    runs: pd.DataFrame  # every run behind it
+    make: Callable[[], Any]
+
+
+def sections(
+    df: pd.DataFrame,
+    baseline: str = BASELINE,
+    steps: dict | None = None,
+    curves: dict | None = None,
+) -> list[Section]:
+    """Every figure and table for the settings of `df` (`settings`), with file names numbered
+    from the second setting on. `steps`: run id -> miss_rate_step curve (warmup figures);
+    `curves`: run id -> the miss-ratio curve table of the stream it recorded."""
+    from slicemoe.eval import get_task
+
+    out = []
+    for i, (desc, group) in enumerate(settings(df), 1):
+        suffix = "" if i == 1 else f"_{i}"
+        if get_task(str(group["task"].iloc[0])).kind == "loglik":
+            out.append(Section(f"table1{suffix}.md", "table1", desc, group,
+                               lambda g=group: table1_cells(g)))  # fmt: skip
+            continue
+        kept, folded = main_warmups(group)
+        note = f"{desc} ({folded} runs of other warmups: see the warmup figure)" if folded else desc
+        out += [
+            Section(f"accuracy_vs_miss_rate{suffix}.png", "fig8", note, kept,
+                    lambda g=kept, d=note: plot_accuracy_vs_miss_rate(g, title=d)),
+            Section(f"energy_latency{suffix}.png", "fig9", note, kept,
+                    lambda g=kept: plot_energy_latency(g, baseline)),
+        ]  # fmt: skip
+        for j, runs in enumerate(warmup_groups(group), 1):
+            name = f"warmup{suffix}{'' if j == 1 else f'_{j}'}.png"
+            out.append(Section(name, "fig10", desc, runs,
+                               lambda r=runs: plot_warmup(r, steps or {})))  # fmt: skip
+        out.append(Section(f"miss_ratio_curves{suffix}.png", "mrc", desc, group,
+                           lambda g=group, d=desc: plot_miss_ratio_curves(g, curves or {}, d)))  # fmt: skip
+    return out
+
+
+def write_html(out: Path, title: str, summary: str, written: list[Section]) -> Path:
+    """A self-contained `index.html`: per figure or table, the paper's claim, what the data says,
+    the figure (embedded) or table, and every run behind it."""
     import base64
     import html
 
     parts = [f"<h1>{html.escape(title)}</h1><pre>{html.escape(summary)}</pre>"]
-    for name, kind, desc, runs in sections:
-        image = base64.b64encode((out / name).read_bytes()).decode()
-        table = runs[[c for c in RUN_COLUMNS if c in runs]].to_html(
-            index=False, float_format="%.4g"
-        )
+    for s in written:
+        if s.kind == "table1":
+            cells = table1_cells(s.runs)
+            body = table1_frame(cells).to_html(index=False, na_rep="-", float_format="%.4g")
+            if "fp" in cells:
+                body += f"<p>unquantized experts: {cells['fp']:.4g}</p>"
+        else:
+            image = base64.b64encode((out / s.name).read_bytes()).decode()
+            body = f'<img alt="{html.escape(s.name)}" src="data:image/png;base64,{image}">'
+        columns = [c for c in RUN_COLUMNS if c in s.runs and s.runs[c].notna().any()]
+        table = s.runs[columns].to_html(index=False, float_format="%.4g")
         parts.append(
-            f"<h2>{html.escape(name)}{' - ' + html.escape(desc) if desc else ''}</h2>"
-            f"<p><b>Paper:</b> {html.escape(CLAIMS[kind])}</p>"
-            f"<p><b>This data:</b> {html.escape(verdict(kind, runs))}</p>"
-            f'<img alt="{html.escape(name)}" src="data:image/png;base64,{image}">'
-            f"<details><summary>the {len(runs)} runs behind it</summary>{table}</details>"
+            f"<h2>{html.escape(s.name)}{' - ' + html.escape(s.desc) if s.desc else ''}</h2>"
+            f"<p><b>Paper:</b> {html.escape(CLAIMS[s.kind])}</p>"
+            f"<p><b>This data:</b> {html.escape(verdict(s.kind, s.runs))}</p>{body}"
+            f"<details><summary>the {len(s.runs)} runs behind it</summary>{table}</details>"
         )  # fmt: skip
     page = out / "index.html"
     page.write_text(
@@ -467,47 +719,41 @@ def write_report(
     out: Path,
     baseline: str = BASELINE,
     steps: dict | None = None,
+    curves: dict | None = None,
     title: str = "slicemoe report",
 ) -> list[Path]:
-    """runs.csv, the comparison figures of every setting (`settings`; one file per setting,
-    numbered from the second on) and index.html with all of them; what was grouped and left
-    out goes to stderr and to the page. `steps`: run id -> miss_rate_step curve, for the
-    warmup figures."""
+    """runs.csv, every section (`sections`) as a file, and index.html with all of them; what
+    was grouped and left out goes to stderr and to the page."""
     import matplotlib.pyplot as plt
 
+    from slicemoe.table1 import format_table
+
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "runs.csv"]
-    df.to_csv(written[0], index=False)
-    groups = settings(df)
-    summary = describe(df, groups)
+    paths = [out / "runs.csv"]
+    df.to_csv(paths[0], index=False)
+    summary = describe(df, settings(df))
     print(summary, file=sys.stderr)
-    if not groups:
+    if finished(df).empty:
         print("no finished runs: wrote runs.csv only", file=sys.stderr)
-        return written
-    sections = []
-    for i, (desc, group) in enumerate(groups, 1):
-        suffix = "" if i == 1 else f"_{i}"
-        plots = [
-            (f"accuracy_vs_miss_rate{suffix}.png", "fig8", group,
-             lambda g=group, d=desc: plot_accuracy_vs_miss_rate(g, title=d)),
-            (f"energy_latency{suffix}.png", "fig9", group,
-             lambda g=group: plot_energy_latency(g, baseline)),
-        ]  # fmt: skip
-        for j, runs in enumerate(warmup_groups(group), 1):
-            name = f"warmup{suffix}{'' if j == 1 else f'_{j}'}.png"
-            plots.append((name, "fig10", runs, lambda r=runs: plot_warmup(r, steps or {})))
-        for name, kind, runs, make in plots:
-            try:
-                fig = make()
-            except ValueError as err:
-                print(f"{name} skipped: {err}", file=sys.stderr)
-                continue
-            fig.savefig(out / name, dpi=120)
-            plt.close(fig)
-            written.append(out / name)
-            sections.append((name, kind, desc, runs))
-    written.append(write_html(out, title, summary, sections))
-    return written
+        return paths
+    written = []
+    for s in sections(df, baseline, steps, curves):
+        try:
+            made = s.make()
+        except ValueError as err:
+            print(f"{s.name} skipped: {err}", file=sys.stderr)
+            continue
+        if s.kind == "table1":
+            (out / s.name).write_text(format_table(made) + "\n")
+            table1_frame(made).to_csv(out / s.name.replace(".md", ".csv"), index=False)
+            paths += [out / s.name, out / s.name.replace(".md", ".csv")]
+        else:
+            made.savefig(out / s.name, dpi=110)
+            plt.close(made)
+            paths.append(out / s.name)
+        written.append(s)
+    paths.append(write_html(out, title, summary, written))
+    return paths
 
 
 def step_curves(run_ids) -> dict:
@@ -522,10 +768,33 @@ def step_curves(run_ids) -> dict:
     }  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import matplotlib
+def miss_ratio_curves(run_ids) -> dict:
+    """run id -> the miss-ratio curve it logged (miss_ratio_curve.csv), for runs that have one."""
+    import mlflow
 
-    matplotlib.use("Agg")
+    out = {}
+    for r in run_ids:
+        try:
+            text = mlflow.artifacts.load_text(f"runs:/{r}/miss_ratio_curve.csv")
+        except Exception:  # a stream recorded with sweep.miss_ratio_points=0, or a failed curve
+            continue
+        out[r] = pd.read_csv(io.StringIO(text))
+    return out
+
+
+def curves_of(df: pd.DataFrame) -> tuple[dict, dict]:
+    """The per-step miss rates of the warmup comparisons' runs and the miss-ratio curves of
+    the runs that recorded a stream: the curves `sections` draws, from the tracking store."""
+    warm = [g for _, s in settings(df) for g in warmup_groups(s)]
+    steps = step_curves(pd.concat(warm)["run_id"]) if warm else {}
+    recorded = finished(df)
+    if "stream_source" in recorded:
+        recorded = recorded[recorded["stream_source"] == "recorded"]
+        return steps, miss_ratio_curves(recorded["run_id"])
+    return steps, {}
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.report", description=__doc__.split("\n\n")[0]
     )
@@ -540,15 +809,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--baseline", default=BASELINE, help="policy the per-token energy/latency are divided by"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    args = parser().parse_args(argv)
     runs = search(args.experiment, args.tracking_uri)
     if args.parent:
         runs = runs[runs["run_id"].isin(sweep_run_ids(args.parent))]
     df = tidy(runs)
-    warm = [g for _, s in settings(df) for g in warmup_groups(s)]
-    steps = step_curves(pd.concat(warm)["run_id"]) if warm else {}
+    steps, curves = curves_of(df)
     out = args.out or Path("report") / args.experiment
-    for path in write_report(df, out, args.baseline, steps, f"slicemoe: {args.experiment}"):
+    title = f"slicemoe: {args.experiment}"
+    for path in write_report(df, out, args.baseline, steps, curves, title):
         print(path)
 
 

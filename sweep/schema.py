@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from slicemoe.config import RunConfig
+from slicemoe.eval import shipped
 from slicemoe.validate import INF, ConfigError, check_bounds
 from sweep.errors import SweepError
 
@@ -100,6 +101,8 @@ ADDRESS = re.compile(r"auto|local|[a-z]+://\S+|[\w.\-\[\]:]+:\d+")
 
 def register() -> None:
     ConfigStore.instance().store(name="slicemoe_app", node=AppConfig)
+    # `${slicemoe.data:NAME}`: a text shipped with the package, e.g. the paper_table1 preset's.
+    OmegaConf.register_new_resolver("slicemoe.data", shipped, replace=True)
 
 
 def check_keys(cfg: DictConfig) -> None:

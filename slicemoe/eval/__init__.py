@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# Small texts shipped with the package, so that presets run on a fresh clone (data/README.md).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @dataclass
@@ -57,6 +61,15 @@ def load_hub(hub_id: tuple[str, str], hint: str, **kw):
         raise ValueError(
             f"eval.data_path is not set and loading {hub_id[0]} failed ({e}): {hint}"
         ) from e
+
+
+def shipped(name: str) -> str:
+    """The path of a text shipped in slicemoe/eval/data (`${slicemoe.data:NAME}` in configs)."""
+    path = DATA / name
+    if not path.is_file():
+        have = sorted(p.name for p in DATA.glob("*.txt"))
+        raise ValueError(f"slicemoe/eval/data has no {name!r}; it ships {', '.join(have)}")
+    return str(path)
 
 
 def register(task: Task) -> Task:

@@ -22,7 +22,9 @@ HINT = "set eval.data_path to a text file, e.g. eval.data_path=../shared/data/wi
 
 
 def windows(cfg, tokenizer) -> list[Window]:
-    ids = list(tokenizer(load_text(cfg.data_path))["input_ids"])
+    # The text is tokenized whole, longer than the model's context: no warning about it, as
+    # only windows of seq_len reach the model.
+    ids = list(tokenizer(load_text(cfg.data_path), verbose=False)["input_ids"])
     return sliding_windows(ids, cfg.seq_len, cfg.stride, cfg.limit)
 
 
