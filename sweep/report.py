@@ -208,6 +208,12 @@ def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 MARKERS = "osD^vP*Xh<>p"
 
 
+def _wrap(title: str, width: int = 95) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in title.strip().splitlines())
+
+
 def main_warmups(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Figs. 8 and 9 compare policies: of a policy whose runs differ in `policy.warmup`, keep the
     warmup it ran at the most cache sizes (all of them on a tie). Returns the runs kept and how
@@ -258,7 +264,7 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title
     n = pd.to_numeric(fin["eval.limit"], errors="coerce") if "eval.limit" in fin else None
     docs = f", n = {int(n.iloc[0])} documents per point, 95 % Wilson intervals" if (
         n is not None and n.notna().all() and n.nunique() == 1) else ""  # fmt: skip
-    ax.set_title(f"{metric} vs miss rate{docs}\n{title}".strip(), fontsize=9)
+    ax.set_title(_wrap(f"{metric} vs miss rate{docs}\n{title}"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -319,7 +325,7 @@ def plot_miss_ratio_curves(runs: pd.DataFrame, curves: dict, title: str = ""):
     ax.set_xlabel("cache capacity for routed experts (MB)")
     ax.set_ylabel("miss rate (Flash bytes / 8-bit expert bytes used)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"miss-ratio curve per request stream (points: the sweep's runs)\n{title}".strip(),
+    ax.set_title(_wrap(f"miss-ratio curve per request stream (points: the sweep's runs)\n{title}"),
                  fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -408,7 +414,7 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
                     continue
                 run = runs.iloc[0]
                 x, gain = j + i * width, 1 / run[column]
-                ax.bar(x, gain, width, color=f"C{i % 10}", label=label if j == 0 else None,
+                ax.bar(x, gain, width, color=f"C{i % 10}",
                        hatch="//" if run["matched"] is False else None,
                        edgecolor="black", linewidth=0.4)  # fmt: skip
                 if several and run["baseline"]:
@@ -422,7 +428,12 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
         ax.set_ylabel(f"{title}: {baseline} / run")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=f"C{i % 10}", label=label) for i, label in enumerate(series)]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
+                         label="no baseline run as accurate"))  # fmt: skip
+    axes[0].legend(handles=handles, fontsize=7)
     fig.suptitle(
         f"Each bar: the run against the cheapest {baseline} run at its cache size that is at "
         "least as accurate (named above the bar);\nhatched: no baseline run was as accurate, "
@@ -562,7 +573,8 @@ def _against(run, b, matched: bool | None) -> str:
 
 
 def verdict(kind: str, runs: pd.DataFrame, baseline: str = BASELINE) -> str:
-    """What this data says about the paper's claim for figure `kind`, in a sentence or two."""
+    """What this data says about the paper's claim for figure `kind`: a line per run compared
+    (per bit width for Table 1)."""
     fin = finished(runs)
     if kind == "table1":
         return _table1_verdict(table1_cells(fin))
@@ -602,7 +614,7 @@ def verdict(kind: str, runs: pd.DataFrame, baseline: str = BASELINE) -> str:
         else:
             lines.append(f"{r['series']} at {r['cache']}: {1 / r['energy_norm']:.2f}x less "
                          f"energy, {1 / r['latency_norm']:.2f}x faster; {acc}.")  # fmt: skip
-    return " ".join(lines)
+    return "\n".join(lines)
 
 
 def _table1_verdict(cells: dict) -> str:
@@ -623,7 +635,7 @@ def _table1_verdict(cells: dict) -> str:
         if trunc:
             parts.append(f"Trunc {min(trunc):.4g} or worse ({min(trunc) / amat:.0f}x AMAT)")
         lines.append(", ".join(parts) + ".")
-    return " ".join(lines) or "needs low-path runs of AMAT (bits.scheme=amat, policy=lru_lowbit)."
+    return "\n".join(lines) or "needs low-path runs of AMAT (bits.scheme=amat, policy=lru_lowbit)."
 
 
 RUN_COLUMNS = [
@@ -696,12 +708,15 @@ def write_html(out: Path, title: str, summary: str, written: list[Section]) -> P
         else:
             image = base64.b64encode((out / s.name).read_bytes()).decode()
             body = f'<img alt="{html.escape(s.name)}" src="data:image/png;base64,{image}">'
+        lines = "".join(
+            f"<li>{html.escape(line)}</li>" for line in verdict(s.kind, s.runs).splitlines()
+        )
         columns = [c for c in RUN_COLUMNS if c in s.runs and s.runs[c].notna().any()]
         table = s.runs[columns].to_html(index=False, float_format="%.4g")
         parts.append(
             f"<h2>{html.escape(s.name)}{' - ' + html.escape(s.desc) if s.desc else ''}</h2>"
             f"<p><b>Paper:</b> {html.escape(CLAIMS[s.kind])}</p>"
-            f"<p><b>This data:</b> {html.escape(verdict(s.kind, s.runs))}</p>{body}"
+            f"<p><b>This data:</b></p><ul>{lines}</ul>{body}"
             f"<details><summary>the {len(s.runs)} runs behind it</summary>{table}</details>"
         )  # fmt: skip
     page = out / "index.html"

@@ -1,0 +1,271 @@
+"""The paper's presets and the README's commands: the grids sweeper, `+experiment=paper_all`
+composing into exactly the sweeps of its parts, every command line of the README checked, and
+(slow) the README's paper commands run small, with the report opened in a headless browser."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest_sweep import REPO, run_sweep
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from slicemoe import run as runner
+from slicemoe.validate import validate
+from sweep import app, jobs, schema
+from sweep.errors import SweepError
+from sweep.grids import expand
+
+PARSER = OverridesParser.create()
+BIN = Path(sys.executable).parent
+
+
+def product(lines: list[str]) -> list[list[str]]:
+    """The basic sweeper's cartesian product of one override list."""
+    return BasicSweeper.split_arguments(PARSER.parse_overrides(lines), None)[0]
+
+
+def compose_app(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(app.CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+# --- the grids sweeper --------------------------------------------------------------------------
+
+
+def test_grids_are_a_union_of_products_and_the_command_line_wins():
+    grids = {
+        "a": {"policy": "dbsc,lru_highbit", "cache": "frac_10,frac_25"},
+        "b": {"policy": "dbsc", "bits.nonexpert_bits": None, "bits.symmetric": True},
+        "c": {"policy": "lru_highbit", "cache": "frac_10"},  # a job of grid a again
+    }
+    got = expand(grids, ["model=m"], product)
+    assert got == [
+        ["policy=dbsc", "cache=frac_10", "model=m"],
+        ["policy=dbsc", "cache=frac_25", "model=m"],
+        ["policy=lru_highbit", "cache=frac_10", "model=m"],
+        ["policy=lru_highbit", "cache=frac_25", "model=m"],
+        ["policy=dbsc", "bits.nonexpert_bits=null", "bits.symmetric=True", "model=m"],
+    ]
+    # An override on the command line replaces a grid's values for that key, in every grid.
+    got = expand(grids, ["cache=frac_50"], product)
+    assert len(got) == 3 and all(job[-1] == "cache=frac_50" for job in got)
+    assert not [o for job in got for o in job if o.startswith("cache=frac_1")]
+    with pytest.raises(SweepError, match="has no grids"):
+        expand({}, [], product)
+    with pytest.raises(SweepError, match="hydra.sweeper.grids.a is empty"):
+        expand({"a": {}}, [], product)
+
+
+def test_the_sweeper_plugin_expands_the_grids_and_batches_them():
+    from hydra_plugins.slicemoe_sweeper.slicemoe_sweeper import GridsSweeper
+
+    sweeper = GridsSweeper({"g": {"cache": "frac_10,frac_25,frac_50"}}, max_batch_size=2)
+    sweeper.hydra_context = SimpleNamespace(config_loader=None)
+    batches = sweeper.split_arguments(PARSER.parse_overrides(["seed=1"]), 2)
+    assert batches == [
+        [["cache=frac_10", "seed=1"], ["cache=frac_25", "seed=1"]],
+        [["cache=frac_50", "seed=1"]],
+    ]
+
+
+# --- the presets ---------------------------------------------------------------------------------
+
+
+def preset_jobs(preset: str, *args: str) -> list[list[str]]:
+    cfg = compose_app([f"+experiment={preset}", *args], hydra=True)
+    assert cfg.hydra.sweeper._target_.endswith("GridsSweeper")
+    return expand(cfg.hydra.sweeper.grids, [f"+experiment={preset}", *args], product)
+
+
+def test_paper_all_is_exactly_the_sweeps_of_the_figures_and_table1():
+    parts = {p: preset_jobs(p) for p in ("paper_fig8", "paper_fig10", "paper_table1")}
+    everything = preset_jobs("paper_all")
+    strip = [[o for o in job if not o.startswith("+experiment=")] for job in everything]
+    assert strip == [
+        [o for o in job if not o.startswith("+experiment=")] for p in parts.values() for job in p
+    ]
+    assert [len(p) for p in parts.values()] == [5 * 3 + 4 * 3, 5, 6 + 6 + 9]
+    built = [jobs.make_job(i, compose_app(job), job, runner) for i, job in enumerate(everything)]
+    # fig10's warmup=lru run is fig8's dbsc run at frac_25: the launcher runs it once.
+    assert len(everything) == 53 and len({j.key for j in built}) == 52
+    cfgs = [j.config for j in built]
+    text = [c for c in cfgs if c.eval.task == "wikitext"]
+    assert len(text) == 21 and {Path(c.eval.data_path).name for c in text} == {
+        "wikitext-2-test-head.txt"
+    }
+    assert all(c.bits.nonexpert_bits is None and c.policy.routing == "topk" for c in text)
+    lams = {c.policy.lam for c in cfgs if c.policy.name == "cache_prior_highbit"}
+    assert lams == {0.05, 0.1, 0.2, 0.3}
+    warmups = {c.policy.warmup for c in cfgs if c.cache.frac == 0.25 and c.policy.name == "dbsc"}
+    assert warmups == {"empty", "last_layer", "random", "lru", "pcw"}
+
+
+def test_a_model_on_the_command_line_reaches_every_job_of_paper_all():
+    args = ["model=qwen1.5-moe-a2.7b", "model.path=/models/q"]
+    everything = preset_jobs("paper_all", *args)
+    assert len(everything) == 53 and all(set(args) <= set(job) for job in everything)
+    cfg = schema.run_config(compose_app(everything[-1]))
+    assert (cfg.model.name, cfg.model.path, cfg.eval.task) == (
+        "qwen1.5-moe-a2.7b",
+        "/models/q",
+        "wikitext",
+    )
+
+
+# --- the README's command lines ----------------------------------------------------------------
+
+
+def readme_commands() -> list[str]:
+    """Every command of the README's bash blocks: continuation lines joined, comments dropped,
+    `a && b` split."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            commands += [c.strip() for c in line.split("&&") if c.strip()]
+    return commands
+
+
+def check_sweep(args: list[str]) -> int:
+    """Compose and validate every job of `python -m sweep ARGS` as the launch would, without
+    running it; returns the number of jobs. Paths of another machine (model.path, a data
+    folder) are left out of the checks that read them."""
+    args = [a for a in args if a not in ("-m", "--multirun", "...") and not a.endswith("=...")]
+    parsed = PARSER.parse_overrides(args)
+    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    target = compose_app(base, hydra=True).hydra.sweeper._target_
+    if target.endswith("GridsSweeper"):
+        todo = expand(compose_app(base, hydra=True).hydra.sweeper.grids, args, product)
+    elif target.endswith("BasicSweeper"):
+        todo = product(args)
+    else:  # an optimiser samples its jobs: the base config
+        todo = [base]
+    for job in todo:
+        cfg = schema.run_config(compose_app(job))
+        here = cfg.model.path is None or Path(cfg.model.path).exists()
+        if cfg.eval.data_path and not Path(cfg.eval.data_path).exists():
+            cfg = replace(cfg, eval=replace(cfg.eval, data_path=None))
+        validate(cfg, weights=here)
+    return len(todo)
+
+
+def check_command(command: str) -> None:
+    words = shlex.split(command)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+        words = words[1:]
+    head = " ".join(words[:3])
+    if words[:2] == ["ray", "job"]:  # `ray job submit ... -- COMMAND`
+        assert (BIN / "ray").exists()
+        return check_command(shlex.join(words[words.index("--") + 1 :]))
+    if re.fullmatch(r"(\.venv/bin/)?python -m sweep", head) or words[0] == "slicemoe-sweep":
+        n = 1 if words[0] == "slicemoe-sweep" else 3
+        assert check_sweep(words[n:]) >= 1
+    elif head.endswith("python -m sweep.report"):
+        from sweep.report import parser
+
+        parser().parse_args(words[3:])
+    elif head.endswith("python -m slicemoe.table1"):
+        from slicemoe.table1 import parser
+
+        parser().parse_args(words[3:])
+    elif head.endswith("python -m pytest"):
+        assert (REPO / "tests").is_dir()
+    elif words[0] == "python" and words[1].endswith(".py"):
+        assert (REPO / words[1]).is_file(), command
+    elif words[:2] == ["bash", "install.sh"]:
+        assert (REPO / "install.sh").is_file()
+    elif words[:2] == ["jupyter", "execute"]:
+        assert (BIN / "jupyter-execute").exists() and (REPO / words[2]).is_file()
+    elif words[0] in ("mlflow", "ray"):
+        assert (BIN / words[0]).exists(), f"{words[0]} is not installed in the venv"
+    elif words[0] == "export":
+        pass
+    else:
+        raise AssertionError(f"README command not checked by tests/test_paper.py: {command}")
+
+
+def test_every_command_line_of_the_readme_composes_validates_or_parses():
+    commands = readme_commands()
+    assert any("+experiment=paper_all" in c for c in commands)
+    for command in commands:
+        check_command(command)
+
+
+# --- the README's paper commands, small, and the report in a browser -------------------------
+
+# Small enough for CI: one cache size, MAT84 only, 2 problems or text windows of 64 tokens.
+SMALL = [
+    "cache=frac_25", "bits=mat84", "eval.limit=2", "eval.max_new_tokens=12", "eval.seq_len=64",
+    "eval.stride=64", "sweep.miss_ratio_points=5",
+]  # fmt: skip
+
+
+def readme_paper_commands() -> tuple[list[str], list[str]]:
+    """The README's paper_all sweep and the report command after it, as argument lists."""
+    commands = readme_commands()
+    at = next(i for i, c in enumerate(commands) if "+experiment=paper_all" in c)
+    sweep, report = shlex.split(commands[at]), shlex.split(commands[at + 1])
+    assert sweep[:3] == ["python", "-m", "sweep"] and report[:3] == ["python", "-m", "sweep.report"]
+    return sweep[3:], report[3:]
+
+
+def screenshot(page: Path, png: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium here (Debian: apt-get install chromium; .ci/run installs it)")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--hide-scrollbars", f"--user-data-dir={png.parent / 'chromium-profile'}",
+        "--window-size=1280,2400", f"--screenshot={png}",
+    ]  # fmt: skip
+    res = subprocess.run(
+        [chromium, *flags, page.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and png.is_file(), res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_readme_paper_commands_run_and_the_report_renders_in_a_browser(tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    sweep_args, report_args = readme_paper_commands()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = run_sweep([*sweep_args, *SMALL, f"mlflow.tracking_uri={uri}"], tmp_path, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    # 5 policies and 4 baseline strengths, 5 warmups (lru is dbsc's run), 7 Table 1 cells at MAT84.
+    assert "[sweep] 21/21 done | 0 running | 0 failed | 1 skipped" in res.stderr
+    out = tmp_path / "report"
+    rep = subprocess.run(
+        [sys.executable, "-m", "sweep.report", *report_args, "--tracking-uri", uri, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert "2 settings that must not share a figure" in rep.stderr and "skipped" not in rep.stderr
+    for name in ("accuracy_vs_miss_rate", "energy_latency", "warmup", "miss_ratio_curves"):
+        (png,) = out.glob(f"{name}*.png")
+        assert png.stat().st_size > 10_000, name
+    (table,) = (path.read_text() for path in out.glob("table1*.md"))
+    assert "| AMAT | amat | - | - | - | - |" in table and table.count(" - ") == 20
+    page = out / "index.html"
+    assert page.read_text().count("<b>This data:</b>") == 5
+    png = tmp_path / "page.png"
+    screenshot(page, png)
+    pixels = imread(png)[..., :3]
+    assert pixels.shape[:2] == (2400, 1280)
+    # Not blank: text, a table and figures, not one colour.
+    ink = (pixels.min(axis=-1) < 0.6).mean()
+    colour = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3).mean()
+    assert ink > 0.01 and colour > 0.01 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
