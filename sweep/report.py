@@ -366,7 +366,7 @@ def normalise(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """Decode energy and latency per token of every run divided by its matched baseline run's
     (`matched_baseline`): columns `energy_norm`, `latency_norm`, the baseline's values
     (`*_base`), its series label (`baseline`) and `matched`."""
-    fin = finished(df).reset_index(drop=True)
+    fin = finished(df).reset_index(drop=True).copy()  # one block: columns are added below
     fin = fin.assign(series=series_label(fin)) if len(fin) else fin
     base = fin[fin["policy"] == baseline]
     if base.empty:

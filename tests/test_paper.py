@@ -19,9 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from slicemoe import run as runner
 from slicemoe.validate import validate
-from sweep import app, jobs, schema
+from sweep import app, schema
 from sweep.errors import SweepError
 from sweep.grids import expand
 
@@ -90,24 +89,28 @@ def preset_jobs(preset: str, *args: str) -> list[list[str]]:
 def test_paper_all_is_exactly_the_sweeps_of_the_figures_and_table1():
     parts = {p: preset_jobs(p) for p in ("paper_fig8", "paper_fig10", "paper_table1")}
     everything = preset_jobs("paper_all")
-    strip = [[o for o in job if not o.startswith("+experiment=")] for job in everything]
-    assert strip == [
-        [o for o in job if not o.startswith("+experiment=")] for p in parts.values() for job in p
-    ]
+
+    def own(job):
+        return [o for o in job if not o.startswith("+experiment=")]
+
+    assert [own(j) for j in everything] == [own(j) for p in parts.values() for j in p]
+    fig8, fig10, table1 = parts.values()
     assert [len(p) for p in parts.values()] == [5 * 3 + 4 * 3, 5, 6 + 6 + 9]
-    built = [jobs.make_job(i, compose_app(job), job, runner) for i, job in enumerate(everything)]
-    # fig10's warmup=lru run is fig8's dbsc run at frac_25: the launcher runs it once.
-    assert len(everything) == 53 and len({j.key for j in built}) == 52
-    cfgs = [j.config for j in built]
-    text = [c for c in cfgs if c.eval.task == "wikitext"]
-    assert len(text) == 21 and {Path(c.eval.data_path).name for c in text} == {
-        "wikitext-2-test-head.txt"
+    assert {o for j in fig8 for o in j if o.startswith("policy.lam=")} == {
+        f"policy.lam={lam}" for lam in (0.05, 0.1, 0.2, 0.3)
     }
-    assert all(c.bits.nonexpert_bits is None and c.policy.routing == "topk" for c in text)
-    lams = {c.policy.lam for c in cfgs if c.policy.name == "cache_prior_highbit"}
-    assert lams == {0.05, 0.1, 0.2, 0.3}
-    warmups = {c.policy.warmup for c in cfgs if c.cache.frac == 0.25 and c.policy.name == "dbsc"}
-    assert warmups == {"empty", "last_layer", "random", "lru", "pcw"}
+    assert {o for j in fig10 for o in j if o.startswith("policy.warmup=")} == {
+        f"policy.warmup={w}" for w in ("empty", "last_layer", "random", "lru", "pcw")
+    }
+    assert all({"eval=wikitext_head", "bits.nonexpert_bits=null"} <= set(j) for j in table1)
+    low = [j for j in table1 if "policy=lru_lowbit" in j]
+    assert sorted(o for j in low for o in j if o.startswith("bits.scheme=")).count(
+        "bits.scheme=amat"
+    ) == 3 and not [j for j in low if {"bits.scheme=amat", "bits.symmetric=True"} <= set(j)]
+    # The text is the one shipped with the package: no data folder needed.
+    cfg = schema.run_config(compose_app(table1[0]))
+    assert cfg.eval.task == "wikitext" and Path(cfg.eval.data_path).is_file()
+    assert Path(cfg.eval.data_path).parent == REPO / "slicemoe" / "eval" / "data"
 
 
 def test_a_model_on_the_command_line_reaches_every_job_of_paper_all():
@@ -137,10 +140,22 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def covering(todo: list[list[str]]) -> list[list[str]]:
+    """Jobs of `todo` that between them hold each of its overrides at least once."""
+    seen: set[str] = set()
+    keep = []
+    for job in todo:
+        if not seen >= set(job):
+            keep.append(job)
+            seen |= set(job)
+    return keep
+
+
 def check_sweep(args: list[str]) -> int:
-    """Compose and validate every job of `python -m sweep ARGS` as the launch would, without
-    running it; returns the number of jobs. Paths of another machine (model.path, a data
-    folder) are left out of the checks that read them."""
+    """Expand `python -m sweep ARGS` into its jobs as the sweeper would and compose and validate
+    jobs holding every override among them, without running anything; returns the number of
+    jobs. Paths of another machine (model.path, a data folder) are left out of the checks that
+    read them."""
     args = [a for a in args if a not in ("-m", "--multirun", "...") and not a.endswith("=...")]
     parsed = PARSER.parse_overrides(args)
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
@@ -151,9 +166,11 @@ def check_sweep(args: list[str]) -> int:
         todo = product(args)
     else:  # an optimiser samples its jobs: the base config
         todo = [base]
-    for job in todo:
+    for job in covering(todo):
         cfg = schema.run_config(compose_app(job))
         here = cfg.model.path is None or Path(cfg.model.path).exists()
+        if not here:  # shapes from the shipped config.json instead
+            cfg = replace(cfg, model=replace(cfg.model, path=None))
         if cfg.eval.data_path and not Path(cfg.eval.data_path).exists():
             cfg = replace(cfg, eval=replace(cfg.eval, data_path=None))
         validate(cfg, weights=here)
@@ -161,7 +178,7 @@ def check_sweep(args: list[str]) -> int:
 
 
 def check_command(command: str) -> None:
-    words = shlex.split(command)
+    words = shlex.split(re.sub(r"<[^>]*>", "PLACEHOLDER", command))  # `<parent run id>`
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
         words = words[1:]
     head = " ".join(words[:3])
@@ -200,6 +217,8 @@ def test_every_command_line_of_the_readme_composes_validates_or_parses():
     assert any("+experiment=paper_all" in c for c in commands)
     for command in commands:
         check_command(command)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (REPO / "README.md").read_text())
+    assert len(images) >= 4 and all((REPO / path).is_file() for path in images)
 
 
 # --- the README's paper commands, small, and the report in a browser -------------------------
