@@ -223,20 +223,87 @@ def test_every_command_line_of_the_readme_composes_validates_or_parses():
 
 # --- the README's paper commands, small, and the report in a browser -------------------------
 
-# Small enough for CI: one cache size, MAT84 only, 2 problems or text windows of 64 tokens.
+# Small enough for CI: one cache size, MAT84 and the Asym quantizer only, one baseline strength,
+# 2 problems or text windows of 64 tokens.
 SMALL = [
-    "cache=frac_25", "bits=mat84", "eval.limit=2", "eval.max_new_tokens=12", "eval.seq_len=64",
-    "eval.stride=64", "sweep.miss_ratio_points=5",
+    "cache=frac_25", "bits=mat84", "bits.symmetric=false", "policy.lam=0.2", "eval.limit=2",
+    "eval.max_new_tokens=12", "eval.seq_len=64", "eval.stride=64", "sweep.miss_ratio_points=5",
 ]  # fmt: skip
 
 
-def readme_paper_commands() -> tuple[list[str], list[str]]:
-    """The README's paper_all sweep and the report command after it, as argument lists."""
-    commands = readme_commands()
-    at = next(i for i, c in enumerate(commands) if "+experiment=paper_all" in c)
-    sweep, report = shlex.split(commands[at]), shlex.split(commands[at + 1])
-    assert sweep[:3] == ["python", "-m", "sweep"] and report[:3] == ["python", "-m", "sweep.report"]
-    return sweep[3:], report[3:]
+def readme_line(start: str) -> list[str]:
+    """The words of the README's first command that starts with `start`."""
+    return shlex.split(next(c for c in readme_commands() if c.startswith(start)))
+
+
+@pytest.fixture(scope="module")
+def paper_sweep(tmp_path_factory):
+    """The README's paper_all command, small, in a scratch folder with its own MLflow store."""
+    tmp = tmp_path_factory.mktemp("paper")
+    words = readme_line("python -m sweep -m +experiment=paper_all")
+    assert words[:3] == ["python", "-m", "sweep"] and len(words) == 5
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    res = run_sweep([*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return tmp, uri, res
+
+
+@pytest.mark.slow
+def test_the_readme_paper_commands_run_and_the_report_renders_in_a_browser(paper_sweep):
+    import numpy as np
+    from matplotlib.image import imread
+
+    tmp, uri, res = paper_sweep
+    # 5 policies, the baseline, 5 warmups (lru is dbsc's own run), 4 Table 1 cells at MAT84.
+    assert "[sweep] 15/15 done | 0 running | 0 failed | 1 skipped" in res.stderr
+    words = readme_line("python -m sweep.report")
+    out = tmp / "report"
+    rep = subprocess.run(
+        [sys.executable, *words[1:], "--tracking-uri", uri, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert "2 settings that must not share a figure" in rep.stderr and "skipped" not in rep.stderr
+    for name in ("accuracy_vs_miss_rate", "energy_latency", "warmup", "miss_ratio_curves"):
+        (png,) = out.glob(f"{name}*.png")
+        assert png.stat().st_size > 10_000, name
+    (table,) = (path.read_text() for path in out.glob("table1*.md"))
+    amat = next(line for line in table.splitlines() if line.startswith("| AMAT |"))
+    assert amat.startswith("| AMAT | amat | - | - | - | - | ") and "-" not in amat[32:]
+    page = out / "index.html"
+    assert page.read_text().count("<b>This data:</b>") == 5
+    png = tmp / "page.png"
+    screenshot(page, png)
+    pixels = imread(png)[..., :3]
+    assert pixels.shape[:2] == (2400, 1280)
+    # Not blank: text, tables and figures, not one colour.
+    ink = (pixels.min(axis=-1) < 0.6).mean()
+    colour = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3).mean()
+    assert ink > 0.01 and colour > 0.01 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+@pytest.mark.slow
+def test_the_readme_notebook_command_runs_headless(paper_sweep):
+    """The README's `jupyter execute` line as written, from the folder holding mlflow.db."""
+    import os
+
+    tmp, _, _ = paper_sweep
+    words = readme_line("SLICEMOE_FIG_DIR=")
+    env = dict(os.environ, PWD=str(tmp), OMP_NUM_THREADS="1")
+    while re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value.replace("$PWD", str(tmp))
+    assert words[:2] == ["jupyter", "execute"]
+    (tmp / "notebooks").mkdir()
+    shutil.copy(REPO / words[2], tmp / words[2])  # its figures land beside the copy
+    res = subprocess.run(
+        [str(BIN / "jupyter"), *words[1:]], cwd=tmp, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    figures = {p.name for p in tmp.glob(f"**/{env['SLICEMOE_FIG_DIR']}/*.png")}
+    assert {"accuracy_vs_miss_rate.png", "energy_latency.png", "warmup.png"} <= figures
+    assert "miss_ratio_curves.png" in figures
 
 
 def screenshot(page: Path, png: Path) -> None:
@@ -253,38 +320,3 @@ def screenshot(page: Path, png: Path) -> None:
         [chromium, *flags, page.as_uri()], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and png.is_file(), res.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_the_readme_paper_commands_run_and_the_report_renders_in_a_browser(tmp_path):
-    import numpy as np
-    from matplotlib.image import imread
-
-    sweep_args, report_args = readme_paper_commands()
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    res = run_sweep([*sweep_args, *SMALL, f"mlflow.tracking_uri={uri}"], tmp_path, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    # 5 policies and 4 baseline strengths, 5 warmups (lru is dbsc's run), 7 Table 1 cells at MAT84.
-    assert "[sweep] 21/21 done | 0 running | 0 failed | 1 skipped" in res.stderr
-    out = tmp_path / "report"
-    rep = subprocess.run(
-        [sys.executable, "-m", "sweep.report", *report_args, "--tracking-uri", uri, "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert rep.returncode == 0, rep.stderr[-3000:]
-    assert "2 settings that must not share a figure" in rep.stderr and "skipped" not in rep.stderr
-    for name in ("accuracy_vs_miss_rate", "energy_latency", "warmup", "miss_ratio_curves"):
-        (png,) = out.glob(f"{name}*.png")
-        assert png.stat().st_size > 10_000, name
-    (table,) = (path.read_text() for path in out.glob("table1*.md"))
-    assert "| AMAT | amat | - | - | - | - |" in table and table.count(" - ") == 20
-    page = out / "index.html"
-    assert page.read_text().count("<b>This data:</b>") == 5
-    png = tmp_path / "page.png"
-    screenshot(page, png)
-    pixels = imread(png)[..., :3]
-    assert pixels.shape[:2] == (2400, 1280)
-    # Not blank: text, a table and figures, not one colour.
-    ink = (pixels.min(axis=-1) < 0.6).mean()
-    colour = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3).mean()
-    assert ink > 0.01 and colour > 0.01 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50

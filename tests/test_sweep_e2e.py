@@ -1,5 +1,5 @@
 """The sweep with the real `slicemoe.run` on the shipped tiny model: a single run, a multirun on
-local Ray, Optuna driving the launcher, the report CLI and the comparison notebook."""
+local Ray and Optuna driving the launcher (the report and the notebook on a sweep: test_paper)."""
 
 from __future__ import annotations
 
@@ -86,66 +86,6 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
     steps = [m.step for m in client.get_metric_history(run_id, "energy_decode_cum_j")]
     assert steps == list(range(len(steps))) and len(steps) > 1
     assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-
-
-@pytest.mark.slow
-def test_report_cli_writes_the_csv_and_both_figures(policy_sweep):
-    import subprocess
-    import sys
-
-    import pandas as pd
-
-    tmp, _ = policy_sweep
-    (parent,) = search(uri(tmp), "policies", "tags.role = 'sweep'")
-    out = tmp / "report"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sweep.report",
-            "--experiment",
-            "policies",
-            "--tracking-uri",
-            uri(tmp),
-            "--parent",
-            parent.info.run_id,
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    runs = pd.read_csv(out / "runs.csv")
-    assert len(runs) == 4 and set(RESULT_METRICS) <= set(runs.columns)
-    assert set(runs["policy"]) == {"cache_prior_highbit", "dbsc"}
-    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png", "index.html"):
-        assert (out / name).stat().st_size > 10_000
-
-
-@pytest.mark.slow
-def test_notebook_runs_headless_and_writes_the_figures(policy_sweep, tmp_path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
-    tmp, _ = policy_sweep
-    monkeypatch.setenv("SLICEMOE_EXPERIMENT", "policies")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri(tmp))
-    monkeypatch.setenv("SLICEMOE_FIG_DIR", str(tmp_path / "figures"))
-    nb = nbformat.read(REPO / "notebooks" / "compare_policies.ipynb", as_version=4)
-    NotebookClient(
-        nb,
-        timeout=300,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(REPO / "notebooks")}},
-    ).execute()
-    for name in ("accuracy_vs_miss_rate.png", "energy_latency.png"):
-        assert (tmp_path / "figures" / name).stat().st_size > 10_000
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert any("4 runs, 4 finished" in o.get("text", "") for o in outputs)
 
 
 @pytest.mark.slow
