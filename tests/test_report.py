@@ -82,6 +82,7 @@ def test_fig9_divides_each_run_by_the_cheapest_baseline_run_at_least_as_accurate
     )
     assert out.loc["lru_lowbit", "baseline"] == cp + "0.5"
     text = report.verdict("fig9", lam_rows())
+    assert text.startswith("1 of 2 DBSC runs decode with less energy and time per token")
     assert (
         f"dbsc at frac_25: 2.00x less energy, 1.00x faster; accuracy 0.700 vs 0.700 for {cp}0.2."
         in text
@@ -191,6 +192,7 @@ def test_table1_from_perplexity_runs(tmp_path):
     csv = pd.read_csv(written["table1.csv"])
     assert list(csv.columns[:4]) == ["quant", "scheme", "MAT42 4b", "MAT42 2b"] and len(csv) == 5
     text = report.verdict("table1", table1_rows())
+    assert text.startswith("At 2 of 2 bit widths Trunc's low path is at least 10x AMAT's")
     assert "MAT42 2-bit path: AMAT 5.52, Asym Base 5.02 (AMAT 1.10x), Sym Base 6.02" in text
     assert "Trunc 500 or worse (91x AMAT)" in text
     page = written["index.html"].read_text()
@@ -225,7 +227,9 @@ def test_report_html_puts_each_figure_next_to_the_paper_claim_and_what_the_data_
     df = pd.DataFrame(report_rows())
     fig9 = report.verdict("fig9", df)
     # dbsc: half the baseline's energy per token (1.0 vs 2.0), same latency, more accurate.
-    assert fig9.startswith("dbsc at frac_25: 2.00x less energy, 1.00x faster; accuracy 0.700 vs")
+    head, first = fig9.splitlines()[:2]
+    assert head.startswith("0 of 2 DBSC runs decode with less energy and time per token")
+    assert first.startswith("dbsc at frac_25: 2.00x less energy, 1.00x faster; accuracy 0.700 vs")
     assert "none was as accurate; 0.600 is within this run's 95 % interval" in fig9
     better = pd.DataFrame(report_rows(**{"eval.limit": 400}))  # 0.7 +- 0.045 at n=400
     assert "0.600 is below this run's 95 % interval" in report.verdict("fig8", better)
