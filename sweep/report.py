@@ -6,8 +6,8 @@ writes `runs.csv` (every run with its params and metrics, failed ones included),
 (self-contained: every figure and table next to the paper's claim and what these runs say of it,
 with the runs behind each) and, for every setting (runs equal in every config field but the
 policy, bit widths and cache; a sweep that mixes e.g. two `eval.limit` values or seeds has two
-settings, each with its own files, numbered from the second on, and stderr says what was grouped
-and left out):
+settings, each with its own files, a name that comes again numbered from its second on, and
+stderr says what was grouped and left out):
 - `accuracy_vs_miss_rate.png`: accuracy against the 8-bit-normalised miss rate, a line per
   policy through its cache sizes, 95 % intervals from the number of documents, the Pareto front
   (the shape of SliceMoE Fig. 8);
@@ -680,31 +680,39 @@ def sections(
     steps: dict | None = None,
     curves: dict | None = None,
 ) -> list[Section]:
-    """Every figure and table for the settings of `df` (`settings`), with file names numbered
-    from the second setting on. `steps`: run id -> miss_rate_step curve (warmup figures);
-    `curves`: run id -> the miss-ratio curve table of the stream it recorded."""
+    """Every figure and table for the settings of `df` (`settings`); a file name that comes
+    again (another setting, another warmup group) is numbered from its second on. `steps`: run
+    id -> miss_rate_step curve (warmup figures); `curves`: run id -> the miss-ratio curve table
+    of the stream it recorded."""
+    from collections import Counter
+
     from slicemoe.eval import get_task
 
+    seen: Counter = Counter()
+
+    def name(stem: str, ext: str = "png") -> str:
+        seen[stem] += 1
+        return f"{stem}{'' if seen[stem] == 1 else f'_{seen[stem]}'}.{ext}"
+
     out = []
-    for i, (desc, group) in enumerate(settings(df), 1):
-        suffix = "" if i == 1 else f"_{i}"
+    for desc, group in settings(df):
         if get_task(str(group["task"].iloc[0])).kind == "loglik":
-            out.append(Section(f"table1{suffix}.md", "table1", desc, group,
+            out.append(Section(name("table1", "md"), "table1", desc, group,
                                lambda g=group: table1_cells(g)))  # fmt: skip
             continue
         kept, folded = main_warmups(group)
         note = f"{desc} ({folded} runs of other warmups: see the warmup figure)" if folded else desc
         out += [
-            Section(f"accuracy_vs_miss_rate{suffix}.png", "fig8", note, kept,
+            Section(name("accuracy_vs_miss_rate"), "fig8", note, kept,
                     lambda g=kept, d=note: plot_accuracy_vs_miss_rate(g, title=d)),
-            Section(f"energy_latency{suffix}.png", "fig9", note, kept,
+            Section(name("energy_latency"), "fig9", note, kept,
                     lambda g=kept: plot_energy_latency(g, baseline)),
         ]  # fmt: skip
-        for j, runs in enumerate(warmup_groups(group), 1):
-            name = f"warmup{suffix}{'' if j == 1 else f'_{j}'}.png"
-            out.append(Section(name, "fig10", desc, runs,
-                               lambda r=runs: plot_warmup(r, steps or {})))  # fmt: skip
-        out.append(Section(f"miss_ratio_curves{suffix}.png", "mrc", desc, group,
+        out += [
+            Section(name("warmup"), "fig10", desc, runs, lambda r=runs: plot_warmup(r, steps or {}))
+            for runs in warmup_groups(group)
+        ]
+        out.append(Section(name("miss_ratio_curves"), "mrc", desc, group,
                            lambda g=group, d=desc: plot_miss_ratio_curves(g, curves or {}, d)))  # fmt: skip
     return out
 

@@ -197,6 +197,10 @@ def test_table1_from_perplexity_runs(tmp_path):
     assert "Trunc 500 or worse (91x AMAT)" in text
     page = written["index.html"].read_text()
     assert report.CLAIMS["table1"][:40] in page and "<td>500.02</td>" not in page
+    # Beside the figures' runs, each file keeps its plain name: numbers are for repeats.
+    both = pd.concat([pd.DataFrame(report_rows()), table1_rows()])
+    names = [s.name for s in report.sections(both)]
+    assert names[0] == "accuracy_vs_miss_rate.png" and "table1.md" in names
 
 
 def test_miss_ratio_curves_put_each_stream_and_its_runs_on_one_figure(tmp_path, capsys):
