@@ -8,7 +8,7 @@ batching and the launch loop are the basic sweeper's.
 # No `from __future__ import annotations`: Hydra executes plugin modules without registering
 # them in sys.modules, and dataclasses then cannot resolve string annotations.
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -23,7 +23,7 @@ class GridsSweeperConf:
     _target_: str = "hydra_plugins.slicemoe_sweeper.slicemoe_sweeper.GridsSweeper"
     max_batch_size: Optional[int] = None
     # grid name -> {override key: comma-separated values}, as `params` of the basic sweeper.
-    grids: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    grids: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(
@@ -32,18 +32,18 @@ ConfigStore.instance().store(
 
 
 class GridsSweeper(BasicSweeper):
-    def __init__(self, grids: Dict[str, Dict[str, Any]], max_batch_size: Optional[int]) -> None:
+    def __init__(self, grids: dict[str, dict[str, Any]], max_batch_size: Optional[int]) -> None:
         super().__init__(max_batch_size)
         self.grids = grids
 
     def split_arguments(
-        self, overrides: List[Override], max_batch_size: Optional[int]
-    ) -> List[List[List[str]]]:
+        self, overrides: list[Override], max_batch_size: Optional[int]
+    ) -> list[list[list[str]]]:
         # `overrides` are the command line's (this sweeper has no `params`).
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         arguments = [o.input_line for o in overrides]
 
-        def product(lines: List[str]) -> List[List[str]]:
+        def product(lines: list[str]) -> list[list[str]]:
             return BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
 
         jobs = expand(self.grids, arguments, product)
