@@ -17,10 +17,10 @@ tokens it consumed, whenever the host looks.
 
 Backends (`model.backend`): `python`, the readable reference (adapter.Runtime, a SliceCache per
 row on the host), or `tensor` (tensor_runtime.TensorRuntime, the same on the model's device);
-`auto` takes `tensor` on CUDA. KV caches: transformers' dynamic cache and masks (any family,
-any device), or a static cache with the simulator's own masks, where on CUDA the whole decode
-step (token choice, model, caches, routing, hardware bill) is captured once per batch in a CUDA
-graph and replayed.
+`auto` takes `tensor` on CUDA. KV caches: a static cache with the simulator's own masks where
+every layer is full attention, transformers' dynamic cache and masks otherwise. With the device
+runtime on CUDA the whole decode step (token choice, model, caches, routing, hardware bill) is
+captured once per batch in a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -107,8 +107,12 @@ class Simulator:
         else:
             self.rt = Runtime(*rules)
         install(model, self.rt)
-        self.static = self.backend == "tensor" and static_kv(model, self.device)
-        self.graphs = self.static and self.device.type == "cuda"  # capture the decode step
+        self.static = static_kv(model)
+        # The decode step is captured where nothing in it waits for the host: the device
+        # runtime, with the experts as codes, on CUDA.
+        coded = all(isinstance(b.experts, CodeExperts) for b in blocks)
+        cuda = self.device.type == "cuda"
+        self.graphs = self.static and coded and self.backend == "tensor" and cuda
         # transformers renamed the KV-cache argument (past_key_values -> cache) during 5.x.
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -303,13 +307,12 @@ def backend(cfg: RunConfig, device: torch.device) -> str:
     return "tensor" if device.type == "cuda" and not host_only else "python"
 
 
-def static_kv(model, device: torch.device) -> bool:
-    """Whether the static KV cache serves this model: every layer full attention, and routed
-    experts that compute without host synchronisation (codes, on CUDA)."""
+def static_kv(model) -> bool:
+    """Whether the static KV cache serves this model: every layer full attention (sliding
+    windows, linear attention and state-space layers keep transformers' own caches)."""
     c = model.config
     layers = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
-    coded = all(isinstance(b.experts, CodeExperts) for b in moe_blocks(model))
-    return all(t == "full_attention" for t in layers) and (coded or device.type != "cuda")
+    return all(t == "full_attention" for t in layers)
 
 
 def _cut(text: str, stop) -> str:
@@ -370,7 +373,9 @@ class StaticKV:
     def _mask(self, query_slots: torch.Tensor):
         """An additive [B, 1, Q, slots] mask: each query attends to its row's tokens so far."""
         allowed = self.valid[:, None, :] & (self.keys <= query_slots[:, None])[None]
-        return {"full_attention": torch.where(allowed[:, None], self.zero, self.blocked)}
+        # A 4D mask is taken as given by transformers' mask functions (and every layer is
+        # full attention here).
+        return torch.where(allowed[:, None], self.zero, self.blocked)
 
     def prefill(self, ids, mask, pos) -> torch.Tensor:
         s = ids.shape[1]
