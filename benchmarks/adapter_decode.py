@@ -69,6 +69,7 @@ def gib(device) -> float:
 
 
 def reset_peak(device):
+    gc.collect()  # what an earlier row left unreachable does not count against this one
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -207,9 +208,14 @@ def main():
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per row")
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--memory-gib", type=float, default=79.6)
-    ap.add_argument("--skip-plain", action="store_true", help="no plain transformers rows")
+    ap.add_argument("--rows", default="plain,before,simulator,largest",
+                    help="which rows to take (a long run can be split in two)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
+    wanted = set(args.rows.split(","))
+    unknown = wanted - {"plain", "before", "simulator", "largest"}
+    if unknown:
+        ap.error(f"--rows: unknown {sorted(unknown)}; choose from plain,before,simulator,largest")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -229,7 +235,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
 
     new = args.steps
-    if not args.skip_plain:
+    if "plain" in wanted:
         reset_peak(device)
         add("plain generate, dynamic KV", 1, generate_step_s(model, 1, args.prompt, new, device),
             gib(device))  # fmt: skip
@@ -251,16 +257,20 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
 
     # Before: the reference runtime, two dequantized copies of the experts, dynamic KV.
-    quantize_model(model, cfg.bits)
-    before = Loaded(load_key(cfg), model, tok, shape, device)
+    if "before" in wanted:
+        quantize_model(model, cfg.bits)
+        before = Loaded(load_key(cfg), model, tok, shape, device)
+        reset_peak(device)
+        b = 64 if cuda else batches[-1]
+        with _guard(f"before B={b}"):
+            step, _, _ = simulator_step_s(replace(cfg, model=replace(cfg.model, backend="python")),
+                                          before, b, args.prompt, new, device)  # fmt: skip
+            add("simulator before: host runtime, 2 expert copies, dynamic KV", b, step, gib(device))
+        del before
+    del model
     reset_peak(device)
-    b = 64 if cuda else batches[-1]
-    with _guard(f"before B={b}"):
-        step, _, _ = simulator_step_s(replace(cfg, model=replace(cfg.model, backend="python")),
-                                      before, b, args.prompt, new, device)  # fmt: skip
-        add("simulator before: host runtime, 2 expert copies, dynamic KV", b, step, gib(device))
-    del before, model
-    reset_peak(device)
+    if not wanted & {"simulator", "largest"}:
+        return report(rows, args)
 
     # Now: experts held once as codes, the device runtime, static KV, captured step.
     model = random_model(hf, device, dtype)
@@ -280,20 +290,21 @@ def main():
     print(f"experts: {codes / 2**30:.2f} GiB as codes (two bf16 copies: {copies / 2**30:.2f} GiB)")
     loaded = Loaded(load_key(cfg), model, tok, shape, device)
     tensor = replace(cfg, model=replace(cfg.model, backend="tensor"))
-    for b in batches:
+    for b in batches if "simulator" in wanted else ():
         with _guard(f"simulator B={b}"):
             reset_peak(device)
             step, sim, kernels = simulator_step_s(tensor, loaded, b, args.prompt, new, device,
                                                   profile=b == 64)  # fmt: skip
             memory = gib(device)
             del sim
+            gc.collect()  # the batch's KV cache and captured step (a reference cycle)
             alone = model_only_step_s(model, b, args.prompt, new, device)
             extra = dict(model_only_ms=1e3 * alone, outside_model=1 - alone / step)
             if kernels:
                 extra["gpu_time_by_kernel_kind"] = kernel_kinds(kernels)
                 extra["top_kernels"] = [(n[:60], round(t / 1e3, 3)) for n, t in kernels[:8]]
             add("simulator: device runtime, codes, static KV, CUDA graph", b, step, memory, **extra)
-    if cuda:
+    if cuda and "largest" in wanted:
         largest = None
         for b in (384, 512, 640, 768, 1024):
             try:
@@ -308,6 +319,10 @@ def main():
                 gc.collect()
         if largest:
             add(f"simulator, largest batch tried that fits in {args.memory_gib} GiB", *largest)
+    report(rows, args)
+
+
+def report(rows, args):
     print("\n| path | B | decode step ms | device-tokens/s | peak GiB | model-only ms | "
           "share outside the model |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:

@@ -26,7 +26,7 @@ captured once per batch in a CUDA graph and replayed.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,6 +56,10 @@ from slicemoe.warmup import apply_warmup
 
 # How often (decode steps) the device backend shows the host its tokens, to find stopped rows.
 CHECK_EVERY = 8
+# Tokens (rows x positions) one prefill forward pass takes at most with the static KV cache:
+# longer prompts are prefilled in pieces of positions, so a large batch's prefill activations
+# do not outgrow its KV cache.
+PREFILL_TOKENS = 32768
 
 
 @dataclass
@@ -77,8 +81,11 @@ class Batch:
 
 
 class Simulator:
-    def __init__(self, cfg: RunConfig, loaded, record: bool = False):
-        """`loaded`: slicemoe.run.Loaded; `record`: keep the request stream (slicemoe.stream)."""
+    def __init__(self, cfg: RunConfig, loaded, record: bool = False, static: bool | None = None,
+                 capture: bool = True):  # fmt: skip
+        """`loaded`: slicemoe.run.Loaded; `record`: keep the request stream (slicemoe.stream);
+        `static`: the static KV cache (None: wherever every layer is full attention);
+        `capture`: the decode step as a CUDA graph wherever it can be."""
         self.cfg, self.loaded, self.record = cfg, loaded, record
         model = loaded.model
         self.model, self.device = model, torch.device(loaded.device)
@@ -107,12 +114,14 @@ class Simulator:
         else:
             self.rt = Runtime(*rules)
         install(model, self.rt)
-        self.static = static_kv(model)
+        if static and not static_kv(model):
+            raise ValueError("static=True: this model has layers that are not full attention")
+        self.static = static_kv(model) if static is None else static
         # The decode step is captured where nothing in it waits for the host: the device
-        # runtime, with the experts as codes, on CUDA.
+        # runtime, with the experts as codes, on CUDA, with the static KV cache.
         coded = all(isinstance(b.experts, CodeExperts) for b in blocks)
         cuda = self.device.type == "cuda"
-        self.graphs = self.static and coded and self.backend == "tensor" and cuda
+        self.graphs = capture and self.static and coded and self.backend == "tensor" and cuda
         # transformers renamed the KV-cache argument (past_key_values -> cache) during 5.x.
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -188,8 +197,11 @@ class Simulator:
         state = rt.begin(caches, mask.bool().to(dev), first_seq)
         horizon = int(steps.max(initial=0))
         kv = (StaticKV if self.static else DynamicKV)(self.model, self.cache_kw, rows, s + horizon)
-        with rt.bound(state):
-            logits = kv.prefill(ids.to(dev), mask.to(dev), pos.to(dev))
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        for a, b in kv.pieces(rows, s):
+            # the runtime's prefill counts take the piece's positions
+            with rt.bound(replace(state, valid=state.valid[:, a:b])):
+                logits = kv.prefill(ids[:, a:b], mask[:, :b], pos[:, a:b])
         counts = rt.counts(state)
         sliced = cfg.policy.precision in ("low", "dbsc")
         kinds = slice_kinds(sliced, fp.nested, True)  # prefill runs at high precision
@@ -257,6 +269,9 @@ class Simulator:
     def end(self, batch: Batch, steps: np.ndarray) -> None:
         """Close a batch whose row b consumed steps[b] tokens: its counters, request stream and
         traces join the run's, each row's from the steps it ran only."""
+        # The captured step refers to the batch it steps: dropped now rather than whenever the
+        # garbage collector finds that cycle, the KV cache is freed before the next batch's.
+        batch.kv.graph = None
         ran = int(steps.max(initial=0))
         history, layer_history = self.rt.history(batch.state, ran)
         counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
@@ -333,7 +348,14 @@ class DynamicKV:
         self.kv = DynamicCache(config=model.config)
         self.mask = None
 
+    def pieces(self, rows: int, s: int) -> list[tuple[int, int]]:
+        """The prompt positions of each prefill forward pass: one (transformers' caches of
+        other layer kinds need the whole prompt at once)."""
+        return [(0, s)]
+
     def prefill(self, ids, mask, pos) -> torch.Tensor:
+        """The prompts (or, after earlier pieces, their next positions `ids`): `mask` [B, keys
+        so far] marks the real tokens."""
         self.mask = mask
         return self._forward(ids, pos)
 
@@ -377,12 +399,17 @@ class StaticKV:
         # full attention here).
         return torch.where(allowed[:, None], self.zero, self.blocked)
 
+    def pieces(self, rows: int, s: int) -> list[tuple[int, int]]:
+        step = max(1, PREFILL_TOKENS // rows)
+        return [(a, min(a + step, s)) for a in range(0, s, step)]
+
     def prefill(self, ids, mask, pos) -> torch.Tensor:
-        s = ids.shape[1]
-        self.valid[:, :s] = mask.bool()
-        self.slot.fill_(s)
+        end = mask.shape[1]
+        self.valid[:, :end] = mask.bool()
+        self.slot.fill_(end)
         out = self.model(
-            input_ids=ids, attention_mask=self._mask(self.keys[:s]), position_ids=pos,
+            input_ids=ids, attention_mask=self._mask(self.keys[end - ids.shape[1] : end]),
+            position_ids=pos,
             use_cache=True, logits_to_keep=1, output_router_logits=False,
             **{self.cache_kw: self.kv},
         )  # fmt: skip

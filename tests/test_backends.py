@@ -107,9 +107,12 @@ def test_a_recorded_stream_is_the_same_through_either_runtime():
     assert want.scores == got.scores
 
 
-def test_the_static_kv_cache_scores_like_the_dynamic_one():
+def test_the_static_kv_cache_scores_like_the_dynamic_one(monkeypatch):
     """Teacher-forced NLLs of left-padded rows of different lengths, and the caches' counters,
-    with the static cache and the simulator's own masks against transformers' dynamic cache."""
+    with the static cache and the simulator's own masks against transformers' dynamic cache;
+    and with the static cache's prefill in pieces of 2 positions (as a large batch's is)."""
+    from slicemoe import simulator
+
     cfg = RunConfig(model=ModelConfig(backend="tensor"), cache=CacheConfig(frac=0.2))
     loaded = load(cfg)
     g = torch.Generator().manual_seed(3)
@@ -117,14 +120,17 @@ def test_the_static_kv_cache_scores_like_the_dynamic_one():
     split = [9, 3, 14]
     prompts, forced = [r[:s] for r, s in zip(rows, split)], [r[s:] for r, s in zip(rows, split)]
     results = []
-    for static in (False, True):
-        sim = Simulator(cfg, loaded)
-        sim.static = static
-        results.append((sim.loglikelihood(0, prompts, forced), sim.rows()))
-    (nll_d, rows_d), (nll_s, rows_s) = results
-    for a, b in zip(nll_d, nll_s):
-        assert b == pytest.approx(a, abs=1e-4)
-    assert np.array_equal(rows_d, rows_s)  # requests, misses, calls, bytes, cost
+    for static, budget in ((False, None), (True, None), (True, 6)):
+        if budget:
+            monkeypatch.setattr(simulator, "PREFILL_TOKENS", budget)
+        sim = Simulator(cfg, loaded, static=static)
+        results.append((sim.loglikelihood(0, prompts, forced), sim.rows(), sim.prefill_cost))
+    nll_d, rows_d, prefill_d = results[0]
+    for nll, rows_, prefill in results[1:]:
+        for a, b in zip(nll_d, nll):
+            assert b == pytest.approx(a, abs=1e-4)
+        assert np.array_equal(rows_d, rows_)  # requests, misses, calls, bytes, cost
+        assert prefill == prefill_d  # the prefill counts, their stream and bill
 
 
 def importlib_triton() -> bool:
@@ -156,8 +162,8 @@ def test_on_cuda_the_captured_step_replays_the_eager_one_and_the_runtimes_agree(
         ("tensor dynamic", "tensor", False, False),
         ("python dynamic", "python", False, False),
     ):
-        sim = Simulator(on(cfg, backend), loaded)
-        sim.static, sim.graphs = static, graphs
+        sim = Simulator(on(cfg, backend), loaded, static=static, capture=graphs)
+        assert sim.graphs == graphs
         texts = sim.generate_until(0, prompts, stop=("\n\n",), max_new=40)
         out[name] = texts, sim.rows()
     assert out["graph"][0] == out["eager"][0]
