@@ -38,7 +38,7 @@ from slicemoe.models import Shape, gate_rule, moe_blocks
 from slicemoe.models.adapter import Bindable, install, quantize_model
 from slicemoe.routing import RoutingParams, route
 from slicemoe.run import Loaded, load_key
-from slicemoe.simulator import Captured, Simulator, StaticKV
+from slicemoe.simulator import Captured, Simulator, StaticKV, cache_kw
 
 
 def qwen15_moe_config(small: bool):
@@ -119,8 +119,7 @@ def model_only_step_s(model, batch, prompt, steps, device) -> float:
     """The captured decode step of the model alone (codes, static KV, plain routing)."""
     plain = PlainRouting(gate_rule(model.config))
     install(model, plain)
-    kw = "cache" if _has_cache_kw(model) else "past_key_values"
-    kv = StaticKV(model, kw, batch, prompt + steps + 2)
+    kv = StaticKV(model, cache_kw(model), batch, prompt + steps + 2)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     pos = torch.arange(prompt, device=device).expand(batch, -1)
     tok = torch.ones(batch, dtype=torch.long, device=device)
@@ -141,12 +140,6 @@ def model_only_step_s(model, batch, prompt, steps, device) -> float:
             run()
         sync(device)
     return (time.perf_counter() - t0) / steps
-
-
-def _has_cache_kw(model) -> bool:
-    import inspect
-
-    return "cache" in inspect.signature(model.forward).parameters
 
 
 def simulator_step_s(cfg, loaded, batch, prompt, steps, device, profile=False):
@@ -208,8 +201,11 @@ def main():
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per row")
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--memory-gib", type=float, default=79.6)
-    ap.add_argument("--rows", default="plain,before,simulator,largest",
-                    help="which rows to take (a long run can be split in two)")
+    ap.add_argument(
+        "--rows",
+        default="plain,before,simulator,largest",
+        help="which rows to take (a long run can be split in two)",
+    )
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
     wanted = set(args.rows.split(","))
@@ -278,15 +274,8 @@ def main():
     codes = sum(
         t.numel() * t.element_size() for b in moe_blocks(model) for t in b.experts.buffers()
     )
-    copies = (
-        2
-        * hf.num_hidden_layers
-        * hf.num_experts
-        * 3
-        * hf.hidden_size
-        * hf.moe_intermediate_size
-        * 2
-    )
+    matrices = hf.num_hidden_layers * hf.num_experts * 3  # gate, up, down: H x I each
+    copies = 2 * matrices * hf.hidden_size * hf.moe_intermediate_size * 2  # two bf16 copies
     print(f"experts: {codes / 2**30:.2f} GiB as codes (two bf16 copies: {copies / 2**30:.2f} GiB)")
     loaded = Loaded(load_key(cfg), model, tok, shape, device)
     tensor = replace(cfg, model=replace(cfg.model, backend="tensor"))

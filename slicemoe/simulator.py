@@ -78,6 +78,7 @@ class Batch:
     forced: torch.Tensor | None  # [B, steps] teacher-forced tokens, pad past a row's end
     nll: torch.Tensor | None  # [B, steps]
     step: int = 0  # the step, on the host
+    graph: Captured | None = None  # the decode step, captured (CUDA)
 
 
 class Simulator:
@@ -122,9 +123,7 @@ class Simulator:
         coded = all(isinstance(b.experts, CodeExperts) for b in blocks)
         cuda = self.device.type == "cuda"
         self.graphs = capture and self.static and coded and self.backend == "tensor" and cuda
-        # transformers renamed the KV-cache argument (past_key_values -> cache) during 5.x.
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kw(model)
         tok = loaded.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # Over all batches: step_rows[t] = COUNTERS of decode step t summed over every device;
@@ -236,9 +235,9 @@ class Simulator:
             self._choose(batch)
             return
         if self.graphs:
-            if batch.step == 0:
-                batch.kv.graph = Captured(lambda: self._step(batch, None))
-            batch.kv.graph()
+            if batch.graph is None:
+                batch.graph = Captured(lambda: self._step(batch, None))
+            batch.graph()
         else:
             self._step(batch, active)
         batch.step += 1
@@ -271,7 +270,7 @@ class Simulator:
         traces join the run's, each row's from the steps it ran only."""
         # The captured step refers to the batch it steps: dropped now rather than whenever the
         # garbage collector finds that cycle, the KV cache is freed before the next batch's.
-        batch.kv.graph = None
+        batch.graph = None
         ran = int(steps.max(initial=0))
         history, layer_history = self.rt.history(batch.state, ran)
         counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
@@ -320,6 +319,12 @@ def backend(cfg: RunConfig, device: torch.device) -> str:
         return cfg.model.backend
     host_only = cfg.trace or cfg.cache.eviction not in EVICTIONS
     return "tensor" if device.type == "cuda" and not host_only else "python"
+
+
+def cache_kw(model) -> str:
+    """The forward argument that takes the KV cache (transformers renamed past_key_values to
+    cache during 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def static_kv(model) -> bool:
@@ -390,7 +395,6 @@ class StaticKV:
         self.blocked = torch.full(
             (), torch.finfo(model.dtype).min, dtype=model.dtype, device=device
         )
-        self.graph = None
 
     def _mask(self, query_slots: torch.Tensor):
         """An additive [B, 1, Q, slots] mask: each query attends to its row's tokens so far."""

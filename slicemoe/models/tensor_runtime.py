@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from slicemoe import tensorcache as tc
-from slicemoe.cache import KIND_CODE, KINDS, SliceCache
+from slicemoe.cache import KINDS, SliceCache
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
 from slicemoe.models.adapter import LAMBDA_GAIN, RuntimeRules, decode_bill, head_bill
@@ -32,7 +32,6 @@ from slicemoe.routing import RoutingParams, precision, route
 class Rows:
     """One batch on the device: B rows, decode steps up to `steps`."""
 
-    spec: tc.Spec
     valid: torch.Tensor  # [B, S] prompt tokens (no padding)
     counts: torch.Tensor  # [B, L, E] prefill routing counts
     phase: str = "prefill"
@@ -99,7 +98,7 @@ class TensorRuntime(RuntimeRules):
     def begin(self, caches: list[SliceCache], valid: torch.Tensor, first_seq: int) -> Rows:
         dev = valid.device
         counts = torch.zeros((len(caches), self.L, self.E), dtype=torch.int64, device=dev)
-        return Rows(self.spec, valid, counts)
+        return Rows(valid, counts)
 
     def to_decode(self, state: Rows, caches, context, limit) -> None:
         """The warmed-up SliceCaches become the device's; `limit` [B]: decode steps per row."""
@@ -290,6 +289,3 @@ class TensorRuntime(RuntimeRules):
 
 def _flash_bytes(stats: torch.Tensor) -> torch.Tensor:
     return sum(stats[:, tc.S[f"bytes_{k}"]] for k in KINDS)
-
-
-__all__ = ["KIND_CODE", "TensorRuntime"]
