@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from sweep import schema
 from sweep.errors import SweepError
-from sweep.jobs import load_runner, make_job, objective_of, return_value
+from sweep.jobs import Outcome, load_runner, make_job, objective_of, return_value
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -40,7 +40,6 @@ def task(cfg: DictConfig) -> Any:
     # Imported once the config is known to be valid: config errors show without waiting for
     # MLflow to import.
     from sweep import worker
-    from sweep.jobs import Outcome
     from sweep.ledger import Ledger
     from sweep.progress import result_table
 
@@ -58,7 +57,7 @@ def task(cfg: DictConfig) -> Any:
     try:
         outcome = worker.execute(runner, worker.ModelCache(1), job, record, ledger.tracker)
     except BaseException:  # Ctrl-C: rerunning the command redoes it
-        ledger.kill_in_flight([record.run_id] if record.run_id else [])
+        ledger.kill_in_flight([record.run_id])
         raise
     ledger.received(outcome)
     print(result_table([(job.name, outcome.status, outcome.metrics)]))

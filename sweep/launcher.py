@@ -157,7 +157,7 @@ class Multirun:
             # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
             # actor finished (replayed members of a unit) stay FINISHED.
             slots = pool.inflight.values() if pool is not None else []
-            self.ledger.kill_in_flight([r.run_id for s in slots for r in s.records if r.run_id])
+            self.ledger.kill_in_flight([r.run_id for s in slots for r in s.records])
             raise  # sweep.__main__ says it in one line
         finally:
             progress.close()

@@ -186,7 +186,7 @@ class Ledger:
         try:
             self.tracker.push(record)
         except STORE_ERRORS as err:
-            self.keep(record.detached(), last_line(str(err)))
+            self.keep(record, last_line(str(err)))
 
     def keep(self, record: RunRecord, error: str) -> None:
         self.spool.put(record, self.tracker.uri, self.experiment, error)
@@ -206,7 +206,8 @@ class Ledger:
         if self.away_since is None or time.monotonic() < self.next_try:
             return
         self.next_try = time.monotonic() + RETRY_S
-        if self.tracker.answers() and not self.push_spool():
+        entries = self.spool.entries(self.tracker.uri, self.experiment)
+        if self.tracker.answers() and not self.spool.push(entries, self.tracker):
             log.warning(f"the tracking store {self.tracker.uri} answers again; spool pushed")
             self.away_since = None
 
@@ -222,12 +223,12 @@ class Ledger:
     def close_parent(self, status: str, counts: dict[str, int], table: str) -> None:
         self.save(parent_record(self.parent_id, status, counts, table))
 
-    def kill_in_flight(self, run_ids: list[str]) -> None:
+    def kill_in_flight(self, run_ids: list[str | None]) -> None:
         """On the way out (Ctrl-C, a driver error): no run of this driver left RUNNING; the
         relaunch computes them again. The store may be what broke: a failure ends the attempt
         (a relaunch sees these runs' driver gone and closes them itself)."""
         try:
-            for run_id in run_ids:
+            for run_id in filter(None, run_ids):  # None: a run the store never made
                 if self.tracker.client.get_run(run_id).info.status == "RUNNING":
                     self.tracker.client.set_terminated(run_id, "KILLED")
             if self.parent_id:

@@ -55,7 +55,7 @@ class Spool:
                 if isinstance(item, bytes):
                     path.write_bytes(item)
                 elif Path(item) != path:
-                    path.write_bytes(Path(item).read_bytes())
+                    shutil.copyfile(item, path)
                 record.artifacts[artifact] = str(path)
             self.save(entry)
         except OSError as err:

@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import random
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -402,7 +403,10 @@ class Tracker:
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_bytes(item if isinstance(item, bytes) else Path(item).read_bytes())
+            if isinstance(item, bytes):
+                path.write_bytes(item)
+            else:
+                shutil.copyfile(item, path)
             self.client.log_artifact(run_id, str(path))
 
 

@@ -94,7 +94,8 @@ def execute_group(
                 deliver(tracker, r.fail(error), Outcome("FAILED", {}, error=last_line(error)))
                 for r in records
             ]
-        if records[0].tags.get("stream_source") == "recorded" and mrc_points:
+        curve = callable(getattr(runner, "miss_ratio_curve", None)) and mrc_points
+        if records[0].tags.get("stream_source") == "recorded" and curve:
             try:
                 _miss_ratio_curve(runner, stream, jobs[0].config, records[0], mrc_points, Path(tmp))
             except Exception:  # an extra figure: its failure must not cost the runs

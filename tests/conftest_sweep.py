@@ -144,6 +144,15 @@ def search(uri: str, experiment: str, filter_string: str = "") -> list:
     return client.search_runs([exp.experiment_id], filter_string, max_results=10000)
 
 
+def assert_no_metric_lost(uri: str, run) -> None:
+    """A FINISHED run has every result metric, and its curves at every step."""
+    from mlflow.tracking import MlflowClient
+
+    assert set(RESULT_METRICS) <= set(run.data.metrics), run.info.run_id
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "miss_rate_running")
+    assert sorted(m.step for m in history) == list(range(5)), run.info.run_id
+
+
 def descendants(roots: set[int]) -> set[int]:
     """`roots` and every process below them."""
     parents: dict[int, int] = {}

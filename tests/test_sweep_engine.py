@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest_sweep import (
     RUNNER,
+    assert_no_metric_lost,
     free_port,
     kill,
     run_sweep,
@@ -18,8 +19,6 @@ from conftest_sweep import (
     start_sweep,
     stop_server,
 )
-
-from sweep.jobs import RESULT_METRICS
 
 EXP = "engine"
 
@@ -42,15 +41,6 @@ def finished_keys(tmp: Path) -> dict[str, str]:
     keys = Counter(r.data.tags["run_key"] for r in runs)
     assert max(keys.values(), default=1) == 1, f"a run key finished twice: {keys}"
     return {r.data.tags["run_key"]: r.info.run_id for r in runs}
-
-
-def assert_no_metric_lost(tmp: Path, run) -> None:
-    """A FINISHED run has every result metric, and its curves at every step."""
-    from mlflow.tracking import MlflowClient
-
-    assert set(RESULT_METRICS) <= set(run.data.metrics), run.info.run_id
-    history = MlflowClient(uri(tmp)).get_metric_history(run.info.run_id, "miss_rate_running")
-    assert sorted(m.step for m in history) == list(range(5)), run.info.run_id
 
 
 @pytest.mark.slow
@@ -83,7 +73,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
     assert "actor died" in killed.data.tags["error"] and "seed=66" in killed.data.tags["overrides"]
     for run in children:
         if run.info.status == "FINISHED":
-            assert_no_metric_lost(tmp_path, run)
+            assert_no_metric_lost(uri(tmp_path), run)
         if run.info.status == "FAILED":
             assert run.data.tags["error"].startswith(("RuntimeError: boom", "MemoryError: out of"))
     # Each actor loaded the model once (two actors, plus the replacement of the dead one).
