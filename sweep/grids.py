@@ -13,7 +13,8 @@ widths on a text), so a preset names its grids, each written like `hydra.sweeper
 Grids are a mapping, so presets that each bring their own grids combine in a defaults list
 (`+experiment=paper_all`). Every job of every grid gets the command line's overrides, which win
 over a grid's value for the same key, as they win over `params` with the basic sweeper: that is
-how `model=... model.path=...` reaches every part. A job that two grids both produce runs once.
+how `model=... model.path=...` reaches every part. A job two grids spell alike is listed once
+(and the launcher runs a run key once, however it is spelled).
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
 from sweep.errors import SweepError
+
+
+def product(parser, lines: list[str]) -> list[list[str]]:
+    """The basic sweeper's cartesian product of one list of override strings (`parser`: a
+    Hydra OverridesParser)."""
+    return BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
 
 
 def value_string(value: Any) -> str:
     """A grid value as Hydra's override grammar reads it (YAML gives bools, numbers, null)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return "null" if value is None else str(value)  # Hydra reads True/False in any case
 
 
 def expand(

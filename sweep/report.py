@@ -717,24 +717,26 @@ def sections(
     return out
 
 
-def write_html(out: Path, title: str, summary: str, written: list[Section]) -> Path:
-    """A self-contained `index.html`: per figure or table, the paper's claim, what the data says,
-    the figure (embedded) or table, and every run behind it."""
+def write_html(
+    out: Path, title: str, summary: str, written: list[tuple[Section, Any]], baseline: str
+) -> Path:
+    """A self-contained `index.html`: per figure or table (each with what its `make` made), the
+    paper's claim, what the data says, the figure (embedded) or table, and every run behind it."""
     import base64
     import html
 
     parts = [f"<h1>{html.escape(title)}</h1><pre>{html.escape(summary)}</pre>"]
-    for s in written:
+    for s, made in written:
         if s.kind == "table1":
-            cells = table1_cells(s.runs)
-            body = table1_frame(cells).to_html(index=False, na_rep="-", float_format="%.4g")
-            if "fp" in cells:
-                body += f"<p>unquantized experts: {cells['fp']:.4g}</p>"
+            body = table1_frame(made).to_html(index=False, na_rep="-", float_format="%.4g")
+            if "fp" in made:
+                body += f"<p>unquantized experts: {made['fp']:.4g}</p>"
         else:
             image = base64.b64encode((out / s.name).read_bytes()).decode()
             body = f'<img alt="{html.escape(s.name)}" src="data:image/png;base64,{image}">'
         lines = "".join(
-            f"<li>{html.escape(line)}</li>" for line in verdict(s.kind, s.runs).splitlines()
+            f"<li>{html.escape(line)}</li>"
+            for line in verdict(s.kind, s.runs, baseline).splitlines()
         )
         columns = [c for c in RUN_COLUMNS if c in s.runs and s.runs[c].notna().any()]
         table = s.runs[columns].to_html(index=False, float_format="%.4g")
@@ -784,15 +786,16 @@ def write_report(
             print(f"{s.name} skipped: {err}", file=sys.stderr)
             continue
         if s.kind == "table1":
+            csv = out / s.name.replace(".md", ".csv")
             (out / s.name).write_text(format_table(made) + "\n")
-            table1_frame(made).to_csv(out / s.name.replace(".md", ".csv"), index=False)
-            paths += [out / s.name, out / s.name.replace(".md", ".csv")]
+            table1_frame(made).to_csv(csv, index=False)
+            paths += [out / s.name, csv]
         else:
             made.savefig(out / s.name, dpi=110)
             plt.close(made)
             paths.append(out / s.name)
-        written.append(s)
-    paths.append(write_html(out, title, summary, written))
+        written.append((s, made))
+    paths.append(write_html(out, title, summary, written, baseline))
     return paths
 
 
@@ -825,11 +828,15 @@ def miss_ratio_curves(run_ids) -> dict:
 def curves_of(df: pd.DataFrame) -> tuple[dict, dict]:
     """The per-step miss rates of the warmup comparisons' runs and the miss-ratio curves of
     the runs that recorded a stream: the curves `sections` draws, from the tracking store."""
+    from slicemoe.eval import get_task
+
     warm = [g for _, s in settings(df) for g in warmup_groups(s)]
     steps = step_curves(pd.concat(warm)["run_id"]) if warm else {}
     recorded = finished(df)
     if "stream_source" in recorded:
-        recorded = recorded[recorded["stream_source"] == "recorded"]
+        # as `sections`: text runs (Table 1) show no miss-ratio curves
+        texts = recorded["task"].map(lambda t: get_task(str(t)).kind == "loglik")
+        recorded = recorded[(recorded["stream_source"] == "recorded") & ~texts]
         return steps, miss_ratio_curves(recorded["run_id"])
     return steps, {}
 

@@ -8,6 +8,7 @@ batching and the launch loop are the basic sweeper's.
 # No `from __future__ import annotations`: Hydra executes plugin modules without registering
 # them in sys.modules, and dataclasses then cannot resolve string annotations.
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -15,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 
-from sweep.grids import expand
+from sweep.grids import expand, product
 
 
 @dataclass
@@ -43,8 +44,5 @@ class GridsSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         arguments = [o.input_line for o in overrides]
 
-        def product(lines: list[str]) -> list[list[str]]:
-            return BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
-
-        jobs = expand(self.grids, arguments, product)
+        jobs = expand(self.grids, arguments, partial(product, parser))
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
