@@ -44,7 +44,8 @@ def task(cfg: DictConfig) -> Any:
     from sweep.progress import result_table
 
     ledger = Ledger(cfg)
-    done = ledger.done().get(job.key) if cfg.sweep.resume else None
+    # A finished run in the store is found by the claim; one in the spool is not.
+    done = ledger.spooled_done.get(job.key) if cfg.sweep.resume else None
     record = ledger.claim_or_wait(job) if done is None else done
     if isinstance(record, Outcome):
         print(result_table([(job.name, "FINISHED", record.metrics)]))

@@ -53,6 +53,7 @@ class Ledger:
         )
         self.experiment = str(cfg.mlflow.experiment)
         self.outage_wait_s = float(cfg.mlflow.outage_wait_s)
+        self.resume = bool(cfg.sweep.resume)
         self.spool = Spool(cfg.mlflow.spool)
         self.driver = Driver.this_process()
         self.heartbeat = Heartbeat(self.tracker.client)
@@ -110,7 +111,9 @@ class Ledger:
     def claim(self, job: Job) -> RunRecord | Outcome | None:
         """The job's record, claimed (or unclaimed while the store is away); an Outcome when
         another driver finished it meanwhile; None while a live driver holds it."""
-        record = new_record(job, self.parent_id, self.sweep_id, self.commit, self.driver.tags())
+        record = new_record(
+            job, self.parent_id, self.sweep_id, self.commit, self.driver.tags(), self.resume
+        )
         if self.away_since is not None:
             return record
         try:
@@ -138,7 +141,7 @@ class Ledger:
     def recheck(self, job: Job) -> Outcome | bool:
         """A parked job: its outcome once another driver finished it, True once free."""
         try:
-            state = self.tracker.key_state(job.key, driver=self.driver.id)
+            state = self.tracker.key_state(job.key, driver=self.driver.id, resume=self.resume)
         except STORE_ERRORS as err:
             self._away(err)
             return False

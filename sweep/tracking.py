@@ -139,6 +139,8 @@ class RunRecord:
     metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
     # name -> a local file's path, or its contents
     artifacts: dict[str, str | bytes] = field(default_factory=dict)
+    # A FINISHED run of the key is its result (sweep.resume); False: computed again.
+    resume: bool = True
 
     def add_result(self, result: dict[str, Any]) -> dict[str, float]:
         """The run's metrics (scalars at step 0, curves one step per decode step) and its trace
@@ -169,7 +171,12 @@ class RunRecord:
 
 
 def new_record(
-    job: Job, parent_id: str | None, sweep_id: str, commit: str, driver: dict[str, str]
+    job: Job,
+    parent_id: str | None,
+    sweep_id: str,
+    commit: str,
+    driver: dict[str, str],
+    resume: bool = True,
 ) -> RunRecord:
     """The record of a job about to be dispatched by the driver with tags `driver`."""
     tags = {
@@ -185,8 +192,9 @@ def new_record(
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     return RunRecord(
-        job.key, job.name, create_tags=tags, params=dict(job.params), config_yaml=job.config_yaml
-    )
+        job.key, job.name, create_tags=tags, params=dict(job.params), config_yaml=job.config_yaml,
+        resume=resume,
+    )  # fmt: skip
 
 
 @dataclass
@@ -284,21 +292,25 @@ class Tracker:
         at once each see the other's run and both withdraw (and retry later); one that sees no
         other keeps the key, since whoever came second sees it."""
         run_id = self.start(record)
-        state = self.key_state(record.key, mine=run_id, driver=record.create_tags.get("driver"))
+        driver = record.create_tags.get("driver")
+        state = self.key_state(record.key, mine=run_id, driver=driver, resume=record.resume)
         if state.finished is not None or state.holder is not None:
             self.client.delete_run(run_id)
             return state
         record.run_id = run_id
         return Claim(run_id=run_id)
 
-    def key_state(self, key: str, mine: str | None = None, driver: str | None = None) -> Claim:
-        """Who has `key`. RUNNING runs of a dead driver, or left by this `driver` before a retry,
-        are closed (KILLED) on the way: only a live driver's claim is ever left alone."""
+    def key_state(
+        self, key: str, mine: str | None = None, driver: str | None = None, resume: bool = True
+    ) -> Claim:
+        """Who has `key` (a FINISHED run counts with `resume` only). RUNNING runs of a dead
+        driver, or left by this `driver` before a retry, are closed (KILLED) on the way: only a
+        live driver's claim is ever left alone."""
         holder = None
         for run in self.search(f"tags.run_key = '{key}' and tags.role = 'run'"):
             if run.info.run_id == mine:
                 continue
-            if run.info.status == "FINISHED":
+            if run.info.status == "FINISHED" and resume:
                 return Claim(finished=run)
             if run.info.status != "RUNNING":
                 continue

@@ -282,6 +282,27 @@ def test_a_failing_run_is_recorded_with_its_error(tracker):
     assert job.key not in tracker.finished()
 
 
+def test_a_finished_key_is_its_result_unless_resume_is_off(tracker):
+    from sweep import worker
+    from sweep.drivers import Driver
+    from sweep.tracking import new_record
+
+    job = fake_job(seed=3)
+    first = worker.execute(fake, worker.ModelCache(1), job, claimed(tracker, job), tracker)
+    assert first.status == "FINISHED"
+    tags = Driver.this_process().tags()
+    again = new_record(job, None, "", "abc", tags)
+    assert tracker.claim(again).finished.info.run_id == first.run_id and again.run_id is None
+    # sweep.resume=false: computed again, in a run of its own; the finished one stays
+    fresh = new_record(job, None, "", "abc", tags, resume=False)
+    assert tracker.claim(fresh).run_id == fresh.run_id not in (None, first.run_id)
+    assert tracker.key_state(job.key, resume=False).finished is None
+    second = worker.execute(fake, worker.ModelCache(1), job, fresh, tracker)
+    assert second.status == "FINISHED" and second.run_id == fresh.run_id
+    statuses = [r.info.status for r in tracker.search(f"tags.run_key = '{job.key}'")]
+    assert statuses == ["FINISHED", "FINISHED"]
+
+
 def test_a_claim_keeps_live_drivers_apart_and_takes_over_from_dead_ones(tracker):
     import subprocess
     import sys
