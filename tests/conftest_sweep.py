@@ -6,6 +6,8 @@ The stand-in has the four functions of `slicemoe.run` and answers instantly, so 
   seed 66  -> the first such run SIGKILLs its own actor process (a marker file makes it once)
   seed 77  -> the run runs out of memory (MemoryError, as torch's allocators raise it)
 Every load and run appends a line to $FAKE_DIR/calls.log; every run sleeps $FAKE_SLEEP seconds.
+With $FAKE_GATE set to a path, runs of seed >= $FAKE_GATE_FROM wait until that file exists, so a
+test decides what happens before they finish instead of racing them.
 With $FAKE_BROKEN_NODE set, importing this module fails inside Ray workers (code missing there).
 """
 
@@ -71,6 +73,10 @@ def run(cfg: RunConfig, loaded: dict | None = None) -> dict:
         os.kill(os.getpid(), signal.SIGKILL)
     if cfg.seed == 77:
         raise MemoryError(f"out of memory: tried to allocate 2.00 GiB for {tag}")
+    gate = os.environ.get("FAKE_GATE")
+    if gate and cfg.seed >= int(os.environ.get("FAKE_GATE_FROM", "0")):
+        while not Path(gate).exists():
+            time.sleep(0.1)
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     frac = cfg.cache.frac or 0.5
     result = {name: float(i) + frac for i, name in enumerate(RESULT_METRICS)}
