@@ -18,7 +18,8 @@ def report_rows(**fixed):
             run=f"{policy} {cache}", status="FINISHED", model="tiny", bits="mat84",
             hardware="h", task="arith", policy=policy, cache=cache, cache_size=size,
             seed=0, **{"eval.limit": 40, "policy.tau": 0.5, "model.device": "cpu"},
-            accuracy=0.7 if good else 0.6, miss_rate_refn=0.1 if good else 0.2,
+            accuracy=0.7 if good else 0.6, miss_rate_hbn=0.1 if good else 0.2,
+            miss_rate_refn=0.1 if good else 0.2,
             energy_decode_j_per_token=1.0 if good else 2.0, latency_decode_s_per_token=1.0,
         ) | fixed)  # fmt: skip
     return rows
@@ -82,3 +83,38 @@ def stream_rows():
 
 
 CURVE = pd.DataFrame({"cache_capacity_bytes": [5e5, 1e6, 2e6], "miss_rate_refn": [0.4, 0.2, 0.1]})
+
+
+def against(dbsc: dict, *baselines: dict, **fixed) -> pd.DataFrame:
+    """One DBSC run and baseline runs at frac_25, each the report_rows run with these changes."""
+    base, ours = report_rows(**fixed)[0], report_rows(**fixed)[2]
+    rows = [base | {"run": f"cp {i}"} | b for i, b in enumerate(baselines)]
+    return pd.DataFrame([*rows, ours | dbsc])
+
+
+def log_runs(uri: str, experiment: str, rows: list[dict], problems: dict) -> list[str]:
+    """`rows` as the sweep logs runs to MLflow (config fields as params, results as metrics,
+    tags role=run and a run key each), and problems.json for row i where `problems[i]` is its
+    per-problem results. Returns the run ids."""
+    import mlflow
+
+    from sweep.jobs import RESULT_METRICS
+    from sweep.report.group import field
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    ids = []
+    for i, row in enumerate(rows):
+        with mlflow.start_run(run_name=row["run"]) as run:
+            mlflow.set_tags({"role": "run", "run_key": f"key{i}"})
+            for name, value in row.items():
+                if name == "cache_size":
+                    mlflow.log_metric("cache_capacity_bytes", value)
+                elif name in RESULT_METRICS:
+                    mlflow.log_metric(name, value)
+                elif name not in ("run", "status"):
+                    mlflow.log_param(field(name), value)
+            if i in problems:
+                mlflow.log_dict({"correct": problems[i]}, "problems.json")
+        ids.append(run.info.run_id)
+    return ids

@@ -75,3 +75,45 @@ def test_report_html_puts_each_figure_next_to_the_paper_claim_and_what_the_data_
         assert name in html
     assert verdict.CLAIMS["fig9"].split(",")[0] in html and "data:image/png;base64," in html
     assert verdict.verdict("fig9", df).splitlines()[0] in html
+
+
+def test_the_page_says_what_each_figure_makes_of_the_fields_its_runs_differ_in(tmp_path):
+    lru = report_rows(eviction="lru")
+    df = pd.DataFrame(lru + [r | {"eviction": "fifo"} for r in lru])
+    fig8, fig9 = page.sections(df)[:2]
+    assert (
+        fig8.differ == fig9.differ
+        and "; cache.eviction (a line each where it varies" in fig8.differ
+    )
+    html = page.write_report(df, tmp_path)[-1].read_text()
+    assert html.count("<b>Runs differ in:</b> policy.name (a line each") == 2
+    assert html.count("dbsc eviction=fifo at frac_25: 2.00x less energy") == 1
+
+
+def test_tau_swept_in_fig10_gives_a_warmup_figure_and_verdict_per_tau(tmp_path):
+    rows = [r for r in warmup_rows() if r["policy"] == "dbsc" and r["cache"] == "frac_25"]
+    rows += [r | {"run_id": r["run_id"] + "t", "policy.tau": 0.3} for r in rows]
+    df = pd.DataFrame(rows)
+    warm = [s for s in page.sections(df) if s.kind == "fig10"]
+    assert [s.desc for s in warm] == [
+        "dbsc mat84 frac_25 policy.tau=0.3", "dbsc mat84 frac_25 policy.tau=0.5"
+    ]  # fmt: skip
+    assert all(s.verdict().startswith("PCW: 1.00x lower decode energy") for s in warm)
+    written = {p.name: p for p in page.write_report(df, tmp_path)}
+    assert {"warmup.png", "warmup_2.png"} <= set(written)
+    assert written["index.html"].read_text().count("PCW: 1.00x lower decode energy") == 2
+
+
+def test_the_report_s_miss_rate_and_baseline_reach_every_verdict(tmp_path):
+    df = pd.DataFrame(report_rows()).assign(
+        miss_rate_refn=[0.3, 0.3, 0.1, 0.1], correct=[[1, 0]] * 4
+    )
+    fig8 = page.sections(df, miss_rate="miss_rate_refn")[0]
+    assert fig8.verdict().startswith("2 of 2 DBSC runs miss less (miss_rate_refn)")
+    assert page.sections(df, baseline="lru_lowbit")[1].verdict() == (
+        "needs runs of lru_lowbit and of dbsc or dbsc_pcw at the same cache sizes."
+    )
+    written = {p.name: p for p in page.write_report(df, tmp_path, miss_rate="miss_rate_refn")}
+    assert "miss_rate_refn 0.100 vs 0.300 (lower)" in written["index.html"].read_text()
+    # The per-problem results are not a column of runs.csv.
+    assert "correct" not in pd.read_csv(written["runs.csv"]).columns

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import sweep.report
-from sweep.report.compare import BASELINE
+from sweep.jobs import RESULT_METRICS
+from sweep.report.compare import BASELINE, MISS_RATE
 from sweep.report.page import curves_of, write_report
-from sweep.report.read import search, sweep_run_ids, tidy
+from sweep.report.read import load
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +29,16 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline", default=BASELINE, help="policy the per-token energy/latency are divided by"
     )
+    miss_rates = [m for m in RESULT_METRICS if m.startswith("miss_rate")]
+    parser.add_argument(
+        "--miss-rate",
+        default=MISS_RATE,
+        type=lambda name: name if name.startswith("miss_rate") else f"miss_rate_{name}",
+        choices=miss_rates,
+        metavar="|".join(m.removeprefix("miss_rate_") for m in miss_rates),
+        help="Fig. 8's miss rate, a metric miss_rate_NAME or miss_rate (slicemoe.metrics.DOCS; "
+        f"default: {MISS_RATE.removeprefix('miss_rate_')}, the paper's high-bit-normalised one)",
+    )
     return parser
 
 
@@ -36,14 +47,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     matplotlib.use("Agg")
     args = parser().parse_args(argv)
-    runs = search(args.experiment, args.tracking_uri)
-    if args.parent:
-        runs = runs[runs["run_id"].isin(sweep_run_ids(args.parent))]
-    df = tidy(runs)
+    df = load(args.experiment, args.tracking_uri, args.parent)
     steps, curves = curves_of(df)
     out = args.out or Path("report") / args.experiment
     title = f"slicemoe: {args.experiment}"
-    for path in write_report(df, out, args.baseline, steps, curves, title):
+    for path in write_report(df, out, args.baseline, steps, curves, title, args.miss_rate):
         print(path)
 
 

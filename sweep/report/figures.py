@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sweep.report.compare import BASELINE, interval, normalise, pareto
+from sweep.report.compare import BASELINE, MISS_RATE, interval, normalise, pareto
 from sweep.report.group import series_label
 from sweep.report.read import finished
 
@@ -19,16 +19,23 @@ def _wrap(title: str, width: int = 95) -> str:
     return "\n".join(textwrap.fill(line, width) for line in title.strip().splitlines())
 
 
-def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title: str = ""):
-    """One setting's runs (see `settings`): `metric` against the 8-bit-normalised miss rate
-    (the same unit for every bit width), a marker per policy, a line per series through its
-    cache sizes in size order, each point labelled with its cache, 95 % intervals from the
-    number of documents, and the Pareto front."""
+def _miss_rate_label(metric: str) -> str:
+    from slicemoe.metrics import DOCS
+
+    return _wrap(f"{metric}: {DOCS[metric]}", 100)
+
+
+def plot_accuracy_vs_miss_rate(
+    df: pd.DataFrame, metric: str = "accuracy", title: str = "", x: str = MISS_RATE
+):
+    """One setting's runs (see `settings`): `metric` against the miss rate `x` (by default the
+    paper's high-bit-normalised one), a marker per policy, a line per series through its cache
+    sizes in size order, each point labelled with its cache, 95 % intervals from the number of
+    documents, and the Pareto front."""
     import matplotlib.pyplot as plt
 
     fin = finished(df).assign(series=lambda d: series_label(d))
     policies = sorted(fin["policy"].unique())
-    x = "miss_rate_refn"
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, (label, group) in enumerate(sorted(fin.groupby("series"), key=lambda kv: kv[0])):
         group = group.sort_values("cache_size")
@@ -50,7 +57,7 @@ def plot_accuracy_vs_miss_rate(df: pd.DataFrame, metric: str = "accuracy", title
     front = pareto(fin, x, metric)
     ax.step(front[x], front[metric], where="post", color="gray", linestyle=":", linewidth=1,
             label="Pareto front", zorder=1)  # fmt: skip
-    ax.set_xlabel("miss rate (Flash bytes / 8-bit expert bytes used)")
+    ax.set_xlabel(_miss_rate_label(x), fontsize=8)
     ax.set_ylabel(metric)
     n = pd.to_numeric(fin["eval.limit"], errors="coerce") if "eval.limit" in fin else None
     docs = f", n = {int(n.iloc[0])} documents per point, 95 % Wilson intervals" if (
@@ -99,22 +106,23 @@ def streams(runs: pd.DataFrame, curves: dict) -> list[tuple[str, pd.DataFrame, p
     return sorted(out, key=lambda s: s[0])
 
 
-def plot_miss_ratio_curves(runs: pd.DataFrame, curves: dict, title: str = ""):
-    """Every recorded stream's 8-bit-normalised miss rate against the cache size (one model pass
-    replayed at each size), and the sweep's runs of that stream as points on it."""
+def plot_miss_ratio_curves(runs: pd.DataFrame, curves: dict, title: str = "", y: str = MISS_RATE):
+    """Every recorded stream's miss rate `y` against the cache size (one model pass replayed at
+    each size; the 8-bit-normalised one where the curves have no `y`), and the sweep's runs of
+    that stream as points on it."""
     import matplotlib.pyplot as plt
 
     found = streams(finished(runs), curves)
     if not found:
         raise ValueError("no run of this setting recorded a stream with a miss-ratio curve")
+    y = y if all(y in table for _, table, _ in found) else "miss_rate_refn"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (label, table, members) in enumerate(found):
-        ax.plot(table["cache_capacity_bytes"] / 1e6, table["miss_rate_refn"], color=f"C{i % 10}",
-                linewidth=1.2, label=label)  # fmt: skip
-        ax.plot(members["cache_size"] / 1e6, members["miss_rate_refn"], "o", color=f"C{i % 10}",
-                markersize=5)  # fmt: skip
+        ax.plot(table["cache_capacity_bytes"] / 1e6, table[y], color=f"C{i % 10}", linewidth=1.2,
+                label=label)  # fmt: skip
+        ax.plot(members["cache_size"] / 1e6, members[y], "o", color=f"C{i % 10}", markersize=5)
     ax.set_xlabel("cache capacity for routed experts (MB)")
-    ax.set_ylabel("miss rate (Flash bytes / 8-bit expert bytes used)")
+    ax.set_ylabel(_miss_rate_label(y), fontsize=7)
     ax.set_ylim(bottom=0)
     ax.set_title(_wrap(f"miss-ratio curve per request stream (points: the sweep's runs)\n{title}"),
                  fontsize=9)  # fmt: skip
@@ -126,8 +134,9 @@ def plot_miss_ratio_curves(runs: pd.DataFrame, curves: dict, title: str = ""):
 
 def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
     """Per cache size and series, the decode energy gain and speed-up per token over the matched
-    baseline run (`matched_baseline`, named above each bar when the baseline ran at several
-    settings; hatched: no baseline run was as accurate)."""
+    baseline run (sweep.report.compare.normalise: named above each bar when the baseline ran at
+    several settings; hatched: no baseline run was as accurate, or less accurate than it). Runs
+    without a baseline run to compare with have no bar."""
     import matplotlib.pyplot as plt
 
     norm = normalise(df, baseline)
@@ -135,7 +144,11 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
     norm = norm[norm["policy"] != baseline]
     if norm.empty:
         raise ValueError(f"only {baseline} runs: nothing to compare with it")
-    caches = norm.sort_values("cache_size")["cache"].drop_duplicates().tolist()
+    norm = norm[norm["baseline"].notna()]
+    if norm.empty:
+        raise ValueError(f"no run has a {baseline} run to compare with")
+    size = "cache_size" if "cache_size" in norm else "cache"
+    caches = norm.sort_values(size)["at"].drop_duplicates().tolist()
     series = sorted(norm["series"].unique())
     width = 0.8 / len(series)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -145,14 +158,14 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
     ):
         for i, label in enumerate(series):
             for j, cache in enumerate(caches):
-                runs = norm[(norm["series"] == label) & (norm["cache"] == cache)]
+                runs = norm[(norm["series"] == label) & (norm["at"] == cache)]
                 if runs.empty:
                     continue
-                run = runs.iloc[0]
+                run = runs.iloc[0]  # the only one: series and cache tell runs apart
                 x, gain = j + i * width, 1 / run[column]
-                ax.bar(x, gain, width, color=f"C{i % 10}",
-                       hatch="//" if run["matched"] is False else None,
-                       edgecolor="black", linewidth=0.4)  # fmt: skip
+                hatch = "xx" if run["accuracy_sign"] == -1 else "//" if run["beyond"] else None
+                ax.bar(x, gain, width, color=f"C{i % 10}", hatch=hatch, edgecolor="black",
+                       linewidth=0.4)  # fmt: skip
                 if several and run["baseline"]:
                     ax.annotate(run["baseline"].removeprefix(baseline).strip(), (x, gain),
                                 textcoords="offset points", xytext=(0, 2), ha="center",
@@ -167,20 +180,25 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
     from matplotlib.patches import Patch
 
     handles = [Patch(color=f"C{i % 10}", label=label) for i, label in enumerate(series)]
-    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
-                         label="no baseline run as accurate"))  # fmt: skip
+    handles += [
+        Patch(
+            facecolor="white", edgecolor="black", hatch="//", label="no baseline run as accurate"
+        ),
+        Patch(facecolor="white", edgecolor="black", hatch="xx", label="less accurate (a test)"),
+    ]
     axes[0].legend(handles=handles, fontsize=7)
     fig.suptitle(
         f"Each bar: the run against the cheapest {baseline} run at its cache size that is at "
-        "least as accurate (named above the bar);\nhatched: no baseline run was as accurate, "
-        "so the most accurate one",
+        "least as accurate (named above the bar); //: no baseline run was as accurate, so the\n"
+        "most accurate one; xx: the run is less accurate than that baseline run by the "
+        "verdict's test, so the gain was bought with accuracy",
         fontsize=8,
     )
     fig.tight_layout()
     return fig
 
 
-def plot_warmup(runs: pd.DataFrame, steps: dict, window: int = 5):
+def plot_warmup(runs: pd.DataFrame, steps: dict, title: str = "", window: int = 5):
     """Fig. 10's comparison for runs that differ only in `policy.warmup`: the miss rate per
     decode step (a `window`-step running mean; `steps[run_id]` is the run's miss_rate_step
     curve) and decode energy and latency per token divided by the empty cache's (by the first
@@ -213,8 +231,7 @@ def plot_warmup(runs: pd.DataFrame, steps: dict, window: int = 5):
         [f"{w}\nacc {a:.3f}" for w, a in zip(runs["policy.warmup"], runs["accuracy"])], fontsize=7
     )
     right.set_ylabel(f"per decode token / warmup={ref['policy.warmup']}")
-    first = runs.iloc[0]
-    right.set_title(f"{first['policy']} {first['bits']} {first['cache']}: decode cost", fontsize=9)
+    right.set_title(_wrap(f"{title}: decode cost"), fontsize=9)
     right.grid(axis="y", alpha=0.3)
     right.legend(fontsize=8)
     fig.tight_layout()

@@ -12,12 +12,23 @@ from sweep.report.read import COLUMNS, finished
 VARIED = ("policy", "bits", "cache")
 # Where and how a run was executed, not what it measured.
 EXECUTION = frozenset({"model.device", "model.path", "trace", "trace_path"})
+# The config fields that name a line of a figure (`series_label`); the bit widths' and the eviction
+# are also matched with the baseline's (sweep.report.compare).
+SERIES = ("policy.", "bits.", "cache.eviction")
+# The cache's size: runs are matched by its bytes (`cache_size`), whichever fields set it.
+CACHE_SIZE = frozenset({"cache.name", "cache.frac", "cache.bytes"})
 # Report column -> the config field behind it (`tau` -> `policy.tau`).
 FIELDS = {v: k.removeprefix("params.") for k, v in COLUMNS.items() if k.startswith("params.")}
 
 
 def field(column: str) -> str:
     return FIELDS.get(column, column)
+
+
+def text(values):
+    """Config values (a frame or a column) as text, a missing one (a field an older run did not
+    log) as "unset": what runs are grouped, labelled and matched by."""
+    return values.astype(object).where(values.notna(), "unset").astype(str)
 
 
 def config_columns(df: pd.DataFrame) -> list[str]:
@@ -42,7 +53,7 @@ def settings(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     ]  # fmt: skip
     if fin.empty:
         return []
-    keys = fin[fixed].astype(str)
+    keys = text(fin[fixed])
     differ = [c for c in fixed if keys[c].nunique() > 1]
     if not differ:
         return [("", fin)]
@@ -67,16 +78,59 @@ def describe(df: pd.DataFrame, groups: list[tuple[str, pd.DataFrame]]) -> str:
 
 
 def series_label(df: pd.DataFrame) -> pd.Series:
-    """The policy name, plus the bit widths where they vary, plus any policy field that varies
-    between runs of the same policy (e.g. `tau=0.3`): one label per line of a figure."""
-    label = df["policy"].astype(str)
-    if "bits" in df and df["bits"].nunique() > 1:
-        label = label + " " + df["bits"].astype(str)
-    own = [c for c in config_columns(df) if field(c).startswith("policy.") and c != "policy"]
-    for col in own:
-        varies = df.groupby("policy")[col].transform(lambda v: v.astype(str).nunique() > 1)
-        label = label.where(~varies, label + f" {field(col).split('.')[1]}=" + df[col].astype(str))
+    """The policy name, plus the bit widths where they vary, plus every other field that names a
+    line (SERIES) where it varies between runs of the same policy and bit widths (e.g.
+    `tau=0.3`, `eviction=fifo`, `symmetric=True`): one label per line of a figure, so that no two
+    runs at one cache size share one."""
+    keys = text(df[config_columns(df)])
+    label = keys["policy"]
+    if "bits" in keys and keys["bits"].nunique() > 1:
+        label = label + " " + keys["bits"]
+    within = [keys[c] for c in ("policy", "bits") if c in keys]
+    for col in keys:
+        if col not in ("policy", "bits") and field(col).startswith(SERIES):
+            varies = keys.groupby(within)[col].transform("nunique") > 1
+            label = label.where(~varies, label + f" {field(col).split('.', 1)[1]}=" + keys[col])
     return label
+
+
+def cache_label(df: pd.DataFrame) -> pd.Series:
+    """The cache's name, with its size where one name stands for several sizes."""
+    name = text(df["cache"])
+    if "cache_size" not in df:
+        return name
+    size = df["cache_size"].map(lambda v: f"{v / 1e6:.4g} MB" if v >= 1e3 else f"{v:g}")
+    several = df.groupby(name)["cache_size"].transform("nunique") > 1
+    return name.where(~several, name + " (" + size + ")")
+
+
+def role(name: str) -> str:
+    """What the figures of one setting make of config field `name` where it differs between
+    their runs (settings() splits runs on every field not handled here)."""
+    if name in EXECUTION:
+        return "not compared: where the run executed"
+    if name in CACHE_SIZE:
+        return "the cache size: matched by bytes"
+    if name.startswith("policy."):
+        return "a line each; a policy's own fields where they vary within it"
+    if name.startswith("bits."):
+        return (
+            "a line each where it varies, and matched: each run against the baseline run at its "
+            "bit widths, else at the baseline's only ones"
+        )
+    return (
+        "a line each where it varies, and matched: each run against the baseline run at its value"
+    )
+
+
+def differences(df: pd.DataFrame) -> str:
+    """For the reader: every config field that differs between these runs (of one setting) and
+    what the figures make of it (`role`)."""
+    roles: dict[str, list[str]] = {}
+    for col in config_columns(df):
+        if text(df[col]).nunique() > 1:
+            roles.setdefault(role(field(col)), []).append(field(col))
+    return "; ".join(f"{', '.join(names)} ({r})" for r, names in roles.items())
 
 
 def main_warmups(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -93,12 +147,26 @@ def main_warmups(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return df[keep], int((~keep).sum())
 
 
-def warmup_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
-    """Within one setting: the runs of one policy, bits and cache that differ only in their
-    warmup (the comparison of SliceMoE Fig. 10)."""
+def warmup_groups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Within one setting: the runs that differ only in their warmup (the comparison of SliceMoE
+    Fig. 10), each group with its policy, bits, cache and every other field that differs
+    between the groups."""
     if "policy.warmup" not in df:
         return []
-    return [
-        g for _, g in df.groupby(["policy", "bits", "cache"], sort=True)
+    cols = [c for c in config_columns(df) if field(c) not in ("policy.warmup", *EXECUTION)]
+    keys = text(df[cols])
+    groups = [
+        g for _, g in df.groupby([keys[c] for c in cols], sort=True)
         if g["policy.warmup"].nunique() > 1
     ]  # fmt: skip
+    both = keys.loc[pd.concat(groups).index] if groups else keys
+    differ = [
+        c for c in cols
+        if c not in VARIED and field(c) not in CACHE_SIZE and both[c].nunique() > 1
+    ]  # fmt: skip
+    out = []
+    for g in groups:
+        first = keys.loc[g.index[0]]
+        label = " ".join([*first[list(VARIED)], *(f"{field(c)}={first[c]}" for c in differ)])
+        out.append((label, g))
+    return out

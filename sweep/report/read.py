@@ -1,9 +1,10 @@
 """Runs from MLflow as one row per run: params and metrics under short names, the latest run of
-each run key; and the per-run curves the figures draw."""
+each run key, each run's per-problem results; and the per-run curves the figures draw."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pandas as pd
@@ -76,6 +77,34 @@ def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     if "run_key" in df and "start_time" in df:
         df = df.sort_values("start_time").drop_duplicates("run_key", keep="last")
     return df.reset_index(drop=True)
+
+
+def load(experiment: str, tracking_uri: str | None = None, parent: str | None = None):
+    """The runs of an experiment (of the sweep with parent run id `parent`) as `tidy` leaves
+    them, with a column `correct`: each finished run's per-problem results where it logged them
+    (`problems`)."""
+    runs = search(experiment, tracking_uri)
+    if parent:
+        runs = runs[runs["run_id"].isin(sweep_run_ids(parent))]
+    df = tidy(runs)
+    if len(df):
+        df["correct"] = df["run_id"].map(problems(finished(df)["run_id"]))
+    return df
+
+
+def problems(run_ids) -> dict:
+    """run id -> its per-problem results, 0 or 1 per problem of its task in the task's order
+    (the `correct` list of problems.json), for runs that logged them (perplexity runs do not)."""
+    import mlflow
+
+    out = {}
+    for r in run_ids:
+        try:
+            text = mlflow.artifacts.load_text(f"runs:/{r}/problems.json")
+        except Exception:  # not logged: a perplexity run, or a run from before problems.json
+            continue
+        out[r] = [int(v) for v in json.loads(text)["correct"]]
+    return out
 
 
 def finished(df: pd.DataFrame) -> pd.DataFrame:
