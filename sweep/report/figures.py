@@ -161,7 +161,7 @@ def plot_energy_latency(df: pd.DataFrame, baseline: str = BASELINE):
                 runs = norm[(norm["series"] == label) & (norm["at"] == cache)]
                 if runs.empty:
                     continue
-                run = runs.iloc[0]  # the only one: series and cache tell runs apart
+                run = runs.iloc[0]  # series and cache tell runs apart, but for where they ran
                 x, gain = j + i * width, 1 / run[column]
                 hatch = "xx" if run["accuracy_sign"] == -1 else "//" if run["beyond"] else None
                 ax.bar(x, gain, width, color=f"C{i % 10}", hatch=hatch, edgecolor="black",
