@@ -9,7 +9,7 @@ MAT42, MAT63 and MAT84. No cache is involved: every expert runs at the path bein
     python -m slicemoe.table1 --model /path/to/Qwen1.5-MoE-A2.7B --data test.txt --device cuda
 
 The sweep measures the same table as MLflow runs (`+experiment=paper_table1`, one run per path
-through the simulator), and `sweep.report` lays them out with `format_table`.
+through the simulator), and `sweep.report.page` lays them out with `format_table`.
 """
 
 from __future__ import annotations

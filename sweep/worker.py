@@ -141,7 +141,7 @@ def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: 
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from sweep.report import plot_miss_ratio_curve
+    from sweep.report.figures import plot_miss_ratio_curve
 
     fractions = [(i + 1) / points for i in range(points)]
     table = pd.DataFrame(runner.miss_ratio_curve(stream, cfg, fractions))

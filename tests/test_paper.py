@@ -185,7 +185,7 @@ def check_command(command: str, seen: set[str]) -> None:
         n = 1 if words[0] == "slicemoe-sweep" else 3
         check_sweep(words[n:], seen)
     elif head.endswith("python -m sweep.report"):
-        from sweep.report import parser
+        from sweep.report.__main__ import parser
 
         parser().parse_args(words[3:])
     elif head.endswith("python -m sweep.sync"):  # run from a scratch folder: nothing to push
