@@ -8,8 +8,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from slicemoe.kernels import cache_step, expert_gemm
-from slicemoe.tensorcache import STATS, S
+from slicemoe.cache import kernel as cache_step
+from slicemoe.cache.tensor import STATS, S
+from slicemoe.kernels import expert_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MAX = 232448  # bytes of shared memory a Hopper block may have (227 KiB)

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from slicemoe import tensorcache as tc  # noqa: E402
-from slicemoe.kernels import cache_step  # noqa: E402
+from slicemoe.cache import tensor as tc  # noqa: E402
+from slicemoe.cache import kernel as cache_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, EXPERTS, K, M = 3, 6, 3, 4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from slicemoe.cache import KIND_CODE, KINDS, SliceCache
-from slicemoe.fastcache import key_ids, replay_requests
+from slicemoe.cache.compiled import key_ids, replay_requests
 from slicemoe.warmup import apply_warmup
 
 LAYERS, EXPERTS = 4, 12

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from slicemoe import tensorcache as tc
+from slicemoe.cache import tensor as tc
 from slicemoe.cache import KINDS, SliceCache
 
 LAYERS, EXPERTS = 3, 5
