@@ -8,7 +8,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from slicemoe.cache import kernel as cache_step
+from slicemoe.cache import kernel
 from slicemoe.cache.tensor import STATS, S
 from slicemoe.kernels import expert_gemm
 
@@ -44,7 +44,7 @@ def cache_layer_step(sliced: bool, nested: bool, eviction: int) -> None:
         NCOLS=len(STATS), S_REQ=S["requests_MSB"], S_HIT=S["hits_MSB"], S_BYTES=S["bytes_MSB"],
         S_ACT=S["activations"], S_PREF=S["prefetch_bytes"], S_USED=S["prefetch_used_bytes"],
     )  # fmt: skip
-    compile_for_hopper(cache_step._layer_step, {**ptr, **flags, **ints}, constants, num_warps=1)
+    compile_for_hopper(kernel._layer_step, {**ptr, **flags, **ints}, constants, num_warps=1)
 
 
 def expert_gemms(bm: int, bk: int) -> None:
