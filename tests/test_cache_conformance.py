@@ -45,7 +45,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, EXPERTS = 3, 6
 SIZES = {"MSB": 5, "LSB": 4, "FULL": 9}
 LOW_BYTES = 3  # expert bytes a low-bit call reads
-KERNEL_ROW_STEPS = 12
+KERNEL_ROW_STEPS = None if torch.cuda.is_available() else 12  # the interpreter's share
 
 
 @dataclass(frozen=True)
