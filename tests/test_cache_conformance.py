@@ -132,7 +132,7 @@ def counters(stats) -> dict:
 
 
 def run_reference(case: Case, caches: list[SliceCache], eviction: str) -> list[list[dict]]:
-    """The reference runtime's layer step, row by row (slicemoe.models.adapter.Runtime)."""
+    """The reference runtime's layer step (Runtime._decode, then _prefetch), row by row."""
     caches, mode, sizes = copy.deepcopy(caches), case.mode, case.sizes
     prefetch = PrefetchConfig(
         slices="critical" if mode.prefetch_lsb else "msb",
