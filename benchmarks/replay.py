@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from slicemoe.cache import KIND_CODE, SliceCache
-from slicemoe.fastcache import key_ids, replay_requests
+from slicemoe.cache.compiled import key_ids, replay_requests
 
 
 def synthetic_trace(tokens, layers=24, experts=60, k=4, zipf=1.1, reuse=0.6, seed=0):

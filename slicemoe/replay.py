@@ -158,7 +158,8 @@ class _Device:
     def _hits(self, layer, expert, kind, step, marks):
         """Hit of every decode request, and resident experts after each mark."""
         # Imported here: numba is only needed to replay, not to run a model (GPU machines).
-        from slicemoe.fastcache import FAST_EVICTION, key_ids, replay_requests
+        from slicemoe.cache.compiled import EVICTIONS as FAST_EVICTION
+        from slicemoe.cache.compiled import key_ids, replay_requests
 
         cache = self.cache
         if cache.trace is None and self.cfg.cache.eviction in FAST_EVICTION:

@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from slicemoe.cache import SliceCache
+from slicemoe.cache.tensor import EVICTIONS
 from slicemoe.config import RunConfig
 from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COUNTERS
@@ -50,7 +51,6 @@ from slicemoe.models.code_experts import CodeExperts
 from slicemoe.models.tensor_runtime import TensorRuntime
 from slicemoe.prefetch import NextGate, make_predictor
 from slicemoe.stream import Recorder
-from slicemoe.tensorcache import EVICTIONS
 from slicemoe.validate import capacity_bytes
 from slicemoe.warmup import apply_warmup
 

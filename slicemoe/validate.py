@@ -12,6 +12,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from slicemoe.cache import EVICTION
+from slicemoe.cache.tensor import EVICTIONS as TENSOR_EVICTIONS
 from slicemoe.config import RunConfig
 from slicemoe.eval import TASKS, get_task
 from slicemoe.models import Shape, check_checkpoint, checkpoint_dir, config_dir, read_shape
@@ -19,7 +20,6 @@ from slicemoe.prefetch import PREDICTORS
 from slicemoe.quant import reference_bytes, slice_bytes
 from slicemoe.routing import ROUTING
 from slicemoe.stream import cache_independent
-from slicemoe.tensorcache import EVICTIONS as TENSOR_EVICTIONS
 from slicemoe.warmup import WARMUP
 
 BACKENDS = ("auto", "python", "tensor")  # slicemoe.simulator

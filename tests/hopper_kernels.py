@@ -8,8 +8,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from slicemoe.kernels import cache_step, expert_gemm
-from slicemoe.tensorcache import STATS, S
+from slicemoe.cache import kernel
+from slicemoe.cache.tensor import STATS, S
+from slicemoe.kernels import expert_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MAX = 232448  # bytes of shared memory a Hopper block may have (227 KiB)
@@ -43,7 +44,7 @@ def cache_layer_step(sliced: bool, nested: bool, eviction: int) -> None:
         NCOLS=len(STATS), S_REQ=S["requests_MSB"], S_HIT=S["hits_MSB"], S_BYTES=S["bytes_MSB"],
         S_ACT=S["activations"], S_PREF=S["prefetch_bytes"], S_USED=S["prefetch_used_bytes"],
     )  # fmt: skip
-    compile_for_hopper(cache_step._layer_step, {**ptr, **flags, **ints}, constants, num_warps=1)
+    compile_for_hopper(kernel._layer_step, {**ptr, **flags, **ints}, constants, num_warps=1)
 
 
 def expert_gemms(bm: int, bk: int) -> None:

@@ -1,5 +1,5 @@
 """The Triton kernels compile to Hopper (sm_90) machine code, ahead of time and without a GPU,
-so a kernel that Triton's interpreter runs (tests/test_cache_kernel.py, test_code_experts.py)
+so a kernel that Triton's interpreter runs (test_cache_conformance.py, test_code_experts.py)
 but its compiler would refuse fails here. Skipped where Triton is absent (CPU installs)."""
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import pytest
 def test_the_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("hopper_kernels.py")
+    # The script's folder, not the current one, leads its sys.path: name this checkout's code.
+    paths = [str(script.parents[1]), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
     )

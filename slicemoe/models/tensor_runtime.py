@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from slicemoe import tensorcache as tc
 from slicemoe.cache import KINDS, SliceCache
+from slicemoe.cache import tensor as tc
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
 from slicemoe.models.adapter import LAMBDA_GAIN, RuntimeRules, decode_bill, head_bill
@@ -90,7 +90,7 @@ class TensorRuntime(RuntimeRules):
 
     def layer_step(self, state: Rows, *args):
         if state.cache.key.is_cuda:
-            from slicemoe.kernels.cache_step import layer_step
+            from slicemoe.cache.kernel import layer_step
 
             return layer_step(state.cache, self.spec, *args)
         return tc.layer_step(state.cache, self.spec, *args)

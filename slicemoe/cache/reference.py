@@ -5,6 +5,9 @@ or FULL (FULL: a whole expert of a non-sliced configuration). Capacity is in byt
 live in a pool of their own that is always emptied before any MSB/FULL entry is evicted: the
 LSB slice of a critical expert rarely comes back soon, so it must not push out MSB slices.
 Within each pool an eviction policy, chosen by name, picks the victim.
+
+This is the readable definition of the cache; the package's other implementations (compiled,
+tensor, kernel) follow it, and tests/test_cache_conformance.py holds them to it.
 """
 
 from __future__ import annotations

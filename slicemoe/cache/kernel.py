@@ -1,4 +1,4 @@
-"""slicemoe.tensorcache.layer_step as one kernel launch: one program per simulated device.
+"""tensor.layer_step as one kernel launch: one program per simulated device.
 
 A layer step is a short chain of dependent cache operations per device (each request may evict
 what the next one would hit), so a program walks its row's requests in order, exactly as the
@@ -14,7 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from slicemoe.tensorcache import ABSENT, EVICTIONS, LFU_COUNT, LFU_STAMP, STATS, CacheState, S, Spec
+from slicemoe.cache.tensor import (
+    ABSENT,
+    EVICTIONS,
+    LFU_COUNT,
+    LFU_STAMP,
+    STATS,
+    CacheState,
+    S,
+    Spec,
+)
 
 _NSTATS = triton.next_power_of_2(len(STATS))
 # Triton kernels read module constants only as constexpr.
@@ -144,7 +153,7 @@ def _prefetch(row, prow, j, kind, used, clock, st, so, capacity, s_msb, s_lsb, s
 
 @triton.jit
 def _first_kind(high, SLICED: tl.constexpr, NESTED: tl.constexpr):
-    """slicemoe.tensorcache._first_kind: MSB (0) sliced, FULL (2) unsliced, either for base."""
+    """tensor._first_kind: MSB (0) sliced, FULL (2) unsliced, either for base."""
     kind = tl.where(high, 2, 0).to(tl.int64)
     if SLICED and NESTED:
         kind = tl.full((), 0, tl.int64)
@@ -248,7 +257,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
 
 
 def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None):
-    """slicemoe.tensorcache.layer_step, same arguments and results, in one launch."""
+    """tensor.layer_step, same arguments and results, in one launch."""
     rows, k = idx.shape
     served = torch.empty((rows, k), dtype=torch.bool, device=idx.device)
     out = torch.empty((rows, 4), dtype=torch.int64, device=idx.device)

@@ -1,11 +1,11 @@
 """The slice caches of B simulated devices as tensors on the model's device.
 
-The same cache as `slicemoe.cache.SliceCache` (the readable reference: tests drive both with the
-same random request streams and compare every hit and byte), held so that a decode step never
-leaves the device: one row per device, one entry per (kind, layer, expert), updated by tensor ops
-over all rows at once. A request or an insert is one masked operation on every row; the k
-experts x slices of a layer step are a short fixed loop (`layer_step`). On CUDA,
-`slicemoe.kernels.cache_step` runs `layer_step` as one kernel (tested against this one).
+The same cache as `reference.SliceCache` (the readable definition; tests/test_cache_conformance.py
+runs both on the same sequences and compares every hit, byte and entry), held so that a decode
+step never leaves the device: one row per device, one entry per (kind, layer, expert), updated by
+tensor ops over all rows at once. A request or an insert is one masked operation on every row;
+the k experts x slices of a layer step are a short fixed loop (`layer_step`). On CUDA,
+`kernel.layer_step` runs `layer_step` as one kernel.
 
 Each entry holds one int64 `key`, ABSENT while the slice is in Flash. The victim of a pool is the
 entry with the smallest key, so the keys encode the eviction order:
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from slicemoe.cache import KIND_CODE, KINDS, SliceCache
+from slicemoe.cache.reference import KIND_CODE, KINDS, SliceCache
 
 ABSENT = 2**62
 LFU_COUNT = 2**40  # LFU keys: use count x LFU_COUNT + the stamp, shifted to be non-negative
 LFU_STAMP = 2**39
 MSB, LSB, FULL = (KIND_CODE[k] for k in ("MSB", "LSB", "FULL"))
-# Columns of `CacheState.stats`, the counters of slicemoe.cache.Stats.
+# Columns of `CacheState.stats`, the counters of reference.Stats.
 STATS = (
     *(f"requests_{k}" for k in KINDS),
     *(f"hits_{k}" for k in KINDS),
@@ -44,7 +44,7 @@ EVICTIONS = ("lru", "fifo", "lfu")
 @dataclass(frozen=True)
 class Spec:
     """What every row shares: the geometry, byte sizes and capacity, the eviction policy, and the
-    runtime's slice rules (slicemoe.models.adapter.slice_kinds / computes_high / fetch_ahead)."""
+    reference runtime's slice rules (slice_kinds, computes_high, fetch_ahead)."""
 
     layers: int
     experts: int
@@ -257,8 +257,8 @@ def prefetch(st: CacheState, spec: Spec, on, kind, j, cold=False) -> torch.Tenso
 
 def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None):
     """The cache work of one MoE layer of one decode step on every row in `on`, as the reference
-    runtime (slicemoe.models.adapter.Runtime) does it row by row: expert j's slices (MSB or FULL,
-    then the LSB of a high-bit MSB call) for j = 0..k-1, then the prefetch of the next layer.
+    runtime does it row by row: expert j's slices (MSB or FULL, then the LSB of a high-bit MSB
+    call) for j = 0..k-1, then the prefetch of the next layer.
 
     `idx`, `high` [B, k]: the chosen experts and whether each asked for its high-bit path.
     `ahead`: (target layer, experts [B, m], critical [B, m], rows predicted for [B]) or None.
@@ -302,7 +302,7 @@ def _first_kind(spec: Spec, high, e) -> torch.Tensor:
 
 
 def fetch_ahead(st: CacheState, spec: Spec, layer: int, experts, crit, on) -> torch.Tensor:
-    """slicemoe.models.adapter.fetch_ahead on every row in `on`: the MSB (or whole) slices of
+    """The reference runtime's fetch_ahead on every row in `on`: the MSB (or whole) slices of
     `experts` [B, m] first, then the LSB slices of the critical ones; the bytes moved."""
     moved = torch.zeros(experts.shape[0], dtype=torch.int64, device=experts.device)
     cold = spec.prefetch_cold

@@ -1,12 +1,12 @@
 """A compiled replay of the slice cache for LRU and FIFO eviction (the common case).
 
-`slicemoe.cache.SliceCache` is the readable reference: a Python dict and OrderedDicts, about a
+`reference.SliceCache` is the readable definition: a Python dict and OrderedDicts, about a
 million requests a second. Replaying a real model's stream (tens of millions of slice requests
 per cache size) needs more, so this module runs the same rules in a numba-compiled loop over
 arrays: each pool (MSB/FULL, and the low-priority LSB pool) is a doubly linked list with a
 sentinel, least recently used first. It starts from a `SliceCache`'s state (so prefill and
-warmup keep their one Python definition) and returns the hit of every request; the tests drive
-both with identical streams and compare hit sequences and byte counts.
+warmup keep their one Python definition) and returns the hit of every request
+(tests/test_cache_conformance.py compares them request by request).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from slicemoe.cache import KIND_CODE, KINDS, SliceCache
+from slicemoe.cache.reference import KIND_CODE, KINDS, SliceCache
 
-FAST_EVICTION = ("lru", "fifo")
+EVICTIONS = ("lru", "fifo")
 
 
 def key_ids(layers, experts, kinds, num_experts: int) -> np.ndarray:
@@ -92,8 +92,8 @@ def replay_requests(cache: SliceCache, requests: np.ndarray, marks: np.ndarray, 
     """Continue `cache` (LRU or FIFO, as left by prefill and warmup) with `requests` (key ids,
     every miss fetched). Returns (hit per request, resident experts after each request index in
     `marks`). `cache` itself is not changed."""
-    if eviction not in FAST_EVICTION:
-        raise ValueError(f"the compiled replay serves {FAST_EVICTION}, not {eviction!r}")
+    if eviction not in EVICTIONS:
+        raise ValueError(f"the compiled replay serves {EVICTIONS}, not {eviction!r}")
     layers, experts = cache.resident.shape
     n_keys = layers * experts * len(KINDS)
     prev = np.empty(n_keys + 2, dtype=np.int64)
