@@ -1,21 +1,10 @@
 """The AMAT table command on the shipped tiny model (a few windows of text it was trained on)."""
 
 import pytest
-import torch
 
 from slicemoe.config import EvalConfig
 from slicemoe.eval.arith import docs
 from slicemoe.table1 import MATS, ROWS, format_table, table
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread, as a sweep actor runs: on a busy 2-core box two threads made these tests
-    ten times slower (137 s against 14 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_table1_shows_the_amat_pattern(tmp_path):
