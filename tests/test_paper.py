@@ -1,6 +1,7 @@
-"""The paper's presets and the README's commands: the grids sweeper, `+experiment=paper_all`
-composing into exactly the sweeps of its parts, every command line of the README checked, and
-(slow) the README's paper commands run small, with the report opened in a headless browser."""
+"""The paper's presets and the documentation's commands: the grids sweeper, `+experiment=paper_all`
+composing into exactly the sweeps of its parts, every command line of README.md and docs/*.md
+checked along with their links, and (slow) the paper commands they show run small, with the
+report opened in a headless browser."""
 
 from __future__ import annotations
 
@@ -123,24 +124,27 @@ def test_a_model_on_the_command_line_reaches_every_job_of_paper_all():
     )
 
 
-# --- the README's command lines ----------------------------------------------------------------
+# --- the documentation's command lines and links ------------------------------------------------
+
+# The README first, so that a command it shows is the one found by its start (doc_line).
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def readme_commands() -> list[str]:
-    """Every command of the README's bash blocks: continuation lines joined, comments dropped,
-    `a && b` split."""
-    text = (REPO / "README.md").read_text()
+def doc_commands() -> list[str]:
+    """Every command of the bash blocks of README.md and docs/*.md: continuation lines joined,
+    comments dropped, `a && b` split."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"(^|\s)#.*$", "", line).strip()
-            commands += [c.strip() for c in line.split("&&") if c.strip()]
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"(^|\s)#.*$", "", line).strip()
+                commands += [c.strip() for c in line.split("&&") if c.strip()]
     return commands
 
 
 def covering(todo: list[list[str]], seen: set[str]) -> list[list[str]]:
     """The first job of `todo` and those that hold an override not `seen` before (in any
-    command): every override of the README is composed and validated at least once."""
+    command): every override of the docs is composed and validated at least once."""
     keep = []
     for job in todo:
         if not keep or not seen >= set(job):
@@ -209,21 +213,39 @@ def check_command(command: str, seen: set[str]) -> None:
     elif words[0] == "export":
         pass
     else:
-        raise AssertionError(f"README command not checked by tests/test_paper.py: {command}")
+        raise AssertionError(f"docs command not checked by tests/test_paper.py: {command}")
 
 
-def test_every_command_line_of_the_readme_composes_validates_or_parses(tmp_path, monkeypatch):
+def test_every_command_line_of_the_docs_composes_validates_or_parses(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths of the commands point at nothing of the clone
-    commands = readme_commands()
+    commands = doc_commands()
     assert any("+experiment=paper_all" in c for c in commands)
+    # The README's test command is the one CI runs.
+    assert (REPO / ".ci" / "run").read_text().strip().splitlines()[-1] in commands
     seen: set[str] = set()
     for command in commands:
         check_command(command, seen)
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (REPO / "README.md").read_text())
-    assert len(images) >= 4 and all((REPO / path).is_file() for path in images)
 
 
-# --- the README's paper commands, small, and the report in a browser -------------------------
+def test_every_relative_link_of_the_docs_points_at_a_file():
+    """`](path)` links and images of README.md and docs/*.md, relative to the page."""
+    images, missing = 0, []
+    for doc in DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for image, target in re.findall(r"(!?)\[[^\]]*\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:|#", target):  # a web address or an anchor of the page
+                continue
+            images += bool(image)
+            if not (doc.parent / target.split("#")[0]).is_file():
+                missing.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not missing
+    assert images >= 4
+    pages = {p.name for p in (REPO / "docs").glob("*.md")}
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", (REPO / "README.md").read_text()))
+    assert pages == linked, "every docs page is linked from the README"
+
+
+# --- the docs' paper commands, small, and the report in a browser ----------------------------
 
 # Small enough for CI: one cache size, MAT84 and the Asym quantizer only, one baseline strength,
 # 2 problems or text windows of 64 tokens.
@@ -233,16 +255,16 @@ SMALL = [
 ]  # fmt: skip
 
 
-def readme_line(start: str) -> list[str]:
-    """The words of the README's first command that starts with `start`."""
-    return shlex.split(next(c for c in readme_commands() if c.startswith(start)))
+def doc_line(start: str) -> list[str]:
+    """The words of the docs' first command that starts with `start`."""
+    return shlex.split(next(c for c in doc_commands() if c.startswith(start)))
 
 
 @pytest.fixture(scope="module")
 def paper_sweep(tmp_path_factory):
-    """The README's paper_all command, small, in a scratch folder with its own MLflow store."""
+    """The docs' paper_all command, small, in a scratch folder with its own MLflow store."""
     tmp = tmp_path_factory.mktemp("paper")
-    words = readme_line("python -m sweep -m +experiment=paper_all")
+    words = doc_line("python -m sweep -m +experiment=paper_all")
     assert words[:3] == ["python", "-m", "sweep"] and len(words) == 5
     uri = f"sqlite:///{tmp}/mlflow.db"
     res = run_sweep([*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600)
@@ -251,14 +273,14 @@ def paper_sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_readme_paper_commands_run_and_the_report_renders_in_a_browser(paper_sweep):
+def test_the_docs_paper_commands_run_and_the_report_renders_in_a_browser(paper_sweep):
     import numpy as np
     from matplotlib.image import imread
 
     tmp, uri, res = paper_sweep
     # 5 policies, the baseline, 5 warmups (lru is dbsc's own run), 4 Table 1 cells at MAT84.
     assert "[sweep] 15/15 done | 0 running | 0 failed | 1 skipped" in res.stderr
-    words = readme_line("python -m sweep.report")
+    words = doc_line("python -m sweep.report")
     out = tmp / "report"
     rep = subprocess.run(
         [sys.executable, *words[1:], "--tracking-uri", uri, "--out", str(out)],
@@ -285,12 +307,12 @@ def test_the_readme_paper_commands_run_and_the_report_renders_in_a_browser(paper
 
 
 @pytest.mark.slow
-def test_the_readme_notebook_command_runs_headless(paper_sweep):
-    """The README's `jupyter execute` line as written, from the folder holding mlflow.db."""
+def test_the_docs_notebook_command_runs_headless(paper_sweep):
+    """The docs' `jupyter execute` line as written, from the folder holding mlflow.db."""
     import os
 
     tmp, _, _ = paper_sweep
-    words = readme_line("SLICEMOE_FIG_DIR=")
+    words = doc_line("SLICEMOE_FIG_DIR=")
     env = dict(os.environ, PWD=str(tmp), OMP_NUM_THREADS="1")
     while re.fullmatch(r"[A-Z_]+=\S*", words[0]):
         name, value = words.pop(0).split("=", 1)
