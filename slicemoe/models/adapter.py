@@ -1,4 +1,5 @@
-"""Put the slice cache, AMAT precision and hardware accounting inside a HF MoE model.
+"""A HF MoE model made a SliceMoE one: its experts quantized (AMAT), its routers deferring to
+the runtime that simulates the devices.
 
 Two in-place changes per sparse block, both through the seams the model already has:
 - `experts`: its fused weights become the quantized high-bit experts followed by the low-path
