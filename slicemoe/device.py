@@ -188,7 +188,7 @@ def charge_all(hw: HardwareConfig, bill, shape) -> Cost:
     return charge(hw, *(np.broadcast_to(np.asarray(x, float), shape) for x in bill))
 
 
-def prefill_cost(fp: Footprint, hw: HardwareConfig, cache, counts, tokens: int, sliced: bool):
+def prefill_cost(fp: Footprint, hw: HardwareConfig, cache, counts, tokens: int, sliced) -> Cost:
     """One device's prefill of a `tokens`-token prompt whose layers used the experts `counts`
     [L, E]: they stream through `cache` at high precision; every MoE layer's bill and the LM
     head for the last token."""
