@@ -35,9 +35,10 @@ import torch
 
 from slicemoe.config import BitsConfig, CacheConfig, ModelConfig, PolicyConfig, RunConfig
 from slicemoe.models import Shape, gate_rule, moe_blocks
-from slicemoe.models.adapter import Bindable, install, quantize_model
+from slicemoe.models.adapter import install, quantize_model
 from slicemoe.routing import RoutingParams, route
 from slicemoe.run import Loaded, load_key
+from slicemoe.runtime import Bindable
 from slicemoe.simulator import Captured, Simulator, StaticKV, cache_kw
 
 

@@ -7,7 +7,7 @@ l + 1 of the same token, or layer 0 of the next token after the last layer.
 simulated device; `made`: whether a prediction exists, a bool or a bool tensor) or None;
 `ranking` is the next-gate ranking of this layer step (`NextGate.rank`). The runtime fetches
 their slices (MSB, plus LSB for critical ones when `prefetch.slices=critical`;
-slicemoe.models.adapter.fetch_ahead) into each device's cache and charges the transfer as
+slicemoe.device.fetch_ahead) into each device's cache and charges the transfer as
 overlapping layer l (slicemoe.hardware.charge).
 
 - next_gate: the first m of the ranking, i.e. layer l+1's router applied to the hidden state

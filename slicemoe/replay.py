@@ -4,8 +4,8 @@
 model in the loop, for any cache capacity, eviction (Belady included: the stream is its
 future), warmup, measurement window and hardware profile, as long as `replayable(cfg)`: the
 requests must not depend on the cache. The devices replay one after the other through the same
-`SliceCache`, warmup functions and per-layer bills as the runtime, so there is one definition of
-each rule.
+`SliceCache`, warmup functions, slice rules and bills (slicemoe.device) as the runtime, so there
+is one definition of each rule.
 """
 
 from __future__ import annotations
@@ -17,20 +17,22 @@ import numpy as np
 
 from slicemoe.cache import KIND_CODE, KINDS, SliceCache
 from slicemoe.config import RunConfig
-from slicemoe.hardware import Cost, charge
-from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
-from slicemoe.models.adapter import (
+from slicemoe.device import (
     Footprint,
     charge_all,
     computes_high,
     decode_bill,
+    expert_call,
     fetch_ahead,
+    fill_bill,
     footprint,
     head_bill,
+    is_sliced,
     prefill_cost,
     slice_kinds,
-    stream_prefill,
 )
+from slicemoe.hardware import Cost, charge
+from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
 from slicemoe.prefetch import top_m
 from slicemoe.quant import reference_bytes
 from slicemoe.stream import Stream, replayable, stream_key
@@ -64,7 +66,7 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         device = _Device(cfg, fp, capacity, stream, s)
         prefill = prefill + device.prefill()
         fills = device.warmup()
-        prefill = prefill + charge(cfg.hardware, 0.0, fills, fills).total()
+        prefill = prefill + charge(cfg.hardware, *fill_bill(fills)).total()
         warmup_bytes += fills
         if cfg.prefetch.predictor == "none":
             rows[: device.steps] += device.decode()
@@ -97,7 +99,7 @@ class _Device:
         self.prompt_len, self.counts, self.experts, self.high = stream.sequence(s)
         self.next_gate, self.next_gate_critical = stream.next_gate_of(s)
         self.steps = len(self.experts)
-        self.sliced = cfg.policy.precision in ("low", "dbsc")
+        self.sliced = is_sliced(cfg.policy.precision)
         shape = stream.shape
         kinds = slice_kinds(self.sliced, fp.nested, True)
         future = None
@@ -119,11 +121,9 @@ class _Device:
             yield layer, e, KINDS[kind]
 
     def prefill(self) -> Cost:
-        fp = self.fp
         self.cache.tag = (self.s, "prefill", -1)
-        kinds = slice_kinds(self.sliced, fp.nested, True)
-        used, missed = stream_prefill(self.cache, self.counts, kinds, fp.sizes)
-        return prefill_cost(fp, self.cfg.hardware, self.prompt_len, used, missed)
+        hw = self.cfg.hardware
+        return prefill_cost(self.fp, hw, self.cache, self.counts, self.prompt_len, self.sliced)
 
     def warmup(self) -> int:
         kind = "MSB" if self.sliced else "FULL"
@@ -252,10 +252,9 @@ class _Device:
                 missed = read = 0
                 for e, h in zip(self.experts[t, layer], self.high[t, layer]):
                     requested = slice_kinds(self.sliced, fp.nested, bool(h))
-                    hits = cache.access(layer, int(e), requested)
-                    missed += sum(fp.sizes[x] for x, hit in zip(requested, hits) if not hit)
-                    high = computes_high(requested)
-                    read += fp.sizes["FULL"] if high else fp.low_bytes
+                    high, r, m = expert_call(cache, fp, layer, int(e), requested)
+                    read += r
+                    missed += m
                     out[t, COL["highbit_calls"]] += high
                 if predicted is not None:
                     covered = sum(int(e) in predicted for e in self.experts[t, layer])
@@ -274,8 +273,8 @@ class _Device:
                     moved = fetch_ahead(
                         cache, target, experts, crit, self.cfg.prefetch, self.sliced, fp.nested
                     )
-                ops, dram, flash = decode_bill(fp, k, self.prompt_len + t, read, missed)
-                cost = cost + charge(hw, ops, dram + moved, flash + moved, moved)
+                bill = decode_bill(fp, k, self.prompt_len + t, read, missed, moved)
+                cost = cost + charge(hw, *bill)
             out[t] += stats_row(cache.stats) - before
             for name in COST_COUNTERS:
                 out[t, COL[name]] = getattr(cost, name)

@@ -15,7 +15,7 @@ stopped (eos or a stop string) from its tokens after the step, so a row's counte
 for the steps before the one that chose its stop token: each row is charged exactly for the
 tokens it consumed, whenever the host looks.
 
-Backends (`model.backend`): `python`, the readable reference (adapter.Runtime, a SliceCache per
+Backends (`model.backend`): `python`, the readable reference (runtime.Runtime, a SliceCache per
 row on the host), or `tensor` (tensor_runtime.TensorRuntime, the same on the model's device);
 `auto` takes `tensor` on CUDA. KV caches: a static cache with the simulator's own masks where
 every layer is full attention, transformers' dynamic cache and masks otherwise. With the device
@@ -35,22 +35,16 @@ from transformers import DynamicCache
 from slicemoe.cache import SliceCache
 from slicemoe.cache.tensor import EVICTIONS
 from slicemoe.config import RunConfig
+from slicemoe.device import fill_bill, footprint, is_sliced, prefill_cost
 from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COUNTERS
 from slicemoe.models import gate_rule, model_dims, moe_blocks
-from slicemoe.models.adapter import (
-    Runtime,
-    footprint,
-    install,
-    prefill_cost,
-    router_logits,
-    slice_kinds,
-    stream_prefill,
-)
+from slicemoe.models.adapter import install, router_logits
 from slicemoe.models.code_experts import CodeExperts
-from slicemoe.models.tensor_runtime import TensorRuntime
 from slicemoe.prefetch import NextGate, make_predictor
+from slicemoe.runtime import Runtime
 from slicemoe.stream import Recorder
+from slicemoe.tensor_runtime import TensorRuntime
 from slicemoe.validate import capacity_bytes
 from slicemoe.warmup import apply_warmup
 
@@ -69,7 +63,7 @@ class Batch:
     first_seq: int
     lens: np.ndarray  # [B] prompt tokens
     limit: np.ndarray  # [B] decode steps each row may run
-    state: object  # the runtime's (adapter.Rows or tensor_runtime.Rows)
+    state: object  # the runtime's (runtime.Rows or tensor_runtime.Rows)
     kv: object  # DynamicKV or StaticKV
     logits: torch.Tensor  # [B, V] of the last forward pass
     pos: torch.Tensor  # [B] position of the next token
@@ -202,16 +196,14 @@ class Simulator:
             with rt.bound(replace(state, valid=state.valid[:, a:b])):
                 logits = kv.prefill(ids[:, a:b], mask[:, :b], pos[:, a:b])
         counts = rt.counts(state)
-        sliced = cfg.policy.precision in ("low", "dbsc")
-        kinds = slice_kinds(sliced, fp.nested, True)  # prefill runs at high precision
+        sliced = is_sliced(cfg.policy.precision)
         kind = "MSB" if sliced else "FULL"  # what makes an expert usable at low cost
         for i, c in enumerate(caches):
-            used, missed = stream_prefill(c, counts[i], kinds, fp.sizes)
-            self.prefill_cost += prefill_cost(fp, cfg.hardware, int(lens[i]), used, missed)
+            self.prefill_cost += prefill_cost(fp, cfg.hardware, c, counts[i], int(lens[i]), sliced)
             # Seeded per sequence, so a sequence warms up alike in any batch.
             rng = np.random.default_rng([cfg.seed, first_seq + i])
             filled = apply_warmup(cfg.policy.warmup, c, counts[i], kind, rng)
-            self.prefill_cost += charge(cfg.hardware, 0.0, filled, filled).total()
+            self.prefill_cost += charge(cfg.hardware, *fill_bill(filled)).total()
             self.warmup_bytes += filled
         rt.to_decode(state, caches, lens, steps)
         tokens = torch.full((rows, horizon + 1), self.pad, dtype=torch.long, device=dev)

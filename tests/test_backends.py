@@ -216,7 +216,7 @@ def test_the_device_decode_step_never_waits_for_the_host(monkeypatch):
     layer step are Triton kernels; here their CPU references run unchecked, and the kernels'
     wrappers are checked below."""
     from slicemoe.models.code_experts import CodeExperts
-    from slicemoe.models.tensor_runtime import TensorRuntime
+    from slicemoe.tensor_runtime import TensorRuntime
 
     cfg = RunConfig(
         model=ModelConfig(backend="tensor"),

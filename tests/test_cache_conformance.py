@@ -39,7 +39,7 @@ if not torch.cuda.is_available():  # the kernel runs through Triton's interprete
 
 from slicemoe.cache import EVICTION, KIND_CODE, KINDS, SliceCache, compiled, tensor  # noqa: E402
 from slicemoe.config import PrefetchConfig  # noqa: E402
-from slicemoe.models.adapter import computes_high, fetch_ahead, slice_kinds  # noqa: E402
+from slicemoe.device import computes_high, fetch_ahead, slice_kinds  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, EXPERTS = 3, 6

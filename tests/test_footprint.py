@@ -1,14 +1,17 @@
 """What the hardware model charges per layer, from a model's config: KV bytes and op costs."""
 
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV2Config
 
 from slicemoe.config import BitsConfig, HardwareConfig
+from slicemoe.device import footprint
 from slicemoe.models import Shape, model_dims
-from slicemoe.models.adapter import footprint
 
 
 def deepseek_v2_tiny():
@@ -32,6 +35,16 @@ def deepseek_v2_tiny():
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_the_device_and_the_replay_import_without_transformers():
+    # The replay runs without a model (where transformers may be missing or slow to import).
+    code = "import sys, slicemoe.device, slicemoe.replay; print('transformers' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_mla_caches_the_compressed_latent_not_full_keys_and_values():
@@ -71,7 +84,7 @@ def shipped(name):
 
 
 def test_gpt_oss_20b_slices_count_the_expert_biases_and_its_windows_stop_the_kv():
-    from slicemoe.models.adapter import decode_bill
+    from slicemoe.device import decode_bill
     from slicemoe.quant import slice_bytes
 
     shape, dims = shipped("gpt-oss-20b")
@@ -94,7 +107,7 @@ def test_gpt_oss_20b_slices_count_the_expert_biases_and_its_windows_stop_the_kv(
     assert (fp.kv_bytes_per_token, fp.window_kv_bytes_per_token, fp.window) == (512, 512, 128)
     assert (fp.attn_dim, fp.window_attn_dim) == (2048, 2048)
     # Decoding token 1,001 reads the full layers' 1,001 tokens and the windowed layers' 128.
-    _, dram, _ = decode_bill(fp, 0, 1000, 0, 0)
+    _, dram, _, _ = decode_bill(fp, 0, 1000, 0, 0)
     assert dram - fp.dense_bytes == 512 * 1001 + 512 * 128
 
 

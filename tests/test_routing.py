@@ -115,8 +115,9 @@ def test_the_runtime_passes_every_policy_knob_to_routing():
     """Each routing parameter reaches the rule under its own name (a positional mix-up once
     fed cumsum_p to Cache-Prior's logit range)."""
     from slicemoe.config import BitsConfig, HardwareConfig, PolicyConfig
+    from slicemoe.device import footprint
     from slicemoe.models import Dims, Shape
-    from slicemoe.models.adapter import Runtime, footprint
+    from slicemoe.runtime import Runtime
 
     policy = PolicyConfig(lam=0.3, cumsum_p=0.7, max_rank_keep=2, max_rank_m=5)
     fp = footprint(Dims(1, 1, 1, 1), Shape(1, 8, 2, 4, 4), BitsConfig(), HardwareConfig())

@@ -3,7 +3,7 @@
 - `reference`: `SliceCache` and its eviction policies, the readable definition of the others;
 - `compiled`: LRU/FIFO replay of request arrays in a numba-compiled loop (slicemoe.replay);
 - `tensor`: the caches of B simulated devices as tensors, one layer step at a time
-  (slicemoe.models.tensor_runtime);
+  (slicemoe.tensor_runtime);
 - `kernel`: `tensor.layer_step` as one Triton kernel (on CUDA).
 
 tests/test_cache_conformance.py runs the same sequences through all of them. Only the

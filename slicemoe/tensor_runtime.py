@@ -1,16 +1,17 @@
 """The runtime of B simulated devices kept on the model's device.
 
-The same simulation as slicemoe.models.adapter.Runtime (the readable reference, on the host,
-one Python SliceCache per row; whole runs give the same metrics through either), with every
+The same simulation as slicemoe.runtime.Runtime (the readable reference, on the host, one
+Python SliceCache per row; whole runs give the same metrics through either), with every
 per-device quantity a tensor row and every rule an operation on all rows at once: the caches
-(slicemoe.tensorcache; on CUDA one kernel per layer step, slicemoe.kernels.cache_step), routing
-with the cache state (all four policies), DBSC's precision, lsb_miss, the miss-rate controller,
-prefetching, the request stream and the hardware bill. A decode step never waits for the host,
-so it can be captured once and replayed (slicemoe.simulator).
+and slicemoe.device's slice rules (slicemoe.cache.tensor; on CUDA one kernel per layer step,
+slicemoe.cache.kernel), routing with the cache state (all four policies), DBSC's
+precision, lsb_miss, the miss-rate controller, prefetching, the request stream and the hardware
+bill (slicemoe.device's). A decode step never waits for the host, so it can be captured once and
+replayed (slicemoe.simulator).
 
 Prefill routes on the device and counts; the caches then take the prefill stream and the warmup
 on the host, through the same SliceCache code as the reference (once per batch), and continue
-on the device (tensorcache.from_slicecaches).
+on the device (slicemoe.cache.tensor.from_slicecaches).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 
 from slicemoe.cache import KINDS, SliceCache
 from slicemoe.cache import tensor as tc
+from slicemoe.device import decode_bill, head_bill
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
-from slicemoe.models.adapter import LAMBDA_GAIN, RuntimeRules, decode_bill, head_bill
 from slicemoe.routing import RoutingParams, precision, route
+from slicemoe.runtime import LAMBDA_GAIN, RuntimeRules
 
 
 @dataclass
@@ -66,7 +68,7 @@ EXPERT_CALLS, HIGHBIT_CALLS, TOKENS, RESIDENT = range(4)
 
 class TensorRuntime(RuntimeRules):
     def __init__(self, *rules, capacity: int, eviction: str, depth: int = 0, **kw):
-        """adapter.RuntimeRules's arguments, and the caches' `capacity` and `eviction`;
+        """runtime.RuntimeRules's arguments, and the caches' `capacity` and `eviction`;
         `depth`: ranking entries the request stream keeps (0: no stream is recorded, and no
         ranking is made unless the predictor reads it)."""
         super().__init__(*rules, **kw)
@@ -150,10 +152,10 @@ class TensorRuntime(RuntimeRules):
         on, fp = state.on, self.fp
         bills = state.bills.double()
         ctx = state.context.double()[:, None]
-        ops, dram, flash = decode_bill(fp, self.k, ctx, bills[:, READ], bills[:, MISSED])
-        moved = bills[:, MOVED]
-        ops = torch.as_tensor(ops).expand_as(moved)
-        layers = charge(self.hw, ops, dram + moved, flash + moved, moved)
+        ops, dram, flash, moved = decode_bill(
+            fp, self.k, ctx, bills[:, READ], bills[:, MISSED], bills[:, MOVED]
+        )
+        layers = charge(self.hw, torch.as_tensor(ops).expand_as(moved), dram, flash, moved)
         head = charge(self.hw, *head_bill(fp, 1))
         step_cost = torch.stack(
             [getattr(layers, n).sum(1) + getattr(head, n) for n in COST_COUNTERS], 1
@@ -166,7 +168,7 @@ class TensorRuntime(RuntimeRules):
         state.t += 1
 
     def _counters(self, state: Rows) -> torch.Tensor:
-        """Per row, the cumulative COUNTERS (as adapter._row_counters)."""
+        """Per row, the cumulative COUNTERS (as runtime._row_counters)."""
         stats, rows = state.cache.stats.double(), state.cache.rows
         v = torch.zeros((rows, len(COUNTERS)), dtype=torch.float64, device=stats.device)
         for kind in KINDS:
@@ -274,7 +276,7 @@ class TensorRuntime(RuntimeRules):
         state.next_gate_critical[:, :, layer].index_copy_(1, t, crit[:, None])
 
     def _adapt_lambda(self, state: Rows) -> None:
-        """adapter.Runtime._adapt_lambda on every row at once."""
+        """runtime.Runtime._adapt_lambda on every row at once."""
         stats = state.cache.stats
         acts = stats[:, tc.S["activations"]]
         flash0, acts0 = state.base[:, 0], state.base[:, 1]
