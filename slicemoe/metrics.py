@@ -77,7 +77,7 @@ PREFILL_DOCS = {
     "latency_prefill_s": "prefill and warmup latency, summed over devices",
     "latency_prefill_s_per_token": "latency_prefill_s / prefill_tokens",
     "flash_bytes_prefill": "bytes read from Flash in prefill, warmup fills included",
-    "flash_bytes_warmup": "bytes a warmup strategy read from Flash (experts prefill never used)",
+    "flash_bytes_warmup": "bytes a warmup strategy read from Flash (slices prefill did not stream)",
     "dram_bytes_prefill": "DRAM traffic of prefill and warmup",
 }
 RUN_DOCS = {

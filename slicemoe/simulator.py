@@ -210,7 +210,7 @@ class Simulator:
             self.prefill_cost += prefill_cost(fp, cfg.hardware, int(lens[i]), used, missed)
             # Seeded per sequence, so a sequence warms up alike in any batch.
             rng = np.random.default_rng([cfg.seed, first_seq + i])
-            filled = apply_warmup(cfg.policy.warmup, c, counts[i], kind, rng)
+            filled = apply_warmup(cfg.policy.warmup, c, counts[i], kinds, kind, rng)
             self.prefill_cost += charge(cfg.hardware, 0.0, filled, filled).total()
             self.warmup_bytes += filled
         rt.to_decode(state, caches, lens, steps)

@@ -40,7 +40,7 @@ def test_compiled_replay_equals_the_reference_cache(eviction, seed):
         ref.request((int(la), int(e), KINDS[k]))
     counts = rng.integers(0, 5, size=(LAYERS, EXPERTS))
     warmup = str(rng.choice(["lru", "pcw", "random", "last_layer", "empty"]))
-    apply_warmup(warmup, ref, counts, "MSB", rng)
+    apply_warmup(warmup, ref, counts, ("MSB", "LSB"), "MSB", rng)
     layer, expert, kind = random_stream(rng, 3000)
     marks = np.sort(rng.choice(len(kind), size=50, replace=False))
     hits, resident = replay_requests(ref, key_ids(layer, expert, kind, EXPERTS), marks, eviction)
