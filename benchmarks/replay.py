@@ -136,7 +136,7 @@ def whole_run(trace: np.ndarray, sequences: int, steps: int = 200, prompt: int =
             shape=shape,
             dims=Dims(dense_params=50_000_000, head_params=151_936 * 2048, kv_values=4096,
                       attn_dim=2048),
-            scores={"accuracy": 0.0},
+            scores={"accuracy": [0] * sequences},
             prompt_len=np.full(sequences, prompt, dtype=np.int32),
             prefill_counts=rng.poisson(30, (sequences, 24, 60)).astype(np.int32),
             decode_steps=np.full(sequences, steps, dtype=np.int32),

@@ -77,7 +77,7 @@ PREFILL_DOCS = {
     "latency_prefill_s": "prefill and warmup latency, summed over devices",
     "latency_prefill_s_per_token": "latency_prefill_s / prefill_tokens",
     "flash_bytes_prefill": "bytes read from Flash in prefill, warmup fills included",
-    "flash_bytes_warmup": "bytes a warmup strategy read from Flash (experts prefill never used)",
+    "flash_bytes_warmup": "bytes a warmup strategy read from Flash (slices prefill did not stream)",
     "dram_bytes_prefill": "DRAM traffic of prefill and warmup",
 }
 RUN_DOCS = {
@@ -186,17 +186,24 @@ def assemble(
     reference,
     layer_calls=None,
 ) -> dict:
-    """A run's metrics dict (METRICS, in order, plus "curves") from its per-step decode rows,
+    """A run's metrics dict (METRICS, in order, plus "curves" and "problems") from its per-step decode rows,
     the prefill cost and the task scores; the model pass and the replay both end here.
-    `layer_calls`: per MoE layer, (expert calls predicted for, calls covered) when prefetching."""
+    `scores`: task metric -> per-problem values (one perplexity for loglik tasks);
+    `layer_calls`: per MoE layer, (expert calls predicted for, calls covered) when prefetching.
+    "problems" holds a generation task's correctness per problem, in problem order, so that
+    runs of one task and limit compare problem by problem (McNemar); None for perplexity."""
     nan = float("nan")
-    out = {k: float(scores.get(k, nan)) for k in TASK_DOCS}
+    out = {k: float(np.mean(scores[k])) if scores.get(k) else nan for k in TASK_DOCS}
     out.update(decode_metrics(rows, highbit, reference))
     steady = decode_metrics(rows[cfg.policy.warmup_steps :], highbit, reference)
     out.update({f"{k}{STEADY}": v for k, v in steady.items()})
     out.update(prefill_metrics(prefill, warmup_bytes, prompt_tokens))
     out["cache_capacity_bytes"] = float(capacity)
     out["curves"] = curves(rows)
+    out["problems"] = None
+    if "accuracy" in scores:
+        correct = [int(v) for v in scores["accuracy"]]
+        out["problems"] = {"correct": correct, "task": cfg.eval.task, "limit": cfg.eval.limit}
     if cfg.prefetch.predictor != "none":
         predicted, covered = layer_calls
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -126,9 +126,10 @@ class _Device:
         return prefill_cost(self.fp, hw, self.cache, self.counts, self.prompt_len, self.sliced)
 
     def warmup(self) -> int:
+        kinds = slice_kinds(self.sliced, self.fp.nested, True)  # what prefill streamed
         kind = "MSB" if self.sliced else "FULL"
         rng = np.random.default_rng([self.cfg.seed, self.s])
-        return apply_warmup(self.cfg.policy.warmup, self.cache, self.counts, kind, rng)
+        return apply_warmup(self.cfg.policy.warmup, self.cache, self.counts, kinds, kind, rng)
 
     def _decode_requests(self):
         """The decode requests in order, as arrays: (step, layer, expert, kind code) per

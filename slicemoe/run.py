@@ -94,7 +94,8 @@ def _batches(items, n):
 
 
 def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
-    """The model pass: (the simulator with its meters, task scores, prompt tokens)."""
+    """The model pass: (the simulator with its meters, task scores, prompt tokens). The scores
+    are per problem, in problem order, for generation tasks; perplexity is one value."""
     task = get_task_or_error(cfg.eval.task)
     sim = Simulator(cfg, loaded, record=record)
     tok = loaded.tokenizer
@@ -121,7 +122,7 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
                 nlls.extend(row)
             prefill_tokens += sum(len(p) for p in prompts)
         scores["perplexity"] = [math.exp(float(np.mean(nlls)))] if nlls else [float("nan")]
-    return sim, {k: float(np.mean(v)) for k, v in scores.items()}, prefill_tokens
+    return sim, scores, prefill_tokens
 
 
 def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded:
@@ -151,7 +152,8 @@ def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
 
 
 def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
-    """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves" and "trace_path".
+    """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves", "problems" (correctness
+    per problem) and "trace_path".
 
     Belady's oracle and the oracle prefetcher need the future: the model pass records the
     request stream, and the replay reads it (slicemoe.replay)."""

@@ -8,7 +8,7 @@ hit and what they cost. A `Stream` records, per sequence (one simulated device):
   used expert once per layer; PCW ranks by these counts);
 - per decode step and MoE layer, the k chosen experts and whether each requested its high-bit
   path (the decode context of step t is the prompt length + t);
-- the task scores, the model's shape and the dimensions the hardware model charges.
+- the task scores per problem, the model's shape and the dimensions the hardware model charges.
 `slicemoe.replay.replay(stream, cfg)` turns it into the metrics that `slicemoe.run.run(cfg)`
 computes with the model in the loop.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from slicemoe.config import RunConfig
 from slicemoe.models import Dims, Shape
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: scores per problem
 ARRAYS = (
     "prompt_len", "prefill_counts", "decode_steps", "experts", "high", "next_gate",
     "next_gate_critical",
@@ -86,7 +86,7 @@ class Stream:
     config: dict  # that config, for the record
     shape: Shape
     dims: Dims
-    scores: dict  # task metric -> value (accuracy, perplexity, ...)
+    scores: dict  # task metric -> per-problem values (accuracy, ...) or [perplexity]
     prompt_len: np.ndarray  # [S] prompt tokens per sequence
     prefill_counts: np.ndarray  # [S, layers, experts] prefill tokens routed to each expert
     decode_steps: np.ndarray  # [S] decode forward passes per sequence

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import json
 import logging
 import math
 import numbers
@@ -60,8 +61,10 @@ from sweep.drivers import is_alive  # noqa: E402
 from sweep.errors import SweepError  # noqa: E402
 from sweep.jobs import RESULT_METRICS, Job, Outcome  # noqa: E402
 
-NON_SCALAR = ("curves", "trace_path", "stream_path")
+NON_SCALAR = ("curves", "problems", "trace_path", "stream_path")
 STREAM_ARTIFACT = "requests.npz"
+# A generation run's correctness per problem: {"correct": [0/1 in problem order], "task", "limit"}.
+PROBLEMS_ARTIFACT = "problems.json"
 # MLflow's log_batch accepts at most 1000 metrics per call.
 BATCH = 1000
 HEALTH_TIMEOUT_S = 5.0
@@ -143,13 +146,15 @@ class RunRecord:
     resume: bool = True
 
     def add_result(self, result: dict[str, Any]) -> dict[str, float]:
-        """The run's metrics (scalars at step 0, curves one step per decode step) and its trace
-        and request stream files; returns the scalars."""
+        """The run's metrics (scalars at step 0, curves one step per decode step), its
+        correctness per problem, and its trace and request stream files; returns the scalars."""
         now = int(time.time() * 1000)
         scalars = scalar_metrics(result)
         self.metrics += [(k, v, now, 0) for k, v in scalars.items()]
         for name, values in (result.get("curves") or {}).items():
             self.metrics += [(name, _float(v), now, step) for step, v in enumerate(values)]
+        if result.get("problems"):
+            self.artifacts[PROBLEMS_ARTIFACT] = json.dumps(result["problems"]).encode()
         for key, name in (("trace_path", "trace.parquet"), ("stream_path", STREAM_ARTIFACT)):
             if result.get(key) and Path(result[key]).is_file():
                 self.artifacts[name] = str(result[key])

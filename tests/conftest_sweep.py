@@ -81,6 +81,10 @@ def run(cfg: RunConfig, loaded: dict | None = None) -> dict:
     frac = cfg.cache.frac or 0.5
     result = {name: float(i) + frac for i, name in enumerate(RESULT_METRICS)}
     result["perplexity"] = math.nan
+    # One correct problem in two, as a generation run reports them (sweep.tracking logs them).
+    correct = [(i + cfg.seed) % 2 for i in range(cfg.eval.limit or 4)]
+    result["accuracy"] = sum(correct) / len(correct)
+    result["problems"] = {"correct": correct, "task": cfg.eval.task, "limit": cfg.eval.limit}
     result["curves"] = {
         "miss_rate_running": [1.0 / (i + 1) for i in range(5)],
         "energy_decode_cum_j": [0.1 * i for i in range(5)],
@@ -151,12 +155,21 @@ def search(uri: str, experiment: str, filter_string: str = "") -> list:
 
 
 def assert_no_metric_lost(uri: str, run) -> None:
-    """A FINISHED run has every result metric, and its curves at every step."""
+    """A FINISHED run has every result metric, its curves at every step and its correctness
+    per problem (problems.json, agreeing with its accuracy)."""
+    import json
+    import tempfile
+
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(uri)
     assert set(RESULT_METRICS) <= set(run.data.metrics), run.info.run_id
-    history = MlflowClient(uri).get_metric_history(run.info.run_id, "miss_rate_running")
+    history = client.get_metric_history(run.info.run_id, "miss_rate_running")
     assert sorted(m.step for m in history) == list(range(5)), run.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run.info.run_id, "problems.json", tmp)
+        correct = json.loads(Path(path).read_text())["correct"]
+    assert sum(correct) == round(run.data.metrics["accuracy"] * len(correct)), run.info.run_id
 
 
 def descendants(roots: set[int]) -> set[int]:

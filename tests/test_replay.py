@@ -103,6 +103,7 @@ def test_replay_equals_the_model_in_the_loop_on_20_random_configurations():
         for m in METRICS:
             if m != "wall_s":
                 assert same(expected[m], got[m]), (cfg, m, expected[m], got[m])
+        assert expected["problems"] == got["problems"]
         for name, curve in expected["curves"].items():
             assert len(curve) == len(got["curves"][name]), name
             assert all(same(x, y) for x, y in zip(curve, got["curves"][name])), (cfg, name)

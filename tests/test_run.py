@@ -15,7 +15,16 @@ from slicemoe.config import (
     RunConfig,
 )
 from slicemoe.models import read_shape
-from slicemoe.run import METRICS, ConfigError, capacity_bytes, load, run, validate
+from slicemoe.run import (
+    METRICS,
+    ConfigError,
+    capacity_bytes,
+    load,
+    record,
+    replay,
+    run,
+    validate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +78,20 @@ def test_batched_sequences_match_one_at_a_time(loaded, tmp_path):
     for m in METRICS:
         if m != "wall_s":
             assert r1[m] == pytest.approx(r3[m], rel=1e-9, nan_ok=True), m
+    assert r1["problems"] == r3["problems"]
+
+
+def test_a_generation_run_carries_its_correctness_per_problem_in_order(loaded):
+    """Replayed runs reuse the recorded pass's; the first problems of a longer run are the
+    problems of a shorter one (every sequence has a cache of its own)."""
+    c = cfg(policy=PolicyConfig(warmup="pcw"))
+    r = run(c, loaded)
+    p = r["problems"]
+    assert p["task"] == "arith" and p["limit"] == 6 and set(p["correct"]) <= {0, 1}
+    assert len(p["correct"]) == 6 and sum(p["correct"]) == round(r["accuracy"] * 6)
+    assert replay(record(c, loaded), c)["problems"] == p
+    short = run(replace(c, eval=replace(c.eval, limit=5)), loaded)["problems"]
+    assert short["correct"] == p["correct"][:5] and short["limit"] == 5
 
 
 def test_trace_has_the_documented_columns(loaded, tmp_path):
@@ -187,7 +210,7 @@ def test_wikitext_runs_with_its_default_window(loaded, tmp_path):
     c = cfg(eval=EvalConfig(task="wikitext", data_path=str(text), limit=2))
     assert c.eval.seq_len == 256 > c.eval.max_new_tokens
     r = run(c, loaded)
-    assert 1 < r["perplexity"] < 100
+    assert 1 < r["perplexity"] < 100 and r["problems"] is None
     assert len(r["curves"]["miss_rate_running"]) > c.eval.max_new_tokens
 
 

@@ -215,7 +215,7 @@ def test_actors_log_to_a_tracking_server(tmp_path):
         client = MlflowClient(url)
         for run in runs:
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert names == {"config.yaml", "trace.parquet"}
+            assert names == {"config.yaml", "trace.parquet", "problems.json"}
         assert list((tmp_path / "artifacts").rglob("trace.parquet"))
     finally:
         stop_server(server)

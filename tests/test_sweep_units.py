@@ -266,8 +266,23 @@ def test_worker_logs_metrics_curves_trace_and_config(tracker, tmp_path):
     history = tracker.client.get_metric_history(out.run_id, "miss_rate_running")
     assert [m.step for m in history] == list(range(5))
     artifacts = {a.path for a in tracker.client.list_artifacts(out.run_id)}
-    assert artifacts == {"config.yaml", "trace.parquet"}
+    assert artifacts == {"config.yaml", "trace.parquet", "problems.json"}
+    # The stand-in's seed 1: problems 0, 2, 4, ... right.
+    limit = job.config.eval.limit
+    assert problems(tracker, out.run_id, tmp_path) == {
+        "correct": [1 - i % 2 for i in range(limit)],
+        "task": "arith",
+        "limit": limit,
+    }
     assert tracker.finished()[job.key].info.run_id == out.run_id
+
+
+def problems(tracker, run_id: str, folder: Path) -> dict:
+    """A run's problems.json artifact."""
+    import json
+
+    path = tracker.client.download_artifacts(run_id, "problems.json", str(folder))
+    return json.loads(Path(path).read_text())
 
 
 def test_a_failing_run_is_recorded_with_its_error(tracker):
@@ -425,7 +440,10 @@ def test_a_result_the_store_cannot_take_is_spooled_then_pushed_whole(tracker, tm
     history = tracker.client.get_metric_history(record.run_id, "miss_rate_running")
     assert sorted(m.step for m in history) == list(range(5))
     names = {a.path for a in tracker.client.list_artifacts(record.run_id)}
-    assert names == {"config.yaml", "trace.parquet"}
+    assert names == {"config.yaml", "trace.parquet", "problems.json"}
+    assert problems(tracker, record.run_id, tmp_path)["correct"] == [
+        1 - i % 2 for i in range(job.config.eval.limit)
+    ]  # seed 5, as seed 1
 
 
 def test_a_record_without_a_run_is_claimed_when_pushed_and_never_doubled(tracker, tmp_path):
