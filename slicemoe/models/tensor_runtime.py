@@ -3,14 +3,14 @@
 The same simulation as slicemoe.models.adapter.Runtime (the readable reference, on the host,
 one Python SliceCache per row; whole runs give the same metrics through either), with every
 per-device quantity a tensor row and every rule an operation on all rows at once: the caches
-(slicemoe.tensorcache; on CUDA one kernel per layer step, slicemoe.kernels.cache_step), routing
+(slicemoe.cache.tensor; on CUDA one kernel per layer step, slicemoe.cache.kernel), routing
 with the cache state (all four policies), DBSC's precision, lsb_miss, the miss-rate controller,
 prefetching, the request stream and the hardware bill. A decode step never waits for the host,
 so it can be captured once and replayed (slicemoe.simulator).
 
 Prefill routes on the device and counts; the caches then take the prefill stream and the warmup
 on the host, through the same SliceCache code as the reference (once per batch), and continue
-on the device (tensorcache.from_slicecaches).
+on the device (slicemoe.cache.tensor.from_slicecaches).
 """
 
 from __future__ import annotations
