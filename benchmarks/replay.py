@@ -4,8 +4,8 @@ The trace has the shape of Qwen1.5-MoE-A2.7B decode (24 MoE layers, 60 experts, 
 layer a Zipf-skewed expert popularity, and temporal correlation (with probability `--reuse` a
 token keeps the previous token's expert for a slot). Three caches see the same request sequence
 of equal-sized whole experts: the reference `SliceCache` (Python), the compiled replay that
-`slicemoe.replay` uses for LRU/FIFO (`slicemoe.fastcache`) and libCacheSim's LRU (C). Their hit
-sequences must agree; the benchmark checks that and prints requests/s of each and the ratios,
+`slicemoe.replay` uses for LRU/FIFO (`slicemoe.cache.compiled`) and libCacheSim's LRU (C). Their
+hit sequences must agree; the benchmark checks that and prints requests/s of each and the ratios,
 measured in the same process (the compiled replay after one warm-up call that compiles it).
 
     python benchmarks/replay.py                 # 100k tokens (9.6M requests)

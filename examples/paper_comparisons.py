@@ -1,4 +1,5 @@
-"""The paper's comparisons on the shipped tiny model, as markdown tables (README numbers).
+"""The paper's comparisons on the shipped tiny model, as markdown tables: the tables of
+docs/paper.md.
 
     python examples/paper_comparisons.py [--limit 100] [--workers 2] [--tables warmup,tradeoff,baseline]
 

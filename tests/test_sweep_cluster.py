@@ -1,5 +1,5 @@
 """The cluster path: a Ray head with token authentication on, a sweep sent with `ray job submit`
-exactly as the README shows it, results checked in MLflow."""
+exactly as docs/cluster.md shows it, results checked in MLflow."""
 
 from __future__ import annotations
 
