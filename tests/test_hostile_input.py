@@ -28,6 +28,9 @@ from sweep.__main__ import main
 from sweep.errors import SweepError
 from sweep.schema import SETTING_BOUNDS
 
+# On one xdist worker, so that the store with a finished run is built once.
+pytestmark = pytest.mark.xdist_group("test_hostile_input")
+
 EXP = "hostile"
 # Every bounded number of the schema is also refused NaN, infinite and out of range by
 # test_every_bounded_number_refuses_nan_inf_and_out_of_range, without a launch.

@@ -25,6 +25,9 @@ from sweep import app, grids, schema
 from sweep.errors import SweepError
 from sweep.grids import expand
 
+# On one xdist worker, so that the small paper_all sweep is built once.
+pytestmark = pytest.mark.xdist_group("test_paper")
+
 PARSER = OverridesParser.create()
 BIN = Path(sys.executable).parent
 

@@ -24,6 +24,9 @@ from slicemoe.replay import replay, replayable, stream_key
 from slicemoe.run import METRICS, capacity_bytes, load, record, run
 from slicemoe.stream import Stream
 
+# On one xdist worker, so that the recorded stream is built once.
+pytestmark = pytest.mark.xdist_group("test_replay")
+
 BASE = RunConfig(eval=EvalConfig(limit=3, max_new_tokens=16), batch_size=2)
 BITS = {
     "mat84": BitsConfig(),

@@ -19,6 +19,9 @@ from slicemoe.config import CacheConfig, RunConfig
 from sweep import app, jobs, schema
 from sweep.errors import SweepError
 
+# On one xdist worker, so that the tracking store is built once.
+pytestmark = pytest.mark.xdist_group("test_sweep_units")
+
 CONF = Path(app.CONF_DIR)
 
 
