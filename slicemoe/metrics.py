@@ -186,8 +186,9 @@ def assemble(
     reference,
     layer_calls=None,
 ) -> dict:
-    """A run's metrics dict (METRICS, in order, plus "curves" and "problems") from its per-step decode rows,
-    the prefill cost and the task scores; the model pass and the replay both end here.
+    """A run's metrics dict (METRICS, in order, plus "curves" and "problems") from its per-step
+    decode rows, the prefill cost and the task scores; the model pass and the replay both end
+    here.
     `scores`: task metric -> per-problem values (one perplexity for loglik tasks);
     `layer_calls`: per MoE layer, (expert calls predicted for, calls covered) when prefetching.
     "problems" holds a generation task's correctness per problem, in problem order, so that

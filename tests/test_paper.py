@@ -105,6 +105,10 @@ def test_paper_all_is_exactly_the_sweeps_of_the_figures_and_table1():
         f"policy.warmup={w}" for w in ("empty", "last_layer", "random", "lru", "pcw")
     }
     assert all({"eval=wikitext_head", "bits.nonexpert_bits=null"} <= set(j) for j in table1)
+    # The figures' runs share one arithmetic eval, large enough for paired comparisons.
+    assert all("eval=arith_paper" in j for j in fig8 + fig10)
+    arith = schema.run_config(compose_app(fig10[0])).eval
+    assert (arith.task, arith.limit) == ("arith", 125)
     low = [j for j in table1 if "policy=lru_lowbit" in j]
     assert sorted(o for j in low for o in j if o.startswith("bits.scheme=")).count(
         "bits.scheme=amat"

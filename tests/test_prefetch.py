@@ -159,9 +159,10 @@ def test_a_replay_prefetches_exactly_as_the_model_in_the_loop(
     got = replay(record(cfg, loaded), cfg)
     want = run(cfg, loaded)
     for name, value in want.items():
-        if name in ("wall_s", "trace_path", "curves"):
+        if name in ("wall_s", "trace_path", "curves", "problems"):
             continue
         assert got[name] == pytest.approx(value, rel=1e-12, nan_ok=True), name
+    assert got["problems"] == want["problems"]
     for name, curve in want["curves"].items():
         assert got["curves"][name] == pytest.approx(curve, rel=1e-12, nan_ok=True), name
     assert want["flash_bytes_prefetch"] > 0 or predictor == "prev_token"

@@ -3,6 +3,7 @@ per request stream, with the same metrics as running each job with the model in 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +26,13 @@ def runs_by_name(tmp: Path, experiment: str) -> dict:
     return {r.data.tags["mlflow.runName"].split(" eval.")[0]: r for r in runs}
 
 
+def problems(tmp: Path, run) -> dict:
+    folder = tmp / "problems" / run.info.run_id
+    folder.mkdir(parents=True)
+    path = MlflowClient(uri(tmp)).download_artifacts(run.info.run_id, "problems.json", str(folder))
+    return json.loads(Path(path).read_text())
+
+
 @pytest.mark.slow
 def test_replayed_sweep_equals_the_in_loop_sweep_and_later_sweeps_reuse_streams(tmp_path):
     points = "sweep.miss_ratio_points=4"
@@ -40,6 +48,8 @@ def test_replayed_sweep_equals_the_in_loop_sweep_and_later_sweeps_reuse_streams(
             if m != "wall_s" and not (math.isnan(x) and math.isnan(y)):
                 assert math.isclose(x, y, rel_tol=1e-9), (name, m, x, y)
         assert "replayed_from" not in b[name].data.tags
+        # Correctness per problem: a replayed run's is its recorded pass's, as in the loop.
+        assert problems(tmp_path, run) == problems(tmp_path, b[name])
     # Cache-Prior stays in the loop; the other two policies share one model pass each.
     tags = {name: run.data.tags for name, run in a.items()}
     assert {n for n, t in tags.items() if "replayed_from" in t} == {
