@@ -62,7 +62,7 @@ def connect(conf: RayConf) -> str:
     # (sweep.__main__ closes the runs in flight and exits 143).
     on_term = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(**kwargs)
+        _init(ray, kwargs, tries=3 if address == "local" else 1)
     except ConnectionError as err:
         raise SweepError(
             f"ray.address={address}: no Ray cluster answered ({err}). Start one (ray start "
@@ -77,6 +77,24 @@ def connect(conf: RayConf) -> str:
     if on_term is not None:
         signal.signal(signal.SIGTERM, on_term)
     return address
+
+
+def _init(ray, kwargs: dict, tries: int) -> None:
+    """ray.init, tried again where a private instance's node did not register in time: Ray
+    gives a starting raylet 30 s, which a box busy with other Ray instances can exceed."""
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if attempt == tries or "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
+            print(
+                f"[sweep] the local Ray instance did not start in time; trying again "
+                f"({attempt + 1} of {tries})",
+                file=sys.stderr,
+            )
 
 
 def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:

@@ -621,3 +621,35 @@ def test_a_store_away_at_the_end_stops_naming_the_spooled_runs_and_a_relaunch_sk
     monkeypatch.setattr(Tracker, "push", real_push)
     assert Ledger(cfg).done()[job.key].run_id == record.run_id  # pushed, now from the store
     assert not list((tmp_path / "mlflow-spool").glob("*/record.json"))
+
+
+def test_a_private_ray_instance_that_starts_too_slowly_is_started_again(capsys):
+    """Ray gives a starting node 30 s; on a busy box a private instance is tried again, while
+    any other error (or a third timeout) is raised as it is."""
+    from sweep import cluster
+
+    class SlowRay:
+        def __init__(self, failures: list[str]):
+            self.failures, self.inits, self.shutdowns = failures, 0, 0
+
+        def init(self, **kwargs):
+            self.inits += 1
+            if self.failures:
+                raise Exception(self.failures.pop(0))
+
+        def shutdown(self):
+            self.shutdowns += 1
+
+    slow = "The current node timed out during startup. This could happen because ..."
+    ray = SlowRay([slow, slow])
+    cluster._init(ray, {}, tries=3)
+    assert (ray.inits, ray.shutdowns) == (3, 2)
+    assert "did not start in time; trying again (3 of 3)" in capsys.readouterr().err
+    with pytest.raises(Exception, match="timed out"):
+        cluster._init(SlowRay([slow, slow, slow]), {}, tries=3)
+    other = SlowRay(["GCS refused"])
+    with pytest.raises(Exception, match="GCS refused"):
+        cluster._init(other, {}, tries=3)
+    assert other.inits == 1
+    with pytest.raises(Exception, match="timed out"):
+        cluster._init(SlowRay([slow]), {}, tries=1)  # a cluster address: no second try
