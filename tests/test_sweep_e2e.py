@@ -1,5 +1,5 @@
-"""The sweep with the real `slicemoe.run` on the shipped tiny model: a single run, a multirun on
-local Ray and Optuna driving the launcher (the report and the notebook on a sweep: test_paper)."""
+"""The sweep with the real `slicemoe.run` on the shipped tiny model: a single run and a multirun on
+local Ray; Optuna driving the launcher (the report and the notebook on a sweep: test_paper)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest_sweep import QUICK, REPO, run_sweep, search
+from conftest_sweep import QUICK, REPO, RUNNER, run_sweep, search
 
 from sweep.jobs import RESULT_METRICS
 
@@ -90,13 +90,16 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
 
 @pytest.mark.slow
 def test_optuna_sweeper_drives_the_launcher(tmp_path):
+    """Optuna asks, the launcher runs, the metrics go back: the stand-in runner answers at once
+    (the real model in the loop of a multirun is the test above)."""
     args = [
         "-m",
         "+experiment=optuna_dbsc_tau",
         "hydra.sweeper.n_trials=2",
         "mlflow.experiment=optuna",
+        f"sweep.runner={RUNNER}",
     ]
-    res = run_sweep([*args, *QUICK], tmp_path)
+    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "Number of Pareto solutions" in res.stdout + res.stderr
     results = list((tmp_path / "multirun").glob("*/*/optimization_results.yaml"))
