@@ -5,3 +5,10 @@ several times slower with two workers of two threads each than with one thread e
 import torch
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first. xdist workers take tests in collection order: with the end-to-end
+    sweeps (a minute or more each) at the start, the short tests fill the gaps between them
+    instead of a few long ones trailing at the end on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
