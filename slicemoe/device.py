@@ -22,6 +22,7 @@ from slicemoe import quant
 from slicemoe.config import BitsConfig, HardwareConfig, PrefetchConfig
 from slicemoe.hardware import Cost, charge
 from slicemoe.models import Dims, Shape
+from slicemoe.warmup import apply_warmup
 
 
 @dataclass(frozen=True)
@@ -178,11 +179,6 @@ def head_bill(fp: Footprint, tokens):
     return 2.0 * fp.head_params * fp.dense_op_cost * tokens, fp.head_bytes, 0
 
 
-def fill_bill(filled):
-    """Bytes read from Flash into DRAM outside any layer step (the warmup): no operations."""
-    return 0.0, filled, filled
-
-
 def charge_all(hw: HardwareConfig, bill, shape) -> Cost:
     """The hardware cost of every layer step of `shape` (bill terms broadcast to it)."""
     return charge(hw, *(np.broadcast_to(np.asarray(x, float), shape) for x in bill))
@@ -195,3 +191,13 @@ def prefill_cost(fp: Footprint, hw: HardwareConfig, cache, counts, tokens: int, 
     used, missed = stream_prefill(cache, counts, slice_kinds(sliced, fp.nested, True), fp.sizes)
     layers = charge_all(hw, prefill_bill(fp, tokens, 0, used, missed), used.shape)
     return layers.total() + charge(hw, *head_bill(fp, 1)).total()
+
+
+def warm_up(fp: Footprint, hw: HardwareConfig, cache, counts, sliced, warmup: str, rng):
+    """The named warmup (slicemoe.warmup) at the prefill -> decode switch, after prefill streamed
+    its high-precision slices: (its cost, the bytes it read from Flash). The Flash reads fill
+    DRAM outside any layer step: no operations."""
+    streamed = slice_kinds(sliced, fp.nested, True)
+    kind = "MSB" if sliced else "FULL"  # what makes an expert usable at low cost
+    filled = apply_warmup(warmup, cache, counts, streamed, kind, rng)
+    return charge(hw, 0.0, filled, filled), filled

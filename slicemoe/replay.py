@@ -24,12 +24,12 @@ from slicemoe.device import (
     decode_bill,
     expert_call,
     fetch_ahead,
-    fill_bill,
     footprint,
     head_bill,
     is_sliced,
     prefill_cost,
     slice_kinds,
+    warm_up,
 )
 from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
@@ -38,7 +38,6 @@ from slicemoe.quant import reference_bytes
 from slicemoe.stream import Stream, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, validate
-from slicemoe.warmup import apply_warmup
 
 
 def replay(stream: Stream, cfg: RunConfig) -> dict:
@@ -65,8 +64,8 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
     for s in range(stream.num_sequences):
         device = _Device(cfg, fp, capacity, stream, s)
         prefill = prefill + device.prefill()
-        fills = device.warmup()
-        prefill = prefill + charge(cfg.hardware, *fill_bill(fills)).total()
+        cost, fills = device.warmup()
+        prefill = prefill + cost.total()
         warmup_bytes += fills
         if cfg.prefetch.predictor == "none":
             rows[: device.steps] += device.decode()
@@ -125,11 +124,12 @@ class _Device:
         hw = self.cfg.hardware
         return prefill_cost(self.fp, hw, self.cache, self.counts, self.prompt_len, self.sliced)
 
-    def warmup(self) -> int:
-        kinds = slice_kinds(self.sliced, self.fp.nested, True)  # what prefill streamed
-        kind = "MSB" if self.sliced else "FULL"
+    def warmup(self) -> tuple[Cost, int]:
         rng = np.random.default_rng([self.cfg.seed, self.s])
-        return apply_warmup(self.cfg.policy.warmup, self.cache, self.counts, kinds, kind, rng)
+        cfg = self.cfg
+        return warm_up(
+            self.fp, cfg.hardware, self.cache, self.counts, self.sliced, cfg.policy.warmup, rng
+        )
 
     def _decode_requests(self):
         """The decode requests in order, as arrays: (step, layer, expert, kind code) per
@@ -159,11 +159,10 @@ class _Device:
     def _hits(self, layer, expert, kind, step, marks):
         """Hit of every decode request, and resident experts after each mark."""
         # Imported here: numba is only needed to replay, not to run a model (GPU machines).
-        from slicemoe.cache.compiled import EVICTIONS as FAST_EVICTION
-        from slicemoe.cache.compiled import key_ids, replay_requests
+        from slicemoe.cache.compiled import EVICTIONS, key_ids, replay_requests
 
         cache = self.cache
-        if cache.trace is None and self.cfg.cache.eviction in FAST_EVICTION:
+        if cache.trace is None and self.cfg.cache.eviction in EVICTIONS:
             ids = key_ids(layer, expert, kind, cache.resident.shape[1])
             return replay_requests(cache, ids, marks, self.cfg.cache.eviction)
         # The reference: one SliceCache request at a time (LFU, Belady, traces).

@@ -35,8 +35,8 @@ from transformers import DynamicCache
 from slicemoe.cache import SliceCache
 from slicemoe.cache.tensor import EVICTIONS
 from slicemoe.config import RunConfig
-from slicemoe.device import fill_bill, footprint, is_sliced, prefill_cost, slice_kinds
-from slicemoe.hardware import Cost, charge
+from slicemoe.device import footprint, is_sliced, prefill_cost, warm_up
+from slicemoe.hardware import Cost
 from slicemoe.metrics import COUNTERS
 from slicemoe.models import gate_rule, model_dims, moe_blocks
 from slicemoe.models.adapter import install, router_logits
@@ -46,7 +46,6 @@ from slicemoe.runtime import Runtime
 from slicemoe.stream import Recorder
 from slicemoe.tensor_runtime import TensorRuntime
 from slicemoe.validate import capacity_bytes
-from slicemoe.warmup import apply_warmup
 
 # How often (decode steps) the device backend shows the host its tokens, to find stopped rows.
 CHECK_EVERY = 8
@@ -197,14 +196,12 @@ class Simulator:
                 logits = kv.prefill(ids[:, a:b], mask[:, :b], pos[:, a:b])
         counts = rt.counts(state)
         sliced = is_sliced(cfg.policy.precision)
-        kinds = slice_kinds(sliced, fp.nested, True)  # prefill runs at high precision
-        kind = "MSB" if sliced else "FULL"  # what makes an expert usable at low cost
         for i, c in enumerate(caches):
             self.prefill_cost += prefill_cost(fp, cfg.hardware, c, counts[i], int(lens[i]), sliced)
             # Seeded per sequence, so a sequence warms up alike in any batch.
             rng = np.random.default_rng([cfg.seed, first_seq + i])
-            filled = apply_warmup(cfg.policy.warmup, c, counts[i], kinds, kind, rng)
-            self.prefill_cost += charge(cfg.hardware, *fill_bill(filled)).total()
+            cost, filled = warm_up(fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng)
+            self.prefill_cost += cost.total()
             self.warmup_bytes += filled
         rt.to_decode(state, caches, lens, steps)
         tokens = torch.full((rows, horizon + 1), self.pad, dtype=torch.long, device=dev)
