@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check uv
-uv() { .venv/bin/python -m uv pip "$1" -q --python .venv/bin/python "${@:2}"; }
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (as on CI machines), every process
+# would otherwise compile torch, transformers, Ray and MLflow from source each time it starts;
+# the tests start hundreds (sweep drivers, Ray workers, MLflow servers).
+uv() { .venv/bin/python -m uv pip "$1" -q --compile-bytecode --python .venv/bin/python "${@:2}"; }
 # Wheels that lie on this machine's disk (pip's find-links) are offered to uv as well.
 links=()
 for folder in ${PIP_FIND_LINKS:-}; do [ -d "$folder" ] && links+=(--find-links "$folder"); done
