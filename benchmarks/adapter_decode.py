@@ -89,19 +89,28 @@ def random_model(hf_config, device, dtype):
 
 
 def generate_step_s(model, batch, prompt, new, device, **kw) -> float:
-    """Decode-only seconds per step of plain `generate` (greedy, exactly `new` tokens)."""
+    """Decode-only seconds per step of plain `generate` (greedy, exactly `new` tokens): the
+    time between the first and the last step's logits (a difference of two whole `generate`
+    calls, one with the prefill only, can come out negative on a busy machine)."""
+    from transformers import LogitsProcessorList
+
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
+    stamps = []
+
+    def stamp(_, scores):
+        sync(device)
+        stamps.append(time.perf_counter())
+        return scores
 
     def timed(n):
-        sync(device)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
-        sync(device)
-        return time.perf_counter() - t0
+        stamps.clear()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       logits_processor=LogitsProcessorList([stamp]), **kw)  # fmt: skip
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
     with torch.no_grad():
         timed(new + 1)  # warm-up (and, with a static cache, compilation)
-        return (timed(new + 1) - timed(1)) / new
+        return timed(new + 1)
 
 
 class PlainRouting(Bindable):

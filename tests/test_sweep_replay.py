@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 from conftest_sweep import QUICK, run_sweep, search
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
+from slicemoe.run import run
+from sweep import app, schema
 from sweep.jobs import RESULT_METRICS
 
-GRID = ["-m", "cache=frac_10,frac_25", "policy=lru_highbit,dbsc,cache_prior_highbit"]
+POINTS = "sweep.miss_ratio_points=4"
 
 
 def uri(tmp: Path) -> str:
@@ -23,7 +26,7 @@ def uri(tmp: Path) -> str:
 def runs_by_name(tmp: Path, experiment: str) -> dict:
     runs = search(uri(tmp), experiment, "tags.role = 'run'")
     assert all(r.info.status == "FINISHED" for r in runs)
-    return {r.data.tags["mlflow.runName"].split(" eval.")[0]: r for r in runs}
+    return {r.data.tags["mlflow.runName"]: r for r in runs}
 
 
 def problems(tmp: Path, run) -> dict:
@@ -33,46 +36,43 @@ def problems(tmp: Path, run) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def in_the_loop(overrides: list[str]) -> dict:
+    """The job's run with the model in the loop, in this process."""
+    with initialize_config_dir(app.CONF_DIR, version_base="1.3"):
+        return run(schema.run_config(compose("config", overrides=overrides)))
+
+
 @pytest.mark.slow
-def test_replayed_sweep_equals_the_in_loop_sweep_and_later_sweeps_reuse_streams(tmp_path):
-    points = "sweep.miss_ratio_points=4"
-    replayed = run_sweep([*GRID, *QUICK, points, "mlflow.experiment=replayed"], tmp_path)
+def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_streams(tmp_path):
+    grid = ["-m", "cache=frac_10,frac_25", "policy=dbsc,cache_prior_highbit"]
+    replayed = run_sweep([*grid, *QUICK, POINTS, "mlflow.experiment=replayed"], tmp_path)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
-    inloop = run_sweep([*GRID, *QUICK, "sweep.replay=false", "mlflow.experiment=inloop"], tmp_path)
-    assert inloop.returncode == 0, inloop.stderr[-3000:]
-    a, b = runs_by_name(tmp_path, "replayed"), runs_by_name(tmp_path, "inloop")
-    assert set(a) == set(b) and len(a) == 6
-    for name, run in a.items():
+    a = runs_by_name(tmp_path, "replayed")
+    assert len(a) == 4
+    # Cache-Prior stays in the loop; DBSC's two cache sizes share one model pass.
+    tags = {name: run.data.tags for name, run in a.items()}
+    assert {n for n, t in tags.items() if "replayed_from" in t} == {n for n in a if "dbsc" in n}
+    (recorder,) = [n for n, t in tags.items() if t.get("stream_source") == "recorded"]
+    files = {f.path for f in MlflowClient(uri(tmp_path)).list_artifacts(a[recorder].info.run_id)}
+    assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
+    for name in (n for n in a if "dbsc" in n):
+        # The run name is the job's overrides.
+        expected = in_the_loop(name.split())
         for m in RESULT_METRICS:
-            x, y = run.data.metrics[m], b[name].data.metrics[m]
+            x, y = a[name].data.metrics[m], expected[m]
             if m != "wall_s" and not (math.isnan(x) and math.isnan(y)):
                 assert math.isclose(x, y, rel_tol=1e-9), (name, m, x, y)
-        assert "replayed_from" not in b[name].data.tags
         # Correctness per problem: a replayed run's is its recorded pass's, as in the loop.
-        assert problems(tmp_path, run) == problems(tmp_path, b[name])
-    # Cache-Prior stays in the loop; the other two policies share one model pass each.
-    tags = {name: run.data.tags for name, run in a.items()}
-    assert {n for n, t in tags.items() if "replayed_from" in t} == {
-        n for n in a if "cache_prior" not in n
-    }
-    recorders = [n for n, t in tags.items() if t.get("stream_source") == "recorded"]
-    assert len(recorders) == 2
-    client = MlflowClient(uri(tmp_path))
-    for name in recorders:
-        files = {f.path for f in client.list_artifacts(a[name].info.run_id)}
-        assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
+        assert problems(tmp_path, a[name])["correct"] == expected["problems"]["correct"]
 
-    # Adding a cache size later: the finished runs are skipped, the new ones replay the stored
-    # streams without a model pass.
+    # Adding a cache size later: the finished runs are skipped, the new one replays the stored
+    # stream without a model pass.
     later = run_sweep(
-        ["-m", "cache=frac_10,frac_25,frac_50", "policy=lru_highbit,dbsc", *QUICK, points,
+        ["-m", "cache=frac_10,frac_25,frac_50", "policy=dbsc", *QUICK, POINTS,
          "mlflow.experiment=replayed"],
         tmp_path,
     )  # fmt: skip
     assert later.returncode == 0, later.stderr[-3000:]
-    assert "2 to run, 4 finished already" in later.stdout + later.stderr
-    new = {n: r for n, r in runs_by_name(tmp_path, "replayed").items() if "frac_50" in n}
-    assert len(new) == 2
-    sources = sorted(r.data.tags.get("stream_source", "") for r in new.values())
-    assert sources == ["stored", "stored"]
-    assert not any("device" in r.data.tags for r in new.values())
+    assert "1 to run, 2 finished already" in later.stdout + later.stderr
+    (new,) = [r for n, r in runs_by_name(tmp_path, "replayed").items() if "frac_50" in n]
+    assert new.data.tags.get("stream_source") == "stored" and "device" not in new.data.tags
