@@ -2,9 +2,31 @@
 one thread per core in each of them oversubscribes the machine: on a 2-core box a model test ran
 several times slower with two workers of two threads each than with one thread each."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 import torch
+from conftest_sweep import free_port, start_ray_head, stop_ray_head, sweep_env
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One Ray instance per test process for the sweeps whose subject is not Ray's own start or
+    stop (`run_sweep(..., ray=ray_head)`): a private instance costs each sweep 5-10 s here.
+    Token authentication is off on this loopback-only instance; the cluster test checks it on."""
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    port = free_port()
+    start_ray_head(
+        temp / "ray", port, "--include-dashboard=false",
+        env=sweep_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
+    )  # fmt: skip
+    yield f"127.0.0.1:{port}"
+    stop_ray_head(temp / "ray", port)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -114,11 +114,24 @@ def sweep_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def through(ray: str | None, args: list[str], env: dict[str, str]) -> list[str]:
+    """With `ray` (a head's address, see the `ray_head` fixture) the sweep joins that Ray instance
+    instead of starting its own, and the stand-in's settings reach its workers as the run's
+    runtime environment (the head's workers inherit the head's environment, not the driver's)."""
+    if ray is None:
+        return args
+    # As the head was started: loopback only (else Ray turns 127.0.0.1 into the machine's
+    # outward address, where nothing listens), no token.
+    env.update(RAY_ADDRESS=ray, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    fake = ",".join(f"{k}:'{v}'" for k, v in env.items() if k.startswith(("FAKE_", "MLFLOW_")))
+    return [*args, f"+ray.runtime_env.env_vars={{{fake}}}"] if fake else args
+
+
 def run_sweep(
-    args: list[str], cwd: Path, timeout: float = 300, **env: str
+    args: list[str], cwd: Path, timeout: float = 300, ray: str | None = None, **env: str
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sweep", *args],
+        [sys.executable, "-m", "sweep", *through(ray, args, env)],
         cwd=cwd,
         env=sweep_env(**env),
         capture_output=True,
@@ -127,10 +140,10 @@ def run_sweep(
     )
 
 
-def start_sweep(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+def start_sweep(args: list[str], cwd: Path, ray: str | None = None, **env: str) -> subprocess.Popen:
     """A driver in its own session, so that killing it can be aimed at it alone."""
     return subprocess.Popen(
-        [sys.executable, "-m", "sweep", *args],
+        [sys.executable, "-m", "sweep", *through(ray, args, env)],
         cwd=cwd,
         env=sweep_env(**env),
         stdout=subprocess.PIPE,
@@ -296,6 +309,20 @@ def stop_server(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+
+
+def start_ray_head(temp_dir: Path, gcs_port: int, *flags: str, env: dict | None = None) -> None:
+    """`ray start --head` on 127.0.0.1 with its files in temp_dir (keep the path short: Ray's
+    unix sockets live under it and have a length limit)."""
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--head",
+            "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
+            "--num-cpus=2", "--disable-usage-stats", *flags,
+        ],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def stop_ray_head(temp_dir: Path, gcs_port: int, grace_s: float = 10) -> None:

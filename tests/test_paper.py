@@ -268,13 +268,13 @@ def doc_line(start: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def paper_sweep(tmp_path_factory):
+def paper_sweep(tmp_path_factory, ray_head):
     """The docs' paper_all command, small, in a scratch folder with its own MLflow store."""
     tmp = tmp_path_factory.mktemp("paper")
     words = doc_line("python -m sweep -m +experiment=paper_all")
     assert words[:3] == ["python", "-m", "sweep"] and len(words) == 5
     uri = f"sqlite:///{tmp}/mlflow.db"
-    res = run_sweep([*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600)
+    res = run_sweep([*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600, ray=ray_head)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return tmp, uri, res
 

@@ -16,8 +16,8 @@ def uri(tmp: Path) -> str:
     return f"sqlite:///{tmp}/mlflow.db"
 
 
-def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path):
-    res = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path)
+def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, ray_head):
+    res = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("run "))
@@ -28,13 +28,13 @@ def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path):
     assert run.info.status == "FINISHED" and set(RESULT_METRICS) <= set(run.data.metrics)
     assert "mlflow.parentRunId" not in run.data.tags
 
-    again = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path)
+    again = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
     assert again.returncode == 0 and "finished already" in again.stdout + again.stderr
     assert len(search(uri(tmp_path), "single")) == 1
 
 
 @pytest.fixture(scope="module")
-def policy_sweep(tmp_path_factory):
+def policy_sweep(tmp_path_factory, ray_head):
     """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces."""
     tmp = tmp_path_factory.mktemp("policy_sweep")
     args = [
@@ -43,7 +43,7 @@ def policy_sweep(tmp_path_factory):
         "cache=frac_10,frac_25",
         "policy=cache_prior_highbit,dbsc",
     ]
-    res = run_sweep([*args, "trace=true", *QUICK], tmp)
+    res = run_sweep([*args, "trace=true", *QUICK], tmp, ray=ray_head)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return tmp, res
 
@@ -89,7 +89,7 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
 
 
 @pytest.mark.slow
-def test_optuna_sweeper_drives_the_launcher(tmp_path):
+def test_optuna_sweeper_drives_the_launcher(tmp_path, ray_head):
     """Optuna asks, the launcher runs, the metrics go back: the stand-in runner answers at once
     (the real model in the loop of a multirun is the test above)."""
     args = [
@@ -99,7 +99,7 @@ def test_optuna_sweeper_drives_the_launcher(tmp_path):
         "mlflow.experiment=optuna",
         f"sweep.runner={RUNNER}",
     ]
-    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "Number of Pareto solutions" in res.stdout + res.stderr
     results = list((tmp_path / "multirun").glob("*/*/optimization_results.yaml"))

@@ -1,4 +1,4 @@
-"""The multirun engine end to end through `python -m sweep -m`, on a private local Ray instance,
+"""The multirun engine end to end through `python -m sweep -m`, on the test process's Ray instance,
 with the stand-in runner of conftest_sweep (instant runs, failures on demand)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def finished_keys(tmp: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path):
+def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path, ray_head):
     """seed 13 raises, seed 77 runs out of memory (both FAILED with their message, the sweep
     goes on), seed 66 SIGKILLs its actor mid-run once (retried on a new actor, no duplicate,
     no metric lost)."""
@@ -55,7 +55,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
         "seed=0,13,66,77",
         "cache=frac_10,frac_25",
     ]
-    first = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    first = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path))
     out = first.stdout + first.stderr
     # Four runs raise: the sweep finishes the others, then exits non-zero naming a failed run.
     assert first.returncode == 1, out
@@ -84,7 +84,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
 
     # Relaunch: finished runs are skipped, the failed ones run again, one parent throughout.
     mark = len(log)
-    second = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    second = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path))
     assert second.returncode == 1
     rerun = [line for line in calls(tmp_path)[mark:] if line.startswith("run ")]
     assert sorted(line.split()[1] for line in rerun) == ["seed=13"] * 2 + ["seed=77"] * 2
@@ -94,7 +94,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
 
 
 @pytest.mark.slow
-def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path):
+def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path, ray_head):
     """Three jobs share one stream: the actor records it, replays frac_10, then dies replaying
     frac_25. frac_10 stays FINISHED; the rest is dispatched again and replays the stored stream
     without another model pass."""
@@ -104,7 +104,7 @@ def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path):
         f"mlflow.experiment={EXP}",
         "cache=frac_10,frac_25,frac_50",
     ]
-    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+    res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     children = search(uri(tmp_path), EXP, "tags.role = 'run'")
     # KILLED: the attempt at frac_25 and the not yet started frac_50 of the lost unit.
@@ -118,10 +118,10 @@ def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp_path):
+def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp_path, ray_head):
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2,3,4,5,6,7"]
     env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "2"}
-    driver = start_sweep(args, tmp_path, **env)
+    driver = start_sweep(args, tmp_path, ray=ray_head, **env)
     try:
         deadline = time.monotonic() + 120
         # Watch the runner's log, not the store: opening an SQLite store while the driver is
@@ -137,7 +137,7 @@ def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp
             )
     finally:
         kill(driver)
-    # The driver's local Ray instance goes down with it; wait until its actors are quiet.
+    # Ray ends the killed driver's actors; wait until they are quiet.
     quiet_since, seen = time.monotonic(), len(calls(tmp_path))
     while time.monotonic() - quiet_since < 4:
         time.sleep(0.5)
@@ -148,7 +148,7 @@ def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp
     stale = runs_by_status(tmp_path)["RUNNING"]  # left behind by the killed driver
     mark = len(calls(tmp_path))
 
-    again = run_sweep(args, tmp_path, **env)
+    again = run_sweep(args, tmp_path, ray=ray_head, **env)
     assert again.returncode == 0, again.stdout + again.stderr
     after = finished_keys(tmp_path)
     assert len(after) == 8
@@ -161,9 +161,9 @@ def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp
 
 
 @pytest.mark.slow
-def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path):
+def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path, ray_head):
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2"]
-    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path), FAKE_BROKEN_NODE="1")
+    res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path), FAKE_BROKEN_NODE="1")
     assert res.returncode == 1
     assert "Ray actors cannot start" in res.stderr and "lacks the runner's" in res.stderr
     assert runs_by_status(tmp_path)["RUNNING"] == 0
@@ -193,7 +193,7 @@ def test_settings_cannot_vary_inside_one_multirun(tmp_path):
 
 
 @pytest.mark.slow
-def test_actors_log_to_a_tracking_server(tmp_path):
+def test_actors_log_to_a_tracking_server(tmp_path, ray_head):
     """Any tracking URI: here an `mlflow server`, artifacts uploaded through it."""
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
@@ -206,7 +206,7 @@ def test_actors_log_to_a_tracking_server(tmp_path):
             "seed=0,1",
             "trace=true",
         ]
-        res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
+        res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path))
         assert res.returncode == 0, res.stderr[-3000:]
         runs = search(url, "slicemoe", "tags.role = 'run'")
         assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
@@ -230,13 +230,13 @@ def test_actors_log_to_a_tracking_server(tmp_path):
     ],
 )
 def test_ctrl_c_and_sigterm_end_in_one_line_and_the_runs_in_flight_killed(
-    tmp_path, multirun, signum, status
+    tmp_path, ray_head, multirun, signum, status
 ):
     import signal
 
     args = ["-m", "seed=0,1"] if multirun else ["seed=0"]
     args += [f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}"]
-    driver = start_sweep(args, tmp_path, FAKE_DIR=str(tmp_path), FAKE_SLEEP="30")
+    driver = start_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path), FAKE_SLEEP="30")
     deadline = time.monotonic() + 120
     while not any(line.startswith("run ") for line in calls(tmp_path)):
         assert time.monotonic() < deadline and driver.poll() is None, driver.stdout.read()

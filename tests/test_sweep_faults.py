@@ -99,7 +99,7 @@ def test_two_drivers_on_one_multirun_compute_each_run_once_on_loopback_only(tmp_
 
 
 @pytest.mark.slow
-def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(tmp_path):
+def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(tmp_path, ray_head):
     """The server stops after two runs and stays away for longer than the client's retries:
     the sweep computes on, spools what the server cannot take, and pushes all of it once the
     server is back."""
@@ -123,7 +123,7 @@ def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(t
     env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "1.5", **retries}
     env |= {"FAKE_GATE": str(gate), "FAKE_GATE_FROM": "2"}
     spool = tmp_path / "mlflow-spool"
-    driver = start_sweep(args, tmp_path, **env)
+    driver = start_sweep(args, tmp_path, ray=ray_head, **env)
     try:
         wait_for(lambda: len(calls(tmp_path, "done ")) >= 2, "two runs", [driver])
         stop_server(server)
@@ -157,7 +157,7 @@ def mount_tmpfs(folder: Path, options: str) -> None:
 
 
 @pytest.mark.slow
-def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path):
+def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path, ray_head):
     read_only, full = tmp_path / "ro", tmp_path / "full"
     if os.geteuid():
         read_only.mkdir(mode=0o555)
@@ -185,7 +185,7 @@ def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path):
             # the run it left RUNNING, as for any driver that is gone, and computes it again).
             (full / "filler").unlink()
             args = [f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}"]
-            driver = start_sweep(args, full, FAKE_DIR=str(full), FAKE_SLEEP="1")
+            driver = start_sweep(args, full, ray=ray_head, FAKE_DIR=str(full), FAKE_SLEEP="1")
             try:
                 wait_for(lambda: calls(full, "run "), "the run", [driver])
                 with open(full / "filler", "wb") as f, contextlib.suppress(OSError):
