@@ -325,11 +325,13 @@ class Simulator:
 
 
 class Clock:
-    """Seconds a run spends in prefill, decode steps and closing batches (`seconds`), for
-    benchmarks: each span waits for the device at both ends, so its work is charged to it."""
+    """Seconds a run spends in prefill, decode steps and closing batches (`seconds`), and how
+    many of each (`calls`), for benchmarks: each span waits for the device at both ends, so its
+    work is charged to it."""
 
     def __init__(self):
         self.seconds = {"prefill": 0.0, "decode": 0.0, "end": 0.0}
+        self.calls = dict.fromkeys(self.seconds, 0)
 
     @contextmanager
     def __call__(self, phase: str, device: torch.device):
@@ -339,6 +341,7 @@ class Clock:
         yield
         sync(device)
         self.seconds[phase] += time.perf_counter() - start
+        self.calls[phase] += 1
 
 
 def backend(cfg: RunConfig, device: torch.device) -> str:

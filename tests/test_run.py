@@ -100,16 +100,16 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
         text.write_text(" = Valkyria = \n\n The game began development in 2010 . " * 40)
         wiki = EvalConfig(task="wikitext", data_path=str(text), limit=6, seq_len=24, stride=24)
         c = cfg(trace=True, eval=wiki)
+    step = Simulator.decode_step
+
+    def flaky(self, batch, *args, **kw):
+        if len(batch.lens) > 2 and batch.step == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        step(self, batch, *args, **kw)
+
     results = {}
     for b in (2, 4):
         if b == 4:
-            step = Simulator.decode_step
-
-            def flaky(self, batch, *args, **kw):
-                if len(batch.lens) > 2 and batch.step == 5:
-                    raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-                step(self, batch, *args, **kw)
-
             monkeypatch.setattr(Simulator, "decode_step", flaky)
         r = run(replace(c, batch_size=b, trace_path=str(tmp_path / f"b{b}.parquet")), loaded)
         r.pop("wall_s")
