@@ -8,7 +8,7 @@ with `RunConfig(cache=CacheConfig(frac=0.25))`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -128,6 +128,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     seed: int = 0
-    batch_size: int = 8  # independent sequences simulated at once, each with its own cache
+    # Independent sequences simulated at once, each with its own cache: an integer, or "auto"
+    # (slicemoe.batching: on CUDA the most that fit the GPU's free memory). `Any` because
+    # OmegaConf's structured configs take no int-or-str union; slicemoe.validate checks it.
+    batch_size: Any = "auto"
     trace: bool = False  # record every slice request to a parquet file
     trace_path: Optional[str] = None

@@ -8,8 +8,10 @@ sweep worker) loads it once per `load_key`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slicemoe.batching import CPU_BATCH, auto_batch, sizes
 from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, read_shape
 from slicemoe.models.adapter import quantize_model
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
-from slicemoe.simulator import Simulator
+from slicemoe.simulator import Clock, Simulator
 from slicemoe.stream import Stream, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, get_task_or_error, validate
@@ -55,6 +58,7 @@ class Loaded:
     tokenizer: object
     shape: Shape
     device: torch.device
+    clock: Clock | None = None  # set by a benchmark to time the model pass's phases
 
 
 def load_key(cfg: RunConfig) -> str:
@@ -88,14 +92,55 @@ def load(cfg: RunConfig) -> Loaded:
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def _batches(items, n):
-    for i in range(0, len(items), n):
-        yield i, items[i : i + n]
+def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int) -> int:
+    """cfg.batch_size, or for `auto` the batch that fits the GPU's free memory (CPU_BATCH off
+    CUDA), said on stderr with why."""
+    if cfg.batch_size != "auto":
+        return cfg.batch_size
+    if loaded.device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
+    dims = sizes(loaded.model.config, loaded.shape, dtype_bytes)
+    batch, row = auto_batch(free, dims, longest_prompt, max_new)
+    print(
+        f"batch_size=auto: {batch} rows ({free / 2**30:.1f} GiB free on {loaded.device}, "
+        f"{row / 2**20:.1f} MiB a row for {longest_prompt} prompt + {max_new} new tokens)",
+        file=sys.stderr,
+    )
+    return batch
+
+
+def _in_batches(n: int, size: int, run_batch) -> int:
+    """run_batch(start, stop) over items 0..n in batches of `size`; returns the size it ended
+    with. A batch that runs out of GPU memory is retried halved (the simulator keeps nothing of
+    a batch that did not end), and the rest of the run keeps the smaller size."""
+    start = 0
+    while start < n:
+        stop = min(start + size, n)
+        try:
+            run_batch(start, stop)
+        except torch.OutOfMemoryError as err:
+            if stop - start == 1:
+                raise torch.OutOfMemoryError(
+                    "one sequence does not fit in GPU memory (batch 1); lower "
+                    f"eval.max_new_tokens or use a larger GPU: {str(err).splitlines()[0]}"
+                ) from None
+            failed, size = stop - start, (stop - start) // 2
+        else:
+            start = stop
+            continue
+        # Out of the except block, the error's frames (and the batch's KV cache) are gone.
+        gc.collect()  # the failed batch's captured CUDA graph refers to the batch: a cycle
+        torch.cuda.empty_cache()
+        print(f"batch of {failed} ran out of GPU memory; retrying as {size}", file=sys.stderr)
+    return size
 
 
 def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
-    """The model pass: (the simulator with its meters, task scores, prompt tokens). The scores
-    are per problem, in problem order, for generation tasks; perplexity is one value."""
+    """The model pass: (the simulator with its meters, task scores, prompt tokens, the batch
+    size it ended with). The scores are per problem, in problem order, for generation tasks;
+    perplexity is one value."""
     task = get_task_or_error(cfg.eval.task)
     sim = Simulator(cfg, loaded, record=record)
     tok = loaded.tokenizer
@@ -103,26 +148,39 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
     prefill_tokens = 0
     if task.kind == "generate":
         docs = task.docs(cfg.eval, tok)
-        for start, chunk in _batches(docs, cfg.batch_size):
-            prompts = [tok(d.prompt)["input_ids"] for d in chunk]
+        prompts = [tok(d.prompt)["input_ids"] for d in docs]
+        max_new = cfg.eval.max_new_tokens
+        size = batch_size(cfg, loaded, max(map(len, prompts), default=1), max_new)
+
+        def run_batch(start, stop):
+            nonlocal prefill_tokens
             texts = sim.generate_until(
-                start, prompts, task.stop, cfg.eval.max_new_tokens, tok.eos_token_id
+                start, prompts[start:stop], task.stop, max_new, tok.eos_token_id
             )
-            for d, text in zip(chunk, texts):
+            for d, text in zip(docs[start:stop], texts):
                 for k, v in task.score(d, text).items():
                     scores.setdefault(k, []).append(v)
-            prefill_tokens += sum(len(p) for p in prompts)
+            prefill_tokens += sum(len(p) for p in prompts[start:stop])
+
+        size = _in_batches(len(docs), size, run_batch)
     else:
         windows = task.windows(cfg.eval, tok)
+        prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]
+        forced = [w.input_ids[max(w.n_context, 1) :] for w in windows]
+        size = batch_size(
+            cfg, loaded, max(map(len, prompts), default=1), max(map(len, forced), default=1)
+        )
         nlls = []
-        for start, chunk in _batches(windows, cfg.batch_size):
-            prompts = [w.input_ids[: max(w.n_context, 1)] for w in chunk]
-            forced = [w.input_ids[max(w.n_context, 1) :] for w in chunk]
-            for row in sim.loglikelihood(start, prompts, forced):
+
+        def run_batch(start, stop):
+            nonlocal prefill_tokens
+            for row in sim.loglikelihood(start, prompts[start:stop], forced[start:stop]):
                 nlls.extend(row)
-            prefill_tokens += sum(len(p) for p in prompts)
+            prefill_tokens += sum(len(p) for p in prompts[start:stop])
+
+        size = _in_batches(len(windows), size, run_batch)
         scores["perplexity"] = [math.exp(float(np.mean(nlls)))] if nlls else [float("nan")]
-    return sim, scores, prefill_tokens
+    return sim, scores, prefill_tokens, size
 
 
 def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded:
@@ -147,8 +205,10 @@ def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
         cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"), prefetch=PrefetchConfig()
     )
     torch.manual_seed(cfg.seed)
-    sim, scores, _ = _evaluate(cfg, loaded, record=True)
-    return sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
+    sim, scores, _, size = _evaluate(cfg, loaded, record=True)
+    # The stream's config, for the record, is the one that ran: `auto` as the batch it chose.
+    config = dataclasses.asdict(dataclasses.replace(cfg, batch_size=size))
+    return sim.recorder.stream(stream_key(cfg), config, sim.dims, scores)
 
 
 def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
@@ -164,7 +224,7 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         result["wall_s"] = time.time() - t0
         return result
     torch.manual_seed(cfg.seed)
-    sim, scores, prefill_tokens = _evaluate(cfg, loaded, record=cfg.trace)
+    sim, scores, prefill_tokens, size = _evaluate(cfg, loaded, record=cfg.trace)
     result = assemble(
         cfg,
         sim.rows(),
@@ -177,6 +237,7 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         reference_bytes(loaded.shape.expert_params),
         (sim.layer_predicted, sim.layer_covered),
     )
+    result["batch_size"] = size
     result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
     if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
         stream = sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)

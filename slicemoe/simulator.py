@@ -8,6 +8,7 @@ Two request types share one prefill and one decode step, as evaluation libraries
 Each call is one batch (rows = sequences first_seq, first_seq + 1, ...). The simulator keeps, over
 all batches, what a run's metrics are made of (slicemoe.run): the decode counters of every step
 summed over devices, the prefill cost, the warmup's Flash bytes, the request stream and traces.
+A batch adds to them only when it closes, so one that fails (out of GPU memory) leaves no trace.
 
 Decode step t of a batch chooses token t of every row (greedy, or the forced one) from the last
 logits and feeds it; every MoE layer routes through the runtime. The host learns that a row has
@@ -26,12 +27,15 @@ captured once per batch in a CUDA graph and replayed.
 from __future__ import annotations
 
 import inspect
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from slicemoe.batching import PREFILL_TOKENS
 from slicemoe.cache import SliceCache
 from slicemoe.cache.tensor import EVICTIONS
 from slicemoe.config import RunConfig
@@ -49,10 +53,6 @@ from slicemoe.validate import capacity_bytes
 
 # How often (decode steps) the device backend shows the host its tokens, to find stopped rows.
 CHECK_EVERY = 8
-# Tokens (rows x positions) one prefill forward pass takes at most with the static KV cache:
-# longer prompts are prefilled in pieces of positions, so a large batch's prefill activations
-# do not outgrow its KV cache.
-PREFILL_TOKENS = 32768
 
 
 @dataclass
@@ -70,6 +70,10 @@ class Batch:
     tokens: torch.Tensor  # [B, steps + 1] the token chosen at each step
     forced: torch.Tensor | None  # [B, steps] teacher-forced tokens, pad past a row's end
     nll: torch.Tensor | None  # [B, steps]
+    # Prefill and warmup: the Cost of each row's prefill then warmup, in order, and the bytes
+    # each warmup filled; the run's only when the batch ends.
+    prefill_costs: list
+    warmup_bytes: list
     step: int = 0  # the step, on the host
     graph: Captured | None = None  # the decode step, captured (CUDA)
 
@@ -81,6 +85,7 @@ class Simulator:
         `static`: the static KV cache (None: wherever every layer is full attention);
         `capture`: the decode step as a CUDA graph wherever it can be."""
         self.cfg, self.loaded, self.record = cfg, loaded, record
+        self.clock = loaded.clock
         model = loaded.model
         self.model, self.device = model, torch.device(loaded.device)
         self.dims = model_dims(model)
@@ -134,7 +139,8 @@ class Simulator:
     def generate_until(self, first_seq, prompts, stop=(), max_new=64, eos=None) -> list[str]:
         """Greedy continuations of `prompts` (token lists), up to `max_new` tokens, eos or a
         stop string; each text cut at its first stop string."""
-        batch = self.prefill(first_seq, prompts, steps=np.full(len(prompts), max_new - 1))
+        with self._timed("prefill"):
+            batch = self.prefill(first_seq, prompts, steps=np.full(len(prompts), max_new - 1))
         tok = self.loaded.tokenizer
         rows = len(prompts)
         finish = np.full(rows, -1)  # the step whose token stopped the row
@@ -143,7 +149,8 @@ class Simulator:
         every = 1 if self.backend == "python" else CHECK_EVERY
         for t in range(max_new):
             last = t == max_new - 1
-            self.decode_step(batch, active=finish < 0, feed=not last)
+            with self._timed("decode"):
+                self.decode_step(batch, active=finish < 0, feed=not last)
             if last or (t + 1) % every == 0:
                 chosen = batch.tokens[:, : t + 1].cpu().numpy()
                 for i in np.nonzero(finish < 0)[0]:
@@ -155,19 +162,26 @@ class Simulator:
                 seen = t + 1
                 if (finish >= 0).all():
                     break
-        self.end(batch, np.where(finish < 0, max_new - 1, finish))
+        with self._timed("end"):
+            self.end(batch, np.where(finish < 0, max_new - 1, finish))
         return [_cut(text, stop) for text in texts]
 
     @torch.no_grad()
     def loglikelihood(self, first_seq, prompts, forced) -> list[list[float]]:
         """The NLL of each token of `forced[b]` (token lists) after `prompts[b]`, teacher-forced."""
         lens = np.array([len(f) for f in forced])
-        batch = self.prefill(first_seq, prompts, steps=lens, forced=forced)
-        for _ in range(int(lens.max(initial=0))):
-            self.decode_step(batch, active=batch.step < lens)
-        self.end(batch, lens)
+        with self._timed("prefill"):
+            batch = self.prefill(first_seq, prompts, steps=lens, forced=forced)
+        with self._timed("decode"):
+            for _ in range(int(lens.max(initial=0))):
+                self.decode_step(batch, active=batch.step < lens)
+        with self._timed("end"):
+            self.end(batch, lens)
         nll = batch.nll.cpu().numpy()
         return [nll[b, :n].tolist() for b, n in enumerate(lens)]
+
+    def _timed(self, phase: str):
+        return nullcontext() if self.clock is None else self.clock(phase, self.device)
 
     # --- prefill and the decode step ----------------------------------------------------------
 
@@ -196,13 +210,14 @@ class Simulator:
                 logits = kv.prefill(ids[:, a:b], mask[:, :b], pos[:, a:b])
         counts = rt.counts(state)
         sliced = is_sliced(cfg.policy.precision)
+        costs, fills = [], []
         for i, c in enumerate(caches):
-            self.prefill_cost += prefill_cost(fp, cfg.hardware, c, counts[i], int(lens[i]), sliced)
+            costs.append(prefill_cost(fp, cfg.hardware, c, counts[i], int(lens[i]), sliced))
             # Seeded per sequence, so a sequence warms up alike in any batch.
             rng = np.random.default_rng([cfg.seed, first_seq + i])
             cost, filled = warm_up(fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng)
-            self.prefill_cost += cost.total()
-            self.warmup_bytes += filled
+            costs.append(cost.total())
+            fills.append(filled)
         rt.to_decode(state, caches, lens, steps)
         tokens = torch.full((rows, horizon + 1), self.pad, dtype=torch.long, device=dev)
         forced_t = nll = None
@@ -214,7 +229,7 @@ class Simulator:
             nll = torch.zeros((rows, max(horizon, 1)), dtype=torch.float32, device=dev)
         return Batch(
             first_seq, lens, np.asarray(steps), state, kv, logits, pos[:, -1].to(dev) + 1,
-            torch.zeros((), dtype=torch.long, device=dev), tokens, forced_t, nll,
+            torch.zeros((), dtype=torch.long, device=dev), tokens, forced_t, nll, costs, fills,
         )  # fmt: skip
 
     def decode_step(self, batch: Batch, active: np.ndarray, feed: bool = True) -> None:
@@ -256,16 +271,24 @@ class Simulator:
         return tok
 
     def end(self, batch: Batch, steps: np.ndarray) -> None:
-        """Close a batch whose row b consumed steps[b] tokens: its counters, request stream and
-        traces join the run's, each row's from the steps it ran only."""
+        """Close a batch whose row b consumed steps[b] tokens: its prefill cost, counters,
+        request stream and traces join the run's, each row's from the steps it ran only.
+        Everything is read from the device before any of the run's totals changes."""
         # The captured step refers to the batch it steps: dropped now rather than whenever the
         # garbage collector finds that cycle, the KV cache is freed before the next batch's.
         batch.graph = None
         ran = int(steps.max(initial=0))
         history, layer_history = self.rt.history(batch.state, ran)
+        if self.record:
+            counts = self.rt.counts(batch.state)
+            records = self.rt.records(batch.state, steps)
         counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
         kept = np.arange(ran)[:, None] < steps[None, :]
         rows = (counters * kept[..., None]).sum(1)
+        for cost in batch.prefill_costs:
+            self.prefill_cost += cost
+        for filled in batch.warmup_bytes:
+            self.warmup_bytes += filled
         while len(self.step_rows) < ran:
             self.step_rows.append(np.zeros(len(COUNTERS)))
         for t in range(ran):
@@ -274,8 +297,7 @@ class Simulator:
             self.layer_predicted += layer_history[steps[b] - 1, b, 0]
             self.layer_covered += layer_history[steps[b] - 1, b, 1]
         if self.record:
-            counts = self.rt.counts(batch.state)
-            for b, record in enumerate(self.rt.records(batch.state, steps)):
+            for b, record in enumerate(records):
                 self.recorder.add(batch.first_seq + b, int(batch.lens[b]), counts[b], *record)
         if self.cfg.trace:
             for b, st in enumerate(batch.state.seqs):
@@ -300,6 +322,26 @@ class Simulator:
             c.counting = False  # statistics are decode statistics
             caches.append(c)
         return caches
+
+
+class Clock:
+    """Seconds a run spends in prefill, decode steps and closing batches (`seconds`), and how
+    many of each (`calls`), for benchmarks: each span waits for the device at both ends, so its
+    work is charged to it."""
+
+    def __init__(self):
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "end": 0.0}
+        self.calls = dict.fromkeys(self.seconds, 0)
+
+    @contextmanager
+    def __call__(self, phase: str, device: torch.device):
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
+        sync(device)
+        start = time.perf_counter()
+        yield
+        sync(device)
+        self.seconds[phase] += time.perf_counter() - start
+        self.calls[phase] += 1
 
 
 def backend(cfg: RunConfig, device: torch.device) -> str:

@@ -68,7 +68,6 @@ BOUNDS = (
     ("eval.seq_len", 2, INF, False),
     ("eval.stride", 1, INF, False),
     ("prefetch.top_m", 0, INF, False),
-    ("batch_size", 1, INF, False),
 )
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -89,6 +88,9 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
     checks a real model's config against its shipped config.json, before model.path is set."""
     b, p, c, e = cfg.bits, cfg.policy, cfg.cache, cfg.eval
     check_bounds(cfg)
+    n = cfg.batch_size
+    if n != "auto" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ConfigError("batch_size", f"{n!r} is not a batch size; use an integer >= 1 or auto")
     if b.high is not None and not 2 <= b.high <= 8:
         raise ConfigError("bits.high", f"{b.high} is out of range; use 2..8 or null for fp16")
     if b.low is not None:

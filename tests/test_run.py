@@ -81,6 +81,62 @@ def test_batched_sequences_match_one_at_a_time(loaded, tmp_path):
     assert r1["problems"] == r3["problems"]
 
 
+@pytest.mark.parametrize("task", ["arith", "wikitext"])
+def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
+    loaded, task, tmp_path, monkeypatch
+):
+    """A batch of more than 2 rows runs out of memory (injected) after its prefill and a few
+    steps: the run goes on in batches of 2, and its result, trace and request stream are
+    exactly a batch_size=2 run's (a failed batch leaves no counts, costs, stream or traces)."""
+    import numpy as np
+    import torch
+
+    from slicemoe.simulator import Simulator
+    from slicemoe.stream import Stream
+
+    c = cfg(trace=True, eval=EvalConfig(limit=6, max_new_tokens=16))
+    if task == "wikitext":
+        text = tmp_path / "wiki.txt"
+        text.write_text(" = Valkyria = \n\n The game began development in 2010 . " * 40)
+        wiki = EvalConfig(task="wikitext", data_path=str(text), limit=6, seq_len=24, stride=24)
+        c = cfg(trace=True, eval=wiki)
+    step = Simulator.decode_step
+
+    def flaky(self, batch, *args, **kw):
+        if len(batch.lens) > 2 and batch.step == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        step(self, batch, *args, **kw)
+
+    results = {}
+    for b in (2, 4):
+        if b == 4:
+            monkeypatch.setattr(Simulator, "decode_step", flaky)
+        r = run(replace(c, batch_size=b, trace_path=str(tmp_path / f"b{b}.parquet")), loaded)
+        r.pop("wall_s")
+        trace = pd.read_parquet(r.pop("trace_path"))
+        stream = vars(Stream.load(r.pop("stream_path")))
+        del stream["key"], stream["config"]  # they name the configured batch_size
+        results[b] = r, trace, stream
+    (r2, t2, s2), (r4, t4, s4) = results[2], results[4]
+    np.testing.assert_equal(r4, r2)
+    assert r4["batch_size"] == 2
+    pd.testing.assert_frame_equal(t4, t2)
+    np.testing.assert_equal(s4, s2)
+
+
+def test_a_single_sequence_out_of_gpu_memory_fails_in_one_clear_error(loaded, monkeypatch):
+    import torch
+
+    from slicemoe.simulator import Simulator
+
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(Simulator, "prefill", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"^one sequence does not fit.*2.00 GiB$"):
+        run(cfg(batch_size=2), loaded)
+
+
 def test_a_generation_run_carries_its_correctness_per_problem_in_order(loaded):
     """Replayed runs reuse the recorded pass's; the first problems of a longer run are the
     problems of a shorter one (every sequence has a cache of its own)."""
@@ -280,6 +336,7 @@ def test_base_scheme_caches_two_independent_copies(tmp_path):
         (dict(eval=EvalConfig(task="gsm8k", data_path="/etc")), "eval.data_path"),
         (dict(eval=EvalConfig(task="wikitext", data_path="/etc")), "eval.data_path"),
         (dict(model=ModelConfig(name="qwen3-30b-a3b", dtype="bfloat16")), "model.path"),
+        *((dict(batch_size=b), "batch_size") for b in (0, -3, 2.0, True, "big", None)),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_field(change, field):

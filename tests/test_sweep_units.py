@@ -74,6 +74,12 @@ def test_group_values_match_the_issue():
     assert default.model.path is None and default.eval.task == "arith"
 
 
+def test_batch_size_takes_an_integer_or_auto_on_the_command_line():
+    assert schema.run_config(compose_cfg()).batch_size == "auto"
+    assert schema.run_config(compose_cfg("batch_size=16")).batch_size == 16
+    assert schema.run_config(compose_cfg("batch_size=auto")).batch_size == "auto"
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -140,11 +146,13 @@ def test_run_key_ignores_only_volatile_fields():
 def test_a_config_field_added_later_keeps_the_keys_of_runs_stored_before_it():
     from slicemoe.config import PrefetchConfig
 
-    # The keys these configs had before RunConfig.prefetch existed.
-    assert jobs.run_key(RunConfig()) == "c58c1b5020c40d558c2f"
-    assert jobs.run_key(RunConfig(cache=CacheConfig(frac=0.5))) == "8ac48023f69dd4e7d381"
+    # The keys these configs had before RunConfig.prefetch existed (when batch_size was 8 by
+    # default; `auto` is another value, so another key).
+    old = RunConfig(batch_size=8)
+    assert jobs.run_key(old) == "c58c1b5020c40d558c2f"
+    assert jobs.run_key(replace(old, cache=CacheConfig(frac=0.5))) == "8ac48023f69dd4e7d381"
     gate = PrefetchConfig(name="next_gate", predictor="next_gate")
-    assert jobs.run_key(RunConfig(prefetch=gate)) != jobs.run_key(RunConfig())
+    assert jobs.run_key(replace(old, prefetch=gate)) != jobs.run_key(old)
 
 
 def test_make_job_flattens_params_and_names_the_run(monkeypatch):

@@ -1,0 +1,212 @@
+"""The full GSM8K record pass at a real model's shape: where its time and memory go.
+
+A stand-in checkpoint is built first: random weights from a shipped config.json (default
+Qwen1.5-MoE-A2.7B; `from_config` + `save_pretrained`, no hub) and a byte-level BPE tokenizer
+trained on GSM8K's train split, so prompts have realistic lengths (random weights: accuracy and
+routing mean nothing here; times and memory do). Then `slicemoe.run.load` and
+`slicemoe.run.record` of a replayable config (5-shot, 256 new tokens, batch_size=auto), timed
+by phase (slicemoe.simulator.Clock), with a roofline for the batch it ran.
+
+    python benchmarks/gsm8k_pass.py                           # GPU, full shape, all 1,319
+    python benchmarks/gsm8k_pass.py --small --device cpu      # a small model on the CPU (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from slicemoe.batching import sizes
+from slicemoe.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig
+from slicemoe.models import model_dims
+from slicemoe.run import load, record
+from slicemoe.simulator import Clock
+
+ROOT = Path(__file__).resolve().parent.parent
+QWEN = ROOT / "slicemoe/checkpoints/configs/qwen1.5-moe-a2.7b/config.json"
+DATA = ROOT.parent / "shared/data/gsm8k"
+H100_BYTES_PER_S = 3.35e12  # HBM3 bandwidth
+H100_FLOPS = 990e12  # bf16 dense tensor cores
+EOS = "<|endoftext|>"
+# --small: the shipped config shrunk to run in seconds on one CPU core.
+SMALL = dict(
+    hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+    shared_expert_intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+)  # fmt: skip
+
+
+def train_tokenizer(data: Path, vocab: int, folder: Path, rows: int | None = None):
+    """A byte-level BPE tokenizer trained on the train split's questions and answers (its
+    first `rows`; None: all)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (data / "train.jsonl").read_text().splitlines()[:rows]
+    rows = [json.loads(line) for line in lines]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    bpe.train_from_iterator((r["question"] + "\n" + r["answer"] for r in rows), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, device, dtype):
+    """Random weights of `config_file`'s shape (shrunk with `small`) and a GSM8K tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = (train_tokenizer(data, 2048, folder, 1000) if small
+           else train_tokenizer(data, 32000, folder))  # fmt: skip
+    fields = json.loads(config_file.read_text()) | (SMALL if small else {})
+    eos = tok.convert_tokens_to_ids(EOS)
+    fields |= dict(vocab_size=len(tok), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    config = AutoConfig.for_model(**fields)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+
+
+def roofline(loaded, cfg: RunConfig, stream, batch: int) -> dict:
+    """Per decode step at `batch` rows: the bytes read (every weight, the experts as held, and
+    the KV cache at the mean context); the prefill's FLOPs (matmuls of the active weights and
+    attention over each prompt); their times at the H100's bandwidth and bf16 peak."""
+    model, shape = loaded.model, loaded.shape
+    weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
+    s = sizes(model.config, shape, dtype_bytes)
+    context = float(stream.prompt_len.mean()) + float(stream.decode_steps.mean()) / 2
+    kv = batch * s.layers * s.kv_per_token * dtype_bytes * context
+    dims, m = model_dims(model), shape.num_moe_layers
+    active = m * (dims.dense_params + shape.top_k * shape.expert_params)
+    lens = stream.prompt_len.astype(float)
+    flops = 2 * active * lens.sum() + 2 * dims.attn_dim * m * (lens**2).sum()
+    step_bytes = weights + kv
+    return {
+        "weights_bytes": weights,
+        "kv_bytes_per_step": kv,
+        "decode_bytes_per_step": step_bytes,
+        "decode_roofline_ms": 1e3 * step_bytes / H100_BYTES_PER_S,
+        "prefill_flops": flops,
+        "prefill_roofline_s": flops / H100_FLOPS,
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=QWEN, help="a shipped config.json")
+    p.add_argument("--data", type=Path, default=DATA, help="GSM8K dir with train/test.jsonl")
+    p.add_argument("--checkpoint", type=Path, help="where to build it (default: a temp dir)")
+    p.add_argument("--small", action="store_true", help="a small model, a few problems")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--limit", type=int, help="problems (default: all; --small: 4)")
+    p.add_argument("--max-new", type=int, help="new tokens (default 256; --small: 8)")
+    p.add_argument("--policy", default="lru_highbit", help="a conf/policy preset (replayable)")
+    p.add_argument("--batch-size", default="auto", help="an integer or auto")
+    p.add_argument("--json", type=Path, help="write the row as JSON here")
+    a = p.parse_args(argv)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    )
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    limit = a.limit if a.limit is not None else (4 if a.small else None)
+    max_new = a.max_new or (8 if a.small else 256)
+    batch_size = a.batch_size if a.batch_size == "auto" else int(a.batch_size)
+    policy = PolicyConfig(
+        **OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/policy/{a.policy}.yaml"))
+    )
+
+    with tempfile.TemporaryDirectory(prefix="gsm8k-pass-") as tmp:
+        folder = a.checkpoint or Path(tmp)
+        t = time.perf_counter()
+        build_checkpoint(a.config, a.data, folder, a.small, device, getattr(torch, dtype))
+        build_s = time.perf_counter() - t
+        cfg = RunConfig(
+            model=ModelConfig(name=a.config.parent.name, path=str(folder), dtype=dtype,
+                              device=str(device)),
+            policy=policy,
+            eval=EvalConfig(task="gsm8k", data_path=str(a.data), limit=limit, num_fewshot=5,
+                            max_new_tokens=max_new),
+            batch_size=batch_size,
+        )  # fmt: skip
+        t = time.perf_counter()
+        loaded = load(cfg)
+        load_s = time.perf_counter() - t
+        loaded.clock = clock = Clock()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        stream = record(cfg, loaded)
+        pass_s = time.perf_counter() - t
+
+    sec = clock.seconds
+    batch = stream.config["batch_size"]
+    prefill_tokens = int(stream.prompt_len.sum())
+    row = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": a.config.parent.name + (" (small)" if a.small else ""),
+        "problems": int(stream.num_sequences),
+        "max_new_tokens": max_new,
+        "batch_size": batch,
+        "build_s": build_s,
+        "load_s": load_s,
+        "prefill_s": sec["prefill"],
+        "prefill_tokens": prefill_tokens,
+        "prefill_tokens_per_s": prefill_tokens / sec["prefill"],
+        "decode_s": sec["decode"],
+        "decode_steps": clock.calls["decode"],
+        "decode_ms_per_step": 1e3 * sec["decode"] / max(clock.calls["decode"], 1),
+        "end_s": sec["end"],
+        "host_s": pass_s - sum(sec.values()),
+        "pass_s": pass_s,
+        "total_s": load_s + pass_s,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else float("nan"),
+        **roofline(loaded, cfg, stream, batch),
+    }
+    print_table(row)
+    if a.json:
+        a.json.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def print_table(r: dict) -> None:
+    print(f"GSM8K record pass: {r['model']} on {r['device']}, {r['problems']} problems, "
+          f"{r['max_new_tokens']} new tokens, batch {r['batch_size']}")  # fmt: skip
+    lines = [
+        ("checkpoint built", f"{r['build_s']:.1f} s"),
+        ("load", f"{r['load_s']:.1f} s"),
+        ("prefill", f"{r['prefill_s']:.1f} s ({r['prefill_tokens_per_s']:,.0f} tokens/s)"),
+        ("decode", f"{r['decode_s']:.1f} s ({r['decode_ms_per_step']:.2f} ms/step, "
+                   f"{r['decode_steps']} steps)"),  # fmt: skip
+        ("end of batch", f"{r['end_s']:.1f} s"),
+        ("host", f"{r['host_s']:.1f} s"),
+        ("total (load + pass)", f"{r['total_s']:.1f} s"),
+        ("peak GPU memory", f"{r['peak_gib']:.1f} GiB"),
+        ("roofline decode step", f"{r['decode_roofline_ms']:.2f} ms: "
+         f"{r['decode_bytes_per_step'] / 1e9:.2f} GB read (weights "
+         f"{r['weights_bytes'] / 1e9:.2f} + KV {r['kv_bytes_per_step'] / 1e9:.2f}) at 3.35 TB/s"),
+        ("roofline prefill", f"{r['prefill_roofline_s']:.2f} s: "
+         f"{r['prefill_flops'] / 1e12:.1f} TFLOP at 990 TFLOP/s"),
+    ]  # fmt: skip
+    print("| phase | |\n|---|---|")
+    for name, value in lines:
+        print(f"| {name} | {value} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

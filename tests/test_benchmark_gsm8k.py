@@ -1,0 +1,35 @@
+"""benchmarks/gsm8k_pass.py keeps running on the CPU (`--small --device cpu`): a stand-in
+checkpoint built from the shipped Qwen config, shrunk, a tokenizer trained on GSM8K, and the
+record pass timed by phase."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="GSM8K is not at ../shared/data/gsm8k")
+def test_the_gsm8k_pass_runs_small_on_the_cpu(tmp_path):
+    out = tmp_path / "row.json"
+    cmd = [sys.executable, "benchmarks/gsm8k_pass.py", "--small", "--device", "cpu",
+           "--limit", "3", "--max-new", "6", "--json", str(out)]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["problems"] == 3 and row["batch_size"] == 8  # auto off CUDA
+    assert row["decode_steps"] == 6 and row["prefill_tokens"] > 3 * 100  # 5-shot prompts
+    for k in ("prefill_s", "decode_s", "end_s", "load_s", "decode_roofline_ms", "prefill_flops"):
+        assert row[k] > 0, k
+    assert row["pass_s"] >= row["prefill_s"] + row["decode_s"] + row["end_s"]
+    assert row["kv_bytes_per_step"] > 0 and row["weights_bytes"] > 0
+    assert "| decode |" in proc.stdout and "| roofline decode step |" in proc.stdout
