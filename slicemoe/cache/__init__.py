@@ -18,9 +18,11 @@ from slicemoe.cache.reference import (
     LFU,
     LRU,
     Belady,
+    Budget,
     Key,
     SliceCache,
     Stats,
+    eviction_params,
     make_policy,
 )
 
@@ -32,8 +34,10 @@ __all__ = [
     "LFU",
     "LRU",
     "Belady",
+    "Budget",
     "Key",
     "SliceCache",
     "Stats",
+    "eviction_params",
     "make_policy",
 ]
