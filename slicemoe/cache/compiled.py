@@ -262,9 +262,11 @@ def _run(requests, sizes, capacity, used, in_cache, resident, marks, policy, lpp
                             else:
                                 g = _first(nxt, n_keys, eb + 2)
                                 _pop(prev, nxt, where, lbytes, g, sizes[g % 3])
-                        elif lbytes[eb] + lbytes[eb + 1] + lbytes[eb + 2] + lbytes[eb + 3] >= (
-                            2 * capacity
-                        ) and _first(nxt, n_keys, eb + 3) >= 0:
+                        elif (
+                            lbytes[eb] + lbytes[eb + 1] + lbytes[eb + 2] + lbytes[eb + 3]
+                            >= (2 * capacity)
+                            and _first(nxt, n_keys, eb + 3) >= 0
+                        ):
                             g = _first(nxt, n_keys, eb + 3)
                             _pop(prev, nxt, where, lbytes, g, sizes[g % 3])
                     if v < 0:
@@ -336,9 +338,7 @@ def _run(requests, sizes, capacity, used, in_cache, resident, marks, policy, lpp
                         x = _first(nxt, n_keys, eb + la)
                         if x < 0:
                             continue
-                        if la < k // 3 // n_experts and (
-                            best < 0 or kstamp[x] < kstamp[best]
-                        ):
+                        if la < k // 3 // n_experts and (best < 0 or kstamp[x] < kstamp[best]):
                             best = x
                         if fallback < 0 or kstamp[x] < kstamp[fallback]:
                             fallback = x

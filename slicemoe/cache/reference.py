@@ -497,7 +497,9 @@ class LeCaR(Policy):
         for expert, history in enumerate(self.history):
             if key in history:
                 history.pop(key)
-                regret = math.exp(-self.learning_rate * self.discount ** (self.clock - self.evicted_at.pop(key)))
+                regret = math.exp(
+                    -self.learning_rate * self.discount ** (self.clock - self.evicted_at.pop(key))
+                )
                 w_lru, w_lfu = self.w_lru, 1.0 - self.w_lru
                 if expert == 0:
                     w_lru *= regret
