@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 
 from slicemoe.cache import SliceCache, eviction_params
-from slicemoe.config import CacheConfig
+from slicemoe.config import CacheConfig, ModelConfig, RunConfig
+from slicemoe.validate import ConfigError, validate
 
 # The textbook page-reference string that shows Belady's anomaly for FIFO.
 CLASSIC = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
@@ -291,3 +292,14 @@ def test_least_stale_golden_hits_on_a_hand_worked_decode():
 def test_a_policy_without_its_parameters_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="cache.slru_protected"):
         SliceCache(4, {"FULL": 1}, 1, 4, "slru")
+
+
+@pytest.mark.parametrize("eviction", ["arc", "slru", "s3fifo", "lrfu", "lecar", "least_stale"])
+def test_the_tensor_backend_refuses_the_policies_it_lacks(eviction):
+    cfg = RunConfig(model=ModelConfig(backend="tensor"), cache=CacheConfig(eviction=eviction))
+    with pytest.raises(
+        ConfigError, match=f"has only lru, fifo, lfu.*cache.eviction={eviction}"
+    ) as err:
+        validate(cfg, weights=False)
+    assert err.value.field == "model.backend"
+    validate(replace(cfg, model=ModelConfig(backend="python")), weights=False)
