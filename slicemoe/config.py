@@ -46,7 +46,14 @@ class CacheConfig:
     # does not depend on `bits`, so one frac is one DRAM budget for every bit width.
     frac: Optional[float] = 0.25
     bytes: Optional[int] = None
-    eviction: str = "lru"  # lru | lfu | fifo | belady
+    # lru | lfu | fifo | belady | arc | slru | s3fifo | lrfu | lecar | least_stale
+    # (slicemoe.cache.reference.EVICTION); the parameters below are those policies'.
+    eviction: str = "lru"
+    slru_protected: float = 0.8  # slru: share of the capacity the protected segment may hold
+    s3fifo_small: float = 0.1  # s3fifo: share of the capacity of the small FIFO
+    # lrfu: weight of recency, in [0, 1]: 0 ranks by use counts (LFU), 1 by recency (LRU)
+    lrfu_lambda: float = 0.1
+    lecar_learning_rate: float = 0.45  # lecar: the paper's learning rate
 
 
 @dataclass

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from slicemoe.cache import KIND_CODE, KINDS, SliceCache
+from slicemoe.cache import KIND_CODE, KINDS, SliceCache, eviction_params
 from slicemoe.config import RunConfig
 from slicemoe.device import (
     Footprint,
@@ -106,7 +106,14 @@ class _Device:
         if cfg.cache.eviction == "belady":
             future = [k for k in self._requests(kinds) if k[2] != "LSB"]
         self.cache = SliceCache(
-            capacity, fp.sizes, shape.num_moe_layers, shape.num_experts, cfg.cache.eviction, future
+            capacity,
+            fp.sizes,
+            shape.num_moe_layers,
+            shape.num_experts,
+            cfg.cache.eviction,
+            future,
+            params=eviction_params(cfg.cache),
+            seed=cfg.seed,
         )
         self.cache.counting = False
         self.cache.trace = [] if cfg.trace else None

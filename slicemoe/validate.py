@@ -44,6 +44,10 @@ BOUNDS = (
     ("bits.nonexpert_group", 1, INF, False),
     ("cache.frac", 0, INF, True),
     ("cache.bytes", 1, INF, False),
+    ("cache.slru_protected", 0, 1, True),
+    ("cache.s3fifo_small", 0, 1, True),
+    ("cache.lrfu_lambda", 0, 1, False),
+    ("cache.lecar_learning_rate", 0, INF, True),
     ("policy.tau", 0, INF, False),
     ("policy.lam", 0, INF, False),
     ("policy.cumsum_p", 0, 1, True),
@@ -182,8 +186,9 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
     if m.backend == "tensor" and (cfg.trace or c.eviction not in TENSOR_EVICTIONS):
         raise ConfigError(
             "model.backend",
-            "tensor keeps no per-request trace and no Belady cache; use model.backend=python "
-            f"(or auto) with trace=true or cache.eviction={c.eviction}",
+            f"tensor keeps no per-request trace and has only {', '.join(TENSOR_EVICTIONS)} "
+            f"eviction; use model.backend=python (or auto) with trace=true or "
+            f"cache.eviction={c.eviction}",
         )
     if m.device.startswith("cuda"):
         import torch

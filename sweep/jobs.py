@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from slicemoe.config import PrefetchConfig, RunConfig
+from slicemoe.cache import EVICTION
+from slicemoe.config import CacheConfig, PrefetchConfig, RunConfig
 from slicemoe.run import METRICS as RESULT_METRICS  # logged to MLflow under these names
 from sweep import schema
 from sweep.errors import SweepError
@@ -70,7 +71,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Config fields added after KEY_VERSION 1: left out of the key while at their defaults, so runs
 # stored before the field existed (which ran as its default) still resume.
-ADDED = {f"prefetch.{k}": v for k, v in flatten(asdict(PrefetchConfig())).items()}
+ADDED = {f"prefetch.{k}": v for k, v in flatten(asdict(PrefetchConfig())).items()} | {
+    f"cache.{name}": getattr(CacheConfig(), name)  # the eviction policies' parameters
+    for policy in EVICTION.values()
+    for name in policy.CONFIG.values()
+}
 
 
 def run_key(cfg: RunConfig) -> str:

@@ -12,7 +12,7 @@ from (and must leave unchanged).
 An implementation joins by one entry in IMPLEMENTATIONS: the evictions it runs, the sequences
 it can express, and what it observes after each step; it is compared with the reference on
 what it observes:
-- compiled (LRU, FIFO): every request's hit and the resident experts after each step; it
+- compiled (all but LFU and Belady): every request's hit and the resident experts after each step; it
   replays demand requests only, so no prefetching and no lsb_miss=skip;
 - tensor (LRU, FIFO, LFU), the PyTorch layer step: its outputs (calls served at high
   precision, demand, read and prefetched bytes, resident experts at layer 0), then contents,
@@ -37,8 +37,16 @@ import torch
 if not torch.cuda.is_available():  # the kernel runs through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from slicemoe.cache import EVICTION, KIND_CODE, KINDS, SliceCache, compiled, tensor  # noqa: E402
-from slicemoe.config import PrefetchConfig  # noqa: E402
+from slicemoe.cache import (  # noqa: E402
+    EVICTION,
+    KIND_CODE,
+    KINDS,
+    SliceCache,
+    compiled,
+    eviction_params,
+    tensor,
+)
+from slicemoe.config import CacheConfig, PrefetchConfig  # noqa: E402
 from slicemoe.device import computes_high, fetch_ahead, slice_kinds  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,7 +117,12 @@ WARM = {
 
 
 def warm_caches(case: Case, eviction: str) -> list[SliceCache]:
-    caches = [SliceCache(case.capacity, case.sizes, LAYERS, EXPERTS, eviction) for _ in case.warm]
+    """Row b's cache (seeded b) from its warm operations; the policy's default parameters."""
+    params = eviction_params(CacheConfig(eviction=eviction))
+    caches = [
+        SliceCache(case.capacity, case.sizes, LAYERS, EXPERTS, eviction, params=params, seed=b)
+        for b in range(case.rows)
+    ]
     for cache, ops in zip(caches, case.warm):
         for op, key in ops:
             WARM[op](cache, key)
@@ -441,6 +454,9 @@ RANDOM = [
     random_case(5, Mode(nested=False, prefetch_lsb=True, prefetch_cold=True), True),
     random_case(6, UNSLICED, False),
     random_case(7, Mode(sliced=False, prefetch_cold=True), True),
+    # long enough for ghost lists, histories and heaps to fill and be used
+    random_case(8, Mode(), False, steps=160),
+    random_case(9, BASE, False, steps=160),
 ]
 CASES = HAND_WRITTEN + RANDOM
 

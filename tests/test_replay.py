@@ -198,3 +198,15 @@ def test_what_may_and_may_not_replay(stream):
         assert stream_key(other) != stream.key
         with pytest.raises(ValueError, match="stream key"):
             replay(stream, other)
+
+
+@pytest.mark.parametrize("eviction", ["arc", "slru", "s3fifo", "lrfu", "lecar", "least_stale"])
+def test_the_compiled_replay_of_each_policy_equals_the_reference_replay(stream, eviction, tmp_path):
+    """Without a trace the replay runs slicemoe.cache.compiled, with one the reference cache."""
+    cfg = replace(BASE, cache=CacheConfig(frac=0.1, eviction=eviction))
+    fast = replay(stream, cfg)
+    slow = replay(stream, replace(cfg, trace=True, trace_path=str(tmp_path / "t.parquet")))
+    for m in METRICS:
+        if m not in ("wall_s", "trace_path"):
+            assert same(fast[m], slow[m]), (m, fast[m], slow[m])
+    assert 0 < fast["miss_rate"] < 1

@@ -1,7 +1,8 @@
 """The slice cache (DESIGN.md section 4), one contract in four implementations:
 
 - `reference`: `SliceCache` and its eviction policies, the readable definition of the others;
-- `compiled`: LRU/FIFO replay of request arrays in a numba-compiled loop (slicemoe.replay);
+- `compiled`: replay of request arrays in a numba-compiled loop, every policy but LFU and
+  Belady (slicemoe.replay);
 - `tensor`: the caches of B simulated devices as tensors, one layer step at a time
   (slicemoe.tensor_runtime);
 - `kernel`: `tensor.layer_step` as one Triton kernel (on CUDA).
@@ -18,9 +19,11 @@ from slicemoe.cache.reference import (
     LFU,
     LRU,
     Belady,
+    Budget,
     Key,
     SliceCache,
     Stats,
+    eviction_params,
     make_policy,
 )
 
@@ -32,8 +35,10 @@ __all__ = [
     "LFU",
     "LRU",
     "Belady",
+    "Budget",
     "Key",
     "SliceCache",
     "Stats",
+    "eviction_params",
     "make_policy",
 ]
