@@ -274,7 +274,9 @@ def paper_sweep(tmp_path_factory, ray_head):
     words = doc_line("python -m sweep -m +experiment=paper_all")
     assert words[:3] == ["python", "-m", "sweep"] and len(words) == 5
     uri = f"sqlite:///{tmp}/mlflow.db"
-    res = run_sweep([*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600, ray=ray_head)
+    res = run_sweep(
+        [*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600, ray=ray_head
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return tmp, uri, res
 

@@ -43,9 +43,13 @@ def in_the_loop(overrides: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_streams(tmp_path, ray_head):
+def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_streams(
+    tmp_path, ray_head
+):
     grid = ["-m", "cache=frac_10,frac_25", "policy=dbsc,cache_prior_highbit"]
-    replayed = run_sweep([*grid, *QUICK, POINTS, "mlflow.experiment=replayed"], tmp_path, ray=ray_head)
+    replayed = run_sweep(
+        [*grid, *QUICK, POINTS, "mlflow.experiment=replayed"], tmp_path, ray=ray_head
+    )
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     a = runs_by_name(tmp_path, "replayed")
     assert len(a) == 4
