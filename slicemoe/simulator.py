@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from slicemoe.batching import PREFILL_TOKENS
-from slicemoe.cache import SliceCache
+from slicemoe.cache import SliceCache, eviction_params
 from slicemoe.cache.tensor import EVICTIONS
 from slicemoe.config import RunConfig
 from slicemoe.device import footprint, is_sliced, prefill_cost, warm_up
@@ -313,9 +313,11 @@ class Simulator:
         shape = self.loaded.shape
         caches = []
         for i in range(n):
+            # Seeded as the replay seeds a sequence's cache (LeCaR draws), in any batch.
             c = SliceCache(
                 self.capacity, self.fp.sizes, shape.num_moe_layers, shape.num_experts,
-                self.cfg.cache.eviction,
+                self.cfg.cache.eviction, params=eviction_params(self.cfg.cache),
+                seed=self.cfg.seed,
             )  # fmt: skip
             c.trace = [] if self.cfg.trace else None
             c.tag = (first_seq + i, "prefill", -1)

@@ -201,12 +201,17 @@ def test_what_may_and_may_not_replay(stream):
 
 
 @pytest.mark.parametrize("eviction", ["arc", "slru", "s3fifo", "lrfu", "lecar", "least_stale"])
-def test_the_compiled_replay_of_each_policy_equals_the_reference_replay(stream, eviction, tmp_path):
-    """Without a trace the replay runs slicemoe.cache.compiled, with one the reference cache."""
+def test_each_policy_replays_compiled_as_the_reference_and_as_the_model_in_the_loop(
+    stream, eviction, tmp_path
+):
+    """Without a trace the replay runs slicemoe.cache.compiled, with one the reference cache;
+    in the loop every row's cache is the reference, seeded as the replay's."""
     cfg = replace(BASE, cache=CacheConfig(frac=0.1, eviction=eviction))
     fast = replay(stream, cfg)
     slow = replay(stream, replace(cfg, trace=True, trace_path=str(tmp_path / "t.parquet")))
+    loop = run(cfg)
     for m in METRICS:
         if m not in ("wall_s", "trace_path"):
             assert same(fast[m], slow[m]), (m, fast[m], slow[m])
+            assert same(fast[m], loop[m]), (m, fast[m], loop[m])
     assert 0 < fast["miss_rate"] < 1
