@@ -85,7 +85,7 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         reference_bytes(stream.shape.expert_params),
         layer_calls,
     )
-    result["batch_size"] = stream.config["batch_size"]  # the recording's
+    result["batch_rows"] = stream.config["batch_size"]  # the recording's
     result["trace_path"] = write_trace(cfg, traces) if cfg.trace else None
     result["wall_s"] = time.time() - t0
     return result

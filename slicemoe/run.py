@@ -79,9 +79,10 @@ def load(cfg: RunConfig) -> Loaded:
     path = checkpoint_dir(cfg.model.name, cfg.model.path)
     device = _device(cfg.model.device)
     tok = AutoTokenizer.from_pretrained(path)
-    # Never a pickle checkpoint (validate refuses them too).
+    # Never a pickle checkpoint (validate refuses them too). No hub kernels: they come from the
+    # network and would replace the layers that slicemoe.models.adapter instruments.
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, cfg.model.dtype), use_safetensors=True
+        path, dtype=getattr(torch, cfg.model.dtype), use_safetensors=True, use_kernels=False
     )
     model = model.to(device).eval()
     # On CUDA the experts are held once, as codes (slicemoe.models.code_experts).
@@ -237,7 +238,8 @@ def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
         reference_bytes(loaded.shape.expert_params),
         (sim.layer_predicted, sim.layer_covered),
     )
-    result["batch_size"] = size
+    # Not "batch_size": the config field of that name is logged beside it (MLflow params).
+    result["batch_rows"] = size
     result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
     if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
         stream = sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)

@@ -70,7 +70,9 @@ def table(model_path, data, seq_len=256, limit=None, batch=8, device="cpu", dtyp
     path = resolve_path(model_path)
     tok = AutoTokenizer.from_pretrained(path)
     model = (
-        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_kernels=False)
+        .to(device)
+        .eval()
     )
     ecfg = EvalConfig(task="wikitext", data_path=data, seq_len=seq_len, stride=seq_len, limit=limit)
     wins = windows(ecfg, tok)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_sweep import free_port, start_ray_head, stop_ray_head, sweep_env
 
 torch.set_num_threads(1)
 
@@ -18,6 +17,10 @@ def ray_head():
     """One Ray instance per test process for the sweeps whose subject is not Ray's own start or
     stop (`run_sweep(..., ray=ray_head)`): a private instance costs each sweep 5-10 s here.
     Token authentication is off on this loopback-only instance; the cluster test checks it on."""
+    # Imported here: the sweep's stack (Ray, Hydra, MLflow) is not needed by the other tests,
+    # which also run where it is not installed (the GPU machine).
+    from conftest_sweep import free_port, start_ray_head, stop_ray_head, sweep_env
+
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     port = free_port()
     start_ray_head(
@@ -25,7 +28,7 @@ def ray_head():
         env=sweep_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
     )  # fmt: skip
     yield f"127.0.0.1:{port}"
-    stop_ray_head(temp / "ray", port)
+    stop_ray_head(temp / "ray", port, grace_s=1)  # nothing of it needs to end cleanly
     shutil.rmtree(temp, ignore_errors=True)
 
 

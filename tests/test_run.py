@@ -119,7 +119,7 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
         results[b] = r, trace, stream
     (r2, t2, s2), (r4, t4, s4) = results[2], results[4]
     np.testing.assert_equal(r4, r2)
-    assert r4["batch_size"] == 2
+    assert r4["batch_rows"] == 2
     pd.testing.assert_frame_equal(t4, t2)
     np.testing.assert_equal(s4, s2)
 
