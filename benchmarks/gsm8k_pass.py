@@ -77,6 +77,9 @@ def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, d
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the pass's batch_size=auto sees the memory free again
 
 
 def roofline(loaded, cfg: RunConfig, stream, batch: int) -> dict:

@@ -101,6 +101,8 @@ def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int
     if loaded.device.type != "cuda":
         return CPU_BATCH
     free, _ = torch.cuda.mem_get_info(loaded.device)
+    # Blocks PyTorch's allocator holds but no tensor uses are free to this process too.
+    free += torch.cuda.memory_reserved(loaded.device) - torch.cuda.memory_allocated(loaded.device)
     dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     dims = sizes(loaded.model.config, loaded.shape, dtype_bytes)
     batch, row = auto_batch(free, dims, longest_prompt, max_new)
@@ -135,7 +137,7 @@ def _in_batches(n: int, size: int, run_batch) -> int:
         gc.collect()  # the failed batch's captured CUDA graph refers to the batch: a cycle
         torch.cuda.empty_cache()
         print(f"batch of {failed} ran out of GPU memory; retrying as {size}", file=sys.stderr)
-    return size
+    return min(size, n) if n else size  # the rows a batch had at most
 
 
 def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):

@@ -153,7 +153,14 @@ class Simulator:
                 self.decode_step(batch, active=finish < 0, feed=not last)
             if last or (t + 1) % every == 0:
                 chosen = batch.tokens[:, : t + 1].cpu().numpy()
-                for i in np.nonzero(finish < 0)[0]:
+                running = np.nonzero(finish < 0)[0]
+                # One decode of each running row; only a row that stopped is searched for the
+                # token that stopped it (a stop string, once decoded, stays in longer texts).
+                decoded = tok.batch_decode(chosen[running].tolist())
+                for i, text in zip(running, decoded):
+                    texts[i] = text
+                    if not ((chosen[i, seen:] == eos).any() or any(s in text for s in stop)):
+                        continue
                     for j in range(seen, t + 1):
                         texts[i] = tok.decode(chosen[i, : j + 1].tolist())
                         if chosen[i, j] == eos or any(s in texts[i] for s in stop):

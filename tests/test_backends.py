@@ -127,9 +127,14 @@ def test_the_static_kv_cache_scores_like_the_dynamic_one(monkeypatch):
         sim = Simulator(cfg, loaded, static=static)
         results.append((sim.loglikelihood(0, prompts, forced), sim.rows(), sim.prefill_cost))
     nll_d, rows_d, prefill_d = results[0]
+    # On CUDA the two caches' attention calls take different SDPA kernels (the dynamic cache
+    # passes transformers' own mask, the static one an explicit additive mask), whose float32
+    # sums differ in the fourth significant digit (1.3e-3 on an NLL of 7 on an H100); a slot
+    # or mask off by one would move an NLL by far more.
+    tolerance = 1e-4 if loaded.device.type == "cpu" else 2e-3
     for nll, rows_, prefill in results[1:]:
         for a, b in zip(nll_d, nll):
-            assert b == pytest.approx(a, abs=1e-4)
+            assert b == pytest.approx(a, abs=tolerance)
         assert np.array_equal(rows_d, rows_)  # requests, misses, calls, bytes, cost
         assert prefill == prefill_d  # the prefill counts, their stream and bill
 

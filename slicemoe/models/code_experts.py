@@ -7,8 +7,10 @@ path and the low path; `bits.scheme=base`, whose low-bit experts are quantized o
 keeps its second copy of codes. The module replaces a family's experts (same call: hidden states,
 top-k virtual indices, top-k weights; index e runs expert e on the high path, e + E on the low
 path) and computes with the weights dequantized exactly as `quant.QTensor.dequantize` does:
-- on CUDA, a grouped GEMM that dequantizes inside the kernel (slicemoe.kernels.expert_gemm);
-- elsewhere, and as that kernel's reference, per used expert with plain PyTorch.
+- on CUDA, a grouped GEMM that dequantizes inside the kernel (slicemoe.kernels.expert_gemm),
+  for calls of up to KERNEL_TOKENS tokens (decode steps);
+- elsewhere, for longer calls (prefill pieces) and as that kernel's reference, per used expert
+  with plain PyTorch.
 Families with another expert layout (gpt-oss: transposed, interleaved, biased) keep the
 dequantized copies of slicemoe.models.adapter.quantize_model.
 """
@@ -22,6 +24,9 @@ from slicemoe import quant
 from slicemoe.config import BitsConfig
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+# Tokens in one call up to which CUDA runs the grouped GEMM on codes (decode steps, small
+# prefills); above, the per-expert dequantized path.
+KERNEL_TOKENS = 4096
 
 
 def supports(experts: nn.Module, config) -> bool:
@@ -87,7 +92,13 @@ class CodeExperts(nn.Module):
         return self.qtensor(name, virtual % e, virtual >= e).dequantize(self.dtype)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
-        if hidden.is_cuda and self.silu:
+        # A prefill piece (thousands of tokens) keeps the tensor cores busy with each used
+        # expert dequantized once and multiplied densely; the kernel's small tiles suit decode.
+        if (
+            hidden.is_cuda
+            and self.silu
+            and (len(hidden) <= KERNEL_TOKENS or torch.cuda.is_current_stream_capturing())
+        ):
             from slicemoe.kernels.expert_gemm import code_experts
 
             return code_experts(self, hidden, top_k_index, top_k_weights)
