@@ -7,10 +7,8 @@ path and the low path; `bits.scheme=base`, whose low-bit experts are quantized o
 keeps its second copy of codes. The module replaces a family's experts (same call: hidden states,
 top-k virtual indices, top-k weights; index e runs expert e on the high path, e + E on the low
 path) and computes with the weights dequantized exactly as `quant.QTensor.dequantize` does:
-- on CUDA, a grouped GEMM that dequantizes inside the kernel (slicemoe.kernels.expert_gemm),
-  for calls of up to KERNEL_TOKENS tokens (decode steps);
-- elsewhere, for longer calls (prefill pieces) and as that kernel's reference, per used expert
-  with plain PyTorch.
+- on CUDA, a grouped GEMM that dequantizes inside the kernel (slicemoe.kernels.expert_gemm);
+- elsewhere, and as that kernel's reference, per used expert with plain PyTorch.
 Families with another expert layout (gpt-oss: transposed, interleaved, biased) keep the
 dequantized copies of slicemoe.models.adapter.quantize_model.
 """
@@ -24,9 +22,6 @@ from slicemoe import quant
 from slicemoe.config import BitsConfig
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
-# Tokens in one call up to which CUDA runs the grouped GEMM on codes (decode steps, small
-# prefills); above, the per-expert dequantized path.
-KERNEL_TOKENS = 4096
 
 
 def supports(experts: nn.Module, config) -> bool:
