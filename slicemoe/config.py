@@ -51,8 +51,10 @@ class CacheConfig:
     eviction: str = "lru"
     slru_protected: float = 0.8  # slru: share of the capacity the protected segment may hold
     s3fifo_small: float = 0.1  # s3fifo: share of the capacity of the small FIFO
-    # lrfu: weight of recency, in [0, 1]: 0 ranks by use counts (LFU), 1 by recency (LRU)
-    lrfu_lambda: float = 0.1
+    # lrfu: weight of recency, in [0, 1]: 0 ranks by use counts (LFU), 1 by recency (LRU). Age
+    # counts requests (layers x top-k a token): on the tiny model's streams 0.1 already evicts
+    # as LRU and 0.001 as LFU; 0.01 lies between.
+    lrfu_lambda: float = 0.01
     lecar_learning_rate: float = 0.45  # lecar: the paper's learning rate
 
 
