@@ -259,7 +259,13 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
         ),
     )
     quantize_model(model, cfg.bits)
-    loaded = Loaded(load_key(cfg), model, SimpleNamespace(pad_token_id=0, decode=str), shape, "cpu")
+    loaded = Loaded(
+        load_key(cfg),
+        model,
+        SimpleNamespace(pad_token_id=0, decode=str, batch_decode=lambda rows: list(map(str, rows))),
+        shape,
+        "cpu",
+    )
     sim = Simulator(cfg, loaded)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (7, 11)]
