@@ -87,13 +87,7 @@ class CodeExperts(nn.Module):
         return self.qtensor(name, virtual % e, virtual >= e).dequantize(self.dtype)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
-        # A prefill piece (thousands of tokens) keeps the tensor cores busy with each used
-        # expert dequantized once and multiplied densely; the kernel's small tiles suit decode.
-        if (
-            hidden.is_cuda
-            and self.silu
-            and (len(hidden) <= KERNEL_TOKENS or torch.cuda.is_current_stream_capturing())
-        ):
+        if hidden.is_cuda and self.silu:
             from slicemoe.kernels.expert_gemm import code_experts
 
             return code_experts(self, hidden, top_k_index, top_k_weights)
