@@ -16,8 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from slicemoe.cache import EVICTION
-from slicemoe.config import CacheConfig, PrefetchConfig, RunConfig
+from slicemoe.config import RunConfig
 from slicemoe.run import METRICS as RESULT_METRICS  # logged to MLflow under these names
 from sweep import schema
 from sweep.errors import SweepError
@@ -69,12 +68,20 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# Config fields added after KEY_VERSION 1: left out of the key while at their defaults, so runs
-# stored before the field existed (which ran as its default) still resume.
-ADDED = {f"prefetch.{k}": v for k, v in flatten(asdict(PrefetchConfig())).items()} | {
-    f"cache.{name}": getattr(CacheConfig(), name)  # the eviction policies' parameters
-    for policy in EVICTION.values()
-    for name in policy.CONFIG.values()
+# Config fields added after KEY_VERSION 1, with the value a run had before the field existed:
+# left out of the key at that value, so stored runs still resume. Written out, not read from
+# the dataclasses: were a default to change later, runs at the new default must not take the
+# keys of runs made at the old one.
+ADDED = {
+    "prefetch.name": "none",
+    "prefetch.predictor": "none",
+    "prefetch.top_m": 0,
+    "prefetch.slices": "msb",
+    "prefetch.insert": "mru",
+    "cache.slru_protected": 0.8,
+    "cache.s3fifo_small": 0.1,
+    "cache.lrfu_lambda": 0.01,
+    "cache.lecar_learning_rate": 0.45,
 }
 
 

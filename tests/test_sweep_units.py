@@ -153,6 +153,16 @@ def test_a_config_field_added_later_keeps_the_keys_of_runs_stored_before_it():
     assert jobs.run_key(replace(old, cache=CacheConfig(frac=0.5))) == "8ac48023f69dd4e7d381"
     gate = PrefetchConfig(name="next_gate", predictor="next_gate")
     assert jobs.run_key(replace(old, prefetch=gate)) != jobs.run_key(old)
+    # Every eviction policy's parameter is one of them, at a value written out in ADDED: a
+    # parameter at another value is part of the key.
+    from slicemoe.cache import EVICTION
+
+    params = {f"cache.{n}" for policy in EVICTION.values() for n in policy.CONFIG.values()}
+    assert params <= set(jobs.ADDED)
+    lrfu = replace(old, cache=replace(old.cache, eviction="lrfu"))
+    assert jobs.run_key(replace(lrfu, cache=replace(lrfu.cache, lrfu_lambda=0.5))) != jobs.run_key(
+        lrfu
+    )
 
 
 def test_make_job_flattens_params_and_names_the_run(monkeypatch):
