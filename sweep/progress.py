@@ -94,11 +94,15 @@ def format_duration(seconds: float) -> str:
 
 
 def result_table(rows: Sequence[tuple[str, str, dict[str, float]]], limit: int = 50) -> str:
-    """Rows of (run name, status, metrics) as an aligned text table; long sweeps are cut."""
-    header = ["run", "status", *TABLE_METRICS]
+    """Rows of (run name, status, metrics) as an aligned text table; long sweeps are cut.
+    Metrics that no run has (perplexity of a generation task) are left out, and with several
+    runs each name keeps only the overrides that differ between them."""
+    metrics = [m for m in TABLE_METRICS if any(_has(r[2].get(m)) for r in rows)]
+    names = _short([name for name, _, _ in rows])
+    header = ["run", "status", *metrics]
     body = [
-        [name, status, *(_fmt(metrics.get(m)) for m in TABLE_METRICS)]
-        for name, status, metrics in rows[:limit]
+        [name, status, *(_fmt(values.get(m)) for m in metrics)]
+        for name, (_, status, values) in zip(names[:limit], rows[:limit])
     ]
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     lines = [
@@ -109,6 +113,19 @@ def result_table(rows: Sequence[tuple[str, str, dict[str, float]]], limit: int =
             f"... {len(rows) - limit} more runs: see MLflow (results.csv on the parent run)"
         )
     return "\n".join(lines)
+
+
+def _has(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _short(names: list[str]) -> list[str]:
+    """Each run name (its overrides, space-separated) without the overrides every run shares."""
+    if len(names) < 2:
+        return names
+    common = set.intersection(*(set(n.split()) for n in names))
+    short = [" ".join(w for w in n.split() if w not in common) for n in names]
+    return [s or n for s, n in zip(short, names)]
 
 
 def _fmt(value: float | None) -> str:

@@ -598,8 +598,18 @@ def test_duration_and_table_format():
     assert [format_duration(s) for s in (5, 75, 3725)] == ["5s", "1m15s", "1h02m"]
     table = result_table([("a=1", "FINISHED", {"accuracy": 0.5, "perplexity": math.nan})])
     header, row = table.splitlines()
-    assert header.split()[:4] == ["run", "status", "accuracy", "perplexity"]
-    assert row.split()[:4] == ["a=1", "FINISHED", "0.5", "nan"]
+    assert header.split() == ["run", "status", "accuracy"]  # no run has a perplexity
+    assert row.split() == ["a=1", "FINISHED", "0.5"]
+    # Several runs: each name keeps the overrides that differ; a metric one run has stays.
+    rows = [
+        ("cache=frac_10 policy=dbsc eval.limit=3", "FINISHED", {"accuracy": 0.5}),
+        ("cache=frac_25 policy=dbsc eval.limit=3", "FAILED", {"perplexity": 7.0}),
+    ]
+    header, *body = result_table(rows).splitlines()
+    assert header.split() == ["run", "status", "accuracy", "perplexity"]
+    assert [line.split()[:3] for line in body] == [
+        ["cache=frac_10", "FINISHED", "0.5"], ["cache=frac_25", "FAILED", "-"]
+    ]  # fmt: skip
 
 
 def test_a_store_away_at_the_end_stops_naming_the_spooled_runs_and_a_relaunch_skips_them(
