@@ -80,17 +80,33 @@ class Spool:
         for path in sorted(self.folder.glob("*/record.json")):
             try:
                 blob = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # unreadable: left for the user, never deleted
-            data = blob["record"]
-            names = data.pop("artifacts")
-            data["metrics"] = [tuple(m) for m in data["metrics"]]
-            record = RunRecord(**data)
+                data = blob["record"]
+                names = data.pop("artifacts")
+                data["metrics"] = [tuple(m) for m in data["metrics"]]
+                record = RunRecord(**data)
+                uri_, experiment_, error = blob["uri"], blob["experiment"], blob["error"]
+            except OSError:
+                continue  # unreadable now: left for the user, never deleted
+            except (ValueError, KeyError, TypeError) as err:
+                self.quarantine(path.parent, err)
+                continue
             record.artifacts = {n: str(path.parent / "artifacts" / n) for n in names}
-            entry = Entry(path.parent, blob["uri"], blob["experiment"], record, blob["error"])
+            entry = Entry(path.parent, uri_, experiment_, record, error)
             if uri in (None, entry.uri) and experiment in (None, entry.experiment):
                 found.append(entry)
         return sorted(found, key=lambda e: e.record.key == "")
+
+    def quarantine(self, folder: Path, err: Exception) -> None:
+        """A malformed record moves to `<spool>-malformed/` beside the spool, said once; the
+        others are pushed as usual."""
+        dest = self.folder.parent / f"{self.folder.name}-malformed" / folder.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(folder), dest)
+        print(
+            f"[sweep] spool record {folder}/record.json is malformed ({type(err).__name__}: "
+            f"{err}); moved to {dest}, the rest is pushed",
+            file=sys.stderr,
+        )
 
     def push(self, entries: list[Entry], tracker: Tracker) -> list[Entry]:
         """Push entries to `tracker`, removing each one the store took; returns those left. Stops
@@ -131,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tracking-uri", help="push here instead of the tracking URI each run was meant for"
     )
     args = parser.parse_args(argv)
+    if not Path(args.spool).is_dir():
+        print(f"{args.spool}: no such spool folder", file=sys.stderr)
+        return 1
     spool = Spool(args.spool)
     pending = spool.entries()
     if not pending:

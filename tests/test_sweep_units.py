@@ -504,6 +504,22 @@ def test_a_spool_that_cannot_be_written_fails_in_one_line_naming_it(tmp_path):
     assert "[cache=frac_10] is lost" in str(err.value)
 
 
+def test_a_malformed_spool_record_is_set_aside_and_the_others_are_read(tmp_path, capsys):
+    from sweep import sync
+    from sweep.tracking import RunRecord
+
+    spool = sync.Spool(tmp_path / "spool")
+    spool.put(RunRecord("k", "cache=frac_10", "r1"), "sqlite:///x", "e")
+    bad = tmp_path / "spool" / "bad"
+    bad.mkdir()
+    (bad / "record.json").write_text('{"uri": "sqlite:///x", "record": {}}')  # no artifacts
+    assert [e.record.name for e in spool.entries()] == ["cache=frac_10"]
+    assert (tmp_path / "spool-malformed" / "bad" / "record.json").exists() and not bad.exists()
+    assert "spool record" in capsys.readouterr().err
+    assert sync.main([str(tmp_path / "nowhere")]) == 1
+    assert "no such spool folder" in capsys.readouterr().err
+
+
 def test_read_only_or_full_folders_stop_the_launch_naming_them(tmp_path, monkeypatch):
     import shutil
 
