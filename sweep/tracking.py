@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -398,20 +400,30 @@ class Tracker:
                     rivals.append(run)
         return rivals
 
-    def find_stream(self, stream_key: str, folder: Path) -> Path | None:
+    def find_stream(self, stream_key: str, folder: Path) -> tuple[Path, str] | None:
         """Download a request stream recorded earlier for `stream_key`, if the store has one (and
-        can be reached: otherwise the stream is recorded again)."""
+        can be reached: otherwise the stream is recorded again): its path and content hash. A
+        stream whose bytes are not those its recording run hashed is never returned."""
         try:
             runs = list(self.search(f"tags.stream_key = '{stream_key}'"))
         except STORE_ERRORS:
             return None
         for run in runs:
             try:
-                return Path(
+                path = Path(
                     self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
                 )
             except (MlflowException, OSError):
                 continue  # artifact gone or unreadable: try the next, else record again
+            digest, want = sha256_of(path), run.data.tags.get("stream_sha256")
+            if want and digest != want:
+                print(
+                    f"[sweep] the stored request stream {stream_key} of run {run.info.run_id} "
+                    "changed since it was recorded (content hash); it is not replayed",
+                    file=sys.stderr,
+                )
+                continue
+            return path, digest
         return None
 
     def _log_as(self, run_id: str, item: str | bytes, name: str) -> None:
@@ -425,6 +437,10 @@ class Tracker:
             else:
                 shutil.copyfile(item, path)
             self.client.log_artifact(run_id, str(path))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def parent_record(run_id: str, status: str, counts: dict[str, int], table: str) -> RunRecord:

@@ -22,7 +22,15 @@ from types import ModuleType
 from typing import Any
 
 from sweep.jobs import Job, Outcome
-from sweep.tracking import STORE_ERRORS, STREAM_ARTIFACT, Held, RunRecord, Tracker, last_line
+from sweep.tracking import (
+    STORE_ERRORS,
+    STREAM_ARTIFACT,
+    Held,
+    RunRecord,
+    Tracker,
+    last_line,
+    sha256_of,
+)
 
 
 class ModelCache:
@@ -107,7 +115,9 @@ def execute_group(
 
         outcomes = []
         for job, record in zip(jobs, records):
-            record.tags["replayed_from"] = key
+            # The stream each run replayed, by content: an audit can tell a run whose stream
+            # is gone or changed since.
+            record.tags.update(replayed_from=key, stream_sha256=records[0].tags["stream_sha256"])
             outcomes.append(_finish(job, record, tracker, replay))
         return outcomes
 
@@ -119,14 +129,27 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
 
     found = tracker.find_stream(job.stream_key, tmp) if reuse else None
     if found is not None:
-        record.tags["stream_source"] = "stored"
-        return Stream.load(found)
+        path, digest = found
+        try:
+            stream = Stream.load(path)
+        except Exception as err:  # written before streams were hashed, then damaged
+            print(
+                f"[sweep] the stored request stream {job.stream_key} cannot be read "
+                f"({type(err).__name__}: {err}); recording it again",
+                file=sys.stderr,
+            )
+        else:
+            record.tags.update(stream_source="stored", stream_sha256=digest)
+            return stream
     loaded = models.get(job.load_key, lambda: runner.load(job.config))
     record.tags["device"] = _device(job.config.model.device)
     start = time.time()
     stream = runner.record(job.config, loaded)
-    record.artifacts[STREAM_ARTIFACT] = str(stream.save(tmp / STREAM_ARTIFACT))
-    record.tags.update(stream_source="recorded", stream_key=job.stream_key)
+    path = stream.save(tmp / STREAM_ARTIFACT)
+    record.artifacts[STREAM_ARTIFACT] = str(path)
+    record.tags.update(
+        stream_source="recorded", stream_key=job.stream_key, stream_sha256=sha256_of(path)
+    )
     # The model pass is not part of any replayed run's wall_s: it is stated here.
     record.tags["stream_record_s"] = f"{time.time() - start:.2f}"
     return stream

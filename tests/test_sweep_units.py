@@ -298,6 +298,58 @@ def test_worker_logs_metrics_curves_trace_and_config(tracker, tmp_path):
     assert tracker.finished()[job.key].info.run_id == out.run_id
 
 
+def test_a_stored_stream_that_changed_or_cannot_be_read_is_recorded_again(
+    store, tmp_path, monkeypatch, capsys
+):
+    """Every stream is hashed when recorded; a stored one whose bytes changed is never replayed,
+    one that cannot be read neither; both are recorded again, and every replayed run carries
+    the hash of the stream it replayed."""
+    from urllib.parse import urlparse
+
+    import replay_runner
+
+    from sweep import worker
+    from sweep.tracking import STREAM_ARTIFACT, Tracker
+
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    tracker = Tracker.open(store.uri, "streams")  # an experiment of its own: no other streams
+    calls = tmp_path / "calls.log"
+
+    def unit(*overrides):
+        group = [
+            jobs.make_job(i, compose_cfg(o, "seed=5"), [o, "seed=5"], replay_runner)
+            for i, o in enumerate(overrides)
+        ]
+        records = [claimed(tracker, job) for job in group]
+        outs = worker.execute_group(replay_runner, worker.ModelCache(1), group, records, tracker)
+        assert [o.status for o in outs] == ["FINISHED"] * len(group)
+        return [tracker.client.get_run(o.run_id).data.tags for o in outs]
+
+    def recorded() -> int:
+        return calls.read_text().count("record ")
+
+    first = unit("cache=frac_10", "cache=frac_50")
+    digest = first[0]["stream_sha256"]
+    assert first[0]["stream_source"] == "recorded" and recorded() == 1
+    assert all(t["stream_sha256"] == digest for t in first)
+    (run,) = tracker.search("tags.stream_source = 'recorded'")
+    stored = Path(urlparse(run.info.artifact_uri).path) / STREAM_ARTIFACT
+
+    assert unit("cache=frac_15")[0]["stream_source"] == "stored" and recorded() == 1
+    stored.write_bytes(stored.read_bytes()[:-1] + b"x")  # altered, still a file
+    tags = unit("cache=frac_20")[0]
+    assert tags["stream_source"] == "recorded" and recorded() == 2
+    assert "changed since it was recorded" in capsys.readouterr().err
+    assert tags["stream_sha256"] == digest  # recorded again: the same stream, byte for byte
+    # A stream stored before streams were hashed, then truncated: it cannot be read.
+    for run in tracker.search("tags.stream_source = 'recorded'"):
+        tracker.client.delete_tag(run.info.run_id, "stream_sha256")
+        path = Path(urlparse(run.info.artifact_uri).path) / STREAM_ARTIFACT
+        path.write_bytes(path.read_bytes()[:100])
+    assert unit("cache=frac_30")[0]["stream_source"] == "recorded" and recorded() == 3
+    assert "cannot be read" in capsys.readouterr().err
+
+
 def problems(tracker, run_id: str, folder: Path) -> dict:
     """A run's problems.json artifact."""
     import json
