@@ -1,8 +1,9 @@
 """The structured schema of the Hydra app: one `RunConfig` plus how and where to run it.
 
 Registering the schema in the ConfigStore makes OmegaConf type-check every group file and every
-command-line override against the `slicemoe.config` dataclasses, so `bits.low=abc` or a typo such
-as `policy.tua=0.3` fails at composition time with the full key in the message.
+command-line override against the `slicemoe.config` dataclasses, so `bits.low=abc` fails at
+composition time with the full key in the message. A misspelt key (`policy.tua=0.3`) is refused
+before that, naming the nearest field (check_key, from sweep.app.check_command_line).
 """
 
 from __future__ import annotations
