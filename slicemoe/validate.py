@@ -210,19 +210,12 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
     task = get_task_or_error(e.task)
     if e.data_path is not None and not Path(e.data_path).exists():
         raise ConfigError("eval.data_path", f"{e.data_path} does not exist; point it at the data")
-    if e.data_path is not None and task.check_data is not None:
+    if task.check_data is not None:
         try:
             task.check_data(e.data_path)
         except ValueError as err:
-            raise ConfigError("eval.data_path", str(err).removeprefix("eval.data_path=")) from None
-    if e.task != "arith" and e.data_path is None:
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "eval.data_path",
-                f"task {e.task} needs local data (no `datasets` here): set eval.data_path",
-            ) from None
+            message = str(err).removeprefix("eval.data_path").lstrip("= ")
+            raise ConfigError("eval.data_path", message) from None
 
 
 def check_prefetch(cfg: RunConfig, shape: Shape) -> None:

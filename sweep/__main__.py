@@ -3,7 +3,9 @@
 import signal
 import sys
 
+from sweep.app import check_command_line
 from sweep.app import main as _hydra_main
+from sweep.errors import SweepError
 
 _terminated = False
 
@@ -20,6 +22,11 @@ def main() -> None:
     # Ctrl-C or SIGTERM: the runs in flight are marked KILLED on the way out and the same
     # command carries on; one line says so, instead of a traceback through Hydra and Ray.
     signal.signal(signal.SIGTERM, terminate)
+    try:
+        check_command_line(sys.argv[1:])
+    except SweepError as err:
+        print(err, file=sys.stderr)
+        sys.exit(1)
     try:
         _hydra_main()
     except KeyboardInterrupt:

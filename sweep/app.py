@@ -15,7 +15,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -119,6 +123,40 @@ def check_folders(cfg: DictConfig, output_dir: str) -> None:
                 f"{what} {path}: only {free / 2**20:.1f} MB free on {existing}; free some space "
                 "or point that setting elsewhere"
             )
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Every override's key against the schema and every group option against conf/, before
+    Hydra composes: Hydra answers `policy.tua=0.3` with advice to append it and `policy=dbcs`
+    with a list of every option, neither naming the nearest valid one. Anything else (values,
+    overrides that do not parse) is left to Hydra and the schema."""
+    args = get_args_parser().parse_known_args(argv)[0]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException:
+        return
+    root = Path(args.config_dir or CONF_DIR)
+    groups = {
+        d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in root.iterdir() if d.is_dir()
+    }
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or key.startswith("hydra"):
+            continue
+        if key not in groups:
+            schema.check_key(key, groups)
+            continue
+        value = override.value()
+        if isinstance(value, ChoiceSweep):
+            names = list(override.sweep_string_iterator())
+        else:
+            names = [value] if isinstance(value, str) else []
+        for name in names:
+            if name not in groups[key]:
+                raise SweepError(
+                    f"{key}={name}: no such option of {key}.{schema.nearest(name, groups[key], key + '=')} "
+                    f"Options: {', '.join(groups[key])}"
+                )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

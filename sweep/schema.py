@@ -1,15 +1,17 @@
 """The structured schema of the Hydra app: one `RunConfig` plus how and where to run it.
 
 Registering the schema in the ConfigStore makes OmegaConf type-check every group file and every
-command-line override against the `slicemoe.config` dataclasses, so `bits.low=abc` or a typo such
-as `policy.tua=0.3` fails at composition time with the full key in the message.
+command-line override against the `slicemoe.config` dataclasses, so `bits.low=abc` fails at
+composition time with the full key in the message. A misspelt key (`policy.tua=0.3`) is refused
+before that, naming the nearest field (check_key, from sweep.app.check_command_line).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -114,14 +116,39 @@ def check_keys(cfg: DictConfig) -> None:
         OmegaConf.merge(OmegaConf.structured(AppConfig), data)
     except ConfigKeyError as err:
         key = err.full_key or str(err.key)
-        parent, _, name = key.rpartition(".")
+        parent = key.rpartition(".")[0]
         node = OmegaConf.structured(AppConfig)
         known = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
-        near = difflib.get_close_matches(name, known, n=3)
-        hint = f" Did you mean {', '.join((parent + '.' if parent else '') + n for n in near)}?"
-        raise SweepError(
-            f"{key}: no such config field.{hint if near else ''} Fields here: {', '.join(known)}"
-        ) from None
+        raise no_such_field(key, known) from None
+
+
+def check_key(key: str, groups: Iterable[str] = ()) -> None:
+    """One dotted key of a command-line override, before Hydra composes: Hydra would answer a
+    typo with advice to add it (`+key`), which check_keys then refuses. A key under a free-form
+    dict (ray.runtime_env) is anything. `groups`: config groups, known names at the top."""
+    node = OmegaConf.structured(AppConfig)
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not (OmegaConf.is_dict(node) and is_dataclass(OmegaConf.get_type(node))):
+            return
+        known = list(node.keys()) + (sorted(set(groups) - set(node.keys())) if depth == 0 else [])
+        if part not in known:
+            raise no_such_field(".".join(parts[: depth + 1]), known)
+        if part not in node:  # a group name used as a key
+            return
+        node = node[part]
+
+
+def no_such_field(key: str, known: list[str]) -> SweepError:
+    parent, _, name = key.rpartition(".")
+    near = nearest(name, known, parent + "." if parent else "")
+    return SweepError(f"{key}: no such config field.{near} Fields here: {', '.join(known)}")
+
+
+def nearest(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """The hint naming the entries of `known` closest to a misspelt `name` (prefixed), or ""."""
+    near = difflib.get_close_matches(name, list(known), n=3)
+    return f" Did you mean {', '.join(prefix + n for n in near)}?" if near else ""
 
 
 def check_settings(cfg: DictConfig) -> None:

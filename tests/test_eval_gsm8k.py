@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -129,14 +128,14 @@ def test_extraction_tricky_strings():
     assert score_gsm8k_style(Doc(prompt="", target="1,234"), "#### 1234")["accuracy"] == 1.0
 
 
-def test_data_path_errors(tmp_path, monkeypatch):
+def test_data_path_errors(tmp_path):
     with pytest.raises(ValueError, match="eval.data_path"):
         make_docs(tmp_path / "nowhere")
     (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(ValueError, match=r"eval.data_path.*test.jsonl"):
         make_docs(tmp_path)
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
-    with pytest.raises(ValueError, match="eval.data_path is not set"):
+    # Data never comes from the network: an unset path is refused, `datasets` installed or not.
+    with pytest.raises(ValueError, match="eval.data_path not set"):
         docs(EvalConfig(task="gsm8k", data_path=None))
 
 

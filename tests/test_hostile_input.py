@@ -60,7 +60,7 @@ CASES = [
     ("model.device=tpu", "model.device"),
     ("model.dtype=int8", "model.dtype"),
     ("model.backend=gpu", "model.backend"),
-    ("policy=nope", "policy/nope"),
+    ("policy=nope", "policy=nope: no such option of policy"),
     # files and folders
     ("model.path=/etc", "model.path"),
     ("model=qwen3-30b-a3b", "model.path"),
@@ -182,3 +182,13 @@ def test_every_bounded_setting_refuses_nan_inf_and_out_of_range(
             continue
         with pytest.raises(SweepError, match=f"Invalid setting {name}: "):
             schema.check_settings(cfg)
+
+
+@pytest.mark.parametrize("task, needs", [("gsm8k", "train.jsonl"), ("wikitext", "text file")])
+def test_a_task_reading_local_data_refuses_an_unset_data_path_at_launch(task, needs):
+    # `datasets` is installed here: the hub would be tried (and the run fail) after a launch.
+    cfg = copy.deepcopy(RunConfig())
+    cfg.eval.task, cfg.eval.data_path = task, None
+    with pytest.raises(ConfigError, match=f"not set: set eval.data_path to .*{needs}") as err:
+        validate(cfg, weights=False)
+    assert err.value.field == "eval.data_path"

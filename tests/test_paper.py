@@ -20,6 +20,7 @@ from conftest_sweep import REPO, run_sweep
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from slicemoe.eval import shipped
 from slicemoe.validate import validate
 from sweep import app, grids, schema
 from sweep.errors import SweepError
@@ -29,6 +30,11 @@ from sweep.grids import expand
 pytestmark = pytest.mark.xdist_group("test_paper")
 
 PARSER = OverridesParser.create()
+# Data of the same layout, for a docs command's data path of another machine.
+STAND_IN_DATA = {
+    "gsm8k": REPO / "tests/data/gsm8k_mini",
+    "wikitext": shipped("wikitext-2-test-head.txt"),
+}
 BIN = Path(sys.executable).parent
 
 
@@ -162,9 +168,11 @@ def covering(todo: list[list[str]], seen: set[str]) -> list[list[str]]:
 
 def check_sweep(args: list[str], seen: set[str]) -> None:
     """Expand `python -m sweep ARGS` into its jobs as the sweeper would and compose and validate
-    jobs holding every override among them, without running anything. Paths of another machine (model.path, a data folder) are left out of the checks that
-    read them."""
+    jobs holding every override among them, without running anything. A model.path of another
+    machine is left out of the checks that read it; a data path of another machine is checked
+    as data of the same layout shipped here."""
     args = [a for a in args if a not in ("-m", "--multirun", "...") and not a.endswith("=...")]
+    app.check_command_line(args)  # no docs override is taken for a typo
     parsed = PARSER.parse_overrides(args)
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeper = compose_app(base, hydra=True).hydra.sweeper
@@ -180,7 +188,8 @@ def check_sweep(args: list[str], seen: set[str]) -> None:
         if not here:  # shapes from the shipped config.json instead
             cfg = replace(cfg, model=replace(cfg.model, path=None))
         if cfg.eval.data_path and not Path(cfg.eval.data_path).exists():
-            cfg = replace(cfg, eval=replace(cfg.eval, data_path=None))
+            stand_in = str(STAND_IN_DATA[cfg.eval.task])
+            cfg = replace(cfg, eval=replace(cfg.eval, data_path=stand_in))
         validate(cfg, weights=here)
 
 

@@ -107,6 +107,37 @@ def test_keys_added_with_plus_must_exist_in_the_schema(override, message):
         schema.run_config(compose_cfg(override))
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["policy.tua=0.3"], "policy.tua: no such config field. Did you mean policy.tau?"),
+        (["+policy.tua=0.3"], "policy.tua: no such config field. Did you mean policy.tau?"),
+        (["++polcy.tau=0.3"], "polcy: no such config field. Did you mean policy?"),
+        (["polcy=dbsc"], "polcy: no such config field. Did you mean policy?"),
+        (["batch_siz=2"], "batch_siz: no such config field. Did you mean batch_size?"),
+        (["policy=dbcs"], "policy=dbcs: no such option of policy. Did you mean policy=dbsc?"),
+        (["cache=frac25"], "cache=frac25: no such option of cache. Did you mean cache=frac_25"),
+        (["+experiment=paper_al"], "experiment=paper_al: no such option of experiment. Did you"),
+        (["-m", "policy=dbsc,dbcs"], "policy=dbcs: no such option of policy. Did you mean"),
+        (["--multirun", "cache.frac=0.1,0.2", "eval.limt=3"], "eval.limt: no such config"),
+    ],
+)
+def test_a_misspelt_key_or_option_names_the_nearest_before_hydra_composes(argv, message):
+    with pytest.raises(SweepError) as err:
+        app.check_command_line(argv)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_valid_command_lines_pass_the_check_and_hydra_keeps_the_rest():
+    for argv in (
+        ["-m", "policy=dbsc,lru_highbit", "cache=frac_25,frac_50", "policy.tau=0.1,0.3"],
+        ["+experiment=paper_fig8", "hydra/launcher=basic", "hydra.run.dir=out"],
+        ["+ray.runtime_env.working_dir=.", "~policy.tau", "bits.low=abc", "policy=glob(*)"],
+        ["model=mixtral-8x7b", "model.path=/m", "-cn", "config", "policy.tau=[1,"],
+    ):
+        app.check_command_line(argv)
+
+
 @pytest.mark.parametrize("bits", options("bits"))
 @pytest.mark.parametrize("policy", options("policy"))
 def test_every_policy_preset_with_every_bits_option_validates_or_names_the_field(policy, bits):

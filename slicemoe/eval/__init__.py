@@ -39,28 +39,13 @@ class Task:
     score: Callable[[Doc, str], dict[str, float]] | None = None
     stop: tuple[str, ...] = ()
     windows: Callable[..., list[Window]] | None = None
-    # Raises ValueError naming eval.data_path unless the local data the task reads is there.
+    # For a task that reads local data: raises ValueError naming eval.data_path and what to
+    # pass unless that data is there (None: not set). Data never comes from the network, so a
+    # launch refuses a missing path at once (slicemoe.validate).
     check_data: Callable[[str], Any] | None = None
 
 
 TASKS: dict[str, Task] = {}
-
-
-def load_hub(hub_id: tuple[str, str], hint: str, **kw):
-    """A dataset from the HF hub, for when eval.data_path is not set (needs `datasets` and a
-    network); every failure says how to point eval.data_path at local data instead."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(
-            f"eval.data_path is not set and `datasets` is not installed: {hint}"
-        ) from None
-    try:
-        return datasets.load_dataset(*hub_id, **kw)
-    except Exception as e:
-        raise ValueError(
-            f"eval.data_path is not set and loading {hub_id[0]} failed ({e}): {hint}"
-        ) from e
 
 
 def shipped(name: str) -> str:

@@ -19,13 +19,12 @@ import random
 import re
 from pathlib import Path
 
-from slicemoe.eval import Doc, Task, load_hub, register
+from slicemoe.eval import Doc, Task, register
 
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # applied in this order, as lm-eval does
 STOP = ("Question:", "</s>", "<|im_end|>")
-HUB_ID = ("openai/gsm8k", "main")
 HINT = (
     "set eval.data_path to a directory holding GSM8K's train.jsonl and test.jsonl "
     '(one {"question", "answer"} object per line), e.g. eval.data_path=../shared/data/gsm8k'
@@ -87,7 +86,9 @@ def docs(cfg, tokenizer=None) -> list[Doc]:
     return out
 
 
-def data_files(path: str) -> list[Path]:
+def data_files(path: str | None) -> list[Path]:
+    if path is None:
+        raise ValueError(f"eval.data_path not set: {HINT}")
     root = Path(path)
     files = [root / "train.jsonl", root / "test.jsonl"]
     missing = [f.name for f in files if not f.is_file()]
@@ -97,8 +98,6 @@ def data_files(path: str) -> list[Path]:
 
 
 def load_splits(path: str | None) -> tuple[list[dict], list[dict]]:
-    if path is None:
-        return load_hub_splits()
     train, test = data_files(path)
     return read_jsonl(train), read_jsonl(test)
 
@@ -114,14 +113,6 @@ def read_jsonl(file: Path) -> list[dict]:
                 raise ValueError(f"{file}:{n}: expected an object with question and answer")
             rows.append(row)
     return rows
-
-
-def load_hub_splits() -> tuple[list[dict], list[dict]]:
-    ds = load_hub(HUB_ID, HINT)
-    return tuple(
-        [{"question": r["question"], "answer": r["answer"]} for r in ds[split]]
-        for split in ("train", "test")
-    )
 
 
 TASK = register(

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slicemoe.eval import Task, Window, load_hub, register
+from slicemoe.eval import Task, Window, register
 
-HUB_ID = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 HINT = "set eval.data_path to a text file, e.g. eval.data_path=../shared/data/wikitext-2/test.txt"
 
 
 def windows(cfg, tokenizer) -> list[Window]:
     # The text is tokenized whole, longer than the model's context: no warning about it, as
     # only windows of seq_len reach the model.
-    ids = list(tokenizer(load_text(cfg.data_path), verbose=False)["input_ids"])
+    text = data_file(cfg.data_path).read_text(encoding="utf-8")
+    ids = list(tokenizer(text, verbose=False)["input_ids"])
     return sliding_windows(ids, cfg.seq_len, cfg.stride, cfg.limit)
 
 
@@ -47,18 +47,12 @@ def sliding_windows(
     return out
 
 
-def data_file(path: str) -> Path:
+def data_file(path: str | None) -> Path:
+    if path is None:
+        raise ValueError(f"eval.data_path not set: {HINT}")
     if not Path(path).is_file():
         raise ValueError(f"eval.data_path={path!r} is not a file: {HINT}")
     return Path(path)
-
-
-def load_text(path: str | None) -> str:
-    if path is not None:
-        return data_file(path).read_text(encoding="utf-8")
-    ds = load_hub(HUB_ID, HINT, split="test")
-    # The guide joins the dataset's lines with blank lines before tokenizing.
-    return "\n\n".join(ds["text"])
 
 
 TASK = register(Task(name="wikitext", kind="loglik", windows=windows, check_data=data_file))
