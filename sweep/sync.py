@@ -142,15 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.sync", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("spool", nargs="?", default=DEFAULT, help=f"the spool folder ({DEFAULT})")
+    parser.add_argument("spool", nargs="?", help=f"the spool folder ({DEFAULT})")
     parser.add_argument(
         "--tracking-uri", help="push here instead of the tracking URI each run was meant for"
     )
     args = parser.parse_args(argv)
-    if not Path(args.spool).is_dir():
+    # No default spool: nothing was ever spooled here. A folder named that is not there: a typo.
+    if args.spool is not None and not Path(args.spool).is_dir():
         print(f"{args.spool}: no such spool folder", file=sys.stderr)
         return 1
-    spool = Spool(args.spool)
+    spool = Spool(args.spool or DEFAULT)
     pending = spool.entries()
     if not pending:
         print(f"nothing to push in {spool.folder}")

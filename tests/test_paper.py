@@ -211,7 +211,9 @@ def check_command(command: str, seen: set[str]) -> None:
     elif head.endswith("python -m sweep.sync"):  # run from a scratch folder: nothing to push
         from sweep.sync import main
 
-        assert main(words[3:]) == 0
+        # A spool folder the docs name (`/path/to/mlflow-spool`) is not on this machine.
+        named = words[3:] and not words[3].startswith("-")
+        assert main(words[3:]) == (1 if named else 0)
     elif head.endswith("python -m slicemoe.table1"):
         from slicemoe.table1 import parser
 
