@@ -11,6 +11,7 @@ is one definition of each rule.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -43,7 +44,9 @@ from slicemoe.validate import ConfigError, capacity_bytes, validate
 def replay(stream: Stream, cfg: RunConfig) -> dict:
     """The metrics dict (and curves, and trace with cfg.trace) of `cfg` from `stream`."""
     t0 = time.time()
-    validate(cfg)
+    # A replay reads the stream, not the model: it runs where the weights are not (the model's
+    # config.json gives its shape).
+    validate(cfg, weights=False)
     if not replayable(cfg):
         raise ValueError(
             "this config's requests depend on the cache (cache-aware routing, lsb_miss=skip or "
@@ -85,7 +88,8 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         reference_bytes(stream.shape.expert_params),
         layer_calls,
     )
-    result["batch_rows"] = stream.config["batch_size"]  # the recording's
+    # The recording's batch; a stream made otherwise (synthetic, imported) has none.
+    result["batch_rows"] = stream.config.get("batch_size", math.nan)
     result["trace_path"] = write_trace(cfg, traces) if cfg.trace else None
     result["wall_s"] = time.time() - t0
     return result
