@@ -88,7 +88,7 @@ def roofline(loaded, cfg: RunConfig, stream, batch: int) -> dict:
     attention over each prompt); their times at the H100's bandwidth and bf16 peak."""
     model, shape = loaded.model, loaded.shape
     weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
-    dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
+    dtype_bytes = getattr(torch, cfg.model.dtype).itemsize
     s = sizes(model.config, shape, dtype_bytes)
     context = float(stream.prompt_len.mean()) + float(stream.decode_steps.mean()) / 2
     kv = batch * s.layers * s.kv_per_token * dtype_bytes * context

@@ -103,8 +103,7 @@ def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int
     free, _ = torch.cuda.mem_get_info(loaded.device)
     # Blocks PyTorch's allocator holds but no tensor uses are free to this process too.
     free += torch.cuda.memory_reserved(loaded.device) - torch.cuda.memory_allocated(loaded.device)
-    dtype_bytes = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
-    dims = sizes(loaded.model.config, loaded.shape, dtype_bytes)
+    dims = sizes(loaded.model.config, loaded.shape, getattr(torch, cfg.model.dtype).itemsize)
     batch, row = auto_batch(free, dims, longest_prompt, max_new)
     print(
         f"batch_size=auto: {batch} rows ({free / 2**30:.1f} GiB free on {loaded.device}, "
@@ -148,7 +147,6 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
     sim = Simulator(cfg, loaded, record=record)
     tok = loaded.tokenizer
     scores: dict[str, list] = {}
-    prefill_tokens = 0
     if task.kind == "generate":
         docs = task.docs(cfg.eval, tok)
         prompts = [tok(d.prompt)["input_ids"] for d in docs]
@@ -156,14 +154,12 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
         size = batch_size(cfg, loaded, max(map(len, prompts), default=1), max_new)
 
         def run_batch(start, stop):
-            nonlocal prefill_tokens
             texts = sim.generate_until(
                 start, prompts[start:stop], task.stop, max_new, tok.eos_token_id
             )
             for d, text in zip(docs[start:stop], texts):
                 for k, v in task.score(d, text).items():
                     scores.setdefault(k, []).append(v)
-            prefill_tokens += sum(len(p) for p in prompts[start:stop])
 
         size = _in_batches(len(docs), size, run_batch)
     else:
@@ -176,14 +172,12 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
         nlls = []
 
         def run_batch(start, stop):
-            nonlocal prefill_tokens
             for row in sim.loglikelihood(start, prompts[start:stop], forced[start:stop]):
                 nlls.extend(row)
-            prefill_tokens += sum(len(p) for p in prompts[start:stop])
 
         size = _in_batches(len(windows), size, run_batch)
         scores["perplexity"] = [math.exp(float(np.mean(nlls)))] if nlls else [float("nan")]
-    return sim, scores, prefill_tokens, size
+    return sim, scores, sum(map(len, prompts)), size
 
 
 def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded:
