@@ -175,7 +175,8 @@ class Multirun:
 
             log.info(
                 f"Ray {address}: {plan.actors} actors x ({plan.num_cpus:g} CPU, "
-                f"{plan.num_gpus:g} GPU)"
+                f"{plan.num_gpus:g} GPU); replays "
+                + ("as one-CPU tasks" if plan.replay_tasks else "in the actors")
             )
             args = (
                 cfg.sweep.runner,
@@ -186,6 +187,8 @@ class Multirun:
                 bool(cfg.sweep.resume),
                 int(cfg.sweep.miss_ratio_points),
             )
+            if ray_conf.replay_tasks and not plan.replay_tasks:
+                log.warning("ray.replay_tasks: no CPU is left beside the actors; they replay")
             self.pool = ActorPool(
                 plan, args, ray_conf.models_per_actor, ray_conf.max_actor_failures
             )

@@ -38,6 +38,10 @@ class RayConf:
     models_per_actor: int = 1
     # How often a run is re-dispatched after the actor executing it died.
     max_actor_failures: int = 2
+    # Where a model pass's replays run: true, as one-CPU Ray tasks, so the actor goes on to the
+    # next pass; false, in the actor that recorded it. None: tasks when actors hold GPUs (the
+    # GPU is the scarce part), else in the actor (its CPU is as good, and warm).
+    replay_tasks: Optional[bool] = None
     # Object store of a private local instance (Ray's minimum is 75); runs exchange small dicts.
     object_store_mb: int = 128
     # Passed to ray.init; on a cluster without the code installed, e.g. {"working_dir": "."}.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import socket
 import sys
 import tempfile
@@ -92,39 +93,105 @@ def execute_group(
     the stream and `reuse_streams`), then one replay per job, each finished in MLflow as soon as
     it is done, so a killed sweep keeps every replayed run. The first job's run keeps the stream
     (and its miss-ratio curve)."""
-    key = jobs[0].stream_key
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         try:
-            stream = _stream(runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp))
+            stream, _ = _stream(
+                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp)
+            )
         except Exception:
-            error = traceback.format_exc()
-            return [
-                deliver(tracker, r.fail(error), Outcome("FAILED", {}, error=last_line(error)))
-                for r in records
-            ]
-        curve = callable(getattr(runner, "miss_ratio_curve", None)) and mrc_points
-        if records[0].tags.get("stream_source") == "recorded" and curve:
-            try:
-                _miss_ratio_curve(runner, stream, jobs[0].config, records[0], mrc_points, Path(tmp))
-            except Exception:  # an extra figure: its failure must not cost the runs
-                error = last_line(traceback.format_exc())
-                records[0].tags["miss_ratio_curve_error"] = error[:5000]
+            return fail_all(records, tracker)
+        return replay_all(runner, stream, jobs, records, tracker, mrc_points, Path(tmp))
 
-        def replay(cfg):
-            return runner.replay(stream, cfg)
 
-        outcomes = []
-        for job, record in zip(jobs, records):
-            # The stream each run replayed, by content: an audit can tell a run whose stream
-            # is gone or changed since.
-            record.tags.update(replayed_from=key, stream_sha256=records[0].tags["stream_sha256"])
-            outcomes.append(_finish(job, record, tracker, replay))
-        return outcomes
+def stream_bytes(
+    runner: ModuleType,
+    models: ModelCache,
+    jobs: list[Job],
+    records: list[RunRecord],
+    tracker: Tracker,
+    reuse_streams: bool = True,
+) -> tuple[list[Outcome] | RunRecord, bytes]:
+    """The first half of execute_group, for replays elsewhere (sweep.actors): the stream's
+    requests.npz and the first job's record (tagged as the stream's source, without the file);
+    on failure every job's outcome and no bytes."""
+    with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
+        try:
+            _, path = _stream(
+                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp)
+            )
+        except Exception:
+            return fail_all(records, tracker), b""
+        records[0].artifacts.pop(STREAM_ARTIFACT, None)  # replay_bytes puts it back
+        return records[0], path.read_bytes()
+
+
+def replay_bytes(
+    runner: ModuleType,
+    npz: bytes,
+    job: Job,
+    record: RunRecord,
+    tracker: Tracker,
+    mrc_points: int = 0,
+) -> Outcome:
+    """The second half of execute_group for one job, from the bytes stream_bytes returned."""
+    from slicemoe.stream import Stream
+
+    recorded = record.tags.get("stream_source") == "recorded"
+    if recorded:
+        record.artifacts[STREAM_ARTIFACT] = npz
+    with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
+        (outcome,) = replay_all(
+            runner, Stream.load(npz), [job], [record], tracker, mrc_points, Path(tmp),
+            sha256=hashlib.sha256(npz).hexdigest(),
+        )  # fmt: skip
+        return outcome
+
+
+def fail_all(records: list[RunRecord], tracker: Tracker) -> list[Outcome]:
+    error = traceback.format_exc()
+    return [
+        deliver(tracker, r.fail(error), Outcome("FAILED", {}, error=last_line(error)))
+        for r in records
+    ]
+
+
+def replay_all(
+    runner: ModuleType,
+    stream,
+    jobs: list[Job],
+    records: list[RunRecord],
+    tracker: Tracker,
+    mrc_points: int,
+    tmp: Path,
+    sha256: str | None = None,
+) -> list[Outcome]:
+    """Replay each job from `stream`; the run that recorded it (tag stream_source=recorded)
+    also gets the stream's miss-ratio curve."""
+    curve = callable(getattr(runner, "miss_ratio_curve", None)) and mrc_points
+    if records[0].tags.get("stream_source") == "recorded" and curve:
+        try:
+            _miss_ratio_curve(runner, stream, jobs[0].config, records[0], mrc_points, tmp)
+        except Exception:  # an extra figure: its failure must not cost the runs
+            error = last_line(traceback.format_exc())
+            records[0].tags["miss_ratio_curve_error"] = error[:5000]
+
+    def replay(cfg):
+        return runner.replay(stream, cfg)
+
+    sha256 = sha256 or records[0].tags["stream_sha256"]
+    outcomes = []
+    for job, record in zip(jobs, records):
+        # The stream each run replayed, by content: an audit can tell a run whose stream
+        # is gone or changed since.
+        record.tags.update(replayed_from=job.stream_key, stream_sha256=sha256)
+        outcomes.append(_finish(job, record, tracker, replay))
+    return outcomes
 
 
 def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse: bool, tmp: Path):
-    """The request stream of `job`'s stream key: stored by an earlier sweep, else recorded by a
-    model pass and kept with `record`'s run (artifact requests.npz, tag stream_key)."""
+    """The request stream of `job`'s stream key and its file: stored by an earlier sweep, else
+    recorded by a model pass and kept with `record`'s run (artifact requests.npz, tag
+    stream_key)."""
     from slicemoe.stream import Stream
 
     found = tracker.find_stream(job.stream_key, tmp) if reuse else None
@@ -140,7 +207,7 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
             )
         else:
             record.tags.update(stream_source="stored", stream_sha256=digest)
-            return stream
+            return stream, path
     loaded = models.get(job.load_key, lambda: runner.load(job.config))
     record.tags["device"] = _device(job.config.model.device)
     start = time.time()
@@ -152,7 +219,7 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
     )
     # The model pass is not part of any replayed run's wall_s: it is stated here.
     record.tags["stream_record_s"] = f"{time.time() - start:.2f}"
-    return stream
+    return stream, path
 
 
 def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: Path) -> None:

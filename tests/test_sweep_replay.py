@@ -47,9 +47,10 @@ def in_the_loop(overrides: list[str]) -> dict:
 def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_streams(
     tmp_path, ray_head
 ):
+    # Replays as Ray tasks beside the actor (as on a GPU); the later sweep replays in the actor.
     grid = [
         "-m", "cache=frac_10,frac_25", "policy=dbsc,cache_prior_highbit",
-        "hardware=mobile_lpddr4_ufs31,laptop_lpddr5_nvme",
+        "hardware=mobile_lpddr4_ufs31,laptop_lpddr5_nvme", "ray.replay_tasks=true",
     ]  # fmt: skip
     replayed = run_sweep(
         [*grid, *QUICK, POINTS, "mlflow.experiment=replayed"], tmp_path, ray=ray_head

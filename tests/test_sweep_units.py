@@ -653,6 +653,13 @@ def test_actor_plan_whole_gpus_by_default_cpu_fallback():
     p = plan(RayConf(num_cpus_per_actor=4), 100, {"CPU": 8.0})
     assert p.actors == 2
     assert plan(RayConf(num_actors=5), 100, {"CPU": 2.0}).actors == 5
+    # Replays as tasks where the actors hold GPUs, on the CPUs they leave; never with none left.
+    assert plan(RayConf(), 100, gpu_box).replay_tasks
+    assert not plan(RayConf(), 100, {"CPU": 8.0}).replay_tasks
+    p = plan(RayConf(replay_tasks=True), 100, {"CPU": 8.0})
+    assert (p.actors, p.replay_tasks) == (7, True)
+    assert not plan(RayConf(replay_tasks=True), 100, {"CPU": 1.0}).replay_tasks
+    assert not plan(RayConf(replay_tasks=False), 100, gpu_box).replay_tasks
     with pytest.raises(SweepError, match="ray.num_gpus_per_actor=1"):
         plan(RayConf(num_gpus_per_actor=1), 10, {"CPU": 8.0})
 
