@@ -20,6 +20,7 @@ class Plan:
     num_cpus: float
     num_gpus: float
     replay_tasks: bool = False  # replays as one-CPU tasks beside the actors (ray.replay_tasks)
+    free_cpus: float = 0.0  # the cluster's CPUs the actors leave
 
 
 def address_of(conf: RayConf) -> str:
@@ -121,5 +122,5 @@ def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:
             actors = min(actors, math.floor(gpus / per_gpu))
     actors = max(1, min(actors, n_jobs))
     # Actors hold their CPUs for life: with none left over, a task would wait for ever.
-    tasks = tasks and cpus - actors * per_cpu >= 1
-    return Plan(actors=actors, num_cpus=per_cpu, num_gpus=per_gpu, replay_tasks=tasks)
+    free = max(0.0, cpus - actors * per_cpu)
+    return Plan(actors, per_cpu, per_gpu, replay_tasks=tasks and free >= 1, free_cpus=free)

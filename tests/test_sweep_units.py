@@ -787,3 +787,34 @@ def test_a_private_ray_instance_that_starts_too_slowly_is_started_again(capsys):
     assert other.inits == 1
     with pytest.raises(Exception, match="timed out"):
         cluster._init(SlowRay([slow]), {}, tries=1)  # a cluster address: no second try
+
+
+def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
+    """Cache-independent jobs share a pass; a cache-aware job's pass feeds its hardware
+    variants only; the estimate uses the timings of earlier runs of that model, task and size."""
+    import slicemoe.run as runner
+    from sweep.cluster import Plan
+    from sweep.launcher import plan_text
+
+    grid = [
+        f"policy={p} hardware={h} cache={c}"
+        for p in ("dbsc", "cache_prior_highbit")
+        for h in ("mobile_lpddr4_ufs31", "laptop_lpddr5_nvme")
+        for c in ("frac_10", "frac_25")
+    ]
+    made = [
+        jobs.make_job(i, compose_cfg(*o.split()), o.split(), runner) for i, o in enumerate(grid)
+    ]
+    units = jobs.units_of(made)
+    assert sorted(map(len, units)) == [2, 2, 4]
+    gpu = Plan(actors=1, num_cpus=1, num_gpus=1, replay_tasks=True, free_cpus=4)
+    text = plan_text(units, gpu, {})
+    assert text.startswith("plan: 3 model passes feeding 8 replays (as CPU tasks")
+    assert "estimate: none yet" in text
+    c = made[0].config
+    # Three passes of 60 s on one GPU; eight replays of 10 s on four CPUs beside it.
+    text = plan_text(units, gpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    assert "estimate: 3 min 0 s for the 3 units" in text
+    cpu = Plan(actors=2, num_cpus=1, num_gpus=0)
+    text = plan_text(units, cpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    assert "in the actors" in text and "estimate: 2 min 10 s" in text
