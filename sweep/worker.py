@@ -9,6 +9,7 @@ when the store cannot take it, the record travels back with the outcome to the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import socket
 import sys
@@ -110,15 +111,21 @@ def execute_group(
                 error = last_line(traceback.format_exc())
                 records[0].tags["miss_ratio_curve_error"] = error[:5000]
 
-        def replay(cfg):
-            return runner.replay(stream, cfg)
+        analyse = getattr(runner, "optimality", None)
+        shared: dict = {}  # what the analyses of runs of this stream share (Belady's replays)
+
+        def replay(cfg, record):
+            result = runner.replay(stream, cfg)
+            if callable(analyse):
+                _optimality(analyse, stream, cfg, result, record, shared)
+            return result
 
         outcomes = []
         for job, record in zip(jobs, records):
             # The stream each run replayed, by content: an audit can tell a run whose stream
             # is gone or changed since.
             record.tags.update(replayed_from=key, stream_sha256=records[0].tags["stream_sha256"])
-            outcomes.append(_finish(job, record, tracker, replay))
+            outcomes.append(_finish(job, record, tracker, functools.partial(replay, record=record)))
         return outcomes
 
 
@@ -174,6 +181,19 @@ def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: 
     fig.savefig(png, dpi=110)
     plt.close(fig)
     record.artifacts.update({csv.name: str(csv), png.name: str(png)})
+
+
+def _optimality(analyse, stream, cfg, result: dict, record: RunRecord, shared: dict) -> None:
+    """The run beside Belady's oracle (slicemoe.optimality): its scalars join the result, its
+    per-layer tables become CSV artifacts."""
+    try:
+        scalars, tables = analyse(stream, cfg, shared)
+    except Exception:  # an analysis: its failure must not cost the run
+        record.tags["optimality_error"] = last_line(traceback.format_exc())[:5000]
+        return
+    result.update(scalars)
+    for name, table in tables.items():
+        record.artifacts[f"{name}.csv"] = table.to_csv(index=False).encode()
 
 
 def _finish(job: Job, record: RunRecord, tracker: Tracker, compute: Callable) -> Outcome:
