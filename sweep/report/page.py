@@ -92,7 +92,7 @@ def sections(
         if "belady_miss_rate" in group and group["belady_miss_rate"].notna().any():
             out.append(Section(name("optimality_gap"), "optimality", desc, group,
                                lambda g=group, d=desc: figures.plot_optimality_gap(g, d),
-                               judge("optimality", group), differences(group)))  # fmt: skip
+                               judge("optimality", group)))  # fmt: skip
     return out
 
 
