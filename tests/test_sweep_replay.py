@@ -59,6 +59,9 @@ def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_stre
     (recorder,) = [n for n, t in tags.items() if t.get("stream_source") == "recorded"]
     files = {f.path for f in MlflowClient(uri(tmp_path)).list_artifacts(a[recorder].info.run_id)}
     assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
+    # Every replayed run is set beside Belady's oracle (slicemoe.optimality).
+    assert {"optimality_layers.csv", "reuse_distance.csv"} <= files
+    assert all(a[n].data.metrics["belady_gap"] >= 0 for n in a if "dbsc" in n)
     for name in (n for n in a if "dbsc" in n):
         # The run name is the job's overrides.
         expected = in_the_loop(name.split())
