@@ -5,10 +5,10 @@ and describes the decode requests:
 - **Belady's miss rate** (`belady_miss_rate`): one more replay of the stream with
   `cache.eviction=belady`, whose MSB/FULL pool evicts the slice requested again furthest in the
   future (slicemoe.cache.reference.Belady). `belady_gap` is the run's decode slice miss rate
-  minus it, over all decode steps. For slices of one size (whole experts) and a warmup that
-  inserts nothing, no demand eviction misses less, so the gap is >= 0; with bit slices, LSB
-  slices of their own pool and the copies of `bits.scheme=base`, Belady is the classic
-  heuristic, not a proven bound. A run whose warmup inserts slices (`random`, `pcw`) or that
+  minus it, over all decode steps. For slices of one size (whole experts) and warmup `lru` or
+  `empty`, no demand eviction misses less (prefill's requests, which Belady sees too, are all
+  first requests), so the gap is >= 0; with bit slices, LSB slices in a pool of their own and
+  the two copies of `bits.scheme=base`, Belady is the classic rule, not a proven bound. A run whose warmup inserts slices (`random`, `pcw`) or that
   prefetches is set beside Belady from the cache prefill left (`warmup=lru`, no prefetching),
   what demand eviction alone reaches: there the gap may be negative, what the warmup or the
   prefetcher buys beyond it.
@@ -26,7 +26,8 @@ and describes the decode requests:
 
 Belady's replay depends on the stream, the DRAM bytes and the warmup only, and the stream's
 statistics on the stream only: a `shared` dict kept across the runs of one stream computes each
-once (a sweep's runs that differ only in eviction share them).
+once (a sweep's runs that differ only in eviction share them). The run itself is replayed once
+more, for the hits of its requests.
 """
 
 from __future__ import annotations
@@ -42,12 +43,6 @@ from slicemoe.replay import replay
 from slicemoe.stream import Stream
 from slicemoe.validate import capacity_bytes
 
-DOCS = {
-    "belady_miss_rate": "decode slice miss rate of Belady's oracle at this run's DRAM bytes "
-    "(warmup lru where the run's inserts, no prefetching)",
-    "belady_gap": "miss_rate - belady_miss_rate",
-    "cold_start_steps": "decode steps until the per-step miss rate settles (slicemoe.optimality)",
-}
 # The cold-start window's constants (see `cold_start_steps`).
 STRETCH = 4  # decode steps pooled per rate: one step of one device is a few dozen requests
 TOLERANCE = 0.1  # above the level that follows, relative ...
@@ -69,8 +64,9 @@ def belady_config(cfg: RunConfig) -> RunConfig:
 
 
 def optimality(stream: Stream, cfg: RunConfig, shared: dict | None = None):
-    """(scalars DOCS, {"optimality_layers": table, "reuse_distance": table}) of `cfg` replayed
-    from `stream`; `shared` keeps what runs of the stream have in common (module doc)."""
+    """({"belady_miss_rate", "belady_gap", "cold_start_steps"}, {"optimality_layers": table,
+    "reuse_distance": table}) of `cfg` replayed from `stream`; `shared` keeps what runs of the
+    stream have in common (module doc)."""
     shared = {} if shared is None else shared
     layers = stream.shape.num_moe_layers
     oracle = belady_config(cfg)
@@ -167,8 +163,8 @@ def cold_start_steps(
     misses, requests, stretch: int = STRETCH, tolerance: float = TOLERANCE, floor: float = FLOOR
 ) -> int:
     """The cold-start window of per-decode-step misses and requests (summed over devices): the
-    first decode step u whose stretch misses at a rate within max(tolerance x level, floor)
-    above the level that follows it, or above less; 0 when the run starts settled.
+    first decode step u whose stretch's miss rate is at most the level that follows it plus
+    max(tolerance x level, floor); 0 when the run starts settled.
 
     A stretch is `stretch` consecutive steps from u, its rate their pooled misses over their
     pooled requests; the level that follows u is the median rate of the stretches from u on.
@@ -181,8 +177,6 @@ def cold_start_steps(
         return 0
     m, r = (np.concatenate([[0.0], np.cumsum(x)]) for x in (misses, requests))
     rate = (m[stretch:] - m[:-stretch]) / (r[stretch:] - r[:-stretch])
-    for u, value in enumerate(rate):
-        level = np.median(rate[u:])
-        if value <= level + max(tolerance * level, floor):
-            return u
-    raise AssertionError("the last stretch is its own level")
+    level = np.array([np.median(rate[u:]) for u in range(len(rate))])
+    # The last stretch is its own level: some stretch always qualifies.
+    return int(np.argmax(rate <= level + np.maximum(tolerance * level, floor)))
