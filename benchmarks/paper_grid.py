@@ -34,7 +34,7 @@ SMALL = [
     "eval.limit=2",
     "eval.max_new_tokens=8", "eval.seq_len=32", "eval.stride=32", "batch_size=2",
     "~hydra.sweeper.grids.fig10", "~hydra.sweeper.grids.table1_low_sym",
-    "~hydra.sweeper.grids.table1_low_asym", "ray.object_store_mb=128",
+    "~hydra.sweeper.grids.table1_low_asym", "ray.object_store_mb=128", "sweep.optimality=true",
 ]  # fmt: skip
 
 

@@ -43,11 +43,13 @@ class RunActor:
         experiment_id: str,
         reuse_streams: bool = True,
         mrc_points: int = 0,
+        optimality: bool = True,
     ):
         self.runner = load_runner(runner)
         self.models = worker.ModelCache(models_per_actor)
         self.tracker = Tracker(tracking_uri, experiment_id)
         self.reuse_streams, self.mrc_points = reuse_streams, mrc_points
+        self.optimality = optimality
 
     def stream_bytes(self, unit: list[Job], records: list[RunRecord]):
         """A unit's stream for replays on other workers (sweep.worker.stream_bytes)."""
@@ -66,6 +68,7 @@ class RunActor:
             self.tracker,
             self.reuse_streams,
             self.mrc_points,
+            self.optimality,
         )
 
 
@@ -89,9 +92,12 @@ class InFlight:
     npz: Any = None  # the stream's bytes, when the unit's replays run as tasks
 
 
-def replay_task(runner: str, tracking: tuple[str, str], npz: bytes, job, record, points: int):
+def replay_task(
+    runner: str, tracking: tuple[str, str], npz: bytes, job, record, points: int, optimality: bool
+):
     """One replay on any CPU of the cluster, while the actors run the next model passes."""
-    return worker.replay_bytes(load_runner(runner), npz, job, record, Tracker(*tracking), points)
+    runner_module, tracker = load_runner(runner), Tracker(*tracking)
+    return worker.replay_bytes(runner_module, npz, job, record, tracker, points, optimality)
 
 
 class ActorPool:
@@ -250,11 +256,12 @@ class ActorPool:
 
     def _replay(self, slot: InFlight, first: RunRecord) -> None:
         """Dispatch one replay task per job of a unit whose actor returned its stream."""
-        runner, _, uri, experiment, _, points = self.actor_args
+        runner, _, uri, experiment, _, points, optimality = self.actor_args
         for n, (job, record) in enumerate(zip(slot.unit, [first, *slot.records[1:]])):
             ref = self.replay_task.remote(
-                runner, (uri, experiment), slot.npz, job, record, points if n == 0 else 0
-            )
+                runner, (uri, experiment), slot.npz, job, record, points if n == 0 else 0,
+                optimality,
+            )  # fmt: skip
             self.inflight[ref] = InFlight(None, [job], [record])
 
     @staticmethod

@@ -189,6 +189,7 @@ class Multirun:
                 # sweep.resume=false computes everything again, request streams included.
                 bool(cfg.sweep.resume),
                 int(cfg.sweep.miss_ratio_points),
+                bool(cfg.sweep.optimality),
             )
             if ray_conf.replay_tasks and not plan.replay_tasks:
                 log.warning("ray.replay_tasks: no CPU is left beside the actors; they replay")

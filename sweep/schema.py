@@ -72,9 +72,14 @@ class SweepConf:
     name: Optional[str] = None
     # Metric name(s) returned to the sweeper instead of the metrics dict (Optuna needs floats).
     objective: Optional[list[str]] = None
-    # Replay every job whose requests cannot depend on the cache from one model pass per stream
-    # key (slicemoe.replay); false runs every job with the model in the loop.
+    # Replay every job from one model pass per stream key (slicemoe.replay; a job whose requests
+    # depend on the cache shares its pass with its hardware variants only); false runs every job
+    # with the model in the loop.
     replay: bool = True
+    # Set each replayed run beside Belady's oracle (slicemoe.optimality: one more replay of the
+    # run, and one of Belady per stream and cache size, in the reference cache: slow at a real
+    # model's size).
+    optimality: bool = True
     # Cache sizes of the miss-ratio curve logged for each recorded stream (miss_ratio_curve.csv
     # and .png of the run that recorded it): 1/N .. 100 % of the experts at 8 bits; 0 = none.
     miss_ratio_points: int = 50

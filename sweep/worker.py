@@ -9,6 +9,7 @@ when the store cannot take it, the record travels back with the outcome to the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import socket
@@ -88,6 +89,7 @@ def execute_group(
     tracker: Tracker,
     reuse_streams: bool = True,
     mrc_points: int = 0,
+    optimality: bool = True,
 ) -> list[Outcome]:
     """Jobs that share one request stream: one model pass (none when an earlier sweep stored
     the stream and `reuse_streams`), then one replay per job, each finished in MLflow as soon as
@@ -100,7 +102,9 @@ def execute_group(
             )
         except Exception:
             return fail_all(records, tracker)
-        return replay_all(runner, stream, jobs, records, tracker, mrc_points, Path(tmp))
+        return replay_all(
+            runner, stream, jobs, records, tracker, mrc_points, Path(tmp), optimality=optimality
+        )
 
 
 def stream_bytes(
@@ -132,6 +136,7 @@ def replay_bytes(
     record: RunRecord,
     tracker: Tracker,
     mrc_points: int = 0,
+    optimality: bool = True,
 ) -> Outcome:
     """The second half of execute_group for one job, from the bytes stream_bytes returned."""
     from slicemoe.stream import Stream
@@ -142,7 +147,7 @@ def replay_bytes(
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         (outcome,) = replay_all(
             runner, Stream.load(npz), [job], [record], tracker, mrc_points, Path(tmp),
-            sha256=hashlib.sha256(npz).hexdigest(),
+            sha256=hashlib.sha256(npz).hexdigest(), optimality=optimality,
         )  # fmt: skip
         return outcome
 
@@ -164,9 +169,10 @@ def replay_all(
     mrc_points: int,
     tmp: Path,
     sha256: str | None = None,
+    optimality: bool = True,
 ) -> list[Outcome]:
-    """Replay each job from `stream`; the run that recorded it (tag stream_source=recorded)
-    also gets the stream's miss-ratio curve."""
+    """Replay each job from `stream`, with `optimality` beside Belady's oracle; the run that
+    recorded it (tag stream_source=recorded) also gets the stream's miss-ratio curve."""
     curve = callable(getattr(runner, "miss_ratio_curve", None)) and mrc_points
     if records[0].tags.get("stream_source") == "recorded" and curve:
         try:
@@ -175,8 +181,14 @@ def replay_all(
             error = last_line(traceback.format_exc())
             records[0].tags["miss_ratio_curve_error"] = error[:5000]
 
-    def replay(cfg):
-        return runner.replay(stream, cfg)
+    analyse = getattr(runner, "optimality", None) if optimality else None
+    shared: dict = {}  # what the analyses of runs of this stream share (Belady's replays)
+
+    def replay(cfg, record):
+        result = runner.replay(stream, cfg)
+        if callable(analyse):
+            _optimality(analyse, stream, cfg, result, record, shared)
+        return result
 
     sha256 = sha256 or records[0].tags["stream_sha256"]
     outcomes = []
@@ -184,7 +196,7 @@ def replay_all(
         # The stream each run replayed, by content: an audit can tell a run whose stream
         # is gone or changed since.
         record.tags.update(replayed_from=job.stream_key, stream_sha256=sha256)
-        outcomes.append(_finish(job, record, tracker, replay))
+        outcomes.append(_finish(job, record, tracker, functools.partial(replay, record=record)))
     return outcomes
 
 
@@ -241,6 +253,19 @@ def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: 
     fig.savefig(png, dpi=110)
     plt.close(fig)
     record.artifacts.update({csv.name: str(csv), png.name: str(png)})
+
+
+def _optimality(analyse, stream, cfg, result: dict, record: RunRecord, shared: dict) -> None:
+    """The run beside Belady's oracle (slicemoe.optimality): its scalars join the result, its
+    per-layer tables become CSV artifacts."""
+    try:
+        scalars, tables = analyse(stream, cfg, shared)
+    except Exception:  # an analysis: its failure must not cost the run
+        record.tags["optimality_error"] = last_line(traceback.format_exc())[:5000]
+        return
+    result.update(scalars)
+    for name, table in tables.items():
+        record.artifacts[f"{name}.csv"] = table.to_csv(index=False).encode()
 
 
 def _finish(job: Job, record: RunRecord, tracker: Tracker, compute: Callable) -> Outcome:

@@ -86,6 +86,21 @@ def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop_and_later_swe
     for params in passes.values():
         if params[0]["policy.routing"] != "topk":
             assert sorted(p["hardware.name"] for p in params) == sorted(PROFILES)
+    client = MlflowClient(uri(out))
+    (recorder,) = [
+        r for r in runs.values()
+        if r.data.tags.get("stream_source") == "recorded" and r.data.params["policy.name"] == "dbsc"
+    ]  # fmt: skip
+    files = {f.path for f in client.list_artifacts(recorder.info.run_id)}
+    assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
+    # Every replayed run of a cache-independent stream is set beside Belady's oracle
+    # (slicemoe.optimality); one with DBSC's own warmup is never better than it.
+    assert {"optimality_layers.csv", "reuse_distance.csv"} <= files
+    assert all(
+        r.data.metrics["belady_gap"] >= 0
+        for r in runs.values()
+        if r.data.params["policy.name"] == "dbsc"
+    )
     for name in runs:
         if "laptop" in name and ("cache_prior" in name or "dbsc_pcw" in name):
             expected = in_the_loop(out, runs[name])

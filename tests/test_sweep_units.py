@@ -818,3 +818,27 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     cpu = Plan(actors=2, num_cpus=1, num_gpus=0)
     text = plan_text(units, cpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
     assert "in the actors" in text and "estimate: 2 min 10 s" in text
+
+
+def test_a_replayed_runs_optimality_joins_its_result_and_its_failure_only_a_tag():
+    import pandas as pd
+
+    from sweep import worker
+    from sweep.tracking import RunRecord
+
+    def analyse(stream, cfg, shared):
+        shared["calls"] = shared.get("calls", 0) + 1
+        return {"belady_gap": 0.25}, {"optimality_layers": pd.DataFrame({"layer": [0, 1]})}
+
+    record, result, shared = RunRecord("k", "run"), {"miss_rate": 0.5}, {}
+    worker._optimality(analyse, None, None, result, record, shared)
+    assert result == {"miss_rate": 0.5, "belady_gap": 0.25} and shared == {"calls": 1}
+    assert record.artifacts == {"optimality_layers.csv": b"layer\n0\n1\n"}
+
+    def broken(stream, cfg, shared):
+        raise RuntimeError("no oracle today")
+
+    record, result = RunRecord("k", "run"), {"miss_rate": 0.5}
+    worker._optimality(broken, None, None, result, record, {})
+    assert result == {"miss_rate": 0.5} and not record.artifacts
+    assert record.tags["optimality_error"] == "RuntimeError: no oracle today"
