@@ -408,7 +408,7 @@ class Tracker:
         replays: dict[tuple, list[float]] = {}
         for run in self.search("attributes.status = 'FINISHED' and tags.role = 'run'"):
             p, tags = run.data.params, run.data.tags
-            key = (p.get("model.name", ""), p.get("eval.task", ""), p.get("eval.limit", ""))
+            key = (p.get("model.name"), p.get("eval.task"), p.get("eval.limit"))  # timing_key
             if "stream_record_s" in tags:
                 passes.setdefault(key, []).append(float(tags["stream_record_s"]))
             elif "replayed_from" not in tags and "wall_s" in run.data.metrics:  # in the loop

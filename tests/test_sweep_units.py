@@ -794,7 +794,7 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     variants only; the estimate uses the timings of earlier runs of that model, task and size."""
     import slicemoe.run as runner
     from sweep.cluster import Plan
-    from sweep.launcher import plan_text
+    from sweep.launcher import plan_text, timing_key
 
     grid = [
         f"policy={p} hardware={h} cache={c}"
@@ -813,10 +813,11 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     assert "estimate: none yet" in text
     c = made[0].config
     # Three passes of 60 s on one GPU; eight replays of 10 s on four CPUs beside it.
-    text = plan_text(units, gpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    timings = {timing_key(c.model.name, c.eval.task, c.eval.limit): (60.0, 10.0)}
+    text = plan_text(units, gpu, timings)
     assert "estimate: 3 min 0 s for the 3 units" in text
     cpu = Plan(actors=2, num_cpus=1, num_gpus=0)
-    text = plan_text(units, cpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    text = plan_text(units, cpu, timings)
     assert "in the actors" in text and "estimate: 2 min 10 s" in text
 
 
