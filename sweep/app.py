@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sweep import schema
-from sweep.errors import SweepError
+from sweep.errors import SweepError, stops
 from sweep.jobs import Outcome, load_runner, make_job, objective_of, return_value
 
 log = logging.getLogger(__name__)
@@ -96,12 +95,9 @@ class Preflight(Callback):
 
     @staticmethod
     def _check(config: DictConfig, output_dir: str) -> None:
-        try:
+        # Hydra turns a callback's exception into a warning and goes on; this must stop.
+        with stops():
             check_folders(config, output_dir)
-        except SweepError as err:
-            # Hydra turns a callback's exception into a warning and goes on; this must stop.
-            print(err, file=sys.stderr)
-            raise SystemExit(1) from None
 
 
 def check_folders(cfg: DictConfig, output_dir: str) -> None:
@@ -161,4 +157,5 @@ def check_command_line(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
-    return task(cfg)
+    with stops():
+        return task(cfg)
