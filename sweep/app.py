@@ -97,6 +97,7 @@ class Preflight(Callback):
     def _check(config: DictConfig, output_dir: str) -> None:
         # Hydra turns a callback's exception into a warning and goes on; this must stop.
         with stops():
+            schema.check_interpolations(config)
             check_folders(config, output_dir)
 
 

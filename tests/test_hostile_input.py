@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 from operator import attrgetter
+from pathlib import Path
 
 import pytest
 from conftest_sweep import RUNNER, search
@@ -32,6 +33,7 @@ from sweep.schema import SETTING_BOUNDS
 pytestmark = pytest.mark.xdist_group("test_hostile_input")
 
 EXP = "hostile"
+MINI_GSM8K = Path(__file__).parent / "data" / "gsm8k_mini"
 # Every bounded number of the schema is also refused NaN, infinite and out of range by
 # test_every_bounded_number_refuses_nan_inf_and_out_of_range, without a launch.
 CASES = [
@@ -47,6 +49,8 @@ CASES = [
     ("bits.group=7", "bits.group"),
     ("bits.high=9", "bits.high"),
     ("bits.low=8", "bits.low"),
+    ("bits=mat84 bits.low=0", "bits.low: low bits 0 must be at least 1; use 1..7"),
+    ("seed=-1", "seed: -1 is out of range; use a finite number in [0, 4294967295]"),
     ("hardware.dram_gbps=0", "hardware.dram_gbps"),
     ("hardware.flash_pj_per_bit=nan", "hardware.flash_pj_per_bit"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens"),
@@ -144,7 +148,39 @@ def test_a_malformed_value_stops_the_launch_naming_the_field(index, store, capfd
     assert code not in (0, None), out
     assert "Traceback" not in out, out
     assert field in out, out
+    if overrides not in HYDRA_MERGE_ERRORS:
+        assert code == 1 and "HYDRA_FULL_ERROR" not in out and "executing job" not in out, out
     assert snapshot(uri) == before  # nothing RUNNING, nothing finished touched
+
+
+# Refused by Hydra as it merges the override, in its own words.
+HYDRA_MERGE_ERRORS = ("bits.low=abc", "policy.tau=[1,2]", "~policy.tau")
+# Each with the reason OmegaConf gives.
+INTERPOLATIONS = [
+    ("policy.tau=${oc.env:HOME}", "Value '{home}' of type 'str' could not be converted to Float"),
+    ("policy.tau=${nonexistent.key}", "Interpolation key 'nonexistent.key' not found"),
+    ("sweep.name=${oc.env:NOPE_NOT_SET}", "Environment variable 'NOPE_NOT_SET' not found"),
+]
+
+
+@pytest.mark.parametrize("mode", [[], ["-m"]], ids=["run", "multirun"])
+@pytest.mark.parametrize("override, why", INTERPOLATIONS, ids=[c[0] for c in INTERPOLATIONS])
+def test_an_interpolation_that_cannot_be_resolved_is_one_line_naming_the_override(
+    override, why, mode, store, capfd, monkeypatch
+):
+    folder, uri = store
+    monkeypatch.setenv("HOME", "/home/nobody")
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    before = snapshot(uri)
+    settings = [f"mlflow.tracking_uri={uri}", f"mlflow.experiment={EXP}"]
+    code, out = launch([*mode, *settings, override], capfd)
+    assert code == 1
+    assert out.splitlines() == [
+        f"Invalid override {override}: its interpolation cannot be resolved "
+        f"({why.format(home='/home/nobody')}); fix it or give a plain value"
+    ]
+    assert snapshot(uri) == before
+    assert not (folder / "mlflow-spool").exists()
 
 
 def bad_values(low: float, high: float, open_low: bool) -> list[float]:
@@ -192,3 +228,23 @@ def test_a_task_reading_local_data_refuses_an_unset_data_path_at_launch(task, ne
     with pytest.raises(ConfigError, match=f"not set: set eval.data_path to .*{needs}") as err:
         validate(cfg, weights=False)
     assert err.value.field == "eval.data_path"
+
+
+@pytest.mark.parametrize(
+    "split, line, why",
+    [
+        ("test.jsonl", '{"question": "q", "answer": ', "not JSON (Expecting value)"),
+        ("train.jsonl", '["q", "#### 1"]', "expected an object with question and answer"),
+    ],
+)
+def test_a_malformed_gsm8k_line_stops_the_launch_naming_file_and_line(split, line, why, tmp_path):
+    for name in ("train.jsonl", "test.jsonl"):
+        lines = (MINI_GSM8K / name).read_text().splitlines()
+        if name == split:
+            lines[2] = line
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    cfg = copy.deepcopy(RunConfig())
+    cfg.eval.task, cfg.eval.data_path = "gsm8k", str(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, weights=False)
+    assert str(err.value) == f"eval.data_path: {tmp_path / split}:3: {why}; fix or delete that line"
