@@ -12,6 +12,7 @@ end; a record the store cannot take goes to the driver's spool (sweep.sync) inst
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -58,6 +59,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities import Run as MlflowRun  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from sweep.drivers import is_alive  # noqa: E402
 from sweep.errors import SweepError  # noqa: E402
@@ -83,6 +85,38 @@ def resolve_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + os.path.abspath(uri[len(prefix) :])
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an SQLite URI (sqlite:///REL or sqlite:////ABS); None otherwise."""
+    parsed = urlparse(uri)
+    path = parsed.path.removeprefix("/")
+    return Path(path) if parsed.scheme == "sqlite" and path else None
+
+
+def store_failure(uri: str, err: BaseException) -> str:
+    """Why the store at `uri` failed, in one line. A full disk (SQLite's "database or disk is
+    full", ENOSPC) names the path, a damaged SQLite file how to recover; anything else is the
+    error's last line. MLflow wraps SQLAlchemy's error, which wraps sqlite3's: the chain is read
+    whole."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain)
+    db = sqlite_path(uri)
+    if db is not None and ("file is not a database" in text or "disk image is malformed" in text):
+        return (
+            f"{db} is damaged ({'not a database' if 'not a database' in text else 'malformed'}); "
+            f"move it aside (mv {db} {db}.damaged) and launch again: a fresh store is made, the "
+            "results waiting in the spool are pushed to it and the runs kept only in the old "
+            f"file are computed again (sqlite3 {db}.damaged .recover may salvage them)"
+        )
+    no_space = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    if no_space or "database or disk is full" in text:
+        where = (no_space[0].filename if no_space else None) or db or uri
+        return f"no space left on {where}; free some space there"
+    return last_line(str(err))
 
 
 def check_reachable(uri: str) -> None:
@@ -250,9 +284,12 @@ class Tracker:
                     )
                 else:
                     exp_id = exp.experiment_id
-        except MlflowException as err:
-            raise SweepError(f"mlflow.tracking_uri={uri}: {last_line(err.message)}") from None
+        except (MlflowException, SQLAlchemyError) as err:
+            raise SweepError(f"mlflow.tracking_uri={uri}: {store_failure(uri, err)}") from None
         return cls(uri, exp_id)
+
+    def failure(self, err: BaseException) -> str:
+        return store_failure(self.uri, err)
 
     def answers(self) -> bool:
         """Whether the store answers now, asked once (no retries)."""
