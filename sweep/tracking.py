@@ -114,7 +114,9 @@ def store_failure(uri: str, err: BaseException) -> str:
         )
     no_space = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
     if no_space or "database or disk is full" in text:
-        where = (no_space[0].filename if no_space else None) or db or uri
+        # A failed copy names its source, then its destination: the latter is what is full.
+        named = [no_space[0].filename2, no_space[0].filename] if no_space else []
+        where = next((n for n in named if n), None) or db or uri
         return f"no space left on {where}; free some space there"
     return last_line(str(err))
 

@@ -248,3 +248,24 @@ def test_a_malformed_gsm8k_line_stops_the_launch_naming_file_and_line(split, lin
     with pytest.raises(ConfigError) as err:
         validate(cfg, weights=False)
     assert str(err.value) == f"eval.data_path: {tmp_path / split}:3: {why}; fix or delete that line"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_tracking_database_stops_the_launch_naming_it_and_the_way_out(
+    damage, store, tmp_path, capfd
+):
+    folder, uri = store
+    db = tmp_path / "mlflow.db"
+    whole = (folder / "mlflow.db").read_bytes()
+    db.write_bytes(whole[: len(whole) // 10] if damage == "truncated" else b"\x5a" * 4096)
+    damaged = db.read_bytes()
+    code, out = launch([f"mlflow.tracking_uri=sqlite:///{db}", f"mlflow.experiment={EXP}"], capfd)
+    why = "malformed" if damage == "truncated" else "not a database"
+    assert code == 1
+    assert out.splitlines() == [
+        f"mlflow.tracking_uri=sqlite:///{db}: {db} is damaged ({why}); move it aside (mv {db} "
+        f"{db}.damaged) and launch again: a fresh store is made, the results waiting in the "
+        "spool are pushed to it and the runs kept only in the old file are computed again "
+        f"(sqlite3 {db}.damaged .recover may salvage them)"
+    ]
+    assert db.read_bytes() == damaged
