@@ -262,14 +262,26 @@ class Tracker:
         self.client = MlflowClient(uri)
 
     @classmethod
-    def open(cls, uri: str, experiment: str, artifact_location: str | None = None) -> Tracker:
-        """Check the store, then get or create the experiment (in the driver, before fan-out)."""
+    def open(
+        cls,
+        uri: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        create: bool = True,
+    ) -> Tracker:
+        """Check the store, then get or create the experiment (in the driver, before fan-out).
+        Without `create`, a store or experiment that is not there is an error (to read one)."""
         uri = resolve_uri(uri)
         check_reachable(uri)
+        db = sqlite_path(uri)
+        if not create and db is not None and not db.is_file():
+            raise SweepError(f"mlflow.tracking_uri={uri}: there is no database {db}")
         try:
             with _creating(uri):
                 client = MlflowClient(uri)  # creates an SQLite store's tables
                 exp = client.get_experiment_by_name(experiment)
+                if exp is None and not create:
+                    raise SweepError(f"mlflow.tracking_uri={uri} has no experiment {experiment!r}")
                 if exp is None:
                     try:
                         exp_id = client.create_experiment(experiment, artifact_location)
@@ -439,30 +451,38 @@ class Tracker:
                     rivals.append(run)
         return rivals
 
+    def stored_streams(
+        self, stream_key: str, folder: Path
+    ) -> Iterator[tuple[MlflowRun, Path | None]]:
+        """Each run that recorded `stream_key`, with its stream downloaded to `folder` (None: its
+        artifact is gone or unreadable); each download replaces the one before."""
+        for run in list(self.search(f"tags.stream_key = '{stream_key}'")):
+            try:
+                path = self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
+            except (MlflowException, OSError):
+                path = None
+            yield run, None if path is None else Path(path)
+
     def find_stream(self, stream_key: str, folder: Path) -> tuple[Path, str] | None:
         """Download a request stream recorded earlier for `stream_key`, if the store has one (and
         can be reached: otherwise the stream is recorded again): its path and content hash. A
         stream whose bytes are not those its recording run hashed is never returned."""
         try:
-            runs = list(self.search(f"tags.stream_key = '{stream_key}'"))
+            for run, path in self.stored_streams(stream_key, folder):
+                if path is None:
+                    continue  # artifact gone or unreadable: try the next, else record again
+                digest, want = sha256_of(path), run.data.tags.get("stream_sha256")
+                if want and digest != want:
+                    print(
+                        f"[sweep] the stored request stream {stream_key} of run "
+                        f"{run.info.run_id} changed since it was recorded (content hash); it is "
+                        "not replayed",
+                        file=sys.stderr,
+                    )
+                    continue
+                return path, digest
         except STORE_ERRORS:
-            return None
-        for run in runs:
-            try:
-                path = Path(
-                    self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
-                )
-            except (MlflowException, OSError):
-                continue  # artifact gone or unreadable: try the next, else record again
-            digest, want = sha256_of(path), run.data.tags.get("stream_sha256")
-            if want and digest != want:
-                print(
-                    f"[sweep] the stored request stream {stream_key} of run {run.info.run_id} "
-                    "changed since it was recorded (content hash); it is not replayed",
-                    file=sys.stderr,
-                )
-                continue
-            return path, digest
+            pass
         return None
 
     def _log_as(self, run_id: str, item: str | bytes, name: str) -> None:

@@ -269,3 +269,71 @@ def test_a_damaged_tracking_database_stops_the_launch_naming_it_and_the_way_out(
         f"(sqlite3 {db}.damaged .recover may salvage them)"
     ]
     assert db.read_bytes() == damaged
+
+
+def test_the_audit_lists_replayed_runs_whose_stream_is_gone_or_changed(store, tmp_path, capsys):
+    """Runs tagged as sweep.worker tags them: the recording run of a stream keeps requests.npz
+    and replayed it too, another run replayed it. Then one stream changes, one loses its file,
+    and one run was replayed from a stream whose recording run is gone."""
+    from urllib.parse import urlparse
+
+    from sweep import audit
+    from sweep.tracking import STREAM_ARTIFACT, Tracker, sha256_of
+
+    tracker = Tracker.open(store[1], "audit")
+    ids, stored = {}, {}
+
+    def run(name: str, key: str, records: bool) -> None:
+        path = tmp_path / name / STREAM_ARTIFACT
+        path.parent.mkdir()
+        path.write_bytes(key.encode() * 100)
+        tags = {"role": "run", "replayed_from": key, "stream_sha256": sha256_of(path)}
+        tags |= {"stream_key": key} if records else {}
+        ids[name] = tracker.client.create_run(
+            tracker.experiment_id, tags=tags, run_name=name
+        ).info.run_id
+        if records:
+            tracker.client.log_artifact(ids[name], str(path))
+            uri = tracker.client.get_run(ids[name]).info.artifact_uri
+            stored[key] = Path(urlparse(uri).path) / STREAM_ARTIFACT
+        tracker.client.set_terminated(ids[name])
+
+    for key in ("s1", "s2", "s3"):
+        run(f"{key}-rec", key, records=True)
+        run(f"{key}-replay", key, records=False)
+    argv = ["--tracking-uri", tracker.uri, "--experiment", "audit"]
+    where = f"experiment 'audit' in {tracker.uri}"
+    assert audit.main(argv) == 0
+    assert capsys.readouterr().out == (
+        f"{where}: every replayed run's request stream is stored unchanged\n"
+    )
+
+    was = sha256_of(stored["s1"])
+    stored["s1"].write_bytes(b"s1" * 99 + b"x1")
+    stored["s2"].unlink()
+    run("s4-replay", "s4", records=False)
+    assert audit.main(argv) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{where}: 5 replayed runs whose request stream is gone or changed"
+    assert out[1].split() == ["run", "id", "run", "stream", "key", "what", "is", "wrong"]
+    changed = (
+        f"changed: the requests.npz of run {ids['s1-rec']} hashes to "
+        f"{sha256_of(stored['s1'])[:12]}, the run replayed {was[:12]}"
+    )
+    missing = f"gone: the requests.npz of run {ids['s2-rec']} is missing"
+    assert {tuple(line.split(maxsplit=3)) for line in out[2:]} == {
+        (ids["s1-rec"], "s1-rec", "s1", changed),
+        (ids["s1-replay"], "s1-replay", "s1", changed),
+        (ids["s2-rec"], "s2-rec", "s2", missing),
+        (ids["s2-replay"], "s2-replay", "s2", missing),
+        (ids["s4-replay"], "s4-replay", "s4", "gone: no run holds this stream any more"),
+    }
+    # Read only: no store or experiment is made where there is none.
+    assert audit.main(["--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 1
+    assert audit.main(["--tracking-uri", tracker.uri, "--experiment", "nope"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/none.db: there is no database "
+        f"{tmp_path}/none.db",
+        f"mlflow.tracking_uri={tracker.uri} has no experiment 'nope'",
+    ]
+    assert not (tmp_path / "none.db").exists()
