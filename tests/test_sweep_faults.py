@@ -11,6 +11,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,7 @@ from conftest_sweep import (
     start_mlflow_server,
     start_sweep,
     stop_server,
+    sweep_env,
 )
 
 EXP = "faults"
@@ -277,3 +279,57 @@ def test_a_full_disk_under_the_store_is_named_from_the_first_failure_to_the_end(
         tracking.store_failure(ledger.tracker.uri, full)
         == f"no space left on {dest}; free some space there"
     )
+
+
+# A driver that starts a private Ray instance, says so and waits to be killed.
+DRIVER = """
+import time
+from sweep import cluster
+from sweep.schema import RayConf
+cluster.connect(RayConf())
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_the_private_ray_instance_of_a_killed_driver_is_ended_by_the_next_launch(tmp_path):
+    """kill -9 of a driver ends its Ray servers, not the agents its raylet started: those are
+    ended by the next launch, and a process that merely reads the instance's logs is not."""
+    import json
+
+    from sweep.cluster import INSTANCES, end_orphans, processes_of
+    from sweep.drivers import process_mark
+
+    env = sweep_env()
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    viewer = None
+    try:
+        # Ray may say something first; EOF: the driver ended.
+        assert any(line == "up\n" for line in driver.stdout), "the driver did not start Ray"
+        session = json.loads((INSTANCES / f"{driver.pid}.json").read_text())["session_dir"]
+
+        def alive() -> list[int]:
+            return [pid for pid in processes_of(session) if process_mark(pid) is not None]
+
+        wait_for(lambda: len(alive()) >= 2, "the agents", [driver], timeout_s=60)
+        log = next(Path(session, "logs").glob("*.log"))
+        viewer = subprocess.Popen(["tail", "-f", str(log)], stdout=subprocess.DEVNULL)
+        os.kill(driver.pid, 9)  # the driver alone, as the OOM killer would
+        driver.wait(timeout=30)
+        assert alive(), "the instance ended with its driver: nothing left to test"
+        end_orphans()  # what the next launch does before it starts its own instance
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive() == []
+        assert viewer.poll() is None
+    finally:
+        stop_all([driver])
+        if viewer is not None:
+            viewer.kill()
+            viewer.wait()
