@@ -123,10 +123,10 @@ def check_folders(cfg: DictConfig, output_dir: str) -> None:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Every override's key against the schema and every group option against conf/, before
-    Hydra composes: Hydra answers `policy.tua=0.3` with advice to append it and `policy=dbcs`
-    with a list of every option, neither naming the nearest valid one. Anything else (values,
-    overrides that do not parse) is left to Hydra and the schema."""
+    """Every override's key and value against the schema and every group option against conf/,
+    before Hydra composes: Hydra answers `policy.tua=0.3` with advice to append it and
+    `policy=dbcs` with a list of every option, neither naming the nearest valid one, and
+    `bits.low=abc` with a block of its own. Overrides that do not parse are left to Hydra."""
     args = get_args_parser().parse_known_args(argv)[0]
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
@@ -138,10 +138,13 @@ def check_command_line(argv: list[str]) -> None:
     }
     for override in overrides:
         key = override.key_or_group
-        if override.is_delete() or override.package is not None or key.startswith("hydra"):
+        if override.package is not None or key.startswith("hydra"):
             continue
         if key not in groups:
             schema.check_key(key, groups)
+            schema.check_value(override)
+            continue
+        if override.is_delete():
             continue
         value = override.value()
         if isinstance(value, ChoiceSweep):
