@@ -117,7 +117,9 @@ def snapshot(uri: str) -> dict:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A store with one finished run (the stand-in runner), as a user's would be."""
+    """A store with one finished run (the stand-in runner), as a user's would be. Every test
+    that uses it is marked slow, as the launches are: run one after the other (the slow tests
+    come first), they build it once."""
     folder = tmp_path_factory.mktemp("hostile")
     uri = f"sqlite:///{folder}/mlflow.db"
     mp = pytest.MonkeyPatch()
@@ -161,6 +163,7 @@ INTERPOLATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["-m"]], ids=["run", "multirun"])
 @pytest.mark.parametrize("override, why", INTERPOLATIONS, ids=[c[0] for c in INTERPOLATIONS])
 def test_an_interpolation_that_cannot_be_resolved_is_one_line_naming_the_override(
@@ -248,6 +251,7 @@ def test_a_malformed_gsm8k_line_stops_the_launch_naming_file_and_line(split, lin
     assert str(err.value) == f"eval.data_path: {tmp_path / split}:3: {why}; fix or delete that line"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
 def test_a_damaged_tracking_database_stops_the_launch_naming_it_and_the_way_out(
     damage, store, tmp_path, capfd
@@ -269,6 +273,7 @@ def test_a_damaged_tracking_database_stops_the_launch_naming_it_and_the_way_out(
     assert db.read_bytes() == damaged
 
 
+@pytest.mark.slow
 def test_the_audit_lists_replayed_runs_whose_stream_is_gone_or_changed(store, tmp_path, capsys):
     """Runs tagged as sweep.worker tags them: the recording run of a stream keeps requests.npz
     and replayed it too, another run replayed it. Then one stream changes, one loses its file,
