@@ -136,13 +136,14 @@ def check_command_line(argv: list[str]) -> None:
     groups = {
         d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in root.iterdir() if d.is_dir()
     }
+    values = []
     for override in overrides:
         key = override.key_or_group
         if override.package is not None or key.startswith("hydra"):
             continue
         if key not in groups:
             schema.check_key(key, groups)
-            schema.check_value(override)
+            values.append(override)
             continue
         if override.is_delete():
             continue
@@ -157,6 +158,7 @@ def check_command_line(argv: list[str]) -> None:
                     f"{key}={name}: no such option of {key}.{schema.nearest(name, groups[key], key + '=')} "
                     f"Options: {', '.join(groups[key])}"
                 )
+    schema.check_values(values)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -143,34 +143,35 @@ def check_key(key: str, groups: Iterable[str] = ()) -> None:
         node = node[part]
 
 
-def check_value(override: Override) -> None:
-    """A command-line override of an existing key against that field's type, as Hydra will
-    merge it (OmegaConf.update), before it composes: Hydra answers `bits.low=abc` or
-    `~policy.tau` with a block of its own and a line about HYDRA_FULL_ERROR."""
-    key = override.key_or_group
-    parent, _, name = key.rpartition(".")
+def check_values(overrides: Iterable[Override]) -> None:
+    """Command-line overrides of existing keys against their fields' types, as Hydra will merge
+    them (OmegaConf.update), before it composes: Hydra answers `bits.low=abc` or `~policy.tau`
+    with a block of its own and a line about HYDRA_FULL_ERROR."""
     node = OmegaConf.structured(AppConfig)
-    owner = OmegaConf.select(node, parent) if parent else node
-    if not (OmegaConf.is_dict(owner) and is_dataclass(OmegaConf.get_type(owner))):
-        return  # a key under a free-form dict (ray.runtime_env)
-    if override.is_delete():
-        raise SweepError(
-            f"{override.input_line}: {key} is a config field and cannot be deleted; set it to "
-            "a value instead"
-        )
-    if isinstance(override.value(), ChoiceSweep):
-        values = list(override.sweep_iterator())
-    elif override.is_sweep_override():
-        return  # a range or interval: numbers, checked as Hydra composes each job
-    else:
-        values = [override.value()]
-    for value in values:
-        if isinstance(value, str) and "${" in value:
-            continue  # an interpolation: resolved once composed (check_interpolations)
-        try:
-            OmegaConf.update(owner, name, value, merge=True)
-        except ValidationError as err:
-            raise SweepError(f"{override.input_line}: {err.msg.splitlines()[0]}") from None
+    for override in overrides:
+        key = override.key_or_group
+        parent, _, name = key.rpartition(".")
+        owner = OmegaConf.select(node, parent) if parent else node
+        if not (OmegaConf.is_dict(owner) and is_dataclass(OmegaConf.get_type(owner))):
+            continue  # a key under a free-form dict (ray.runtime_env)
+        if override.is_delete():
+            raise SweepError(
+                f"{override.input_line}: {key} is a config field and cannot be deleted; set it "
+                "to a value instead"
+            )
+        if isinstance(override.value(), ChoiceSweep):
+            values = list(override.sweep_iterator())
+        elif override.is_sweep_override():
+            continue  # a range or interval: numbers, checked as Hydra composes each job
+        else:
+            values = [override.value()]
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue  # an interpolation: resolved once composed (check_interpolations)
+            try:
+                OmegaConf.update(owner, name, value, merge=True)
+            except ValidationError as err:
+                raise SweepError(f"{override.input_line}: {err.msg.splitlines()[0]}") from None
 
 
 def no_such_field(key: str, known: list[str]) -> SweepError:
