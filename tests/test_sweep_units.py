@@ -131,8 +131,9 @@ def test_a_misspelt_key_or_option_names_the_nearest_before_hydra_composes(argv, 
 def test_valid_command_lines_pass_the_check_and_hydra_keeps_the_rest():
     for argv in (
         ["-m", "policy=dbsc,lru_highbit", "cache=frac_25,frac_50", "policy.tau=0.1,0.3"],
+        ["-m", "seed=range(0,3)", "policy.lam=interval(0,1)", "policy.tau=${oc.env:TAU}"],
         ["+experiment=paper_fig8", "hydra/launcher=basic", "hydra.run.dir=out"],
-        ["+ray.runtime_env.working_dir=.", "~policy.tau", "bits.low=abc", "policy=glob(*)"],
+        ["+ray.runtime_env.working_dir=.", "bits.low=null", "trace=yes", "policy=glob(*)"],
         ["model=mixtral-8x7b", "model.path=/m", "-cn", "config", "policy.tau=[1,"],
     ):
         app.check_command_line(argv)
