@@ -1,9 +1,10 @@
 """Cache and hardware accounting replayed from a recorded request stream, without the model.
 
 `replay(stream, cfg)` returns exactly the metrics `slicemoe.run.run(cfg)` computes with the
-model in the loop, for any cache capacity, eviction (Belady included: the stream is its
-future), warmup, measurement window and hardware profile, as long as `replayable(cfg)`: the
-requests must not depend on the cache. The devices replay one after the other through the same
+model in the loop: for a cache-independent config at any cache capacity, eviction (Belady
+included: the stream is its future), warmup, measurement window and hardware profile; for any
+other replayable config (cache-aware routing, lsb_miss=skip, a miss-rate target) under any
+hardware profile, from the pass recorded with its cache and policy (slicemoe.stream). The devices replay one after the other through the same
 `SliceCache`, warmup functions, slice rules and bills (slicemoe.device) as the runtime, so there
 is one definition of each rule.
 """
@@ -36,7 +37,7 @@ from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
 from slicemoe.prefetch import top_m
 from slicemoe.quant import reference_bytes
-from slicemoe.stream import Stream, replayable, stream_key
+from slicemoe.stream import NEXT_GATE_DEPTH, Stream, cache_independent, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, validate
 
@@ -49,13 +50,16 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
     validate(cfg, weights=False)
     if not replayable(cfg):
         raise ValueError(
-            "this config's requests depend on the cache (cache-aware routing, lsb_miss=skip or "
-            "a miss-rate target): it cannot be replayed, run it with the model in the loop"
+            f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate ranking "
+            f"to depth {NEXT_GATE_DEPTH}; run it with the model in the loop"
         )
     if stream_key(cfg) != stream.key:
+        differ = "model, bits, precision, task or batch settings"
+        if not cache_independent(cfg):  # its requests depend on its cache and policy
+            differ += ", or (this config's requests depend on the cache) in cache or policy"
         raise ValueError(
             f"the stream was recorded for stream key {stream.key}, this config has "
-            f"{stream_key(cfg)}: they differ in model, bits, precision, task or batch settings"
+            f"{stream_key(cfg)}: they differ in {differ}"
         )
     fp = footprint(stream.dims, stream.shape, cfg.bits, cfg.hardware)
     capacity = capacity_bytes(cfg, stream.shape)
@@ -70,10 +74,10 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         cost, fills = device.warmup()
         prefill = prefill + cost.total()
         warmup_bytes += fills
-        if cfg.prefetch.predictor == "none":
+        if cfg.prefetch.predictor == "none" and cfg.policy.lsb_miss == "fetch":
             rows[: device.steps] += device.decode()
         else:
-            rows[: device.steps] += device.decode_prefetching(layer_calls)
+            rows[: device.steps] += device.decode_in_order(layer_calls)
         if device.cache.trace is not None:
             traces.append(device.cache.trace)
     result = assemble(
@@ -225,13 +229,15 @@ class _Device:
             out[:, COL[name]] = np.sum(getattr(layer_cost, name), axis=1) + getattr(head, name)
         return out
 
-    # --- prefetching: the reference loop, one layer step at a time ---------------------------
+    # --- prefetching or skipped LSB misses: the reference loop, one layer step at a time -----
 
     def _predicted(self, t: int, layer: int):
         """What the prefetcher names after layer step (t, layer) for the next layer (layer 0
         of step t + 1 after the last): (experts, critical) or None, as the runtime's
         predictors (slicemoe.prefetch) do in the loop."""
         f, (steps, layers, k) = self.cfg.prefetch, self.experts.shape
+        if f.predictor == "none":
+            return None
         m = f.top_m or k
         nxt_t, nxt = (t, layer + 1) if layer + 1 < layers else (t + 1, 0)
         if f.predictor == "next_gate":
@@ -247,10 +253,12 @@ class _Device:
             return None
         return self.experts[nxt_t, nxt, :m], self.high[nxt_t, nxt, :m]
 
-    def decode_prefetching(self, layer_calls) -> np.ndarray:
-        """COUNTERS of each decode step of this device, [steps, COUNTERS], prefetching after
-        every layer step as the runtime does; adds to `layer_calls` (predicted, covered)."""
+    def decode_in_order(self, layer_calls) -> np.ndarray:
+        """COUNTERS of each decode step of this device, [steps, COUNTERS], one expert call at a
+        time and prefetching after every layer step as the runtime does; adds to `layer_calls`
+        (predicted, covered)."""
         fp, cache, hw = self.fp, self.cache, self.cfg.hardware
+        fetch_lsb = self.cfg.policy.lsb_miss == "fetch"
         cache.counting = True
         steps, layers, k = self.experts.shape
         out = np.zeros((steps, len(COUNTERS)))
@@ -264,7 +272,7 @@ class _Device:
                 missed = read = 0
                 for e, h in zip(self.experts[t, layer], self.high[t, layer]):
                     requested = slice_kinds(self.sliced, fp.nested, bool(h))
-                    high, r, m = expert_call(cache, fp, layer, int(e), requested)
+                    high, r, m = expert_call(cache, fp, layer, int(e), requested, fetch_lsb)
                     read += r
                     missed += m
                     out[t, COL["highbit_calls"]] += high

@@ -27,7 +27,7 @@ from slicemoe.models.adapter import quantize_model
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.simulator import Clock, Simulator
-from slicemoe.stream import Stream, replayable, stream_key
+from slicemoe.stream import NEXT_GATE_DEPTH, Stream, cache_independent, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, get_task_or_error, validate
 
@@ -204,13 +204,15 @@ def record(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> Strea
     loaded = _prepare(cfg, loaded)
     if not replayable(cfg):
         raise ValueError(
-            "this config's requests depend on the cache (cache-aware routing, lsb_miss=skip or "
-            "a miss-rate target): run it with the model in the loop, slicemoe.run.run"
+            f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate ranking "
+            f"to depth {NEXT_GATE_DEPTH}; run it with the model in the loop, slicemoe.run.run"
         )
-    # The stream does not depend on the cache or the prefetcher; any in-loop eviction records it.
-    cfg = dataclasses.replace(
-        cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"), prefetch=PrefetchConfig()
-    )
+    if cache_independent(cfg):
+        # The stream does not depend on the cache or the prefetcher; any in-loop eviction
+        # records it. Otherwise they shape the requests, so they run as configured.
+        cfg = dataclasses.replace(
+            cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"), prefetch=PrefetchConfig()
+        )
     torch.manual_seed(cfg.seed)
     sim, scores, _, size = _evaluate(cfg, loaded, record=True, progress=progress)
     # The stream's config, for the record, is the one that ran: `auto` as the batch it chose.

@@ -11,6 +11,10 @@ hit and what they cost. A `Stream` records, per sequence (one simulated device):
 - the task scores per problem, the model's shape and the dimensions the hardware model charges.
 `slicemoe.replay.replay(stream, cfg)` turns it into the metrics that `slicemoe.run.run(cfg)`
 computes with the model in the loop.
+
+With cache-aware routing (or skipped LSB misses, or a miss-rate target) the requests depend on
+the cache, but on nothing that only bills them: a pass recorded with the model, cache, policy and
+prefetcher in the loop replays exactly under every hardware profile.
 """
 
 from __future__ import annotations
@@ -37,27 +41,38 @@ ARRAYS = (
 # replay can prefetch by next_gate with prefetch.top_m up to this.
 NEXT_GATE_DEPTH = 16
 
-# What a stream does not depend on (replay recomputes it): the cache, the warmup and the
-# measurement window, the hardware, the routing knobs top-k does not read, and where things run.
-NOT_IN_STREAM = {
-    "cache": None,  # every field
-    "hardware": None,
-    "policy": ("name", "warmup", "warmup_steps", "lam", "lam_scale", "cumsum_p", "max_rank_keep",
-               "max_rank_m", "miss_rate_target"),
+# What only bills the requests, or labels or places the run: a replay recomputes the bills for
+# any value, so no stream depends on it.
+BILLING = {
+    "hardware": None,  # every field
     "model": ("device", "backend"),
     "trace": None,
     "trace_path": None,
+    "cache": ("name",),
+    "policy": ("name",),
+    "prefetch": ("name",),
+}
+# What the stream of a cache-independent config does not depend on either (replay recomputes
+# it): the cache, the warmup and the measurement window, the routing knobs top-k does not read,
+# the prefetcher.
+NOT_IN_STREAM = {
+    **BILLING,
+    "cache": None,
+    "policy": ("name", "warmup", "warmup_steps", "lam", "lam_scale", "cumsum_p", "max_rank_keep",
+               "max_rank_m", "miss_rate_target"),
     "prefetch": None,
 }  # fmt: skip
 
 
 def replayable(cfg: RunConfig) -> bool:
-    """True when nothing the model computes depends on the cache (top-k routing, LSB misses
-    fetched, no miss-rate controller) and the stream holds what the prefetcher reads.
-    Everything else needs the model in the loop."""
+    """True when a recorded stream holds every request of `cfg`. A cache-independent config
+    shares the stream of any config with the same model, bits, precision and task; any other
+    (cache-aware routing, lsb_miss=skip, a miss-rate target) replays the stream recorded with its
+    own cache, policy and prefetcher in the loop, so only the billing settings (the hardware
+    profile) vary across one pass's replays. Not replayable: a prefetcher that reads more of the
+    next-gate ranking than a stream keeps."""
     f = cfg.prefetch
-    recorded = f.predictor != "next_gate" or f.top_m <= NEXT_GATE_DEPTH
-    return cache_independent(cfg) and recorded
+    return f.predictor != "next_gate" or f.top_m <= NEXT_GATE_DEPTH
 
 
 def cache_independent(cfg: RunConfig) -> bool:
@@ -69,7 +84,7 @@ def cache_independent(cfg: RunConfig) -> bool:
 def stream_key(cfg: RunConfig) -> str:
     """Configs with one key share one request stream (and one model pass)."""
     data = dataclasses.asdict(cfg)
-    for section, names in NOT_IN_STREAM.items():
+    for section, names in (NOT_IN_STREAM if cache_independent(cfg) else BILLING).items():
         if names is None:
             data.pop(section)
         else:

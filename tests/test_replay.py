@@ -180,9 +180,15 @@ def test_what_may_and_may_not_replay(stream):
         PolicyConfig(lsb_miss="skip"),
         PolicyConfig(routing="cache_prior", miss_rate_target=0.05),
     ):
-        assert not replayable(replace(BASE, policy=policy))
-        with pytest.raises(ValueError, match="depend on the cache"):
-            replay(stream, replace(BASE, policy=policy))
+        # Its requests depend on the cache: it replays its own pass, not the top-k one.
+        cfg = replace(BASE, policy=policy)
+        assert replayable(cfg) and stream_key(cfg) != stream.key
+        with pytest.raises(ValueError, match="in cache or policy"):
+            replay(stream, cfg)
+    deep = replace(BASE, prefetch=PrefetchConfig(name="ng", predictor="next_gate", top_m=17))
+    assert not replayable(deep)
+    with pytest.raises(ValueError, match="prefetch.top_m=17"):
+        replay(stream, deep)
     # Cache, warmup, window and hardware do not change the stream; bits, tau and the task do.
     same_stream = [
         replace(BASE, cache=CacheConfig(frac=0.5, eviction="belady")),
@@ -215,3 +221,39 @@ def test_each_policy_replays_compiled_as_the_reference_and_as_the_model_in_the_l
             assert same(fast[m], slow[m]), (m, fast[m], slow[m])
             assert same(fast[m], loop[m]), (m, fast[m], loop[m])
     assert 0 < fast["miss_rate"] < 1
+
+
+CACHE_AWARE = {
+    "cache_prior": PolicyConfig(routing="cache_prior", precision="high", lam=0.2),
+    "cache_prior_running_target": PolicyConfig(
+        routing="cache_prior", lam=0.1, lam_scale="running", miss_rate_target=0.05, warmup_steps=3
+    ),
+    "cumsum": PolicyConfig(routing="cumsum", precision="high", cumsum_p=0.8),
+    "max_rank": PolicyConfig(routing="max_rank", precision="high", max_rank_m=6),
+    "dbsc_skip": PolicyConfig(lsb_miss="skip", warmup="pcw"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CACHE_AWARE))
+def test_a_cache_aware_pass_replays_as_the_model_in_the_loop_under_another_hardware(loaded, name):
+    """The requests of a cache-aware run depend on its cache and policy, not on the hardware
+    that bills them: its pass, recorded under one profile (with a prefetcher where it changes
+    the cache), replays exactly as the model in the loop under the other."""
+    mobile, laptop = (PROFILES[n] for n in sorted(PROFILES, reverse=True))
+    prefetch = PrefetchConfig(name="p", predictor="prev_token") if name == "cumsum" else None
+    cfg = replace(
+        BASE,
+        policy=CACHE_AWARE[name],
+        cache=CacheConfig(frac=0.1),
+        hardware=mobile,
+        prefetch=prefetch or PrefetchConfig(),
+    )
+    stream = record(cfg, loaded)
+    other = replace(cfg, hardware=replace(laptop, overlap_flash=True))
+    assert stream_key(other) == stream.key
+    expected, got = run(other, loaded), replay(stream, other)
+    for m in METRICS:
+        if m != "wall_s":
+            assert same(expected[m], got[m]), (name, m, expected[m], got[m])
+    assert expected["problems"] == got["problems"]
+    assert expected["energy_decode_j_per_token"] != replay(stream, cfg)["energy_decode_j_per_token"]

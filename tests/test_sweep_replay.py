@@ -1,5 +1,6 @@
-"""A multirun replays every job that cannot change the model's computation from one model pass
-per request stream, with the same metrics as running each job with the model in the loop."""
+"""A multirun replays every job from one model pass per request stream (the jobs whose requests
+depend on the cache share a pass only with those that differ in hardware), with the same metrics
+as running each job with the model in the loop."""
 
 from __future__ import annotations
 
@@ -46,20 +47,29 @@ def in_the_loop(overrides: list[str]) -> dict:
 def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_streams(
     tmp_path, ray_head
 ):
-    grid = ["-m", "cache=frac_10,frac_25", "policy=dbsc,cache_prior_highbit"]
+    grid = [
+        "-m", "cache=frac_10,frac_25", "policy=dbsc,cache_prior_highbit",
+        "hardware=mobile_lpddr4_ufs31,laptop_lpddr5_nvme",
+    ]  # fmt: skip
     replayed = run_sweep(
         [*grid, *QUICK, POINTS, "mlflow.experiment=replayed"], tmp_path, ray=ray_head
     )
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     a = runs_by_name(tmp_path, "replayed")
-    assert len(a) == 4
-    # Cache-Prior stays in the loop; DBSC's two cache sizes share one model pass.
+    assert len(a) == 8
+    # DBSC's four runs share one model pass; Cache-Prior's requests depend on the cache, so each
+    # cache size has its own pass, replayed under both hardware profiles.
     tags = {name: run.data.tags for name, run in a.items()}
-    assert {n for n, t in tags.items() if "replayed_from" in t} == {n for n in a if "dbsc" in n}
-    (recorder,) = [n for n, t in tags.items() if t.get("stream_source") == "recorded"]
+    passes = {}
+    for name, t in tags.items():
+        passes.setdefault(t["replayed_from"], []).append(name)
+    assert sorted(map(len, passes.values())) == [2, 2, 4]
+    recorders = [n for n, t in tags.items() if t.get("stream_source") == "recorded"]
+    assert len(recorders) == 3 and {tags[n]["stream_key"] for n in recorders} == set(passes)
+    recorder = next(n for n in recorders if "dbsc" in n)
     files = {f.path for f in MlflowClient(uri(tmp_path)).list_artifacts(a[recorder].info.run_id)}
     assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
-    for name in (n for n in a if "dbsc" in n):
+    for name in (n for n in a if "laptop" in n and ("frac_25" in n or "cache_prior" in n)):
         # The run name is the job's overrides.
         expected = in_the_loop(name.split())
         for m in RESULT_METRICS:
