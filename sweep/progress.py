@@ -77,13 +77,20 @@ class RunBar:
             rate = tqdm.format_sizeof(tokens / elapsed)
             bar.set_postfix_str(f"{rate} tok/s", refresh=False)
         bar.update(done - bar.n)
+        if done >= total:
+            self._last_line()
+
+    def _last_line(self) -> None:
+        """In a log, the state the bar ends in gets a line, once."""
+        bar = self.bar
+        if isinstance(bar, LogBar) and bar.last_print_n != bar.n:
+            bar.refresh()
+            bar.last_print_n = bar.n
 
     def close(self) -> None:
-        if self.bar is None:
-            return
-        if isinstance(self.bar, LogBar):
-            self.bar.refresh()  # its last line
-        self.bar.close()
+        if self.bar is not None:
+            self._last_line()
+            self.bar.close()
 
 
 class Board:
