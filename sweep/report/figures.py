@@ -16,7 +16,7 @@ from sweep.report.read import finished
 MARKERS = "osD^vP*Xh<>p"
 # Where place_labels tries a label: rings of offsets (points) from its point, in 16 directions
 # (the diagonals first).
-LABEL_RINGS = (4, 10, 16, 24, 34, 46, 60, 80, 105, 135)
+LABEL_RINGS = (8, 14, 22, 32, 44, 58, 75, 95, 120, 150)
 LABEL_DIRECTIONS = sorted(
     ((round(math.cos(a), 3), round(math.sin(a), 3)) for a in (i * math.pi / 8 for i in range(16))),
     key=lambda d: abs(abs(d[0]) - abs(d[1])),
@@ -76,7 +76,7 @@ def plot_accuracy_vs_miss_rate(
             cache = name.replace("frac_", "") + ("%" if name.startswith("frac_") else "")
             points.append((row[x], row[metric]))
             labels.append(f"{cache}: {row[metric]:.3f}")
-            colours.append("0.45" if row["below"] else "black")
+            colours.append("0.45" if row["below"] else colour)
     front = pareto(fin, x, metric)
     ax.step(front[x], front[metric], where="post", color="gray", linestyle=":", linewidth=1,
             label="Pareto front", zorder=1)  # fmt: skip
