@@ -42,8 +42,11 @@ from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, validate
 
 
-def replay(stream: Stream, cfg: RunConfig) -> dict:
-    """The metrics dict (and curves, and trace with cfg.trace) of `cfg` from `stream`."""
+def replay(stream: Stream, cfg: RunConfig, requests: list | None = None) -> dict:
+    """The metrics dict (and curves, and trace with cfg.trace) of `cfg` from `stream`.
+    `requests`, a list, gets per sequence its decode requests in order as arrays (step, layer,
+    expert, kind code, hit); without prefetching or skipped LSB misses only (slicemoe.optimality
+    reads them)."""
     t0 = time.time()
     # A replay reads the stream, not the model: it runs where the weights are not (the model's
     # config.json gives its shape).
@@ -75,7 +78,7 @@ def replay(stream: Stream, cfg: RunConfig) -> dict:
         prefill = prefill + cost.total()
         warmup_bytes += fills
         if cfg.prefetch.predictor == "none" and cfg.policy.lsb_miss == "fetch":
-            rows[: device.steps] += device.decode()
+            rows[: device.steps] += device.decode(requests)
         else:
             rows[: device.steps] += device.decode_in_order(layer_calls)
         if device.cache.trace is not None:
@@ -197,13 +200,16 @@ class _Device:
             i = j
         return hits, resident
 
-    def decode(self) -> np.ndarray:
-        """COUNTERS of each decode step of this device, [steps, COUNTERS]."""
+    def decode(self, requests: list | None = None) -> np.ndarray:
+        """COUNTERS of each decode step of this device, [steps, COUNTERS]; appends its decode
+        requests and their hits to `requests` (see `replay`)."""
         fp = self.fp
         self.cache.counting = True
         steps, layers, k = self.experts.shape
         step, layer, expert, kind, marks = self._decode_requests()
         hits, resident = self._hits(layer, expert, kind, step, marks)
+        if requests is not None:
+            requests.append((step, layer, expert, kind, hits))
         sizes = np.array([fp.sizes.get(c, 0) for c in KINDS])
         out = np.zeros((steps, len(COUNTERS)))
         for code, name in enumerate(KINDS):

@@ -24,6 +24,7 @@ from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, read_shape
 from slicemoe.models.adapter import quantize_model
+from slicemoe.optimality import optimality
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.simulator import Clock, Simulator
@@ -39,6 +40,7 @@ __all__ = [
     "load",
     "load_key",
     "miss_ratio_curve",
+    "optimality",
     "record",
     "replay",
     "replayable",

@@ -152,8 +152,9 @@ class Stream:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Stream:
-        data = np.load(io.BytesIO(Path(path).read_bytes()))
+    def load(cls, path: str | Path | bytes) -> Stream:
+        """From a file, or from its bytes."""
+        data = np.load(io.BytesIO(path if isinstance(path, bytes) else Path(path).read_bytes()))
         meta = json.loads(str(data["meta"]))
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(

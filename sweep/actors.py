@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from sweep import worker
 from sweep.cluster import Plan
@@ -44,13 +44,22 @@ class RunActor:
         experiment_id: str,
         reuse_streams: bool = True,
         mrc_points: int = 0,
+        optimality: bool = True,
         board: Any = None,
     ):
         self.runner = load_runner(runner)
         self.models = worker.ModelCache(models_per_actor)
         self.tracker = Tracker(tracking_uri, experiment_id)
         self.reuse_streams, self.mrc_points = reuse_streams, mrc_points
+        self.optimality = optimality
         self.board = board  # sweep.progress.Board, where each model pass tells its progress
+
+    def stream_bytes(self, unit: list[Job], records: list[RunRecord]):
+        """A unit's stream for replays on other workers (sweep.worker.stream_bytes)."""
+        progress = teller(self.board, unit[0].index, len(unit))
+        return worker.stream_bytes(
+            self.runner, self.models, unit, records, self.tracker, self.reuse_streams, progress
+        )
 
     def execute(self, unit: list[Job], records: list[RunRecord]) -> list[Outcome]:
         progress = teller(self.board, unit[0].index, len(unit))
@@ -68,6 +77,7 @@ class RunActor:
             self.tracker,
             self.reuse_streams,
             self.mrc_points,
+            self.optimality,
             progress,
         )
 
@@ -86,17 +96,30 @@ class Member:
 
 @dataclass
 class InFlight:
-    member: Member
+    member: Member | None  # None: a replay task
     unit: list[Job]
     records: list[RunRecord]
+    npz: Any = None  # the stream's bytes, when the unit's replays run as tasks
+
+
+def replay_task(
+    runner: str, tracking: tuple[str, str], npz: bytes, job, record, points: int, optimality: bool
+):
+    """One replay on any CPU of the cluster, while the actors run the next model passes."""
+    runner_module, tracker = load_runner(runner), Tracker(*tracking)
+    return worker.replay_bytes(runner_module, npz, job, record, tracker, points, optimality)
 
 
 class ActorPool:
     def __init__(
         self, plan: Plan, actor_args: tuple, models_per_actor: int, max_actor_failures: int
     ):
+        """With `plan.replay_tasks` a unit's actor records its stream and the replays run as
+        one-CPU Ray tasks, so the actor (and its GPU) goes on to the next pass; else the actor
+        replays."""
         self.options = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus, "max_restarts": 0}
         self.actor_args = actor_args
+        self.replay_task = ray.remote(num_cpus=1)(replay_task) if plan.replay_tasks else None
         self.remember = max(1, models_per_actor)
         self.max_actor_failures = max_actor_failures
         self.remote = ray.remote(RunActor)
@@ -116,8 +139,8 @@ class ActorPool:
         )
 
     def passes(self) -> dict[int, tuple[int, int, int, int]]:
-        """The progress of the model passes in flight (sweep.progress.Board), by unit."""
-        units = [slot.unit[0].index for slot in self.inflight.values()]
+        """The progress of the model passes the actors run (sweep.progress.Board), by unit."""
+        units = [slot.unit[0].index for slot in self.inflight.values() if slot.member]
         return ray.get(self.board.read.remote(units))
 
     def run(self, jobs: list[Job], ledger: Any, on_change: Callable[[int, int, int], None]):
@@ -154,7 +177,9 @@ class ActorPool:
             while idle and queues:
                 member = idle.pop()
                 holders = Counter(
-                    slot.member.keys[-1] for slot in self.inflight.values() if slot.member.keys
+                    slot.member.keys[-1]
+                    for slot in self.inflight.values()
+                    if slot.member and slot.member.keys
                 )
                 key = pick_key(member.keys, queues, holders)
                 unit = queues[key].popleft()
@@ -174,9 +199,15 @@ class ActorPool:
                     idle.append(member)
                     continue
                 member.serve(key, self.remember)
-                self.inflight[member.handle.execute.remote(claimed, records)] = InFlight(
-                    member, claimed, records
-                )
+                if self.replay_task is not None and claimed[0].stream_key is not None:
+                    head, npz = member.handle.stream_bytes.options(num_returns=2).remote(
+                        claimed, records
+                    )
+                    self.inflight[head] = InFlight(member, claimed, records, npz)
+                else:
+                    self.inflight[member.handle.execute.remote(claimed, records)] = InFlight(
+                        member, claimed, records
+                    )
             ready = []
             if self.inflight:
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
@@ -184,9 +215,17 @@ class ActorPool:
                 time.sleep(0.5)
             for ref in ready:
                 slot = self.inflight.pop(ref)
+                if slot.member is None:
+                    results = self._replayed(ref, slot, ledger)
+                    for job, outcome in zip(slot.unit, results):
+                        outcomes[job.index] = ledger.received(outcome)
+                    continue
                 try:
                     results = ray.get(ref)
                     idle.append(slot.member)
+                    if slot.npz is not None and isinstance(results, RunRecord):
+                        self._replay(slot, results)
+                        results = []
                 except RayActorError as err:
                     if err.actor_init_failed:
                         # Every actor would fail the same way (missing code or dependency on a
@@ -233,6 +272,28 @@ class ActorPool:
             running = sum(len(slot.unit) for slot in self.inflight.values()) + len(parked)
             on_change(running, finished, len(outcomes) - finished)
         return outcomes
+
+    def _replay(self, slot: InFlight, first: RunRecord) -> None:
+        """Dispatch one replay task per job of a unit whose actor returned its stream."""
+        runner, _, uri, experiment, _, points, optimality = self.actor_args
+        for n, (job, record) in enumerate(zip(slot.unit, [first, *slot.records[1:]])):
+            ref = self.replay_task.remote(
+                runner, (uri, experiment), slot.npz, job, record, points if n == 0 else 0,
+                optimality,
+            )  # fmt: skip
+            self.inflight[ref] = InFlight(None, [job], [record])
+
+    @staticmethod
+    def _replayed(ref, slot: InFlight, ledger) -> list[Outcome]:
+        try:
+            return [ray.get(ref)]
+        except RayError as err:  # the task's own errors are FAILED runs; this is its worker
+            error = f"replay task failed: {str(err).strip().splitlines()[-1]}"
+            job, record = slot.unit[0], slot.records[0]
+            return [
+                ledger.lost(job, record, error, True)
+                or Outcome("FAILED", {}, run_id=record.run_id, error=error)
+            ]
 
 
 def pick_key(held: list[str], queues: dict[str, deque[Job]], holders: Mapping[str, int]) -> str:

@@ -19,6 +19,8 @@ class Plan:
     actors: int
     num_cpus: float
     num_gpus: float
+    replay_tasks: bool = False  # replays as one-CPU tasks beside the actors (ray.replay_tasks)
+    free_cpus: float = 0.0  # the cluster's CPUs the actors leave
 
 
 def address_of(conf: RayConf) -> str:
@@ -110,10 +112,15 @@ def plan(conf: RayConf, n_jobs: int, resources: dict[str, float]) -> Plan:
             "set ray.num_gpus_per_actor=0 to run on CPUs"
         )
     per_cpu = conf.num_cpus_per_actor
+    tasks = per_gpu > 0 if conf.replay_tasks is None else conf.replay_tasks
     if conf.num_actors is not None:
         actors = conf.num_actors
     else:
-        actors = math.floor(cpus / per_cpu) if per_cpu > 0 else n_jobs
+        # Replay tasks need a CPU the actors leave free.
+        actors = math.floor((cpus - tasks) / per_cpu) if per_cpu > 0 else n_jobs
         if per_gpu > 0:
             actors = min(actors, math.floor(gpus / per_gpu))
-    return Plan(actors=max(1, min(actors, n_jobs)), num_cpus=per_cpu, num_gpus=per_gpu)
+    actors = max(1, min(actors, n_jobs))
+    # Actors hold their CPUs for life: with none left over, a task would wait for ever.
+    free = max(0.0, cpus - actors * per_cpu)
+    return Plan(actors, per_cpu, per_gpu, replay_tasks=tasks and free >= 1, free_cpus=free)

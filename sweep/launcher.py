@@ -152,7 +152,10 @@ class Multirun:
         pool = None
         try:
             # Jobs sharing a request stream run on one actor: size the pool by units.
-            pool = self._pool(cfg, len(units_of(jobs)))
+            units = units_of(jobs)
+            pool, plan = self._pool(cfg, len(units))
+            if not self.rows:  # the first batch: an optimising sweeper sends many
+                print(plan_text(units, plan, self.ledger.tracker.timings()), flush=True)
             return pool.run(jobs, self.ledger, lambda *n: progress.update(*n, pool.passes()))
         except BaseException:
             # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
@@ -163,7 +166,7 @@ class Multirun:
         finally:
             progress.close()
 
-    def _pool(self, cfg: DictConfig, n_jobs: int) -> Any:
+    def _pool(self, cfg: DictConfig, n_jobs: int) -> tuple[Any, Any]:
         from sweep import cluster
 
         ray_conf = OmegaConf.to_object(cfg.ray)
@@ -176,7 +179,8 @@ class Multirun:
 
             log.info(
                 f"Ray {address}: {plan.actors} actors x ({plan.num_cpus:g} CPU, "
-                f"{plan.num_gpus:g} GPU)"
+                f"{plan.num_gpus:g} GPU); replays "
+                + ("as one-CPU tasks" if plan.replay_tasks else "in the actors")
             )
             args = (
                 cfg.sweep.runner,
@@ -186,13 +190,16 @@ class Multirun:
                 # sweep.resume=false computes everything again, request streams included.
                 bool(cfg.sweep.resume),
                 int(cfg.sweep.miss_ratio_points),
+                bool(cfg.sweep.optimality),
             )
+            if ray_conf.replay_tasks and not plan.replay_tasks:
+                log.warning("ray.replay_tasks: no CPU is left beside the actors; they replay")
             self.pool = ActorPool(
                 plan, args, ray_conf.models_per_actor, ray_conf.max_actor_failures
             )
         else:
             self.pool.grow(plan.actors)
-        return self.pool
+        return self.pool, plan
 
     def _close_batch(self, results: list[tuple[Job, Outcome]], skipped: int) -> None:
         from sweep.tracking import results_csv
@@ -213,6 +220,49 @@ class Multirun:
         self.ledger.close_parent(status, self.counts, table)
         for job, out in failed:
             log.error(f"run [{job.name}] failed: {out.error} (MLflow run {out.run_id})")
+
+
+def plan_text(units: list[list[Job]], plan: Any, timings: dict) -> str:
+    """What the launch will do: model passes (each with the replays it feeds), runs with the
+    model in the loop, and a time estimated from earlier runs of the same model, task and size
+    in the experiment (`timings`, sweep.tracking.Tracker.timings)."""
+    streams = [u for u in units if u[0].stream_key is not None]
+    replays = sum(map(len, streams))
+    where = "as CPU tasks beside the actors" if plan.replay_tasks else "in the actors"
+    lines = [
+        f"plan: {len(streams)} model passes feeding {replays} replays ({where}; a pass whose "
+        f"stream is stored already is skipped), {len(units) - len(streams)} runs with the model "
+        f"in the loop; {plan.actors} actors"
+    ]
+    pass_s = replay_s = 0.0
+    unknown = 0
+    for unit in units:
+        c = unit[0].config
+        known = timings.get((c.model.name, c.eval.task, str(c.eval.limit)))
+        if known is None:
+            unknown += 1
+            continue
+        pass_s += known[0]
+        replay_s += known[1] * len(unit) if unit[0].stream_key else 0.0
+    if unknown < len(units):
+        # Passes spread over the actors; replays over the CPUs left to them, or after each pass.
+        slots = max(1, int(plan.free_cpus)) if plan.replay_tasks else plan.actors
+        wall = pass_s / plan.actors + replay_s / slots
+        if plan.replay_tasks:
+            wall = max(pass_s / plan.actors, replay_s / slots)
+        lines.append(
+            f"estimate: {_duration(wall)} for the {len(units) - unknown} units of a model, task "
+            f"and size run before in this experiment"
+            + (f"; {unknown} units have no earlier timing" if unknown else "")
+        )
+    else:
+        lines.append("estimate: none yet (no earlier run of this model, task and size here)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes else f"{s} s"
 
 
 def sweep_identity(cfg: DictConfig) -> tuple[str, str]:

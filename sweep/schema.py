@@ -38,6 +38,10 @@ class RayConf:
     models_per_actor: int = 1
     # How often a run is re-dispatched after the actor executing it died.
     max_actor_failures: int = 2
+    # Where a model pass's replays run: true, as one-CPU Ray tasks, so the actor goes on to the
+    # next pass; false, in the actor that recorded it. None: tasks when actors hold GPUs (the
+    # GPU is the scarce part), else in the actor (its CPU is as good, and warm).
+    replay_tasks: Optional[bool] = None
     # Object store of a private local instance (Ray's minimum is 75); runs exchange small dicts.
     object_store_mb: int = 128
     # Passed to ray.init; on a cluster without the code installed, e.g. {"working_dir": "."}.
@@ -68,9 +72,14 @@ class SweepConf:
     name: Optional[str] = None
     # Metric name(s) returned to the sweeper instead of the metrics dict (Optuna needs floats).
     objective: Optional[list[str]] = None
-    # Replay every job whose requests cannot depend on the cache from one model pass per stream
-    # key (slicemoe.replay); false runs every job with the model in the loop.
+    # Replay every job from one model pass per stream key (slicemoe.replay; a job whose requests
+    # depend on the cache shares its pass with its hardware variants only); false runs every job
+    # with the model in the loop.
     replay: bool = True
+    # Set each replayed run beside Belady's oracle (slicemoe.optimality: one more replay of the
+    # run, and one of Belady per stream and cache size, in the reference cache: slow at a real
+    # model's size).
+    optimality: bool = True
     # Cache sizes of the miss-ratio curve logged for each recorded stream (miss_ratio_curve.csv
     # and .png of the run that recorded it): 1/N .. 100 % of the experts at 8 bits; 0 = none.
     miss_ratio_points: int = 50

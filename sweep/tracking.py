@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -402,6 +403,25 @@ class Tracker:
                 else:
                     rivals.append(run)
         return rivals
+
+    def timings(self) -> dict[tuple[str, str, str], tuple[float, float]]:
+        """Seconds a model pass and a replay took, by (model, task, documents), the medians of
+        the experiment's finished runs: the sweep's plan estimates its time from them."""
+        passes: dict[tuple, list[float]] = {}
+        replays: dict[tuple, list[float]] = {}
+        for run in self.search("attributes.status = 'FINISHED' and tags.role = 'run'"):
+            p, tags = run.data.params, run.data.tags
+            key = (p.get("model.name", ""), p.get("eval.task", ""), p.get("eval.limit", ""))
+            if "stream_record_s" in tags:
+                passes.setdefault(key, []).append(float(tags["stream_record_s"]))
+            elif "replayed_from" not in tags and "wall_s" in run.data.metrics:  # in the loop
+                passes.setdefault(key, []).append(run.data.metrics["wall_s"])
+            if "replayed_from" in tags and "wall_s" in run.data.metrics:
+                replays.setdefault(key, []).append(run.data.metrics["wall_s"])
+        return {
+            k: (statistics.median(v), statistics.median(replays.get(k, [0.0])))
+            for k, v in passes.items()
+        }
 
     def find_stream(self, stream_key: str, folder: Path) -> tuple[Path, str] | None:
         """Download a request stream recorded earlier for `stream_key`, if the store has one (and

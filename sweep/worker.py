@@ -9,7 +9,9 @@ when the store cannot take it, the record travels back with the outcome to the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import hashlib
 import socket
 import sys
 import tempfile
@@ -93,48 +95,124 @@ def execute_group(
     tracker: Tracker,
     reuse_streams: bool = True,
     mrc_points: int = 0,
+    optimality: bool = True,
     progress: Callable | None = None,
 ) -> list[Outcome]:
     """Jobs that share one request stream: one model pass (none when an earlier sweep stored
     the stream and `reuse_streams`; `progress` goes to it), then one replay per job, each
     finished in MLflow as soon as it is done, so a killed sweep keeps every replayed run. The
     first job's run keeps the stream (and its miss-ratio curve)."""
-    key = jobs[0].stream_key
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         try:
-            stream = _stream(
+            stream, _ = _stream(
                 runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp), progress
             )
         except Exception:
-            error = traceback.format_exc()
-            return [
-                deliver(tracker, r.fail(error), Outcome("FAILED", {}, error=last_line(error)))
-                for r in records
-            ]
-        curve = callable(getattr(runner, "miss_ratio_curve", None)) and mrc_points
-        if records[0].tags.get("stream_source") == "recorded" and curve:
-            try:
-                _miss_ratio_curve(runner, stream, jobs[0].config, records[0], mrc_points, Path(tmp))
-            except Exception:  # an extra figure: its failure must not cost the runs
-                error = last_line(traceback.format_exc())
-                records[0].tags["miss_ratio_curve_error"] = error[:5000]
+            return fail_all(records, tracker)
+        return replay_all(
+            runner, stream, jobs, records, tracker, mrc_points, Path(tmp), optimality=optimality
+        )
 
-        def replay(cfg):
-            return runner.replay(stream, cfg)
 
-        outcomes = []
-        for job, record in zip(jobs, records):
-            # The stream each run replayed, by content: an audit can tell a run whose stream
-            # is gone or changed since.
-            record.tags.update(replayed_from=key, stream_sha256=records[0].tags["stream_sha256"])
-            outcomes.append(_finish(job, record, tracker, replay))
-        return outcomes
+def stream_bytes(
+    runner: ModuleType,
+    models: ModelCache,
+    jobs: list[Job],
+    records: list[RunRecord],
+    tracker: Tracker,
+    reuse_streams: bool = True,
+    progress: Callable | None = None,
+) -> tuple[list[Outcome] | RunRecord, bytes]:
+    """The first half of execute_group, for replays elsewhere (sweep.actors): the stream's
+    requests.npz and the first job's record (tagged as the stream's source, without the file);
+    on failure every job's outcome and no bytes."""
+    with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
+        try:
+            _, path = _stream(
+                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp), progress
+            )
+        except Exception:
+            return fail_all(records, tracker), b""
+        records[0].artifacts.pop(STREAM_ARTIFACT, None)  # replay_bytes puts it back
+        return records[0], path.read_bytes()
+
+
+def replay_bytes(
+    runner: ModuleType,
+    npz: bytes,
+    job: Job,
+    record: RunRecord,
+    tracker: Tracker,
+    mrc_points: int = 0,
+    optimality: bool = True,
+) -> Outcome:
+    """The second half of execute_group for one job, from the bytes stream_bytes returned."""
+    from slicemoe.stream import Stream
+
+    recorded = record.tags.get("stream_source") == "recorded"
+    if recorded:
+        record.artifacts[STREAM_ARTIFACT] = npz
+    with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
+        (outcome,) = replay_all(
+            runner, Stream.load(npz), [job], [record], tracker, mrc_points, Path(tmp),
+            sha256=hashlib.sha256(npz).hexdigest(), optimality=optimality,
+        )  # fmt: skip
+        return outcome
+
+
+def fail_all(records: list[RunRecord], tracker: Tracker) -> list[Outcome]:
+    error = traceback.format_exc()
+    return [
+        deliver(tracker, r.fail(error), Outcome("FAILED", {}, error=last_line(error)))
+        for r in records
+    ]
+
+
+def replay_all(
+    runner: ModuleType,
+    stream,
+    jobs: list[Job],
+    records: list[RunRecord],
+    tracker: Tracker,
+    mrc_points: int,
+    tmp: Path,
+    sha256: str | None = None,
+    optimality: bool = True,
+) -> list[Outcome]:
+    """Replay each job from `stream`, with `optimality` beside Belady's oracle; the run that
+    recorded it (tag stream_source=recorded) also gets the stream's miss-ratio curve."""
+    curve = callable(getattr(runner, "miss_ratio_curve", None)) and mrc_points
+    if records[0].tags.get("stream_source") == "recorded" and curve:
+        try:
+            _miss_ratio_curve(runner, stream, jobs[0].config, records[0], mrc_points, tmp)
+        except Exception:  # an extra figure: its failure must not cost the runs
+            error = last_line(traceback.format_exc())
+            records[0].tags["miss_ratio_curve_error"] = error[:5000]
+
+    analyse = getattr(runner, "optimality", None) if optimality else None
+    shared: dict = {}  # what the analyses of runs of this stream share (Belady's replays)
+
+    def replay(cfg, record):
+        result = runner.replay(stream, cfg)
+        if callable(analyse):
+            _optimality(analyse, stream, cfg, result, record, shared)
+        return result
+
+    sha256 = sha256 or records[0].tags["stream_sha256"]
+    outcomes = []
+    for job, record in zip(jobs, records):
+        # The stream each run replayed, by content: an audit can tell a run whose stream
+        # is gone or changed since.
+        record.tags.update(replayed_from=job.stream_key, stream_sha256=sha256)
+        outcomes.append(_finish(job, record, tracker, functools.partial(replay, record=record)))
+    return outcomes
 
 
 def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse: bool, tmp: Path,
-            progress: Callable | None = None):  # fmt: skip
-    """The request stream of `job`'s stream key: stored by an earlier sweep, else recorded by a
-    model pass and kept with `record`'s run (artifact requests.npz, tag stream_key)."""
+            progress: Callable | None):  # fmt: skip
+    """The request stream of `job`'s stream key and its file: stored by an earlier sweep, else
+    recorded by a model pass and kept with `record`'s run (artifact requests.npz, tag
+    stream_key)."""
     from slicemoe.stream import Stream
 
     found = tracker.find_stream(job.stream_key, tmp) if reuse else None
@@ -150,7 +228,7 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
             )
         else:
             record.tags.update(stream_source="stored", stream_sha256=digest)
-            return stream
+            return stream, path
     loaded = models.get(job.load_key, lambda: runner.load(job.config))
     record.tags["device"] = _device(job.config.model.device)
     start = time.time()
@@ -162,7 +240,7 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
     )
     # The model pass is not part of any replayed run's wall_s: it is stated here.
     record.tags["stream_record_s"] = f"{time.time() - start:.2f}"
-    return stream
+    return stream, path
 
 
 def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: Path) -> None:
@@ -184,6 +262,19 @@ def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: 
     fig.savefig(png, dpi=110)
     plt.close(fig)
     record.artifacts.update({csv.name: str(csv), png.name: str(png)})
+
+
+def _optimality(analyse, stream, cfg, result: dict, record: RunRecord, shared: dict) -> None:
+    """The run beside Belady's oracle (slicemoe.optimality): its scalars join the result, its
+    per-layer tables become CSV artifacts."""
+    try:
+        scalars, tables = analyse(stream, cfg, shared)
+    except Exception:  # an analysis: its failure must not cost the run
+        record.tags["optimality_error"] = last_line(traceback.format_exc())[:5000]
+        return
+    result.update(scalars)
+    for name, table in tables.items():
+        record.artifacts[f"{name}.csv"] = table.to_csv(index=False).encode()
 
 
 def _finish(job: Job, record: RunRecord, tracker: Tracker, compute: Callable) -> Outcome:

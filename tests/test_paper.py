@@ -308,14 +308,16 @@ def test_the_docs_paper_commands_run_and_the_report_renders_in_a_browser(paper_s
     )  # fmt: skip
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert "2 settings that must not share a figure" in rep.stderr and "skipped" not in rep.stderr
-    for name in ("accuracy_vs_miss_rate", "energy_latency", "warmup", "miss_ratio_curves"):
+    figures = ("accuracy_vs_miss_rate", "energy_latency", "warmup", "miss_ratio_curves",
+               "optimality_gap")  # fmt: skip
+    for name in figures:
         (png,) = out.glob(f"{name}*.png")
         assert png.stat().st_size > 10_000, name
     (table,) = (path.read_text() for path in out.glob("table1*.md"))
     amat = next(line for line in table.splitlines() if line.startswith("| AMAT |"))
     assert amat.startswith("| AMAT | amat | - | - | - | - | ") and "-" not in amat[32:]
     page = out / "index.html"
-    assert page.read_text().count("<b>This data:</b>") == 5
+    assert page.read_text().count("<b>This data:</b>") == 6
     png = tmp / "page.png"
     screenshot(page, png)
     pixels = imread(png)[..., :3]

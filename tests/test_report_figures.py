@@ -8,7 +8,14 @@ import matplotlib
 import pandas as pd
 import pytest
 from matplotlib.text import Text
-from report_tables import CURVE, lam_rows, report_rows, stream_rows, warmup_rows
+from report_tables import (
+    CURVE,
+    lam_rows,
+    optimality_rows,
+    report_rows,
+    stream_rows,
+    warmup_rows,
+)
 
 from sweep.report import figures
 
@@ -111,3 +118,22 @@ def test_fig9_labels_every_bar_with_both_accuracies_and_hatches_the_less_accurat
     assert hatches == {0.5: None, 0.333: None, 1.0: "//"}  # lru_lowbit: as costly, less accurate
     legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert "less accurate than its cache_prior_highbit run" in legend
+
+
+def test_optimality_gap_draws_each_replayed_run_against_belady():
+    from sweep.report.verdict import verdict
+
+    df = pd.DataFrame(optimality_rows())
+    ax = figures.plot_optimality_gap(df).axes[0]
+    # Six replayed runs: a bar each and Belady's line across it; the in-loop run has none.
+    assert len(ax.patches) == 6 and len(ax.collections) == 6
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["frac_25", "frac_50"]
+    assert sorted(t.get_text() for t in ax.texts)[-1] == "+0.080"
+    assert verdict("optimality", df).splitlines() == [
+        "frac_25: Belady 0.100; closest to farthest: dbsc eviction=belady +0.000, "
+        "dbsc eviction=lru +0.050, dbsc eviction=fifo +0.080.",
+        "frac_50: Belady 0.040; closest to farthest: dbsc eviction=belady +0.000, "
+        "dbsc eviction=lru +0.050, dbsc eviction=fifo +0.080.",
+    ]
+    with pytest.raises(ValueError, match="no run has belady_miss_rate"):
+        figures.plot_optimality_gap(pd.DataFrame(report_rows()))

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pandas as pd
-from report_tables import CURVE, lam_rows, report_rows, stream_rows, table1_rows, warmup_rows
+from report_tables import (
+    CURVE,
+    lam_rows,
+    optimality_rows,
+    report_rows,
+    stream_rows,
+    table1_rows,
+    warmup_rows,
+)
 
 from sweep.report import page, verdict
 
@@ -36,6 +44,12 @@ def test_figs_8_and_9_leave_other_warmups_to_the_warmup_figure():
     assert names == [
         "accuracy_vs_miss_rate.png", "energy_latency.png", "warmup.png", "miss_ratio_curves.png"
     ]  # fmt: skip
+
+
+def test_the_optimality_figure_comes_with_runs_set_beside_belady(tmp_path):
+    written = {p.name: p for p in page.write_report(pd.DataFrame(optimality_rows()), tmp_path)}
+    assert "optimality_gap.png" in written
+    assert verdict.CLAIMS["optimality"][:40] in written["index.html"].read_text()
 
 
 def test_table1_files_and_page_from_perplexity_runs(tmp_path):

@@ -1,23 +1,27 @@
 """A multirun replays every job from one model pass per request stream (the jobs whose requests
 depend on the cache share a pass only with those that differ in hardware), with the same metrics
-as running each job with the model in the loop."""
+as running each job with the model in the loop: the paper's grid, small, as its benchmark runs
+it."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest_sweep import QUICK, run_sweep, search
-from hydra import compose, initialize_config_dir
+from conftest_sweep import REPO, run_sweep, search, sweep_env, through
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
+from slicemoe.config import RunConfig
+from slicemoe.hardware import PROFILES
 from slicemoe.run import run
-from sweep import app, schema
 from sweep.jobs import RESULT_METRICS
 
-POINTS = "sweep.miss_ratio_points=4"
+DATA = REPO.parent / "shared/data"
 
 
 def uri(tmp: Path) -> str:
@@ -37,57 +41,92 @@ def problems(tmp: Path, run) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def in_the_loop(overrides: list[str]) -> dict:
-    """The job's run with the model in the loop, in this process."""
-    with initialize_config_dir(app.CONF_DIR, version_base="1.3"):
-        return run(schema.run_config(compose("config", overrides=overrides)))
+def in_the_loop(tmp: Path, logged) -> dict:
+    """The config of a logged run (its config.yaml), run with the model in the loop here."""
+    folder = tmp / "config" / logged.info.run_id
+    folder.mkdir(parents=True)
+    path = MlflowClient(uri(tmp)).download_artifacts(logged.info.run_id, "config.yaml", str(folder))
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    return run(OmegaConf.to_object(merged))
 
 
 @pytest.mark.slow
-def test_replayed_sweep_equals_the_model_in_the_loop_and_later_sweeps_reuse_streams(
-    tmp_path, ray_head
+@pytest.mark.skipif(not DATA.is_dir(), reason="GSM8K and WikiText-2 are not at ../shared/data")
+def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop_and_later_sweeps_reuse_it(
+    tmp_path, ray_head, monkeypatch
 ):
-    grid = [
-        "-m", "cache=frac_10,frac_25", "policy=dbsc,cache_prior_highbit",
-        "hardware=mobile_lpddr4_ufs31,laptop_lpddr5_nvme",
+    """benchmarks/paper_grid.py --small: the paper's grid on the tiny model through the sweep
+    (Table 1 and the report included), its replays as Ray tasks beside the actor. The
+    cache-independent policies share a pass per precision; each cache-aware one records its own
+    and replays it under both hardware profiles; replayed metrics equal the model in the loop."""
+    monkeypatch.setenv("SLICEMOE_DATA", str(DATA))  # the grid's data paths, when composed here
+    env: dict[str, str] = {}
+    joins = through(ray_head, [], env)  # sets RAY_ADDRESS in env
+    row_file, out = tmp_path / "row.json", tmp_path / "grid"
+    command = [
+        sys.executable, str(REPO / "benchmarks/paper_grid.py"), "--small", "--device", "cpu",
+        "--out", str(out), "--json", str(row_file), "--", "ray.replay_tasks=true", *joins,
     ]  # fmt: skip
-    replayed = run_sweep(
-        [*grid, *QUICK, POINTS, "mlflow.experiment=replayed"], tmp_path, ray=ray_head
+    done = subprocess.run(
+        command, cwd=tmp_path, env=sweep_env(**env), capture_output=True, text=True, timeout=600
     )
-    assert replayed.returncode == 0, replayed.stderr[-3000:]
-    a = runs_by_name(tmp_path, "replayed")
-    assert len(a) == 8
-    # DBSC's four runs share one model pass; Cache-Prior's requests depend on the cache, so each
-    # cache size has its own pass, replayed under both hardware profiles.
-    tags = {name: run.data.tags for name, run in a.items()}
-    passes = {}
-    for name, t in tags.items():
-        passes.setdefault(t["replayed_from"], []).append(name)
-    assert sorted(map(len, passes.values())) == [2, 2, 4]
-    recorders = [n for n, t in tags.items() if t.get("stream_source") == "recorded"]
-    assert len(recorders) == 3 and {tags[n]["stream_key"] for n in recorders} == set(passes)
-    recorder = next(n for n in recorders if "dbsc" in n)
-    files = {f.path for f in MlflowClient(uri(tmp_path)).list_artifacts(a[recorder].info.run_id)}
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "plan: 7 model passes feeding 15 replays (as CPU tasks" in done.stdout
+    row = json.loads(row_file.read_text())
+    # Fig. 8's six policies and Cache-Prior under two profiles, and one Table 1 row: five GSM8K
+    # streams (LRU high, LRU low, DBSC with and without PCW, Cumsum, Max-Rank), Cache-Prior's,
+    # and Table 1's.
+    assert (row["runs"], row["finished"], row["replays"]) == (15, 15, 15)
+    assert (row["passes"], row["streams"]) == (7, 7)
+    assert {"accuracy_vs_miss_rate.png", "energy_latency.png"} <= set(row["figures"])
+    runs = runs_by_name(out, "paper_grid")
+    passes: dict[str, list] = {}
+    for r in runs.values():
+        passes.setdefault(r.data.tags["replayed_from"], []).append(r.data.params)
+    for params in passes.values():
+        if params[0]["policy.routing"] != "topk":
+            assert sorted(p["hardware.name"] for p in params) == sorted(PROFILES)
+    client = MlflowClient(uri(out))
+    (recorder,) = [
+        r for r in runs.values()
+        if r.data.tags.get("stream_source") == "recorded" and r.data.params["policy.name"] == "dbsc"
+    ]  # fmt: skip
+    files = {f.path for f in client.list_artifacts(recorder.info.run_id)}
     assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
-    for name in (n for n in a if "laptop" in n and ("frac_25" in n or "cache_prior" in n)):
-        # The run name is the job's overrides.
-        expected = in_the_loop(name.split())
-        for m in RESULT_METRICS:
-            x, y = a[name].data.metrics[m], expected[m]
-            if m != "wall_s" and not (math.isnan(x) and math.isnan(y)):
-                assert math.isclose(x, y, rel_tol=1e-9), (name, m, x, y)
-        # Correctness per problem: a replayed run's is its recorded pass's, as in the loop.
-        assert problems(tmp_path, a[name])["correct"] == expected["problems"]["correct"]
+    # Every replayed run of a cache-independent stream is set beside Belady's oracle
+    # (slicemoe.optimality); one with DBSC's own warmup is never better than it.
+    assert {"optimality_layers.csv", "reuse_distance.csv"} <= files
+    assert all(
+        r.data.metrics["belady_gap"] >= 0
+        for r in runs.values()
+        if r.data.params["policy.name"] == "dbsc"
+    )
+    for name in runs:
+        if "laptop" in name and ("cache_prior" in name or "dbsc_pcw" in name):
+            expected = in_the_loop(out, runs[name])
+            for m in RESULT_METRICS:
+                x, y = runs[name].data.metrics[m], expected[m]
+                if m != "wall_s" and not (math.isnan(x) and math.isnan(y)):
+                    assert math.isclose(x, y, rel_tol=1e-9), (name, m, x, y)
+            # Correctness per problem: a replayed run's is its recorded pass's, as in the loop.
+            assert problems(out, runs[name])["correct"] == expected["problems"]["correct"]
 
-    # Adding a cache size later: the finished runs are skipped, the new one replays the stored
-    # stream without a model pass.
+    # Adding a cache size later: the finished run is skipped, the new one replays the stored
+    # stream without a model pass (replays in the actor, the default without GPUs).
+    (dbsc,) = [
+        r.data.params for r in runs.values()
+        if r.data.params["policy.name"] == "dbsc" and "mobile" in r.data.params["hardware.name"]
+    ]  # fmt: skip
+    same = ["eval.limit", "eval.max_new_tokens", "eval.data_path", "eval.seq_len", "eval.stride",
+            "batch_size", "policy.lam"]  # fmt: skip
     later = run_sweep(
-        ["-m", "cache=frac_10,frac_25,frac_50", "policy=dbsc", *QUICK, POINTS,
-         "mlflow.experiment=replayed"],
+        ["-m", "policy=dbsc", "eval=gsm8k", *(f"{k}={dbsc[k]}" for k in same),
+         "cache=frac_25,frac_50", f"mlflow.tracking_uri={uri(out)}",
+         "mlflow.experiment=paper_grid"],
         tmp_path,
         ray=ray_head,
     )  # fmt: skip
     assert later.returncode == 0, later.stderr[-3000:]
-    assert "1 to run, 2 finished already" in later.stdout + later.stderr
-    (new,) = [r for n, r in runs_by_name(tmp_path, "replayed").items() if "frac_50" in n]
+    assert "1 to run, 1 finished already" in later.stdout + later.stderr
+    (new,) = [r for n, r in runs_by_name(out, "paper_grid").items() if "frac_50" in n]
     assert new.data.tags.get("stream_source") == "stored" and "device" not in new.data.tags

@@ -654,6 +654,13 @@ def test_actor_plan_whole_gpus_by_default_cpu_fallback():
     p = plan(RayConf(num_cpus_per_actor=4), 100, {"CPU": 8.0})
     assert p.actors == 2
     assert plan(RayConf(num_actors=5), 100, {"CPU": 2.0}).actors == 5
+    # Replays as tasks where the actors hold GPUs, on the CPUs they leave; never with none left.
+    assert plan(RayConf(), 100, gpu_box).replay_tasks
+    assert not plan(RayConf(), 100, {"CPU": 8.0}).replay_tasks
+    p = plan(RayConf(replay_tasks=True), 100, {"CPU": 8.0})
+    assert (p.actors, p.replay_tasks) == (7, True)
+    assert not plan(RayConf(replay_tasks=True), 100, {"CPU": 1.0}).replay_tasks
+    assert not plan(RayConf(replay_tasks=False), 100, gpu_box).replay_tasks
     with pytest.raises(SweepError, match="ray.num_gpus_per_actor=1"):
         plan(RayConf(num_gpus_per_actor=1), 10, {"CPU": 8.0})
 
@@ -879,3 +886,58 @@ def test_a_private_ray_instance_that_starts_too_slowly_is_started_again(capsys):
     assert other.inits == 1
     with pytest.raises(Exception, match="timed out"):
         cluster._init(SlowRay([slow]), {}, tries=1)  # a cluster address: no second try
+
+
+def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
+    """Cache-independent jobs share a pass; a cache-aware job's pass feeds its hardware
+    variants only; the estimate uses the timings of earlier runs of that model, task and size."""
+    import slicemoe.run as runner
+    from sweep.cluster import Plan
+    from sweep.launcher import plan_text
+
+    grid = [
+        f"policy={p} hardware={h} cache={c}"
+        for p in ("dbsc", "cache_prior_highbit")
+        for h in ("mobile_lpddr4_ufs31", "laptop_lpddr5_nvme")
+        for c in ("frac_10", "frac_25")
+    ]
+    made = [
+        jobs.make_job(i, compose_cfg(*o.split()), o.split(), runner) for i, o in enumerate(grid)
+    ]
+    units = jobs.units_of(made)
+    assert sorted(map(len, units)) == [2, 2, 4]
+    gpu = Plan(actors=1, num_cpus=1, num_gpus=1, replay_tasks=True, free_cpus=4)
+    text = plan_text(units, gpu, {})
+    assert text.startswith("plan: 3 model passes feeding 8 replays (as CPU tasks")
+    assert "estimate: none yet" in text
+    c = made[0].config
+    # Three passes of 60 s on one GPU; eight replays of 10 s on four CPUs beside it.
+    text = plan_text(units, gpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    assert "estimate: 3 min 0 s for the 3 units" in text
+    cpu = Plan(actors=2, num_cpus=1, num_gpus=0)
+    text = plan_text(units, cpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    assert "in the actors" in text and "estimate: 2 min 10 s" in text
+
+
+def test_a_replayed_runs_optimality_joins_its_result_and_its_failure_only_a_tag():
+    import pandas as pd
+
+    from sweep import worker
+    from sweep.tracking import RunRecord
+
+    def analyse(stream, cfg, shared):
+        shared["calls"] = shared.get("calls", 0) + 1
+        return {"belady_gap": 0.25}, {"optimality_layers": pd.DataFrame({"layer": [0, 1]})}
+
+    record, result, shared = RunRecord("k", "run"), {"miss_rate": 0.5}, {}
+    worker._optimality(analyse, None, None, result, record, shared)
+    assert result == {"miss_rate": 0.5, "belady_gap": 0.25} and shared == {"calls": 1}
+    assert record.artifacts == {"optimality_layers.csv": b"layer\n0\n1\n"}
+
+    def broken(stream, cfg, shared):
+        raise RuntimeError("no oracle today")
+
+    record, result = RunRecord("k", "run"), {"miss_rate": 0.5}
+    worker._optimality(broken, None, None, result, record, {})
+    assert result == {"miss_rate": 0.5} and not record.artifacts
+    assert record.tags["optimality_error"] == "RuntimeError: no oracle today"

@@ -21,6 +21,9 @@ grouped and left out):
   decode cost against the empty cache (Fig. 10);
 - `miss_ratio_curves.png`: the miss-ratio curve of every request stream the sweep recorded,
   with the sweep's runs of that stream on it;
+- `optimality_gap.png`: where replayed runs were set beside Belady's oracle
+  (slicemoe.optimality), each run's decode miss rate against Belady's on the same stream and
+  DRAM bytes, per cache size;
 - `table1.md` and `table1.csv`: for runs on a text (perplexity), Table 1's layout: the high-bit
   path and each scheme's low path at each Matryoshka bit width.
 Where a policy's runs differ in warmup, Figs. 8 and 9 keep the warmup it ran at the most cache

@@ -1,6 +1,6 @@
 """The report's figures: accuracy against miss rate (Fig. 8), energy and latency against the
-matched baseline (Fig. 9), warmups (Fig. 10) and miss-ratio curves. Each takes runs as `tidy`
-leaves them and returns a matplotlib figure."""
+matched baseline (Fig. 9), warmups (Fig. 10), miss-ratio curves and each run's gap to Belady's
+oracle. Each takes runs as `tidy` leaves them and returns a matplotlib figure."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pandas as pd
 
 from sweep.report.compare import BASELINE, MISS_RATE, interval, normalise, pareto
-from sweep.report.group import series_label
+from sweep.report.group import cache_label, series_label
 from sweep.report.read import finished
 
 MARKERS = "osD^vP*Xh<>p"
@@ -224,6 +224,61 @@ def plot_miss_ratio_curves(runs: pd.DataFrame, curves: dict, title: str = "", y:
                  fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def optimality_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs that were set beside Belady's oracle (slicemoe.optimality), with their
+    series and cache labels."""
+    fin = finished(df)
+    if "belady_miss_rate" in fin:
+        fin = fin[fin["belady_miss_rate"].notna()]
+    if "belady_miss_rate" not in fin or fin.empty:
+        raise ValueError("no run has belady_miss_rate (a replayed run logs it)")
+    return fin.assign(series=series_label(fin), at=cache_label(fin))
+
+
+def plot_optimality_gap(df: pd.DataFrame, title: str = ""):
+    """Per cache size, each series' decode slice miss rate (a bar) and Belady's oracle on the
+    same request stream at the same DRAM bytes (the black line across it): the bar above the
+    line, labelled, is the run's gap to the optimum."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    runs = optimality_runs(df)
+    size = "cache_size" if "cache_size" in runs else "cache"
+    caches = runs.sort_values(size)["at"].drop_duplicates().tolist()
+    series = sorted(runs["series"].unique())
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 + 0.35 * len(series) * len(caches)), 4.8))
+    for i, label in enumerate(series):
+        for j, cache in enumerate(caches):
+            at = runs[(runs["series"] == label) & (runs["at"] == cache)]
+            if at.empty:
+                continue
+            run = at.iloc[0]  # series and cache tell runs apart, but for where they ran
+            x = j + (i - (len(series) - 1) / 2) * width
+            ax.bar(x, run["miss_rate"], width, color=f"C{i % 10}", edgecolor="black",
+                   linewidth=0.4)  # fmt: skip
+            ax.hlines(run["belady_miss_rate"], x - width / 2, x + width / 2, color="black",
+                      linewidth=2)  # fmt: skip
+            ax.annotate(f"+{run['miss_rate'] - run['belady_miss_rate']:.3f}",
+                        (x, run["miss_rate"]), textcoords="offset points", xytext=(0, 2),
+                        ha="center", rotation=90, fontsize=6)  # fmt: skip
+    ax.set_xticks(range(len(caches)))
+    ax.set_xticklabels(caches, fontsize=8)
+    ax.set_xlabel("cache size")
+    ax.set_ylabel("decode slice miss rate (all decode steps)")
+    ax.set_ylim(0, runs["miss_rate"].max() * 1.2)
+    ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=f"C{i % 10}", label=label) for i, label in enumerate(series)]
+    handles.append(
+        Line2D([], [], color="black", linewidth=2, label="Belady, same stream and bytes")
+    )
+    ax.legend(handles=handles, fontsize=7, ncol=2)
+    ax.set_title(_wrap(f"miss rate against Belady's oracle (label: the gap)\n{title}"), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -20,7 +20,7 @@ from sweep.report.verdict import CLAIMS, verdict
 RUN_COLUMNS = [
     "run", "policy", "policy.lam", "policy.tau", "bits", "bits.symmetric", "bits.scheme",
     "cache", "eviction", "policy.warmup", "accuracy", "perplexity", "eval.limit",
-    "miss_rate_hbn", "miss_rate_refn",
+    "miss_rate_hbn", "miss_rate_refn", "belady_miss_rate", "belady_gap",
     "energy_decode_j_per_token", "latency_decode_s_per_token", "run_id",
 ]  # fmt: skip
 
@@ -90,6 +90,10 @@ def sections(
                            lambda g=group, d=desc: figures.plot_miss_ratio_curves(
                                g, curves or {}, d, miss_rate),
                            judge("mrc", group)))  # fmt: skip
+        if "belady_miss_rate" in group and group["belady_miss_rate"].notna().any():
+            out.append(Section(name("optimality_gap"), "optimality", desc, group,
+                               lambda g=group, d=desc: figures.plot_optimality_gap(g, d),
+                               judge("optimality", group)))  # fmt: skip
     return out
 
 

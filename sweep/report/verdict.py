@@ -23,6 +23,10 @@ CLAIMS = {
     "the best accuracy among the initial cache states.",
     "mrc": "No such figure in the paper. Each curve is one recorded request stream replayed at "
     "every cache size: where each policy's cache sizes sit on it, and how much more DRAM buys.",
+    "optimality": "No such figure in the paper, which evicts by plain LRU to isolate bit-sliced "
+    "caching from eviction heuristics. Each bar is a run's decode miss rate, the line across it "
+    "Belady's oracle on the same request stream and DRAM bytes: what a better eviction could "
+    "still win.",
 }
 DBSC = ("dbsc", "dbsc_pcw")
 # How a run's accuracy compares with another's (sweep.report.compare.accuracy_test): only -1
@@ -49,6 +53,8 @@ def verdict(
             return f"{fin['stream'].nunique() if 'stream' in fin else 0} request streams."
         if kind == "fig10":
             return _warmup(fin)
+        if kind == "optimality":
+            return _optimality(fin)
         return _against_baseline(kind, fin, baseline, miss_rate)
     except Exception as err:  # the report goes on: the verdict is the reason it has none
         return f"no verdict: {type(err).__name__}: {err}".splitlines()[0]
@@ -76,6 +82,22 @@ def _warmup(fin: pd.DataFrame) -> str:
         f"at accuracy {pcw['accuracy']:.3f} vs {empty['accuracy']:.3f}: {WORDS[sign]} ({test}); "
         f"{best} accuracy of the {len(by)} warmups{tie}."
     )
+
+
+def _optimality(fin: pd.DataFrame) -> str:
+    """Per cache size, Belady's miss rate and the series closest to and farthest from it."""
+    from sweep.report.figures import optimality_runs
+
+    runs = optimality_runs(fin).assign(gap=lambda d: d["miss_rate"] - d["belady_miss_rate"])
+    size = "cache_size" if "cache_size" in runs else "cache"
+    lines = []
+    for at, group in runs.sort_values(size).groupby("at", sort=False):
+        group = group.sort_values("gap")
+        belady = group["belady_miss_rate"]
+        oracle = f"{belady.iloc[0]:.3f}" if belady.nunique() == 1 else "per stream"
+        ranked = [f"{r['series']} +{r['gap']:.3f}" for _, r in group.iterrows()]
+        lines.append(f"{at}: Belady {oracle}; closest to farthest: {', '.join(ranked)}.")
+    return "\n".join(lines)
 
 
 def _accuracy(r) -> str:
