@@ -64,16 +64,19 @@ class RunBar:
     def __call__(self, done: int, total: int, tokens: int) -> None:
         if self.bar is None:
             tty = self.stream.isatty()
-            # miniters=0: redrawn every `mininterval` while tokens move and no sequence ends.
+            # miniters=0: redrawn every `mininterval` while tokens move and no sequence ends;
+            # smoothing=0: rate and ETA from the whole pass, as sequences end batch by batch.
             self.bar = (tqdm if tty else LogBar)(
                 total=total, desc=self.desc, unit="seq", file=self.stream, miniters=0,
-                mininterval=0.5 if tty else self.quiet_s, position=self.position,
+                smoothing=0, mininterval=0.5 if tty else self.quiet_s, position=self.position,
                 dynamic_ncols=tty, leave=self.leave and tty, postfix="? tok/s",
             )  # fmt: skip
         bar = self.bar
+        if done == bar.n >= bar.total:  # ended: the bar stays as it ended
+            return
         bar.total = total
         elapsed = bar.format_dict["elapsed"]
-        if elapsed:
+        if tokens and elapsed:
             rate = tqdm.format_sizeof(tokens / elapsed)
             bar.set_postfix_str(f"{rate} tok/s", refresh=False)
         bar.update(done - bar.n)

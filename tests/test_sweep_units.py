@@ -724,6 +724,9 @@ def test_a_run_bar_on_a_terminal_is_redrawn_in_place():
     bar.bar.mininterval = 0  # every call drawn
     bar(2, 8, 50)
     bar(8, 8, 200)
+    drawn = len(stream.getvalue())
+    bar(8, 8, 200)  # ended (its replays run): not drawn again with a falling rate
+    assert len(stream.getvalue()) == drawn
     bar.close()
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")  # one line, kept at the end
