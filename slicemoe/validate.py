@@ -71,6 +71,8 @@ BOUNDS = (
     ("eval.max_new_tokens", 1, INF, False),
     ("eval.seq_len", 2, INF, False),
     ("eval.stride", 1, INF, False),
+    # numpy and torch take seeds in [0, 2**32).
+    ("seed", 0, 2**32 - 1, False),
     ("prefetch.top_m", 0, INF, False),
 )
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -83,8 +85,13 @@ def check_bounds(cfg, bounds=BOUNDS) -> None:
             math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
         ):
             continue
-        span = f"{'(' if open_low else '['}{low:g}, " + ("inf)" if high == INF else f"{high:g}]")
+        span = f"{'(' if open_low else '['}{_number(low)}, {_number(high)}{')' if high == INF else ']'}"
         raise ConfigError(name, f"{value} is out of range; use a finite number in {span}")
+
+
+def _number(x: float) -> str:
+    """A bound as written: 4294967295, not 4.29497e+09."""
+    return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
 
 
 def validate(cfg: RunConfig, weights: bool = True) -> None:
@@ -100,8 +107,13 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
     if b.low is not None:
         if b.high is None:
             raise ConfigError("bits.low", "slicing needs quantized experts; set bits.high too")
-        if not 1 <= b.low < b.high:
-            raise ConfigError("bits.low", f"low bits {b.low} must be below bits.high={b.high}")
+        allowed = f"use 1..{b.high - 1} (a slice keeps at least one bit, below bits.high)"
+        if b.low < 1:
+            raise ConfigError("bits.low", f"low bits {b.low} must be at least 1; {allowed}")
+        if b.low >= b.high:
+            raise ConfigError(
+                "bits.low", f"low bits {b.low} must be below bits.high={b.high}; {allowed}"
+            )
     if b.scheme not in ("amat", "trunc", "base"):
         raise ConfigError("bits.scheme", f"{b.scheme!r} is unknown; use amat, trunc or base")
     if p.routing not in ROUTING:

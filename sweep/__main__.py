@@ -5,7 +5,7 @@ import sys
 
 from sweep.app import check_command_line
 from sweep.app import main as _hydra_main
-from sweep.errors import SweepError
+from sweep.errors import stops
 
 _terminated = False
 
@@ -22,11 +22,8 @@ def main() -> None:
     # Ctrl-C or SIGTERM: the runs in flight are marked KILLED on the way out and the same
     # command carries on; one line says so, instead of a traceback through Hydra and Ray.
     signal.signal(signal.SIGTERM, terminate)
-    try:
+    with stops():
         check_command_line(sys.argv[1:])
-    except SweepError as err:
-        print(err, file=sys.stderr)
-        sys.exit(1)
     try:
         _hydra_main()
     except KeyboardInterrupt:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sweep import schema
-from sweep.errors import SweepError
+from sweep.errors import SweepError, stops
 from sweep.jobs import Outcome, load_runner, make_job, objective_of, return_value
 
 log = logging.getLogger(__name__)
@@ -99,12 +98,10 @@ class Preflight(Callback):
 
     @staticmethod
     def _check(config: DictConfig, output_dir: str) -> None:
-        try:
+        # Hydra turns a callback's exception into a warning and goes on; this must stop.
+        with stops():
+            schema.check_interpolations(config)
             check_folders(config, output_dir)
-        except SweepError as err:
-            # Hydra turns a callback's exception into a warning and goes on; this must stop.
-            print(err, file=sys.stderr)
-            raise SystemExit(1) from None
 
 
 def check_folders(cfg: DictConfig, output_dir: str) -> None:
@@ -129,10 +126,10 @@ def check_folders(cfg: DictConfig, output_dir: str) -> None:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Every override's key against the schema and every group option against conf/, before
-    Hydra composes: Hydra answers `policy.tua=0.3` with advice to append it and `policy=dbcs`
-    with a list of every option, neither naming the nearest valid one. Anything else (values,
-    overrides that do not parse) is left to Hydra and the schema."""
+    """Every override's key and value against the schema and every group option against conf/,
+    before Hydra composes: Hydra answers `policy.tua=0.3` with advice to append it and
+    `policy=dbcs` with a list of every option, neither naming the nearest valid one, and
+    `bits.low=abc` with a block of its own. Overrides that do not parse are left to Hydra."""
     args = get_args_parser().parse_known_args(argv)[0]
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
@@ -142,12 +139,16 @@ def check_command_line(argv: list[str]) -> None:
     groups = {
         d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in root.iterdir() if d.is_dir()
     }
+    values = []
     for override in overrides:
         key = override.key_or_group
-        if override.is_delete() or override.package is not None or key.startswith("hydra"):
+        if override.package is not None or key.startswith("hydra"):
             continue
         if key not in groups:
             schema.check_key(key, groups)
+            values.append(override)
+            continue
+        if override.is_delete():
             continue
         value = override.value()
         if isinstance(value, ChoiceSweep):
@@ -160,8 +161,10 @@ def check_command_line(argv: list[str]) -> None:
                     f"{key}={name}: no such option of {key}.{schema.nearest(name, groups[key], key + '=')} "
                     f"Options: {', '.join(groups[key])}"
                 )
+    schema.check_values(values)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
-    return task(cfg)
+    with stops():
+        return task(cfg)

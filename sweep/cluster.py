@@ -1,17 +1,31 @@
-"""Joining Ray (a private local instance or a running cluster) and sizing the actor pool."""
+"""Joining Ray (a private local instance or a running cluster) and sizing the actor pool.
+
+A private instance dies with its driver, but for the agents its raylet starts (dashboard agent,
+runtime-env agent): a driver killed with SIGKILL leaves them running for a minute or more, each
+holding memory. Each driver that starts one therefore notes it in INSTANCES (the driver's pid and
+the instance's session folder), and the next launch on this machine ends the Ray processes that
+hold a file of such an instance's session open once its driver is gone. Another Ray instance has
+a session of its own: it is never touched.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from sweep.drivers import process_mark
 from sweep.errors import SweepError
 from sweep.schema import RayConf
+
+INSTANCES = Path(tempfile.gettempdir()) / f"slicemoe-ray-{os.getuid()}"
 
 
 @dataclass
@@ -47,6 +61,7 @@ def connect(conf: RayConf) -> str:
     if conf.runtime_env:
         kwargs["runtime_env"] = dict(conf.runtime_env)
     if address == "local":
+        end_orphans()
         # A private instance for this sweep: no dashboard (saves ~1 GB), a small object store
         # (runs exchange only small dicts). Ray sets up its token locally and says so on every
         # launch, and announces the instance: neither is news here.
@@ -64,7 +79,7 @@ def connect(conf: RayConf) -> str:
     # (sweep.__main__ closes the runs in flight and exits 143).
     on_term = signal.getsignal(signal.SIGTERM)
     try:
-        _init(ray, kwargs, tries=3 if address == "local" else 1)
+        context = _init(ray, kwargs, tries=3 if address == "local" else 1)
     except ConnectionError as err:
         raise SweepError(
             f"ray.address={address}: no Ray cluster answered ({err}). Start one (ray start "
@@ -78,16 +93,72 @@ def connect(conf: RayConf) -> str:
         ) from None
     if on_term is not None:
         signal.signal(signal.SIGTERM, on_term)
+    if address == "local":
+        note_instance(context.address_info["session_dir"])
     return address
 
 
-def _init(ray, kwargs: dict, tries: int) -> None:
-    """ray.init, tried again where a private instance's node did not register in time: Ray
-    gives a starting raylet 30 s, which a box busy with other Ray instances can exceed."""
+def note_instance(session_dir: str) -> None:
+    """Note this driver's private instance, for the launch after a kill -9 to end."""
+    pid = os.getpid()
+    note = {"pid": pid, "started": process_mark(pid), "session_dir": session_dir}
+    try:
+        INSTANCES.mkdir(exist_ok=True)
+        (INSTANCES / f"{pid}.json").write_text(json.dumps(note))
+    except OSError:
+        pass  # a full or read-only temp folder: the sweep runs all the same
+
+
+def end_orphans() -> None:
+    """End what is left of the private instances whose driver is gone (Linux: read from /proc)."""
+    for path in INSTANCES.glob("*.json"):
+        try:
+            note = json.loads(path.read_text())
+            if process_mark(int(note["pid"])) == note["started"]:
+                continue  # its driver runs
+            session_dir = str(note["session_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            session_dir = ""  # half written, or not ours: nothing to go by
+        for pid in processes_of(session_dir) if session_dir else ():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # gone meanwhile
+        path.unlink(missing_ok=True)
+
+
+def processes_of(session_dir: str) -> list[int]:
+    """The Ray processes of the instance with the session folder `session_dir`: titled `ray::`
+    (agents, workers) or run from Ray's package (its servers), holding a file of that folder
+    open (each logs there). A viewer of those logs is no Ray process."""
+    inside = session_dir.rstrip("/") + "/"
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            titled = (proc / "cmdline").read_bytes().startswith(b"ray::")
+            if not (titled or "/ray/" in os.readlink(proc / "exe")):
+                continue
+            if any(_target(fd).startswith(inside) for fd in (proc / "fd").iterdir()):
+                found.append(int(proc.name))
+        except OSError:
+            continue  # another user's, or gone
+    return found
+
+
+def _target(fd: Path) -> str:
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return ""  # closed meanwhile
+
+
+def _init(ray, kwargs: dict, tries: int) -> Any:
+    """ray.init (its context), tried again where a private instance's node did not register in
+    time: Ray gives a starting raylet 30 s, which a box busy with other Ray instances can
+    exceed."""
     for attempt in range(1, tries + 1):
         try:
-            ray.init(**kwargs)
-            return
+            return ray.init(**kwargs)
         except Exception as err:
             if attempt == tries or "timed out during startup" not in str(err):
                 raise

@@ -238,7 +238,7 @@ def plan_text(units: list[list[Job]], plan: Any, timings: dict) -> str:
     unknown = 0
     for unit in units:
         c = unit[0].config
-        known = timings.get((c.model.name, c.eval.task, str(c.eval.limit)))
+        known = timings.get(timing_key(c.model.name, c.eval.task, c.eval.limit))
         if known is None:
             unknown += 1
             continue
@@ -246,10 +246,10 @@ def plan_text(units: list[list[Job]], plan: Any, timings: dict) -> str:
         replay_s += known[1] * len(unit) if unit[0].stream_key else 0.0
     if unknown < len(units):
         # Passes spread over the actors; replays over the CPUs left to them, or after each pass.
-        slots = max(1, int(plan.free_cpus)) if plan.replay_tasks else plan.actors
-        wall = pass_s / plan.actors + replay_s / slots
-        if plan.replay_tasks:
-            wall = max(pass_s / plan.actors, replay_s / slots)
+        if plan.replay_tasks:  # the replays overlap the passes
+            wall = max(pass_s / plan.actors, replay_s / max(1, int(plan.free_cpus)))
+        else:
+            wall = (pass_s + replay_s) / plan.actors
         lines.append(
             f"estimate: {_duration(wall)} for the {len(units) - unknown} units of a model, task "
             f"and size run before in this experiment"
@@ -258,6 +258,11 @@ def plan_text(units: list[list[Job]], plan: Any, timings: dict) -> str:
     else:
         lines.append("estimate: none yet (no earlier run of this model, task and size here)")
     return "\n".join(lines)
+
+
+def timing_key(model: str, task: str, limit: object) -> tuple[str, str, str]:
+    """What a pass's time depends on most, as the run's MLflow params spell it."""
+    return model, task, "null" if limit is None else str(limit)
 
 
 def _duration(seconds: float) -> str:

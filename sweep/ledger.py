@@ -32,7 +32,6 @@ from sweep.tracking import (
     RunRecord,
     Tracker,
     git_commit,
-    last_line,
     new_record,
     parent_record,
     stored_metrics,
@@ -96,7 +95,7 @@ class Ledger:
             yield
         except STORE_ERRORS as err:
             raise SweepError(
-                f"mlflow.tracking_uri={self.tracker.uri}: {last_line(str(err))}"
+                f"mlflow.tracking_uri={self.tracker.uri}: {self.tracker.failure(err)}"
             ) from None
 
     def reopen_parent(self) -> None:
@@ -104,7 +103,7 @@ class Ledger:
         try:
             self.tracker.client.update_run(self.parent_id, status="RUNNING")
         except STORE_ERRORS as err:
-            self._away(err)
+            self._away(self.tracker.failure(err))
 
     # --- claims ---------------------------------------------------------------------------
 
@@ -119,7 +118,7 @@ class Ledger:
         try:
             state = self.tracker.claim(record)
         except STORE_ERRORS as err:
-            self._away(err)
+            self._away(self.tracker.failure(err))
             return record
         if state.finished is not None:
             return _finished(state.finished)
@@ -143,7 +142,7 @@ class Ledger:
         try:
             state = self.tracker.key_state(job.key, driver=self.driver.id, resume=self.resume)
         except STORE_ERRORS as err:
-            self._away(err)
+            self._away(self.tracker.failure(err))
             return False
         if state.finished is not None:
             return _finished(state.finished)
@@ -189,18 +188,18 @@ class Ledger:
         try:
             self.tracker.push(record)
         except STORE_ERRORS as err:
-            self.keep(record, last_line(str(err)))
+            self.keep(record, self.tracker.failure(err))
 
     def keep(self, record: RunRecord, error: str) -> None:
         self.spool.put(record, self.tracker.uri, self.experiment, error)
         self._away(error)
 
-    def _away(self, err: Any) -> None:
+    def _away(self, why: str) -> None:
         if self.away_since is None:
             self.away_since = time.monotonic()
             self.next_try = self.away_since + RETRY_S
             log.warning(
-                f"the tracking store {self.tracker.uri} cannot be written ({last_line(str(err))});"
+                f"the tracking store {self.tracker.uri} cannot be written ({why});"
                 f" results are kept in {self.spool.folder} and pushed when it answers"
             )
 

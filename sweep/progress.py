@@ -246,15 +246,20 @@ def result_table(rows: Sequence[tuple[str, str, dict[str, float]]], limit: int =
         [name, status, *(_fmt(values.get(m)) for m in metrics)]
         for name, (_, status, values) in zip(names[:limit], rows[:limit])
     ]
-    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]
-    ]
+    lines = [aligned([header, *body])]
     if len(rows) > limit:
         lines.append(
             f"... {len(rows) - limit} more runs: see MLflow (results.csv on the parent run)"
         )
     return "\n".join(lines)
+
+
+def aligned(rows: Sequence[Sequence[object]]) -> str:
+    """Rows as text columns, each as wide as its widest cell."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows
+    )
 
 
 def _has(value) -> bool:

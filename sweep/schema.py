@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.types import ChoiceSweep, Override
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
 from slicemoe.config import RunConfig
 from slicemoe.eval import shipped
@@ -107,6 +108,9 @@ SETTING_BOUNDS = (
     ("mlflow.outage_wait_s", 0, INF, False),
     ("sweep.miss_ratio_points", 0, 10_000, False),
 )
+PREAMBLE = re.compile(
+    r"^(While dereferencing interpolation '.*?': |\w+ raised while resolving interpolation: )"
+)
 ADDRESS = re.compile(r"auto|local|[a-z]+://\S+|[\w.\-\[\]:]+:\d+")
 
 
@@ -148,6 +152,37 @@ def check_key(key: str, groups: Iterable[str] = ()) -> None:
         node = node[part]
 
 
+def check_values(overrides: Iterable[Override]) -> None:
+    """Command-line overrides of existing keys against their fields' types, as Hydra will merge
+    them (OmegaConf.update), before it composes: Hydra answers `bits.low=abc` or `~policy.tau`
+    with a block of its own and a line about HYDRA_FULL_ERROR."""
+    node = OmegaConf.structured(AppConfig)
+    for override in overrides:
+        key = override.key_or_group
+        parent, _, name = key.rpartition(".")
+        owner = OmegaConf.select(node, parent) if parent else node
+        if not (OmegaConf.is_dict(owner) and is_dataclass(OmegaConf.get_type(owner))):
+            continue  # a key under a free-form dict (ray.runtime_env)
+        if override.is_delete():
+            raise SweepError(
+                f"{override.input_line}: {key} is a config field and cannot be deleted; set it "
+                "to a value instead"
+            )
+        if isinstance(override.value(), ChoiceSweep):
+            values = list(override.sweep_iterator())
+        elif override.is_sweep_override():
+            continue  # a range or interval: numbers, checked as Hydra composes each job
+        else:
+            values = [override.value()]
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue  # an interpolation: resolved once composed (check_interpolations)
+            try:
+                OmegaConf.update(owner, name, value, merge=True)
+            except ValidationError as err:
+                raise SweepError(f"{override.input_line}: {err.msg.splitlines()[0]}") from None
+
+
 def no_such_field(key: str, known: list[str]) -> SweepError:
     parent, _, name = key.rpartition(".")
     near = nearest(name, known, parent + "." if parent else "")
@@ -180,9 +215,38 @@ def check_settings(cfg: DictConfig) -> None:
         raise SweepError(f"Invalid setting {err}") from None
 
 
+def check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every `${...}` of the config (Hydra's own section aside) before any work: one that
+    cannot be resolved is refused naming its override, not with a traceback from wherever the
+    value is first read."""
+    try:
+        for key in cfg:
+            if key != "hydra" and OmegaConf.is_config(cfg[key]):
+                OmegaConf.to_container(cfg[key], resolve=True)
+    except InterpolationResolutionError as err:
+        # OmegaConf's first line, less its preamble: what failed (oc.env's "Environment
+        # variable 'X' not found", a key not found, a value of the wrong type).
+        why = PREAMBLE.sub("", err.msg.splitlines()[0]).strip('"')
+        # Read unresolved: Hydra keeps the override strings, ${...} and all, as config values
+        # (a swept value with its braces escaped).
+        overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+        given = [
+            o.replace("\\{", "{").replace("\\}", "}")
+            for o in (OmegaConf.to_container(overrides, resolve=False) if overrides else [])
+            if o.split("=", 1)[0].lstrip("+~") == err.full_key
+        ]
+        what = f"override {given[-1]}" if given else f"value of {err.full_key}"
+        raise SweepError(
+            f"Invalid {what}: its interpolation cannot be resolved ({why}); fix it or give a "
+            "plain value"
+        ) from None
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
     """The `RunConfig` part of a composed app config, resolved, as the dataclass (after checking
-    that the config has no unknown keys and sane launch settings)."""
+    that the config has no unknown keys, no interpolation that fails and sane launch
+    settings)."""
+    check_interpolations(cfg)
     check_keys(cfg)
     check_settings(cfg)
     resolved = {

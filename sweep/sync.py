@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.errors import SweepError
-from sweep.tracking import STORE_ERRORS, Held, RunRecord, Tracker, last_line
+from sweep.tracking import STORE_ERRORS, Held, RunRecord, Tracker
 
 DEFAULT = "mlflow-spool"
 
@@ -121,7 +121,7 @@ class Spool:
                 left.append(entry)
                 continue
             except STORE_ERRORS as err:
-                entry.error = last_line(str(err))
+                entry.error = tracker.failure(err)
                 self.save(entry)  # keeps a run id the push created, so it is never made twice
                 return left + entries[i:]
             shutil.rmtree(entry.folder)

@@ -12,6 +12,7 @@ end; a record the store cannot take goes to the driver's spool (sweep.sync) inst
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -62,6 +63,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.entities import Run as MlflowRun  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from sweep.drivers import is_alive  # noqa: E402
 from sweep.errors import SweepError  # noqa: E402
@@ -87,6 +89,40 @@ def resolve_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + os.path.abspath(uri[len(prefix) :])
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an SQLite URI (sqlite:///REL or sqlite:////ABS); None otherwise."""
+    parsed = urlparse(uri)
+    path = parsed.path.removeprefix("/")
+    return Path(path) if parsed.scheme == "sqlite" and path else None
+
+
+def store_failure(uri: str, err: BaseException) -> str:
+    """Why the store at `uri` failed, in one line. A full disk (SQLite's "database or disk is
+    full", ENOSPC) names the path, a damaged SQLite file how to recover; anything else is the
+    error's last line. MLflow wraps SQLAlchemy's error, which wraps sqlite3's: the chain is read
+    whole."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain)
+    db = sqlite_path(uri)
+    if db is not None and ("file is not a database" in text or "disk image is malformed" in text):
+        return (
+            f"{db} is damaged ({'not a database' if 'not a database' in text else 'malformed'}); "
+            f"move it aside (mv {db} {db}.damaged) and launch again: a fresh store is made, the "
+            "results waiting in the spool are pushed to it and the runs kept only in the old "
+            f"file are computed again (sqlite3 {db}.damaged .recover may salvage them)"
+        )
+    no_space = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    if no_space or "database or disk is full" in text:
+        # A failed copy names its source, then its destination: the latter is what is full.
+        named = [no_space[0].filename2, no_space[0].filename] if no_space else []
+        where = next((n for n in named if n), None) or db or uri
+        return f"no space left on {where}; free some space there"
+    return last_line(str(err))
 
 
 def check_reachable(uri: str) -> None:
@@ -230,14 +266,26 @@ class Tracker:
         self.client = MlflowClient(uri)
 
     @classmethod
-    def open(cls, uri: str, experiment: str, artifact_location: str | None = None) -> Tracker:
-        """Check the store, then get or create the experiment (in the driver, before fan-out)."""
+    def open(
+        cls,
+        uri: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        create: bool = True,
+    ) -> Tracker:
+        """Check the store, then get or create the experiment (in the driver, before fan-out).
+        Without `create`, a store or experiment that is not there is an error (to read one)."""
         uri = resolve_uri(uri)
         check_reachable(uri)
+        db = sqlite_path(uri)
+        if not create and db is not None and not db.is_file():
+            raise SweepError(f"mlflow.tracking_uri={uri}: there is no database {db}")
         try:
             with _creating(uri):
                 client = MlflowClient(uri)  # creates an SQLite store's tables
                 exp = client.get_experiment_by_name(experiment)
+                if exp is None and not create:
+                    raise SweepError(f"mlflow.tracking_uri={uri} has no experiment {experiment!r}")
                 if exp is None:
                     try:
                         exp_id = client.create_experiment(experiment, artifact_location)
@@ -254,9 +302,12 @@ class Tracker:
                     )
                 else:
                     exp_id = exp.experiment_id
-        except MlflowException as err:
-            raise SweepError(f"mlflow.tracking_uri={uri}: {last_line(err.message)}") from None
+        except (MlflowException, SQLAlchemyError) as err:
+            raise SweepError(f"mlflow.tracking_uri={uri}: {store_failure(uri, err)}") from None
         return cls(uri, exp_id)
+
+    def failure(self, err: BaseException) -> str:
+        return store_failure(self.uri, err)
 
     def answers(self) -> bool:
         """Whether the store answers now, asked once (no retries)."""
@@ -411,7 +462,7 @@ class Tracker:
         replays: dict[tuple, list[float]] = {}
         for run in self.search("attributes.status = 'FINISHED' and tags.role = 'run'"):
             p, tags = run.data.params, run.data.tags
-            key = (p.get("model.name", ""), p.get("eval.task", ""), p.get("eval.limit", ""))
+            key = (p.get("model.name"), p.get("eval.task"), p.get("eval.limit"))  # timing_key
             if "stream_record_s" in tags:
                 passes.setdefault(key, []).append(float(tags["stream_record_s"]))
             elif "replayed_from" not in tags and "wall_s" in run.data.metrics:  # in the loop
@@ -423,30 +474,38 @@ class Tracker:
             for k, v in passes.items()
         }
 
+    def stored_streams(
+        self, stream_key: str, folder: Path
+    ) -> Iterator[tuple[MlflowRun, Path | None]]:
+        """Each run that recorded `stream_key`, with its stream downloaded to `folder` (None: its
+        artifact is gone or unreadable); each download replaces the one before."""
+        for run in list(self.search(f"tags.stream_key = '{stream_key}'")):
+            try:
+                path = self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
+            except (MlflowException, OSError):
+                path = None
+            yield run, None if path is None else Path(path)
+
     def find_stream(self, stream_key: str, folder: Path) -> tuple[Path, str] | None:
         """Download a request stream recorded earlier for `stream_key`, if the store has one (and
         can be reached: otherwise the stream is recorded again): its path and content hash. A
         stream whose bytes are not those its recording run hashed is never returned."""
         try:
-            runs = list(self.search(f"tags.stream_key = '{stream_key}'"))
+            for run, path in self.stored_streams(stream_key, folder):
+                if path is None:
+                    continue  # artifact gone or unreadable: try the next, else record again
+                digest, want = sha256_of(path), run.data.tags.get("stream_sha256")
+                if want and digest != want:
+                    print(
+                        f"[sweep] the stored request stream {stream_key} of run "
+                        f"{run.info.run_id} changed since it was recorded (content hash); it is "
+                        "not replayed",
+                        file=sys.stderr,
+                    )
+                    continue
+                return path, digest
         except STORE_ERRORS:
-            return None
-        for run in runs:
-            try:
-                path = Path(
-                    self.client.download_artifacts(run.info.run_id, STREAM_ARTIFACT, str(folder))
-                )
-            except (MlflowException, OSError):
-                continue  # artifact gone or unreadable: try the next, else record again
-            digest, want = sha256_of(path), run.data.tags.get("stream_sha256")
-            if want and digest != want:
-                print(
-                    f"[sweep] the stored request stream {stream_key} of run {run.info.run_id} "
-                    "changed since it was recorded (content hash); it is not replayed",
-                    file=sys.stderr,
-                )
-                continue
-            return path, digest
+            pass
         return None
 
     def _log_as(self, run_id: str, item: str | bytes, name: str) -> None:

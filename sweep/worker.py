@@ -302,7 +302,7 @@ def deliver(tracker: Tracker, record: RunRecord, outcome: Outcome) -> Outcome:
     except (*STORE_ERRORS, Held) as err:
         outcome.run_id = record.run_id
         outcome.record = record.detached()
-        outcome.store_error = last_line(str(err))
+        outcome.store_error = tracker.failure(err)
     return outcome
 
 

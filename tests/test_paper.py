@@ -5,6 +5,7 @@ report opened in a headless browser."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -14,6 +15,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 from conftest_sweep import REPO, run_sweep
@@ -125,6 +127,23 @@ def test_paper_all_is_exactly_the_sweeps_of_the_figures_and_table1():
     assert Path(cfg.eval.data_path).parent == REPO / "slicemoe" / "eval" / "data"
 
 
+def test_the_real_model_grid_is_the_papers_evaluation_under_both_profiles(monkeypatch):
+    monkeypatch.setenv("SLICEMOE_DATA", "/data")
+    jobs = preset_jobs("paper_grid_real", "model=qwen1.5-moe-a2.7b")
+    gsm8k = [dict(o.split("=", 1) for o in j) for j in jobs if "eval=gsm8k" in j]
+    table1 = [j for j in jobs if "eval=wikitext" in j]
+    # Figs. 8-9: six policies and Cache-Prior at three lambdas at four sizes; Fig. 10: five
+    # warmups at one; each under both profiles. Table 1: 6 high-bit and 15 low-bit rows.
+    assert (len(gsm8k), len(table1)) == ((6 * 4 + 3 * 4 + 5) * 2, 21)
+    assert {j["cache"] for j in gsm8k} == {"1.2gb", "1.8gb", "2.4gb", "3.6gb"}
+    assert all(j["eval.data_path"] == "/data/gsm8k" and j["eval.limit"] == "null" for j in gsm8k)
+    profiles = {}
+    for j in gsm8k:
+        rest = tuple(sorted((k, v) for k, v in j.items() if k != "hardware"))
+        profiles.setdefault(rest, set()).add(j["hardware"])
+    assert all(p == {"mobile_lpddr4_ufs31", "laptop_lpddr5_nvme"} for p in profiles.values())
+
+
 def test_a_model_on_the_command_line_reaches_every_job_of_paper_all():
     args = ["model=qwen1.5-moe-a2.7b", "model.path=/models/q"]
     everything = preset_jobs("paper_all", *args)
@@ -195,8 +214,15 @@ def check_sweep(args: list[str], seen: set[str]) -> None:
 
 def check_command(command: str, seen: set[str]) -> None:
     words = shlex.split(re.sub(r"<[^>]*>", "PLACEHOLDER", command))  # `<parent run id>`
+    env = {}
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
-        words = words[1:]
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    with mock.patch.dict(os.environ, env):
+        check_words(command, words, seen)
+
+
+def check_words(command: str, words: list[str], seen: set[str]) -> None:
     head = " ".join(words[:3])
     if words[:2] == ["ray", "job"]:  # `ray job submit ... -- COMMAND`
         assert (BIN / "ray").exists()

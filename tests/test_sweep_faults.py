@@ -5,12 +5,17 @@ that are read-only or full. The local engine is also checked to listen on loopba
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
+import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest_sweep import (
@@ -25,6 +30,7 @@ from conftest_sweep import (
     start_mlflow_server,
     start_sweep,
     stop_server,
+    sweep_env,
 )
 
 EXP = "faults"
@@ -204,3 +210,126 @@ def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path, ray_he
             read_only.chmod(0o755)
         else:
             subprocess.run(["umount", "--lazy", str(read_only)])
+
+
+def sqlite_full() -> Exception:
+    """What MLflow raises when SQLite cannot grow its file: its own error, wrapping SQLAlchemy's,
+    wrapping sqlite3's."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    low = sqlite3.OperationalError("database or disk is full")
+    mid = OperationalError("INSERT INTO metrics ...", {}, low)
+    mid.__cause__ = low
+    err = MlflowException(message=mid)
+    err.__cause__ = mid
+    return err
+
+
+class FullStore:
+    """An MlflowClient on a full disk: the experiment is there, every write fails."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def get_experiment_by_name(self, name):
+        return SimpleNamespace(experiment_id="1", lifecycle_stage="active")
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            raise sqlite_full()
+
+        return call
+
+
+def test_a_full_disk_under_the_store_is_named_from_the_first_failure_to_the_end(
+    tmp_path, monkeypatch, caplog
+):
+    """In-process: a run finishes while SQLite cannot grow; the driver's warning, the spooled
+    record and the final message all say which path has no space left."""
+    from hydra import compose, initialize_config_dir
+
+    from sweep import app, jobs, tracking, worker
+    from sweep.errors import SweepError
+    from sweep.ledger import Ledger
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "MlflowClient", FullStore)
+    db = tmp_path / "mlflow.db"
+    overrides = [f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.outage_wait_s=0", "seed=3"]
+    with initialize_config_dir(app.CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    job = jobs.make_job(0, cfg, ["seed=3"], jobs.load_runner(RUNNER))
+    ledger = Ledger(cfg)
+    why = f"no space left on {db}; free some space there"
+    with caplog.at_level(logging.WARNING, logger="sweep.ledger"):
+        record = ledger.claim(job)  # the claim cannot be written: dispatched unclaimed
+    assert f"cannot be written ({why})" in caplog.text
+    record.metrics = [("accuracy", 0.5, 1, 0)]
+    outcome = worker.deliver(ledger.tracker, record, jobs.Outcome("FINISHED", {}))
+    assert outcome.store_error == why
+    ledger.received(outcome)
+    with pytest.raises(SweepError) as err:
+        ledger.drain()
+    assert f"did not take 1 runs ({why}); their results are safe in {tmp_path}" in str(err.value)
+    # The local artifact store on a full disk: the copy's destination is named.
+    dest = tmp_path / "mlruns" / "1" / "r" / "artifacts" / "trace.parquet"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/trace.parquet", None, str(dest))
+    assert (
+        tracking.store_failure(ledger.tracker.uri, full)
+        == f"no space left on {dest}; free some space there"
+    )
+
+
+# A driver that starts a private Ray instance, says so and waits to be killed.
+DRIVER = """
+import time
+from sweep import cluster
+from sweep.schema import RayConf
+cluster.connect(RayConf())
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_the_private_ray_instance_of_a_killed_driver_is_ended_by_the_next_launch(tmp_path):
+    """kill -9 of a driver ends its Ray servers, not the agents its raylet started: those are
+    ended by the next launch, and a process that merely reads the instance's logs is not."""
+    import json
+
+    from sweep.cluster import INSTANCES, end_orphans, processes_of
+    from sweep.drivers import process_mark
+
+    env = sweep_env()
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    viewer = None
+    try:
+        # Ray may say something first; EOF: the driver ended.
+        assert any(line == "up\n" for line in driver.stdout), "the driver did not start Ray"
+        session = json.loads((INSTANCES / f"{driver.pid}.json").read_text())["session_dir"]
+
+        def alive() -> list[int]:
+            return [pid for pid in processes_of(session) if process_mark(pid) is not None]
+
+        wait_for(lambda: len(alive()) >= 2, "the agents", [driver], timeout_s=60)
+        log = next(Path(session, "logs").glob("*.log"))
+        viewer = subprocess.Popen(["tail", "-f", str(log)], stdout=subprocess.DEVNULL)
+        os.kill(driver.pid, 9)  # the driver alone, as the OOM killer would
+        driver.wait(timeout=30)
+        assert alive(), "the instance ended with its driver: nothing left to test"
+        end_orphans()  # what the next launch does before it starts its own instance
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive() == []
+        assert viewer.poll() is None
+    finally:
+        stop_all([driver])
+        if viewer is not None:
+            viewer.kill()
+            viewer.wait()

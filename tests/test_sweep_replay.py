@@ -128,5 +128,7 @@ def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop_and_later_swe
     )  # fmt: skip
     assert later.returncode == 0, later.stderr[-3000:]
     assert "1 to run, 1 finished already" in later.stdout + later.stderr
+    # Its plan's estimate comes from the grid's runs of this model, task and size.
+    assert "estimate: " in later.stdout and "none yet" not in later.stdout
     (new,) = [r for n, r in runs_by_name(out, "paper_grid").items() if "frac_50" in n]
     assert new.data.tags.get("stream_source") == "stored" and "device" not in new.data.tags

@@ -132,8 +132,9 @@ def test_a_misspelt_key_or_option_names_the_nearest_before_hydra_composes(argv, 
 def test_valid_command_lines_pass_the_check_and_hydra_keeps_the_rest():
     for argv in (
         ["-m", "policy=dbsc,lru_highbit", "cache=frac_25,frac_50", "policy.tau=0.1,0.3"],
+        ["-m", "seed=range(0,3)", "policy.lam=interval(0,1)", "policy.tau=${oc.env:TAU}"],
         ["+experiment=paper_fig8", "hydra/launcher=basic", "hydra.run.dir=out"],
-        ["+ray.runtime_env.working_dir=.", "~policy.tau", "bits.low=abc", "policy=glob(*)"],
+        ["+ray.runtime_env.working_dir=.", "bits.low=null", "trace=yes", "policy=glob(*)"],
         ["model=mixtral-8x7b", "model.path=/m", "-cn", "config", "policy.tau=[1,"],
     ):
         app.check_command_line(argv)
@@ -896,7 +897,7 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     variants only; the estimate uses the timings of earlier runs of that model, task and size."""
     import slicemoe.run as runner
     from sweep.cluster import Plan
-    from sweep.launcher import plan_text
+    from sweep.launcher import plan_text, timing_key
 
     grid = [
         f"policy={p} hardware={h} cache={c}"
@@ -915,10 +916,11 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     assert "estimate: none yet" in text
     c = made[0].config
     # Three passes of 60 s on one GPU; eight replays of 10 s on four CPUs beside it.
-    text = plan_text(units, gpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    timings = {timing_key(c.model.name, c.eval.task, c.eval.limit): (60.0, 10.0)}
+    text = plan_text(units, gpu, timings)
     assert "estimate: 3 min 0 s for the 3 units" in text
     cpu = Plan(actors=2, num_cpus=1, num_gpus=0)
-    text = plan_text(units, cpu, {(c.model.name, c.eval.task, str(c.eval.limit)): (60.0, 10.0)})
+    text = plan_text(units, cpu, timings)
     assert "in the actors" in text and "estimate: 2 min 10 s" in text
 
 

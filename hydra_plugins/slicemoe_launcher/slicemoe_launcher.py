@@ -16,6 +16,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from sweep.errors import stops
 from sweep.launcher import Multirun
 
 
@@ -45,4 +46,5 @@ class SliceMoELauncher(Launcher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         assert self.multirun is not None, "setup() first"
-        return self.multirun.launch(job_overrides, initial_job_idx)
+        with stops():
+            return self.multirun.launch(job_overrides, initial_job_idx)

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 
+from sweep.errors import stops
 from sweep.grids import expand, product
 
 
@@ -44,5 +45,6 @@ class GridsSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         arguments = [o.input_line for o in overrides]
 
-        jobs = expand(self.grids, arguments, partial(product, parser))
+        with stops():
+            jobs = expand(self.grids, arguments, partial(product, parser))
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))

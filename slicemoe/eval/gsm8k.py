@@ -14,6 +14,7 @@ case-insensitively. The arithmetic task scores with the same functions.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -86,6 +87,19 @@ def docs(cfg, tokenizer=None) -> list[Doc]:
     return out
 
 
+def check_data(path: str | None) -> None:
+    """Both splits read whole at launch: a malformed line stops it, naming the file and line."""
+    files = data_files(path)
+    _check_files(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_files(stamps: tuple[tuple[str, int, int], ...]) -> None:
+    # Once per file version: a sweep validates every job, and train.jsonl has 7473 lines.
+    for name, _, _ in stamps:
+        read_jsonl(Path(name))
+
+
 def data_files(path: str | None) -> list[Path]:
     if path is None:
         raise ValueError(f"eval.data_path not set: {HINT}")
@@ -108,9 +122,17 @@ def read_jsonl(file: Path) -> list[dict]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{file}:{n}: not JSON ({err.msg}); fix or delete that line"
+                ) from None
             if not isinstance(row, dict) or not {"question", "answer"} <= row.keys():
-                raise ValueError(f"{file}:{n}: expected an object with question and answer")
+                raise ValueError(
+                    f"{file}:{n}: expected an object with question and answer; fix or delete "
+                    "that line"
+                )
             rows.append(row)
     return rows
 
@@ -122,6 +144,6 @@ TASK = register(
         docs=docs,
         score=score_gsm8k_style,
         stop=STOP,
-        check_data=data_files,
+        check_data=check_data,
     )
 )
