@@ -141,17 +141,29 @@ def _in_batches(n: int, size: int, run_batch) -> int:
     return min(size, n) if n else size  # the rows a batch had at most
 
 
-def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
+def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False, progress=None):
     """The model pass: (the simulator with its meters, task scores, prompt tokens, the batch
     size it ended with). The scores are per problem, in problem order, for generation tasks;
-    perplexity is one value."""
+    perplexity is one value. `progress(done, total, tokens)`: see `run`."""
     task = get_task_or_error(cfg.eval.task)
-    sim = Simulator(cfg, loaded, record=record)
     tok = loaded.tokenizer
-    scores: dict[str, list] = {}
     if task.kind == "generate":
         docs = task.docs(cfg.eval, tok)
         prompts = [tok(d.prompt)["input_ids"] for d in docs]
+    else:
+        windows = task.windows(cfg.eval, tok)
+        prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]
+        forced = [w.input_ids[max(w.n_context, 1) :] for w in windows]
+    tell = None
+    if progress is not None:
+        progress(0, len(prompts), 0)
+
+        def tell(done, tokens):
+            progress(done, len(prompts), tokens)
+
+    sim = Simulator(cfg, loaded, record=record, progress=tell)
+    scores: dict[str, list] = {}
+    if task.kind == "generate":
         max_new = cfg.eval.max_new_tokens
         size = batch_size(cfg, loaded, max(map(len, prompts), default=1), max_new)
 
@@ -165,9 +177,6 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False):
 
         size = _in_batches(len(docs), size, run_batch)
     else:
-        windows = task.windows(cfg.eval, tok)
-        prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]
-        forced = [w.input_ids[max(w.n_context, 1) :] for w in windows]
         size = batch_size(
             cfg, loaded, max(map(len, prompts), default=1), max(map(len, forced), default=1)
         )
@@ -191,8 +200,9 @@ def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded:
     return loaded
 
 
-def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
-    """One model pass of a replayable config -> its request stream (slicemoe.stream)."""
+def record(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> Stream:
+    """One model pass of a replayable config -> its request stream (slicemoe.stream);
+    `progress`: see `run`."""
     loaded = _prepare(cfg, loaded)
     if not replayable(cfg):
         raise ValueError(
@@ -206,26 +216,28 @@ def record(cfg: RunConfig, loaded: Loaded | None = None) -> Stream:
             cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"), prefetch=PrefetchConfig()
         )
     torch.manual_seed(cfg.seed)
-    sim, scores, _, size = _evaluate(cfg, loaded, record=True)
+    sim, scores, _, size = _evaluate(cfg, loaded, record=True, progress=progress)
     # The stream's config, for the record, is the one that ran: `auto` as the batch it chose.
     config = dataclasses.asdict(dataclasses.replace(cfg, batch_size=size))
     return sim.recorder.stream(stream_key(cfg), config, sim.dims, scores)
 
 
-def run(cfg: RunConfig, loaded: Loaded | None = None) -> dict:
+def run(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> dict:
     """Metrics (slicemoe.metrics.METRICS) of one run, plus "curves", "problems" (correctness
-    per problem) and "trace_path".
+    per problem) and "trace_path". `progress(done, total, tokens)`, if given, is told as the
+    model pass goes how many of its `total` sequences (documents, or perplexity windows) are
+    done and how many tokens were decoded; the caller decides how to show it.
 
     Belady's oracle and the oracle prefetcher need the future: the model pass records the
     request stream, and the replay reads it (slicemoe.replay)."""
     t0 = time.time()
     loaded = _prepare(cfg, loaded)
     if cfg.cache.eviction == "belady" or cfg.prefetch.predictor == "oracle":
-        result = replay(record(cfg, loaded), cfg)
+        result = replay(record(cfg, loaded, progress), cfg)
         result["wall_s"] = time.time() - t0
         return result
     torch.manual_seed(cfg.seed)
-    sim, scores, prefill_tokens, size = _evaluate(cfg, loaded, record=cfg.trace)
+    sim, scores, prefill_tokens, size = _evaluate(cfg, loaded, cfg.trace, progress)
     result = assemble(
         cfg,
         sim.rows(),

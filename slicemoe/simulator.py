@@ -80,11 +80,14 @@ class Batch:
 
 class Simulator:
     def __init__(self, cfg: RunConfig, loaded, record: bool = False, static: bool | None = None,
-                 capture: bool = True):  # fmt: skip
+                 capture: bool = True, progress=None):  # fmt: skip
         """`loaded`: slicemoe.run.Loaded; `record`: keep the request stream (slicemoe.stream);
         `static`: the static KV cache (None: wherever every layer is full attention);
-        `capture`: the decode step as a CUDA graph wherever it can be."""
+        `capture`: the decode step as a CUDA graph wherever it can be; `progress(sequences,
+        tokens)`: told at most CHECK_EVERY decode steps apart the sequences ended and the
+        tokens decoded so far, over all batches (one that fails is forgotten, as it is here)."""
         self.cfg, self.loaded, self.record = cfg, loaded, record
+        self.progress = progress
         self.clock = loaded.clock
         model = loaded.model
         self.model, self.device = model, torch.device(loaded.device)
@@ -132,6 +135,7 @@ class Simulator:
         layers = loaded.shape.num_moe_layers
         self.layer_predicted, self.layer_covered = np.zeros(layers), np.zeros(layers)
         self.traces = []
+        self.ended = self.decoded = 0  # sequences and decode tokens of the closed batches
 
     # --- the two request types ------------------------------------------------------------
 
@@ -167,6 +171,7 @@ class Simulator:
                             finish[i] = j
                             break
                 seen = t + 1
+                self._tell(np.where(finish >= 0, finish, max_new - 1 if last else np.inf), seen)
                 if (finish >= 0).all():
                     break
         with self._timed("end"):
@@ -179,13 +184,24 @@ class Simulator:
         lens = np.array([len(f) for f in forced])
         with self._timed("prefill"):
             batch = self.prefill(first_seq, prompts, steps=lens, forced=forced)
+        steps = int(lens.max(initial=0))
         with self._timed("decode"):
-            for _ in range(int(lens.max(initial=0))):
+            for t in range(steps):
                 self.decode_step(batch, active=batch.step < lens)
+                if (t + 1) % CHECK_EVERY == 0:
+                    self._tell(lens, t + 1)
+        self._tell(lens, steps)
         with self._timed("end"):
             self.end(batch, lens)
         nll = batch.nll.cpu().numpy()
         return [nll[b, :n].tolist() for b, n in enumerate(lens)]
+
+    def _tell(self, ends: np.ndarray, now: int) -> None:
+        """`progress` after decode step `now` of the open batch, whose row b consumes ends[b]
+        tokens (inf while the host does not know)."""
+        if self.progress is not None:
+            done = self.ended + int((ends <= now).sum())
+            self.progress(done, self.decoded + int(np.minimum(ends, now).sum()))
 
     def _timed(self, phase: str):
         return nullcontext() if self.clock is None else self.clock(phase, self.device)
@@ -292,6 +308,8 @@ class Simulator:
         counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
         kept = np.arange(ran)[:, None] < steps[None, :]
         rows = (counters * kept[..., None]).sum(1)
+        self.ended += len(steps)
+        self.decoded += int(steps.sum())
         for cost in batch.prefill_costs:
             self.prefill_cost += cost
         for filled in batch.warmup_bytes:

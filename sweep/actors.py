@@ -31,6 +31,7 @@ from sweep.cluster import Plan
 from sweep.errors import SweepError
 from sweep.jobs import Job, Outcome, load_runner, units_of
 from sweep.ledger import RECHECK_S
+from sweep.progress import Board, teller
 from sweep.tracking import RunRecord, Tracker
 
 
@@ -44,22 +45,30 @@ class RunActor:
         reuse_streams: bool = True,
         mrc_points: int = 0,
         optimality: bool = True,
+        board: Any = None,
     ):
         self.runner = load_runner(runner)
         self.models = worker.ModelCache(models_per_actor)
         self.tracker = Tracker(tracking_uri, experiment_id)
         self.reuse_streams, self.mrc_points = reuse_streams, mrc_points
         self.optimality = optimality
+        self.board = board  # sweep.progress.Board, where each model pass tells its progress
 
     def stream_bytes(self, unit: list[Job], records: list[RunRecord]):
         """A unit's stream for replays on other workers (sweep.worker.stream_bytes)."""
+        progress = teller(self.board, unit[0].index, len(unit))
         return worker.stream_bytes(
-            self.runner, self.models, unit, records, self.tracker, self.reuse_streams
+            self.runner, self.models, unit, records, self.tracker, self.reuse_streams, progress
         )
 
     def execute(self, unit: list[Job], records: list[RunRecord]) -> list[Outcome]:
+        progress = teller(self.board, unit[0].index, len(unit))
         if unit[0].stream_key is None:
-            return [worker.execute(self.runner, self.models, unit[0], records[0], self.tracker)]
+            return [
+                worker.execute(
+                    self.runner, self.models, unit[0], records[0], self.tracker, progress
+                )
+            ]
         return worker.execute_group(
             self.runner,
             self.models,
@@ -69,6 +78,7 @@ class RunActor:
             self.reuse_streams,
             self.mrc_points,
             self.optimality,
+            progress,
         )
 
 
@@ -113,6 +123,8 @@ class ActorPool:
         self.remember = max(1, models_per_actor)
         self.max_actor_failures = max_actor_failures
         self.remote = ray.remote(RunActor)
+        # No CPU: it must find room on a cluster whose CPUs the actors take.
+        self.board = ray.remote(num_cpus=0)(Board).remote()
         self.members: list[Member] = []
         self.inflight: dict[Any, InFlight] = {}
         self.grow(plan.actors)
@@ -122,7 +134,14 @@ class ActorPool:
             self.members.append(self._spawn())
 
     def _spawn(self) -> Member:
-        return Member(self.remote.options(**self.options).remote(*self.actor_args))
+        return Member(
+            self.remote.options(**self.options).remote(*self.actor_args, board=self.board)
+        )
+
+    def passes(self) -> dict[int, tuple[int, int, int, int]]:
+        """The progress of the model passes the actors run (sweep.progress.Board), by unit."""
+        units = [slot.unit[0].index for slot in self.inflight.values() if slot.member]
+        return ray.get(self.board.read.remote(units))
 
     def run(self, jobs: list[Job], ledger: Any, on_change: Callable[[int, int, int], None]):
         """Execute jobs; returns their outcomes by job index.

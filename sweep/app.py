@@ -44,7 +44,7 @@ def task(cfg: DictConfig) -> Any:
     # MLflow to import.
     from sweep import worker
     from sweep.ledger import Ledger
-    from sweep.progress import result_table
+    from sweep.progress import RunBar, result_table
 
     ledger = Ledger(cfg)
     # A finished run in the store is found by the claim; one in the spool is not.
@@ -58,11 +58,14 @@ def task(cfg: DictConfig) -> Any:
         )
         return return_value(record.metrics, objective)
     _threads_like_an_actor(cfg.ray.num_cpus_per_actor)
+    bar = RunBar("[run]")
     try:
-        outcome = worker.execute(runner, worker.ModelCache(1), job, record, ledger.tracker)
+        outcome = worker.execute(runner, worker.ModelCache(1), job, record, ledger.tracker, bar)
     except BaseException:  # Ctrl-C: rerunning the command redoes it
         ledger.kill_in_flight([record.run_id])
         raise
+    finally:
+        bar.close()
     ledger.received(outcome)
     print(result_table([(job.name, outcome.status, outcome.metrics)]))
     ledger.drain()

@@ -41,7 +41,7 @@ from sweep.jobs import (
     return_value,
     units_of,
 )
-from sweep.progress import Progress, result_table
+from sweep.progress import Progress, result_table, short_names
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class Multirun:
     def _execute(
         self, cfg: DictConfig, jobs: list[Job], total: int, skipped: int
     ) -> dict[int, Outcome]:
-        progress = Progress(total=total, skipped=skipped)
+        names = dict(zip((j.index for j in jobs), short_names([j.name for j in jobs])))
+        progress = Progress(total=total, skipped=skipped, names=names)
         if not jobs:
             progress.close()
             return {}
@@ -155,7 +156,7 @@ class Multirun:
             pool, plan = self._pool(cfg, len(units))
             if not self.rows:  # the first batch: an optimising sweeper sends many
                 print(plan_text(units, plan, self.ledger.tracker.timings()), flush=True)
-            return pool.run(jobs, self.ledger, progress.update)
+            return pool.run(jobs, self.ledger, lambda *n: progress.update(*n, pool.passes()))
         except BaseException:
             # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
             # actor finished (replayed members of a unit) stay FINISHED.

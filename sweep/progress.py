@@ -1,51 +1,189 @@
-"""What the driver prints: a live progress line while a sweep runs, a result table at the end."""
+"""What the driver prints: a progress bar per run in flight and a line for the whole sweep while
+it runs, a result table at the end.
+
+A run's bar is tqdm's: on a terminal a live bar, in logs (CI, `ray job logs`) a plain line when
+the run starts, every `quiet_s` seconds and when it ends. A run on a Ray actor tells the driver
+its progress through a `Board` (an actor of its own): Ray's `tqdm_ray` draws a worker's bars on
+the driver too, but only in tqdm's redrawn form (no log lines), with no tokens/s, and where the
+driver cannot read them for the sweep's ETA.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
-# Columns of the short result table, in order.
-TABLE_METRICS = (
-    "accuracy",
-    "perplexity",
-    "miss_rate_hbn",
-    "flash_bytes_per_token",
-    "highbit_fraction",
-    "energy_decode_j_per_token",
-    "latency_decode_s_per_token",
-    "wall_s",
-)
+from tqdm import tqdm
+
+# Columns of the short result table, in order, with their units.
+TABLE_COLUMNS = {
+    "accuracy": "accuracy",
+    "perplexity": "perplexity",
+    "miss_rate_hbn": "miss_rate_hbn",
+    "flash_bytes_per_token": "flash_bytes_per_token [B]",
+    "highbit_fraction": "highbit_fraction",
+    "energy_decode_j_per_token": "energy [J/token]",
+    "latency_decode_s_per_token": "latency [s/token]",
+    "wall_s": "wall [s]",
+}
+# How often a run on an actor tells the board, at most (seconds).
+TELL_EVERY_S = 1.0
+
+
+class LogBar(tqdm):
+    """tqdm for logs: each refresh a line of its own instead of a redraw in place."""
+
+    def display(self, msg=None, pos=None):
+        if msg == "":  # tqdm clearing its line at close: a log has nothing to clear
+            return False
+        self.fp.write(f"{self if msg is None else msg}\n")
+        self.fp.flush()
+        return True
+
+
+class RunBar:
+    """One run's model pass: sequences done / total, decode tokens/s and an ETA; called as
+    slicemoe.run's `progress(done, total, tokens)`. The bar starts with the first call, so its
+    clock leaves out loading the model."""
+
+    def __init__(
+        self,
+        desc: str,
+        stream: IO[str] | None = None,
+        quiet_s: float = 60,
+        position: int | None = None,
+        leave: bool = True,
+    ):
+        self.desc, self.position, self.leave, self.quiet_s = desc, position, leave, quiet_s
+        self.stream = stream or sys.stderr
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int, tokens: int) -> None:
+        if self.bar is None:
+            tty = self.stream.isatty()
+            # miniters=0: redrawn every `mininterval` while tokens move and no sequence ends;
+            # smoothing=0: rate and ETA from the whole pass, as sequences end batch by batch.
+            self.bar = (tqdm if tty else LogBar)(
+                total=total, desc=self.desc, unit="seq", file=self.stream, miniters=0,
+                smoothing=0, mininterval=0.5 if tty else self.quiet_s, position=self.position,
+                dynamic_ncols=tty, leave=self.leave and tty, postfix="? tok/s",
+            )  # fmt: skip
+        bar = self.bar
+        if done == bar.n >= bar.total:  # ended: the bar stays as it ended
+            return
+        bar.total = total
+        elapsed = bar.format_dict["elapsed"]
+        if tokens and elapsed:
+            rate = tqdm.format_sizeof(tokens / elapsed)
+            bar.set_postfix_str(f"{rate} tok/s", refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            self._last_line()
+
+    def _last_line(self) -> None:
+        """In a log, the state the bar ends in gets a line, once."""
+        bar = self.bar
+        if isinstance(bar, LogBar) and bar.last_print_n != bar.n:
+            bar.refresh()
+            bar.last_print_n = bar.n
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._last_line()
+            self.bar.close()
+
+
+class Board:
+    """Where the model passes running on Ray actors leave their progress for the driver; made a
+    Ray actor by sweep.launcher. A pass is keyed by its first job's index and told as (runs it
+    serves, done, total, tokens)."""
+
+    def __init__(self) -> None:
+        self.passes: dict[int, tuple[int, int, int, int]] = {}
+
+    def tell(self, key: int, state: tuple[int, int, int, int]) -> None:
+        self.passes[key] = state
+
+    def read(self, running: Sequence[int]) -> dict[int, tuple[int, int, int, int]]:
+        """The passes of the units in flight (by key); those of units done are forgotten."""
+        self.passes = {k: self.passes[k] for k in running if k in self.passes}
+        return dict(self.passes)
+
+
+def teller(board, key: int, runs: int) -> Callable[[int, int, int], None]:
+    """A `progress(done, total, tokens)` for a pass on an actor, told to `board` (a Ray actor
+    handle) at most every TELL_EVERY_S and at its end, without waiting for the driver."""
+    last = -math.inf
+
+    def tell(done: int, total: int, tokens: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done == total or now - last >= TELL_EVERY_S:
+            board.tell.remote(key, (runs, done, total, tokens))
+            last = now
+
+    return tell
 
 
 class Progress:
-    """Runs done / total, running, failed, skipped and an ETA.
+    """Runs done / total, running, failed, skipped and an ETA, and a bar per model pass in flight.
 
-    On a terminal one line is redrawn in place; otherwise (logs, CI, `ray job logs`) a plain line
-    is written whenever a count changes, and at most every `quiet_s` seconds while nothing does.
+    The ETA counts the passes in flight by the share of their sequences done. On a terminal the
+    sweep's line is redrawn in place, the passes' bars below it; otherwise (logs, CI, `ray job
+    logs`) a plain line is written whenever a count changes, and at most every `quiet_s` seconds
+    while nothing does.
     """
 
     def __init__(
-        self, total: int, skipped: int, stream: IO[str] | None = None, quiet_s: float = 60
+        self,
+        total: int,
+        skipped: int,
+        stream: IO[str] | None = None,
+        quiet_s: float = 60,
+        names: Mapping[int, str] | None = None,
     ):
         self.total = total
         self.skipped = skipped
         self.finished = 0
         self.failed = 0
         self.running = 0
+        self.partial = 0.0  # runs' worth of work done in the passes in flight
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.quiet_s = quiet_s
+        self.names = names or {}
+        self.bars: dict[int, RunBar] = {}
         self.started = time.monotonic()
         self._drawn: tuple[int, int, int] | None = None
         self._last_write = 0.0
 
-    def update(self, running: int, finished: int, failed: int) -> None:
+    def update(
+        self,
+        running: int,
+        finished: int,
+        failed: int,
+        passes: Mapping[int, tuple[int, int, int, int]] | None = None,
+    ) -> None:
+        """The counts, and the passes in flight: key -> (runs it serves, sequences done, of
+        total, tokens decoded)."""
+        passes = passes or {}
         self.running, self.finished, self.failed = running, finished, failed
+        self.partial = sum(runs * done / total for runs, done, total, _ in passes.values() if total)
         self.draw()
+        for key in [k for k in self.bars if k not in passes]:
+            self.bars.pop(key).close()
+        for key, (runs, done, total, tokens) in passes.items():
+            if key not in self.bars:
+                name = self.names.get(key, f"job {key}")
+                more = f" +{runs - 1} replayed" if runs > 1 else ""
+                taken = {b.position for b in self.bars.values()}
+                slot = next(i for i in range(1, len(self.bars) + 2) if i not in taken)
+                self.bars[key] = RunBar(f"[run] {name}{more}", self.stream, self.quiet_s,
+                                        position=slot, leave=False)  # fmt: skip
+            self.bars[key](done, total, tokens)
 
     def draw(self, force: bool = False) -> None:
         counts = (self.finished, self.failed, self.running)
@@ -59,6 +197,9 @@ class Progress:
         self._drawn, self._last_write = counts, now
 
     def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
         self.draw()
         if self.tty:
             self.stream.write("\n")
@@ -72,7 +213,7 @@ class Progress:
         )
 
     def eta(self) -> str:
-        computed = self.finished + self.failed
+        computed = self.finished + self.failed + self.partial
         remaining = self.total - self.skipped - computed
         if remaining <= 0:
             return "0s"
@@ -94,12 +235,13 @@ def format_duration(seconds: float) -> str:
 
 
 def result_table(rows: Sequence[tuple[str, str, dict[str, float]]], limit: int = 50) -> str:
-    """Rows of (run name, status, metrics) as an aligned text table; long sweeps are cut.
+    """Rows of (run name, status, metrics) as an aligned text table, units in the header; long
+    sweeps are cut.
     Metrics that no run has (perplexity of a generation task) are left out, and with several
     runs each name keeps only the overrides that differ between them."""
-    metrics = [m for m in TABLE_METRICS if any(_has(r[2].get(m)) for r in rows)]
-    names = _short([name for name, _, _ in rows])
-    header = ["run", "status", *metrics]
+    metrics = [m for m in TABLE_COLUMNS if any(_has(r[2].get(m)) for r in rows)]
+    names = short_names([name for name, _, _ in rows])
+    header = ["run", "status", *(TABLE_COLUMNS[m] for m in metrics)]
     body = [
         [name, status, *(_fmt(values.get(m)) for m in metrics)]
         for name, (_, status, values) in zip(names[:limit], rows[:limit])
@@ -124,7 +266,7 @@ def _has(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def _short(names: list[str]) -> list[str]:
+def short_names(names: list[str]) -> list[str]:
     """Each run name (its overrides, space-separated) without the overrides every run shares."""
     if len(names) < 2:
         return names

@@ -46,6 +46,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 # The result table says where the runs are: no link per run on stdout.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# An actor fetching a stored request stream: a "Downloading artifacts" bar would reach the
+# driver's console through Ray, between the sweep's own lines or after its table.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Creating or migrating the SQLite store is routine, not news; nor is each retry of a request
 # to a server that is away, or a database error with its traceback (the error reaches the
 # sweep, which says it once).

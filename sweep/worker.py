@@ -67,16 +67,22 @@ def _no_progress_bars() -> None:
 
 
 def execute(
-    runner: ModuleType, models: ModelCache, job: Job, record: RunRecord, tracker: Tracker
+    runner: ModuleType,
+    models: ModelCache,
+    job: Job,
+    record: RunRecord,
+    tracker: Tracker,
+    progress: Callable | None = None,
 ) -> Outcome:
-    """One job with the model in the loop."""
+    """One job with the model in the loop; `progress` goes to the runner's run (sweep.progress
+    shows it)."""
 
     def compute(cfg):
         record.tags["model_load"] = "reused" if job.load_key in models else "fresh"
         loaded = models.get(job.load_key, lambda: runner.load(cfg))
         # After loading: the runner imports torch, which tells which device was used.
         record.tags["device"] = _device(cfg.model.device)
-        return runner.run(cfg, loaded)
+        return runner.run(cfg, loaded, progress)
 
     return _finish(job, record, tracker, compute)
 
@@ -90,15 +96,16 @@ def execute_group(
     reuse_streams: bool = True,
     mrc_points: int = 0,
     optimality: bool = True,
+    progress: Callable | None = None,
 ) -> list[Outcome]:
     """Jobs that share one request stream: one model pass (none when an earlier sweep stored
-    the stream and `reuse_streams`), then one replay per job, each finished in MLflow as soon as
-    it is done, so a killed sweep keeps every replayed run. The first job's run keeps the stream
-    (and its miss-ratio curve)."""
+    the stream and `reuse_streams`; `progress` goes to it), then one replay per job, each
+    finished in MLflow as soon as it is done, so a killed sweep keeps every replayed run. The
+    first job's run keeps the stream (and its miss-ratio curve)."""
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         try:
             stream, _ = _stream(
-                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp)
+                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp), progress
             )
         except Exception:
             return fail_all(records, tracker)
@@ -114,6 +121,7 @@ def stream_bytes(
     records: list[RunRecord],
     tracker: Tracker,
     reuse_streams: bool = True,
+    progress: Callable | None = None,
 ) -> tuple[list[Outcome] | RunRecord, bytes]:
     """The first half of execute_group, for replays elsewhere (sweep.actors): the stream's
     requests.npz and the first job's record (tagged as the stream's source, without the file);
@@ -121,7 +129,7 @@ def stream_bytes(
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         try:
             _, path = _stream(
-                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp)
+                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp), progress
             )
         except Exception:
             return fail_all(records, tracker), b""
@@ -200,7 +208,8 @@ def replay_all(
     return outcomes
 
 
-def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse: bool, tmp: Path):
+def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse: bool, tmp: Path,
+            progress: Callable | None):  # fmt: skip
     """The request stream of `job`'s stream key and its file: stored by an earlier sweep, else
     recorded by a model pass and kept with `record`'s run (artifact requests.npz, tag
     stream_key)."""
@@ -223,7 +232,7 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
     loaded = models.get(job.load_key, lambda: runner.load(job.config))
     record.tags["device"] = _device(job.config.model.device)
     start = time.time()
-    stream = runner.record(job.config, loaded)
+    stream = runner.record(job.config, loaded, progress)
     path = stream.save(tmp / STREAM_ARTIFACT)
     record.artifacts[STREAM_ARTIFACT] = str(path)
     record.tags.update(

@@ -61,7 +61,7 @@ def load(cfg: RunConfig) -> dict:
     return {"key": load_key(cfg)}
 
 
-def run(cfg: RunConfig, loaded: dict | None = None) -> dict:
+def run(cfg: RunConfig, loaded: dict | None = None, progress=None) -> dict:
     assert loaded is None or loaded["key"] == load_key(cfg)
     tag = f"seed={cfg.seed} frac={cfg.cache.frac} policy={cfg.policy.name}"
     _log(f"run {tag}")

@@ -24,7 +24,7 @@ def replayable(cfg) -> bool:
     return True
 
 
-def record(cfg, loaded) -> Stream:
+def record(cfg, loaded, progress=None) -> Stream:
     _log(f"record seed={cfg.seed}")
     return Stream(
         key=stream_key(cfg),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import matplotlib
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 from report_tables import (
     CURVE,
     lam_rows,
@@ -68,6 +71,53 @@ def test_fig9_draws_a_bar_per_series_and_cache_bytes():
         "frac_25 (1 MB)",
         "frac_25 (3 MB)",
     ]
+
+
+def crowded_rows() -> pd.DataFrame:
+    """Five policies at five cache sizes, their points close together; lru_lowbit is less
+    accurate than the baseline at every size."""
+    rows = []
+    for p, (policy, acc) in enumerate(
+        (("cache_prior_highbit", 0.6), ("dbsc", 0.62), ("lru_lowbit", 0.4), ("lru_highbit", 0.6),
+         ("dbsc_pcw", 0.61))
+    ):  # fmt: skip
+        for i, size in enumerate((1, 1.5, 2, 2.5, 5)):
+            rows.append(report_rows()[0] | dict(
+                run=f"{policy} {i}", policy=policy, cache=f"frac_{10 * i + 10}", cache_size=size * 1e6,
+                accuracy=acc + 0.01 * i, miss_rate_hbn=0.3 - 0.02 * i + 0.001 * p,
+            ))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_fig8_labels_every_point_with_its_accuracy_apart_and_marks_runs_below_the_baseline():
+    fig = figures.plot_accuracy_vs_miss_rate(crowded_rows())
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text()]
+    assert len(texts) == 25
+    assert {t.get_text() for t in texts} >= {"10%: 0.400", "50%: 0.660"}
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]
+    assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
+    # lru_lowbit's five points hollow, grey-labelled, and said so in the legend.
+    hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() == "white"]
+    assert sum(len(line.get_xdata()) for line in hollow) == 5
+    assert sum(t.get_color() == "0.45" for t in texts) == 5
+    assert any("less accurate than the cache_prior_highbit run" in t.get_text()
+               for t in ax.get_legend().get_texts())  # fmt: skip
+
+
+def test_fig9_labels_every_bar_with_both_accuracies_and_hatches_the_less_accurate():
+    fig = figures.plot_energy_latency(lam_rows())
+    ax = fig.axes[0]
+    labels = sorted(t.get_text() for t in ax.texts)
+    # dbsc and dbsc_pcw against as accurate baseline runs; lru_lowbit against the most
+    # accurate one there is (less accurate than every baseline run).
+    assert labels == ["acc 0.200 vs 0.300 lam=0.5", "acc 0.700 vs 0.700 lam=0.2",
+                      "acc 0.800 vs 0.750 lam=0.05"]  # fmt: skip
+    hatches = {round(1 / bar.get_height(), 3): bar.get_hatch() for bar in ax.patches}
+    assert hatches == {0.5: None, 0.333: None, 1.0: "//"}  # lru_lowbit: as costly, less accurate
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "less accurate than its cache_prior_highbit run" in legend
 
 
 def test_optimality_gap_draws_each_replayed_run_against_belady():

@@ -87,7 +87,8 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
 ):
     """A batch of more than 2 rows runs out of memory (injected) after its prefill and a few
     steps: the run goes on in batches of 2, and its result, trace and request stream are
-    exactly a batch_size=2 run's (a failed batch leaves no counts, costs, stream or traces)."""
+    exactly a batch_size=2 run's (a failed batch leaves no counts, costs, stream or traces, and
+    its tokens leave the progress told)."""
     import numpy as np
     import torch
 
@@ -107,11 +108,12 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         step(self, batch, *args, **kw)
 
-    results = {}
+    results, told = {}, []
     for b in (2, 4):
         if b == 4:
             monkeypatch.setattr(Simulator, "decode_step", flaky)
-        r = run(replace(c, batch_size=b, trace_path=str(tmp_path / f"b{b}.parquet")), loaded)
+        r = run(replace(c, batch_size=b, trace_path=str(tmp_path / f"b{b}.parquet")), loaded,
+                progress=lambda *state, b=b: told.append((b, *state)))  # fmt: skip
         r.pop("wall_s")
         trace = pd.read_parquet(r.pop("trace_path"))
         stream = vars(Stream.load(r.pop("stream_path")))
@@ -120,6 +122,10 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
     (r2, t2, s2), (r4, t4, s4) = results[2], results[4]
     np.testing.assert_equal(r4, r2)
     assert r4["batch_rows"] == 2
+    for b in (2, 4):  # (sequences done, of total, decode tokens) from the start to the end
+        states = [state for got, *state in told if got == b]
+        assert states[0] == [0, 6, 0] and states[-1] == [6, 6, r2["decode_tokens"]]
+        assert [done for done, _, _ in states] == sorted(done for done, _, _ in states)
     pd.testing.assert_frame_equal(t4, t2)
     np.testing.assert_equal(s4, s2)
 

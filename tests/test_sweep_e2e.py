@@ -4,6 +4,7 @@ local Ray; Optuna driving the launcher (the report and the notebook on a sweep: 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, 
     header, row = lines[at : at + 2]
     assert header.split()[:3] == ["run", "status", "accuracy"]
     assert row.startswith(" ".join(QUICK)) and "FINISHED" in row
+    # The run's bar, as lines (stderr is no terminal here): from none to all of its documents.
+    assert re.search(r"^\[run\]:   0%\|.* 0/3 \[", res.stderr, re.M), res.stderr[-2000:]
+    assert re.search(r"^\[run\]: 100%\|.* 3/3 \[.* tok/s\]$", res.stderr, re.M)
     (run,) = search(uri(tmp_path), "single")
     assert run.info.status == "FINISHED" and set(RESULT_METRICS) <= set(run.data.metrics)
     assert "mlflow.parentRunId" not in run.data.tags
@@ -52,11 +56,16 @@ def policy_sweep(tmp_path_factory, ray_head):
 def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
     tmp, res = policy_sweep
     assert "[sweep] 4/4 done | 0 running | 0 failed | 0 skipped" in res.stderr
+    # A bar per model pass, told by the actors, under the names of the runs it serves.
+    passes = re.findall(r"^\[run\] (.+?): 100%\|.* 3/3 \[", res.stderr, re.M)
+    policies = {re.search(r"policy=(\S+)", p).group(1) for p in passes}
+    assert policies == {"cache_prior_highbit", "dbsc"}, res.stderr[-3000:]
     (parent,) = search(uri(tmp), "policies", "tags.role = 'sweep'")
     # Quiet, and it says where the results went.
     assert f"results: MLflow parent run {parent.info.run_id}" in res.stdout
     assert "mlflow ui --backend-store-uri" in res.stdout
-    for noise in ("\x1b[", "Loading weights", "Token authentication", "Creating initial MLflow"):
+    for noise in ("\x1b[", "Loading weights", "Token authentication", "Creating initial MLflow",
+                  "Downloading artifacts"):  # fmt: skip
         assert noise not in res.stdout + res.stderr, noise
     children = search(uri(tmp), "policies", "tags.role = 'run'")
     assert len(children) == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from collections import deque
 from dataclasses import replace
@@ -668,6 +669,11 @@ def test_actor_plan_whole_gpus_by_default_cpu_fallback():
 # --- progress and table -------------------------------------------------------------------------
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_lines_when_not_a_tty():
     from sweep.progress import Progress
 
@@ -686,10 +692,6 @@ def test_progress_lines_when_not_a_tty():
 def test_progress_redraws_one_line_on_a_terminal():
     from sweep.progress import Progress
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     stream = Terminal()
     prog = Progress(total=3, skipped=0, stream=stream)
     prog.update(running=2, finished=1, failed=0)
@@ -697,6 +699,100 @@ def test_progress_redraws_one_line_on_a_terminal():
     text = stream.getvalue()
     assert text.startswith("\r\033[K[sweep] 1/3 done | 2 running") and text.endswith("\n")
     assert text.count("\n") == 1
+
+
+def test_a_run_bar_in_a_log_is_a_line_at_its_start_and_its_end():
+    from sweep.progress import RunBar
+
+    stream = io.StringIO()
+    bar = RunBar("[run] cache=frac_10", stream, quiet_s=3600)
+    for done, tokens in ((0, 0), (1, 40), (3, 100), (4, 160)):
+        bar(done, 4, tokens)
+    bar.close()  # ended already: no second last line
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in stream.getvalue()
+    assert lines[0].startswith("[run] cache=frac_10:   0%|") and " 0/4 [" in lines[0]
+    assert lines[1].startswith("[run] cache=frac_10: 100%|") and " 4/4 [" in lines[1]
+    assert re.search(r"seq/s, [\d.]+[kMG]? tok/s\]$", lines[1]), lines[1]
+
+
+def test_a_run_bar_on_a_terminal_is_redrawn_in_place():
+    from sweep.progress import RunBar
+
+    stream = Terminal()
+    bar = RunBar("[run]", stream)
+    bar(0, 8, 0)
+    bar.bar.mininterval = 0  # every call drawn
+    bar(2, 8, 50)
+    bar(8, 8, 200)
+    drawn = len(stream.getvalue())
+    bar(8, 8, 200)  # ended (its replays run): not drawn again with a falling rate
+    assert len(stream.getvalue()) == drawn
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line, kept at the end
+    frames = [f for f in text.rstrip("\n").split("\r") if f]
+    assert [re.search(r" (\d)/8 ", f).group(1) for f in frames[:3]] == ["0", "2", "8"]
+    assert "tok/s" in frames[-1]
+
+
+def test_the_sweep_eta_counts_the_passes_in_flight_by_their_share_done(monkeypatch):
+    from sweep import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    prog = progress.Progress(total=5, skipped=1, stream=stream, names={0: "a=1", 3: "a=2"})
+    now[0] = 160.0
+    prog.update(running=4, finished=0, failed=0)
+    assert prog.eta() == "?"  # nothing done, nothing told
+    # A pass for 2 runs at 3/4 of its sequences and one for 1 run at 1/2: 2 runs' worth in 60 s,
+    # 2 to go.
+    prog.update(running=3, finished=0, failed=0, passes={0: (2, 6, 8, 90), 3: (1, 1, 2, 9)})
+    assert prog.eta() == "1m00s"
+    prog.update(running=1, finished=2, failed=0, passes={3: (1, 1, 2, 9)})  # a=1's pass is done
+    assert prog.eta() == "36s"  # 2.5 runs' worth in 60 s, 1.5 to go
+    prog.close()
+    # A bar per pass, under its first job's short name; in a log its last line where it left.
+    lines = stream.getvalue().splitlines()
+    last = {line.split(":")[0]: line for line in lines if line.startswith("[run]")}
+    assert set(last) == {"[run] a=1 +1 replayed", "[run] a=2"}
+    assert " 6/8 [" in last["[run] a=1 +1 replayed"] and " 1/2 [" in last["[run] a=2"]
+
+
+def test_the_board_keeps_the_passes_in_flight_and_a_teller_tells_it_at_most_every_second(
+    monkeypatch,
+):
+    from sweep import progress
+
+    board = progress.Board()
+    told = []
+
+    class Handle:  # a Ray actor handle's shape: board.tell.remote(...)
+        class tell:
+            @staticmethod
+            def remote(key, state):
+                told.append((key, state))
+                board.tell(key, state)
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    tell = progress.teller(Handle, key=4, runs=2)
+    for t, done in ((0.0, 0), (0.5, 1), (1.2, 2), (1.3, 8)):
+        now[0] = t
+        tell(done, 8, 10 * done)
+    assert told == [(4, (2, 0, 8, 0)), (4, (2, 2, 8, 20)), (4, (2, 8, 8, 80))]  # the end always
+    board.tell(9, (1, 1, 2, 3))
+    assert board.read([4]) == {4: (2, 8, 8, 80)}
+    assert board.read([4, 9]) == {4: (2, 8, 8, 80)}  # 9 was dropped: not in flight at the read
+
+
+def test_sweep_help_opens_with_what_the_sweep_does():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        help = compose("config", return_hydra_config=True).hydra.help
+    header = help.header.replace("${hydra.help.app_name}", help.app_name)
+    assert header.startswith("python -m sweep: simulate a mixture-of-experts LLM")
+    assert "powered by Hydra" not in header and "with -m" in header
 
 
 def test_duration_and_table_format():
@@ -716,6 +812,12 @@ def test_duration_and_table_format():
     assert header.split() == ["run", "status", "accuracy", "perplexity"]
     assert [line.split()[:3] for line in body] == [
         ["cache=frac_10", "FINISHED", "0.5"], ["cache=frac_25", "FAILED", "-"]
+    ]  # fmt: skip
+    # Units in the header, where a metric has one.
+    units = {"flash_bytes_per_token": 1e5, "energy_decode_j_per_token": 1e-4, "wall_s": 3.0}
+    header = result_table([("a=1", "FINISHED", units | {"accuracy": 0.5})]).splitlines()[0]
+    assert re.split(r"\s{2,}", header) == [
+        "run", "status", "accuracy", "flash_bytes_per_token [B]", "energy [J/token]", "wall [s]"
     ]  # fmt: skip
 
 

@@ -74,7 +74,8 @@ def sections(
         differ = differences(kept)
         out += [
             Section(name("accuracy_vs_miss_rate"), "fig8", note, kept,
-                    lambda g=kept, d=note: figures.plot_accuracy_vs_miss_rate(g, title=d, x=miss_rate),
+                    lambda g=kept, d=note: figures.plot_accuracy_vs_miss_rate(
+                        g, title=d, x=miss_rate, baseline=baseline),
                     judge("fig8", kept), differ),
             Section(name("energy_latency"), "fig9", note, kept,
                     lambda g=kept: figures.plot_energy_latency(g, baseline), judge("fig9", kept),
