@@ -87,6 +87,21 @@ def header(path: str | Path) -> Header:
     return _header(str(path.resolve()), path.stat().st_mtime)
 
 
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The trace's content hash, once per version of the file."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
 def check(cfg: RunConfig) -> None:
     """Refuse, naming the field, a setting of `cfg` that reads what its trace (cfg.stream_file)
     does not hold. Reads the trace's header only."""
@@ -164,7 +179,6 @@ def import_trace(path: str | Path, model: str = "tiny", cfg: RunConfig | None = 
     folder = config_dir(cfg.model.name, cfg.model.path)
     shape, dims = read_shape(folder), model_dims(skeleton(folder))
     h = header(path)
-    blob = Path(path).read_bytes()
     with np.load(path) as data:
         arrays = {name: data[name] for name in h.fields}
     _check_arrays(arrays, shape, str(path))
@@ -191,7 +205,7 @@ def import_trace(path: str | Path, model: str = "tiny", cfg: RunConfig | None = 
         # batch_rows is NaN).
         config={
             "stream_file": str(Path(path).resolve()),
-            "stream_file_sha256": hashlib.sha256(blob).hexdigest(),
+            "stream_file_sha256": file_sha256(path),
             "source": h.meta.get("source", ""),
         },
         shape=shape,
@@ -224,11 +238,11 @@ def _check_arrays(a: dict, shape, path: str) -> None:
         "next_gate_scores": (n, layers, k),
         "next_gate_critical": (n, layers, k),
     }
-    for name, arr in a.items():
-        if name in want and arr.shape != want[name]:
+    for name, shape in want.items():  # the required fields first
+        if name in a and a[name].shape != shape:
             raise TraceError(
-                f"{path}: {name} has shape {arr.shape}; the model ({layers} MoE layers, "
-                f"{num} experts, top-{k}) and {seqs} sequences of {n} decode steps need {want[name]}"
+                f"{path}: {name} has shape {a[name].shape}; the model ({layers} MoE layers, "
+                f"{num} experts, top-{k}) and {seqs} sequences of {n} decode steps need {shape}"
             )
     if "next_gate" in a and a["next_gate"].shape[:2] != (n, layers):
         raise TraceError(
