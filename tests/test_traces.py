@@ -1,6 +1,6 @@
 """Router traces at real models' shapes, with no weights: what a trace must hold, what each
-missing field refuses, and a sweep replaying every job from one trace on the CPU. (The round
-trip of a recorded stream is in test_replay.py, beside the recorded stream.)"""
+missing field refuses. (The round trip of a recorded stream is in test_replay.py, beside the
+recorded stream; a sweep over a trace in test_sweep_units.py, beside its tracking store.)"""
 
 from __future__ import annotations
 
