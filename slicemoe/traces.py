@@ -313,7 +313,7 @@ def _stream_of(source: str) -> Stream:
         return Stream.load(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m slicemoe.traces", description=__doc__.split("\n\n")[0]
     )
@@ -321,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="write a recorded request stream as a trace")
     ex.add_argument("stream", help="a requests.npz file, or an MLflow run id that keeps one")
     ex.add_argument("out", help="the trace file to write (.npz)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     stream = _stream_of(args.stream)
     path = export(stream, args.out, source=f"slicemoe stream {stream.key} from {args.stream}")
     steps, layers, k = stream.experts.shape
