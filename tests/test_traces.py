@@ -108,3 +108,19 @@ def test_a_trace_that_does_not_fit_the_model_is_refused(tmp_path, qwen3):
     np.savez(tmp_path / "other.npz", experts=bad)
     with pytest.raises(ConfigError, match="stream_file: .*no `meta`"):
         validate(at(tmp_path / "other.npz"))
+
+
+def test_the_fit_of_a_synthetic_trace_recovers_its_parameters(tmp_path):
+    """slicemoe.synthetic at Qwen3-30B-A3B's shape: seeded, its parameters logged in the trace,
+    and fit() finds them again (the reuse estimate runs low by up to about 0.05: a kept expert
+    may also have been drawn fresh)."""
+    from slicemoe.synthetic import Workload, fit, synthesize
+
+    shape = read_shape(config_dir("qwen3-30b-a3b", None))
+    w = Workload(zipf=0.8, reuse=0.4, prompt_len=12)
+    a, b = (synthesize(shape, w, 8, 100, tmp_path / f"{i}.npz", seed=3) for i in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    stream = import_trace(a, "qwen3-30b-a3b")
+    assert json.loads(str(np.load(a)["meta"]))["synthetic"]["zipf"] == 0.8
+    got = fit(stream)
+    assert abs(got.zipf - 0.8) < 0.1 and 0.3 < got.reuse <= 0.4 and got.prompt_len == 12
