@@ -143,3 +143,7 @@ class RunConfig:
     batch_size: Any = "auto"
     trace: bool = False  # record every slice request to a parquet file
     trace_path: Optional[str] = None
+    # Replay the requests of a router trace (slicemoe.traces, docs/traces.md) instead of running
+    # the model: no weights are loaded, the model's config.json gives its shape. Not `trace`,
+    # which names the per-request output above.
+    stream_file: Optional[str] = None

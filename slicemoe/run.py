@@ -30,6 +30,7 @@ from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.simulator import Clock, Simulator
 from slicemoe.stream import NEXT_GATE_DEPTH, Stream, cache_independent, replayable, stream_key
 from slicemoe.trace import write_trace
+from slicemoe.traces import import_trace
 from slicemoe.validate import ConfigError, capacity_bytes, get_task_or_error, validate
 
 # The runner API of the sweep (sweep.jobs.RUNNER_API), and what tests and notebooks import.
@@ -65,6 +66,8 @@ class Loaded:
 
 def load_key(cfg: RunConfig) -> str:
     """Configs with one key share a loaded model (the backend runs on any)."""
+    if cfg.stream_file is not None:  # nothing to load (see `load`)
+        return json.dumps({"stream_file": cfg.stream_file})
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "backend"}
     return json.dumps([model, dataclasses.asdict(cfg.bits)], sort_keys=True)
 
@@ -75,7 +78,10 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load(cfg: RunConfig) -> Loaded:
+def load(cfg: RunConfig) -> Loaded | None:
+    """The model, quantized; None for a config that replays a trace (cfg.stream_file)."""
+    if cfg.stream_file is not None:
+        return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = checkpoint_dir(cfg.model.name, cfg.model.path)
@@ -191,9 +197,9 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False, progress=Non
     return sim, scores, sum(map(len, prompts)), size
 
 
-def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded:
+def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded | None:
     validate(cfg)
-    if loaded is None:
+    if loaded is None or cfg.stream_file is not None:
         return load(cfg)
     if loaded.key != load_key(cfg):
         raise ValueError("`loaded` was made for another model/bits config; call load(cfg)")
@@ -204,6 +210,8 @@ def record(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> Strea
     """One model pass of a replayable config -> its request stream (slicemoe.stream);
     `progress`: see `run`."""
     loaded = _prepare(cfg, loaded)
+    if cfg.stream_file is not None:  # the trace is the pass
+        return import_trace(cfg.stream_file, cfg=cfg)
     if not replayable(cfg):
         raise ValueError(
             f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate ranking "
@@ -229,10 +237,11 @@ def run(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> dict:
     done and how many tokens were decoded; the caller decides how to show it.
 
     Belady's oracle and the oracle prefetcher need the future: the model pass records the
-    request stream, and the replay reads it (slicemoe.replay)."""
+    request stream, and the replay reads it (slicemoe.replay). A trace (cfg.stream_file) is
+    replayed the same way, with no model."""
     t0 = time.time()
     loaded = _prepare(cfg, loaded)
-    if cfg.cache.eviction == "belady" or cfg.prefetch.predictor == "oracle":
+    if cfg.cache.eviction == "belady" or cfg.prefetch.predictor == "oracle" or cfg.stream_file:
         result = replay(record(cfg, loaded, progress), cfg)
         result["wall_s"] = time.time() - t0
         return result

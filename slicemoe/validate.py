@@ -174,7 +174,7 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
         )
     m = cfg.model
     try:
-        if weights:
+        if weights and cfg.stream_file is None:  # a trace replays without the weights
             check_checkpoint(checkpoint_dir(m.name, m.path))
         shape = read_shape(config_dir(m.name, m.path))
     except (FileNotFoundError, ValueError) as err:
@@ -220,6 +220,12 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
         )
     check_prefetch(cfg, shape)
     task = get_task_or_error(e.task)
+    if cfg.stream_file is not None:
+        # The trace stands for the model pass: no task data is read.
+        from slicemoe.traces import check  # it raises ConfigError: imported here, not at the top
+
+        check(cfg)
+        return
     if e.data_path is not None and not Path(e.data_path).exists():
         raise ConfigError("eval.data_path", f"{e.data_path} does not exist; point it at the data")
     if task.check_data is not None:

@@ -82,6 +82,7 @@ ADDED = {
     "cache.s3fifo_small": 0.1,
     "cache.lrfu_lambda": 0.01,
     "cache.lecar_learning_rate": 0.45,
+    "stream_file": None,
 }
 
 

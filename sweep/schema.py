@@ -254,9 +254,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
         for k in RUN_FIELDS
     }
     run_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), resolved))
-    if run_cfg.model.path is None and run_cfg.model.name != "tiny":
+    if run_cfg.model.path is None and run_cfg.model.name != "tiny" and not run_cfg.stream_file:
         # A null path means the shipped tiny checkpoint; for any other model that would quietly
-        # run the wrong network.
+        # run the wrong network. A trace (stream_file) needs the shipped config.json only.
         raise SweepError(
             f"model.path is not set for model={run_cfg.model.name}: pass "
             "model.path=/path/to/its/checkpoint (a local Hugging Face directory)"

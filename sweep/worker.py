@@ -215,7 +215,10 @@ def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse
     stream_key)."""
     from slicemoe.stream import Stream
 
-    found = tracker.find_stream(job.stream_key, tmp) if reuse else None
+    # A trace is read again each time: its file, not a stored copy, is the source.
+    found = (
+        tracker.find_stream(job.stream_key, tmp) if reuse and not job.config.stream_file else None
+    )
     if found is not None:
         path, digest = found
         try:
@@ -286,6 +289,10 @@ def _finish(job: Job, record: RunRecord, tracker: Tracker, compute: Callable) ->
             cfg = dataclasses.replace(cfg, trace_path=str(Path(tmp) / "trace.parquet"))
         record.tags["host"] = socket.gethostname()
         try:
+            if cfg.stream_file:  # the trace the run replayed, by content (its path is a param)
+                from slicemoe.traces import file_sha256
+
+                record.tags["stream_file_sha256"] = file_sha256(cfg.stream_file)
             outcome = Outcome("FINISHED", record.add_result(compute(cfg)))
         except Exception:
             error = traceback.format_exc()

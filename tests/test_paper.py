@@ -204,6 +204,8 @@ def check_sweep(args: list[str], seen: set[str]) -> None:
     for job in covering(todo, seen):
         cfg = schema.run_config(compose_app(job))
         here = cfg.model.path is None or Path(cfg.model.path).exists()
+        if cfg.stream_file and not Path(cfg.stream_file).exists():  # a trace of another machine
+            cfg, here = replace(cfg, stream_file=None), False
         if not here:  # shapes from the shipped config.json instead
             cfg = replace(cfg, model=replace(cfg.model, path=None))
         if cfg.eval.data_path and not Path(cfg.eval.data_path).exists():
@@ -240,6 +242,10 @@ def check_words(command: str, words: list[str], seen: set[str]) -> None:
         # A spool folder the docs name (`/path/to/mlflow-spool`) is not on this machine.
         named = words[3:] and not words[3].startswith("-")
         assert main(words[3:]) == (1 if named else 0)
+    elif head.endswith("python -m slicemoe.traces"):
+        from slicemoe.traces import parser
+
+        parser().parse_args(words[3:])
     elif head.endswith("python -m slicemoe.table1"):
         from slicemoe.table1 import parser
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from slicemoe import traces
 from slicemoe.config import (
     BitsConfig,
     CacheConfig,
@@ -171,6 +172,27 @@ def test_stream_round_trips_through_a_file(stream, tmp_path):
         assert np.array_equal(getattr(back, name), getattr(stream, name)), name
     cfg = replace(BASE, cache=CacheConfig(frac=0.1))
     assert replay(back, cfg)["miss_rate"] == replay(stream, cfg)["miss_rate"]
+
+
+def test_a_stream_exported_as_a_trace_and_imported_replays_identically(stream, tmp_path):
+    """record -> `python -m slicemoe.traces export` -> import_trace -> replay: every metric and
+    curve of the recorded stream, prefetching by the next-gate ranking with DBSC's critical
+    slices and PCW's prefill counts included."""
+    requests = stream.save(tmp_path / "requests.npz")
+    assert traces.main(["export", str(requests), str(tmp_path / "t.npz")]) == 0
+    cfg = replace(
+        BASE,
+        cache=CacheConfig(frac=0.15),
+        policy=replace(BASE.policy, warmup="pcw"),
+        prefetch=PrefetchConfig(name="ng", predictor="next_gate", top_m=6, slices="critical"),
+    )
+    imported = replace(cfg, stream_file=str(tmp_path / "t.npz"))
+    a, b = replay(stream, cfg), run(imported)
+    assert math.isnan(b.pop("batch_rows")) and a.pop("batch_rows") == 2
+    assert set(a) == set(b)
+    for name in set(a) - {"wall_s"}:
+        assert repr(a[name]) == repr(b[name]), name  # exact, NaN included
+    assert b["prefetch_recall"] > 0  # the ranking came through
 
 
 def test_what_may_and_may_not_replay(stream):

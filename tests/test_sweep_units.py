@@ -946,3 +946,43 @@ def test_a_replayed_runs_optimality_joins_its_result_and_its_failure_only_a_tag(
     worker._optimality(broken, None, None, result, record, {})
     assert result == {"miss_rate": 0.5} and not record.artifacts
     assert record.tags["optimality_error"] == "RuntimeError: no oracle today"
+
+
+def test_a_sweep_replays_every_job_from_a_trace_and_the_report_draws_from_it(store, tmp_path):
+    """Jobs at Mixtral's shape from a router trace (slicemoe.traces) through the worker: one
+    imported stream per precision, no model loaded, each run tagged with the trace's hash, and
+    the report's figures from the runs."""
+    from test_traces import write
+
+    import slicemoe.run
+    from slicemoe.traces import file_sha256
+    from sweep import worker
+    from sweep.report.__main__ import main as report
+    from sweep.tracking import Tracker
+
+    trace = write(tmp_path / "mixtral.npz", "mixtral-8x7b", seqs=3, steps=16)
+    tracker = Tracker.open(store.uri, "traces")  # an experiment of its own
+    base = ["model=mixtral-8x7b", f"stream_file={trace}"]
+    grid = [
+        [c, p]
+        for p in ("policy=dbsc", "policy=lru_lowbit")
+        for c in ("cache=frac_10", "cache=frac_25")
+    ]
+    todo = [jobs.make_job(i, compose_cfg(*base, *o), o, slicemoe.run) for i, o in enumerate(grid)]
+    units = jobs.units_of(todo)
+    assert [len(u) for u in units] == [2, 2]  # one imported stream per precision
+    models = worker.ModelCache(1)
+    for unit in units:
+        records = [claimed(tracker, job) for job in unit]
+        outs = worker.execute_group(
+            slicemoe.run, models, unit, records, tracker, mrc_points=3, optimality=False
+        )
+        assert [o.status for o in outs] == ["FINISHED"] * 2, [o.error for o in outs]
+        assert models._items[unit[0].load_key] is None  # no model was loaded
+    runs = list(tracker.search("tags.role = 'run'"))
+    assert len(runs) == 4 and {r.data.params["model.name"] for r in runs} == {"mixtral-8x7b"}
+    assert {r.data.tags["stream_file_sha256"] for r in runs} == {file_sha256(trace)}
+    assert {r.data.params["stream_file"] for r in runs} == {str(trace)}
+    out = tmp_path / "report"
+    report(["--experiment", "traces", "--tracking-uri", store.uri, "--out", str(out)])
+    assert {"accuracy_vs_miss_rate.png", "miss_ratio_curves.png"} <= {p.name for p in out.iterdir()}
