@@ -86,11 +86,11 @@ def facets(cfg: RunConfig) -> set[tuple]:
     }  # fmt: skip
 
 
-def test_replay_equals_the_model_in_the_loop_on_20_random_configurations():
-    """20 draws that take every value of every choice at least once (checked: a seed or a `draw`
+def test_replay_equals_the_model_in_the_loop_on_12_random_configurations():
+    """12 draws that take every value of every choice at least once (checked: a seed or a `draw`
     that covers less fails here); each in-loop run is the expensive part."""
-    rng = np.random.default_rng(1)
-    configs = [draw(rng) for _ in range(20)]
+    rng = np.random.default_rng(151)
+    configs = [draw(rng) for _ in range(12)]
     every = set().union(*(facets(draw(np.random.default_rng(s))) for s in range(200)))
     assert set().union(*(facets(c) for c in configs)) == every
     loaded, streams = {}, {}
@@ -112,9 +112,9 @@ def test_replay_equals_the_model_in_the_loop_on_20_random_configurations():
             assert len(curve) == len(got["curves"][name]), name
             assert all(same(x, y) for x, y in zip(curve, got["curves"][name])), (cfg, name)
         checked += 1
-    assert checked == 20
+    assert checked == 12
     # Several configurations share each stream: that is the point.
-    assert len(streams) < 15
+    assert len(streams) < 10
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +246,10 @@ def test_each_policy_replays_compiled_as_the_reference_and_as_the_model_in_the_l
 
 
 CACHE_AWARE = {
-    "cache_prior": PolicyConfig(routing="cache_prior", precision="high", lam=0.2),
     "cache_prior_running_target": PolicyConfig(
         routing="cache_prior", lam=0.1, lam_scale="running", miss_rate_target=0.05, warmup_steps=3
     ),
     "cumsum": PolicyConfig(routing="cumsum", precision="high", cumsum_p=0.8),
-    "max_rank": PolicyConfig(routing="max_rank", precision="high", max_rank_m=6),
     "dbsc_skip": PolicyConfig(lsb_miss="skip", warmup="pcw"),
 }
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest_sweep import REPO, run_sweep, search, sweep_env, through
+from conftest_sweep import REPO, search, sweep_env, through
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -20,6 +20,8 @@ from slicemoe.config import RunConfig
 from slicemoe.hardware import PROFILES
 from slicemoe.run import run
 from sweep.jobs import RESULT_METRICS
+from sweep.launcher import timing_key
+from sweep.tracking import Tracker
 
 DATA = REPO.parent / "shared/data"
 
@@ -52,32 +54,30 @@ def in_the_loop(tmp: Path, logged) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="GSM8K and WikiText-2 are not at ../shared/data")
-def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop_and_later_sweeps_reuse_it(
-    tmp_path, ray_head, monkeypatch
-):
+def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop(tmp_path, ray_head, monkeypatch):
     """benchmarks/paper_grid.py --small: the paper's grid on the tiny model through the sweep
-    (Table 1 and the report included), its replays as Ray tasks beside the actor. The
-    cache-independent policies share a pass per precision; each cache-aware one records its own
-    and replays it under both hardware profiles; replayed metrics equal the model in the loop."""
+    (Table 1 and the report included). The cache-independent policies share a pass per
+    precision; each cache-aware one records its own and replays it under both hardware profiles;
+    replayed metrics equal the model in the loop. (Replays as Ray tasks: tests/
+    test_sweep_cluster.py; a stored stream replayed by a later sweep: tests/test_sweep_units.py.)"""
     monkeypatch.setenv("SLICEMOE_DATA", str(DATA))  # the grid's data paths, when composed here
     env: dict[str, str] = {}
     joins = through(ray_head, [], env)  # sets RAY_ADDRESS in env
     row_file, out = tmp_path / "row.json", tmp_path / "grid"
     command = [
         sys.executable, str(REPO / "benchmarks/paper_grid.py"), "--small", "--device", "cpu",
-        "--out", str(out), "--json", str(row_file), "--", "ray.replay_tasks=true", *joins,
+        "--out", str(out), "--json", str(row_file), "--", *joins,
     ]  # fmt: skip
     done = subprocess.run(
         command, cwd=tmp_path, env=sweep_env(**env), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "plan: 7 model passes feeding 15 replays (as CPU tasks" in done.stdout
+    assert "plan: 5 model passes feeding 9 replays (in the actors" in done.stdout
     row = json.loads(row_file.read_text())
-    # Fig. 8's six policies and Cache-Prior under two profiles, and one Table 1 row: five GSM8K
-    # streams (LRU high, LRU low, DBSC with and without PCW, Cumsum, Max-Rank), Cache-Prior's,
-    # and Table 1's.
-    assert (row["runs"], row["finished"], row["replays"]) == (15, 15, 15)
-    assert (row["passes"], row["streams"]) == (7, 7)
+    # LRU low-bit, DBSC+PCW, Cumsum and Cache-Prior under two profiles, and one Table 1 row: a
+    # stream each.
+    assert (row["runs"], row["finished"], row["replays"]) == (9, 9, 9)
+    assert (row["passes"], row["streams"]) == (5, 5)
     assert {"accuracy_vs_miss_rate.png", "energy_latency.png"} <= set(row["figures"])
     runs = runs_by_name(out, "paper_grid")
     passes: dict[str, list] = {}
@@ -89,17 +89,17 @@ def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop_and_later_swe
     client = MlflowClient(uri(out))
     (recorder,) = [
         r for r in runs.values()
-        if r.data.tags.get("stream_source") == "recorded" and r.data.params["policy.name"] == "dbsc"
+        if r.data.tags.get("stream_source") == "recorded" and r.data.params["policy.name"] == "dbsc_pcw"
     ]  # fmt: skip
     files = {f.path for f in client.list_artifacts(recorder.info.run_id)}
     assert {"requests.npz", "miss_ratio_curve.csv", "miss_ratio_curve.png"} <= files
     # Every replayed run of a cache-independent stream is set beside Belady's oracle
-    # (slicemoe.optimality); one with DBSC's own warmup is never better than it.
+    # (slicemoe.optimality); one without a warmup that inserts is never better than it.
     assert {"optimality_layers.csv", "reuse_distance.csv"} <= files
     assert all(
         r.data.metrics["belady_gap"] >= 0
         for r in runs.values()
-        if r.data.params["policy.name"] == "dbsc"
+        if r.data.params["policy.name"] == "lru_lowbit"
     )
     for name in runs:
         if "laptop" in name and ("cache_prior" in name or "dbsc_pcw" in name):
@@ -111,24 +111,7 @@ def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop_and_later_swe
             # Correctness per problem: a replayed run's is its recorded pass's, as in the loop.
             assert problems(out, runs[name])["correct"] == expected["problems"]["correct"]
 
-    # Adding a cache size later: the finished run is skipped, the new one replays the stored
-    # stream without a model pass (replays in the actor, the default without GPUs).
-    (dbsc,) = [
-        r.data.params for r in runs.values()
-        if r.data.params["policy.name"] == "dbsc" and "mobile" in r.data.params["hardware.name"]
-    ]  # fmt: skip
-    same = ["eval.limit", "eval.max_new_tokens", "eval.data_path", "eval.seq_len", "eval.stride",
-            "batch_size", "policy.lam"]  # fmt: skip
-    later = run_sweep(
-        ["-m", "policy=dbsc", "eval=gsm8k", *(f"{k}={dbsc[k]}" for k in same),
-         "cache=frac_25,frac_50", f"mlflow.tracking_uri={uri(out)}",
-         "mlflow.experiment=paper_grid"],
-        tmp_path,
-        ray=ray_head,
-    )  # fmt: skip
-    assert later.returncode == 0, later.stderr[-3000:]
-    assert "1 to run, 1 finished already" in later.stdout + later.stderr
-    # Its plan's estimate comes from the grid's runs of this model, task and size.
-    assert "estimate: " in later.stdout and "none yet" not in later.stdout
-    (new,) = [r for n, r in runs_by_name(out, "paper_grid").items() if "frac_50" in n]
-    assert new.data.tags.get("stream_source") == "stored" and "device" not in new.data.tags
+    # A later launch's plan estimates its time from these runs (model, task and size).
+    tracker = Tracker(uri(out), client.get_experiment_by_name("paper_grid").experiment_id)
+    passes_s, replay_s = tracker.timings()[timing_key("tiny", "gsm8k", 2)]
+    assert passes_s > 0 and replay_s > 0
