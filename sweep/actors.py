@@ -31,7 +31,7 @@ from sweep.cluster import Plan
 from sweep.errors import SweepError
 from sweep.jobs import Job, Outcome, load_runner, units_of
 from sweep.ledger import RECHECK_S
-from sweep.progress import Board, teller
+from sweep.progress import teller
 from sweep.tracking import RunRecord, Tracker
 
 
@@ -45,24 +45,31 @@ class RunActor:
         reuse_streams: bool = True,
         mrc_points: int = 0,
         optimality: bool = True,
-        board: Any = None,
     ):
         self.runner = load_runner(runner)
         self.models = worker.ModelCache(models_per_actor)
         self.tracker = Tracker(tracking_uri, experiment_id)
         self.reuse_streams, self.mrc_points = reuse_streams, mrc_points
         self.optimality = optimality
-        self.board = board  # sweep.progress.Board, where each model pass tells its progress
+        # Each pass's progress by its first job's index, read by the driver (`passes`) from the
+        # actor's second thread while the pass runs.
+        self.progress: dict[int, tuple[int, int, int, int]] = {}
 
     def stream_bytes(self, unit: list[Job], records: list[RunRecord]):
         """A unit's stream for replays on other workers (sweep.worker.stream_bytes)."""
-        progress = teller(self.board, unit[0].index, len(unit))
+        progress = teller(self.progress, unit[0].index, len(unit))
         return worker.stream_bytes(
             self.runner, self.models, unit, records, self.tracker, self.reuse_streams, progress
         )
 
+    def passes(self, keys: list[int]) -> dict[int, tuple[int, int, int, int]]:
+        """The progress of the passes `keys` (those in flight); the others are forgotten."""
+        for key in set(self.progress) - set(keys):  # in place: the tellers hold this dict
+            del self.progress[key]
+        return dict(self.progress)
+
     def execute(self, unit: list[Job], records: list[RunRecord]) -> list[Outcome]:
-        progress = teller(self.board, unit[0].index, len(unit))
+        progress = teller(self.progress, unit[0].index, len(unit))
         if unit[0].stream_key is None:
             return [
                 worker.execute(
@@ -117,16 +124,22 @@ class ActorPool:
         """With `plan.replay_tasks` a unit's actor records its stream and the replays run as
         one-CPU Ray tasks, so the actor (and its GPU) goes on to the next pass; else the actor
         replays."""
-        self.options = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus, "max_restarts": 0}
+        self.options = {
+            "num_cpus": plan.num_cpus,
+            "num_gpus": plan.num_gpus,
+            "max_restarts": 0,
+            # A second thread answers `passes` while the first runs a unit.
+            "max_concurrency": 2,
+        }
         self.actor_args = actor_args
         self.replay_task = ray.remote(num_cpus=1)(replay_task) if plan.replay_tasks else None
         self.remember = max(1, models_per_actor)
         self.max_actor_failures = max_actor_failures
         self.remote = ray.remote(RunActor)
-        # No CPU: it must find room on a cluster whose CPUs the actors take.
-        self.board = ray.remote(num_cpus=0)(Board).remote()
         self.members: list[Member] = []
         self.inflight: dict[Any, InFlight] = {}
+        # Passes that ended since the progress was last read: read once more, for their end.
+        self.ended: list[tuple[Member, int]] = []
         self.grow(plan.actors)
 
     def grow(self, size: int) -> None:
@@ -134,14 +147,25 @@ class ActorPool:
             self.members.append(self._spawn())
 
     def _spawn(self) -> Member:
-        return Member(
-            self.remote.options(**self.options).remote(*self.actor_args, board=self.board)
-        )
+        return Member(self.remote.options(**self.options).remote(*self.actor_args))
 
     def passes(self) -> dict[int, tuple[int, int, int, int]]:
-        """The progress of the model passes the actors run (sweep.progress.Board), by unit."""
-        units = [slot.unit[0].index for slot in self.inflight.values() if slot.member]
-        return ray.get(self.board.read.remote(units))
+        """The progress of the model passes the actors run, by unit (its first job's index)."""
+        keys: dict[int, tuple[Any, list[int]]] = {}
+        running = [(s.member, s.unit[0].index) for s in self.inflight.values() if s.member]
+        for member, key in [*running, *self.ended]:
+            keys.setdefault(id(member), (member.handle, []))[1].append(key)
+        self.ended = []
+        asked = [handle.passes.remote(units) for handle, units in keys.values()]
+        # An actor still starting answers later; the next read will have it.
+        ready, _ = ray.wait(asked, num_returns=len(asked), timeout=0.5) if asked else ([], [])
+        told: dict[int, tuple[int, int, int, int]] = {}
+        for ref in ready:
+            try:
+                told.update(ray.get(ref))
+            except RayError:  # a dead actor: the run loop deals with it
+                pass
+        return told
 
     def run(self, jobs: list[Job], ledger: Any, on_change: Callable[[int, int, int], None]):
         """Execute jobs; returns their outcomes by job index.
@@ -220,6 +244,7 @@ class ActorPool:
                     for job, outcome in zip(slot.unit, results):
                         outcomes[job.index] = ledger.received(outcome)
                     continue
+                self.ended.append((slot.member, slot.unit[0].index))
                 try:
                     results = ray.get(ref)
                     idle.append(slot.member)

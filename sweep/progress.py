@@ -2,10 +2,10 @@
 it runs, a result table at the end.
 
 A run's bar is tqdm's: on a terminal a live bar, in logs (CI, `ray job logs`) a plain line when
-the run starts, every `quiet_s` seconds and when it ends. A run on a Ray actor tells the driver
-its progress through a `Board` (an actor of its own): Ray's `tqdm_ray` draws a worker's bars on
-the driver too, but only in tqdm's redrawn form (no log lines), with no tokens/s, and where the
-driver cannot read them for the sweep's ETA.
+the run starts, every `quiet_s` seconds and when it ends. A run on a Ray actor keeps its progress
+on the actor, which the driver reads between its calls (sweep.actors.RunActor.passes): Ray's
+`tqdm_ray` draws a worker's bars on the driver too, but only in tqdm's redrawn form (no log
+lines), with no tokens/s, and where the driver cannot read them for the sweep's ETA.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ TABLE_COLUMNS = {
     "latency_decode_s_per_token": "latency [s/token]",
     "wall_s": "wall [s]",
 }
-# How often a run on an actor tells the board, at most (seconds).
-TELL_EVERY_S = 1.0
 
 
 class LogBar(tqdm):
@@ -96,34 +94,12 @@ class RunBar:
             self.bar.close()
 
 
-class Board:
-    """Where the model passes running on Ray actors leave their progress for the driver; made a
-    Ray actor by sweep.launcher. A pass is keyed by its first job's index and told as (runs it
-    serves, done, total, tokens)."""
-
-    def __init__(self) -> None:
-        self.passes: dict[int, tuple[int, int, int, int]] = {}
-
-    def tell(self, key: int, state: tuple[int, int, int, int]) -> None:
-        self.passes[key] = state
-
-    def read(self, running: Sequence[int]) -> dict[int, tuple[int, int, int, int]]:
-        """The passes of the units in flight (by key); those of units done are forgotten."""
-        self.passes = {k: self.passes[k] for k in running if k in self.passes}
-        return dict(self.passes)
-
-
-def teller(board, key: int, runs: int) -> Callable[[int, int, int], None]:
-    """A `progress(done, total, tokens)` for a pass on an actor, told to `board` (a Ray actor
-    handle) at most every TELL_EVERY_S and at its end, without waiting for the driver."""
-    last = -math.inf
+def teller(sink: dict, key: int, runs: int) -> Callable[[int, int, int], None]:
+    """A `progress(done, total, tokens)` for a pass on an actor: its state, (runs it serves, done,
+    total, tokens), kept in `sink` under `key` (its first job's index) for the driver to read."""
 
     def tell(done: int, total: int, tokens: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done == total or now - last >= TELL_EVERY_S:
-            board.tell.remote(key, (runs, done, total, tokens))
-            last = now
+        sink[key] = (runs, done, total, tokens)
 
     return tell
 

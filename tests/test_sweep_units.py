@@ -760,31 +760,18 @@ def test_the_sweep_eta_counts_the_passes_in_flight_by_their_share_done(monkeypat
     assert " 6/8 [" in last["[run] a=1 +1 replayed"] and " 1/2 [" in last["[run] a=2"]
 
 
-def test_the_board_keeps_the_passes_in_flight_and_a_teller_tells_it_at_most_every_second(
-    monkeypatch,
-):
-    from sweep import progress
+def test_an_actor_keeps_the_progress_of_its_passes_in_flight():
+    from sweep.actors import RunActor
+    from sweep.progress import teller
 
-    board = progress.Board()
-    told = []
-
-    class Handle:  # a Ray actor handle's shape: board.tell.remote(...)
-        class tell:
-            @staticmethod
-            def remote(key, state):
-                told.append((key, state))
-                board.tell(key, state)
-
-    now = [0.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    tell = progress.teller(Handle, key=4, runs=2)
-    for t, done in ((0.0, 0), (0.5, 1), (1.2, 2), (1.3, 8)):
-        now[0] = t
-        tell(done, 8, 10 * done)
-    assert told == [(4, (2, 0, 8, 0)), (4, (2, 2, 8, 20)), (4, (2, 8, 8, 80))]  # the end always
-    board.tell(9, (1, 1, 2, 3))
-    assert board.read([4]) == {4: (2, 8, 8, 80)}
-    assert board.read([4, 9]) == {4: (2, 8, 8, 80)}  # 9 was dropped: not in flight at the read
+    actor = RunActor.__new__(RunActor)  # no runner or store: only its progress is read here
+    actor.progress = {}
+    tell = teller(actor.progress, key=4, runs=2)
+    tell(2, 8, 20)
+    teller(actor.progress, key=9, runs=1)(1, 2, 3)
+    assert actor.passes([4]) == {4: (2, 2, 8, 20)}
+    tell(8, 8, 80)
+    assert actor.passes([4, 9]) == {4: (2, 8, 8, 80)}  # 9 was dropped: not in flight at a read
 
 
 def test_sweep_help_opens_with_what_the_sweep_does():
