@@ -86,11 +86,11 @@ def facets(cfg: RunConfig) -> set[tuple]:
     }  # fmt: skip
 
 
-def test_replay_equals_the_model_in_the_loop_on_12_random_configurations():
-    """12 draws that take every value of every choice at least once (checked: a seed or a `draw`
+def test_replay_equals_the_model_in_the_loop_on_10_random_configurations():
+    """10 draws that take every value of every choice at least once (checked: a seed or a `draw`
     that covers less fails here); each in-loop run is the expensive part."""
     rng = np.random.default_rng(151)
-    configs = [draw(rng) for _ in range(12)]
+    configs = [draw(rng) for _ in range(10)]
     every = set().union(*(facets(draw(np.random.default_rng(s))) for s in range(200)))
     assert set().union(*(facets(c) for c in configs)) == every
     loaded, streams = {}, {}
@@ -112,9 +112,9 @@ def test_replay_equals_the_model_in_the_loop_on_12_random_configurations():
             assert len(curve) == len(got["curves"][name]), name
             assert all(same(x, y) for x, y in zip(curve, got["curves"][name])), (cfg, name)
         checked += 1
-    assert checked == 12
+    assert checked == 10
     # Several configurations share each stream: that is the point.
-    assert len(streams) < 10
+    assert len(streams) < len(configs)
 
 
 @pytest.fixture(scope="module")
