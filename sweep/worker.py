@@ -259,6 +259,8 @@ def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: 
 
     fractions = [(i + 1) / points for i in range(points)]
     table = pd.DataFrame(runner.miss_ratio_curve(stream, cfg, fractions))
+    if table.empty:  # the stream has none (its requests depend on the cache)
+        return
     csv, png = tmp / "miss_ratio_curve.csv", tmp / "miss_ratio_curve.png"
     table.to_csv(csv, index=False)
     fig = plot_miss_ratio_curve(table, title=f"stream {stream.key} ({cfg.cache.eviction})")

@@ -21,7 +21,7 @@ from slicemoe.config import (
 )
 from slicemoe.hardware import PROFILES
 from slicemoe.models import read_shape
-from slicemoe.replay import replay, replayable, stream_key
+from slicemoe.replay import miss_ratio_curve, replay, replayable, stream_key
 from slicemoe.run import METRICS, capacity_bytes, load, record, run
 from slicemoe.stream import Stream
 
@@ -277,3 +277,5 @@ def test_a_cache_aware_pass_replays_as_the_model_in_the_loop_under_another_hardw
             assert same(expected[m], got[m]), (name, m, expected[m], got[m])
     assert expected["problems"] == got["problems"]
     assert expected["energy_decode_j_per_token"] != replay(stream, cfg)["energy_decode_j_per_token"]
+    # Its miss-ratio curve would replay requests another cache size would not have made.
+    assert miss_ratio_curve(stream, cfg, [0.2, 0.5]) == []
