@@ -110,11 +110,12 @@ class InFlight:
 
 
 def replay_task(
-    runner: str, tracking: tuple[str, str], npz: bytes, job, record, points: int, optimality: bool
-):
+    runner: str, tracking: tuple[str, str], npz: bytes, sha256: str, job, record, points: int,
+    optimality: bool,
+):  # fmt: skip
     """One replay on any CPU of the cluster, while the actors run the next model passes."""
     runner_module, tracker = load_runner(runner), Tracker(*tracking)
-    return worker.replay_bytes(runner_module, npz, job, record, tracker, points, optimality)
+    return worker.replay_bytes(runner_module, npz, sha256, job, record, tracker, points, optimality)
 
 
 class ActorPool:
@@ -303,8 +304,8 @@ class ActorPool:
         runner, _, uri, experiment, _, points, optimality = self.actor_args
         for n, (job, record) in enumerate(zip(slot.unit, [first, *slot.records[1:]])):
             ref = self.replay_task.remote(
-                runner, (uri, experiment), slot.npz, job, record, points if n == 0 else 0,
-                optimality,
+                runner, (uri, experiment), slot.npz, first.tags["stream_sha256"], job, record,
+                points if n == 0 else 0, optimality,
             )  # fmt: skip
             self.inflight[ref] = InFlight(None, [job], [record])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import hashlib
 import socket
 import sys
 import tempfile
@@ -140,13 +139,15 @@ def stream_bytes(
 def replay_bytes(
     runner: ModuleType,
     npz: bytes,
+    sha256: str,
     job: Job,
     record: RunRecord,
     tracker: Tracker,
     mrc_points: int = 0,
     optimality: bool = True,
 ) -> Outcome:
-    """The second half of execute_group for one job, from the bytes stream_bytes returned."""
+    """The second half of execute_group for one job, from the bytes stream_bytes returned and
+    their hash (its first record's tag stream_sha256: hashed once, where it was recorded)."""
     from slicemoe.stream import Stream
 
     recorded = record.tags.get("stream_source") == "recorded"
@@ -155,7 +156,7 @@ def replay_bytes(
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         (outcome,) = replay_all(
             runner, Stream.load(npz), [job], [record], tracker, mrc_points, Path(tmp),
-            sha256=hashlib.sha256(npz).hexdigest(), optimality=optimality,
+            sha256=sha256, optimality=optimality,
         )  # fmt: skip
         return outcome
 
