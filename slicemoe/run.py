@@ -43,6 +43,7 @@ __all__ = [
     "miss_ratio_curve",
     "optimality",
     "record",
+    "record_packed",
     "replay",
     "replayable",
     "run",
@@ -147,10 +148,13 @@ def _in_batches(n: int, size: int, run_batch) -> int:
     return min(size, n) if n else size  # the rows a batch had at most
 
 
-def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False, progress=None):
-    """The model pass: (the simulator with its meters, task scores, prompt tokens, the batch
-    size it ended with). The scores are per problem, in problem order, for generation tasks;
-    perplexity is one value. `progress(done, total, tokens)`: see `run`."""
+def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progress=None):
+    """The model pass of configs that share `loaded`, the task and the batch (several: packed,
+    side by side in every batch): (the simulator with each config's Group of meters, per config
+    the task scores, prompt tokens, the rows per config the batches ended with). The scores are
+    per problem, in problem order, for generation tasks; perplexity is one value.
+    `progress(done, total, tokens)`: see `run`, over the sequences of every config."""
+    cfg = cfgs[0]
     task = get_task_or_error(cfg.eval.task)
     tok = loaded.tokenizer
     if task.kind == "generate":
@@ -160,15 +164,16 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False, progress=Non
         windows = task.windows(cfg.eval, tok)
         prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]
         forced = [w.input_ids[max(w.n_context, 1) :] for w in windows]
+    groups = len(cfgs)
     tell = None
     if progress is not None:
-        progress(0, len(prompts), 0)
+        progress(0, len(prompts) * groups, 0)
 
         def tell(done, tokens):
-            progress(done, len(prompts), tokens)
+            progress(done, len(prompts) * groups, tokens)
 
-    sim = Simulator(cfg, loaded, record=record, progress=tell)
-    scores: dict[str, list] = {}
+    sim = Simulator(cfgs, loaded, record=record, progress=tell)
+    scores: list[dict[str, list]] = [{} for _ in cfgs]
     if task.kind == "generate":
         max_new = cfg.eval.max_new_tokens
         size = batch_size(cfg, loaded, max(map(len, prompts), default=1), max_new)
@@ -177,24 +182,36 @@ def _evaluate(cfg: RunConfig, loaded: Loaded, record: bool = False, progress=Non
             texts = sim.generate_until(
                 start, prompts[start:stop], task.stop, max_new, tok.eos_token_id
             )
-            for d, text in zip(docs[start:stop], texts):
-                for k, v in task.score(d, text).items():
-                    scores.setdefault(k, []).append(v)
+            n = stop - start
+            for g, group_scores in enumerate(scores):
+                for d, text in zip(docs[start:stop], texts[g * n : (g + 1) * n]):
+                    for k, v in task.score(d, text).items():
+                        group_scores.setdefault(k, []).append(v)
 
-        size = _in_batches(len(docs), size, run_batch)
+        size = _in_batches(len(docs), max(1, size // groups), run_batch)
     else:
         size = batch_size(
             cfg, loaded, max(map(len, prompts), default=1), max(map(len, forced), default=1)
         )
-        nlls = []
+        nlls: list[list] = [[] for _ in cfgs]
 
         def run_batch(start, stop):
-            for row in sim.loglikelihood(start, prompts[start:stop], forced[start:stop]):
-                nlls.extend(row)
+            rows = sim.loglikelihood(start, prompts[start:stop], forced[start:stop])
+            n = stop - start
+            for g, group_nlls in enumerate(nlls):
+                for row in rows[g * n : (g + 1) * n]:
+                    group_nlls.extend(row)
 
-        size = _in_batches(len(windows), size, run_batch)
-        scores["perplexity"] = [math.exp(float(np.mean(nlls)))] if nlls else [float("nan")]
+        size = _in_batches(len(windows), max(1, size // groups), run_batch)
+        for group_scores, group_nlls in zip(scores, nlls):
+            perplexity = math.exp(float(np.mean(group_nlls))) if group_nlls else float("nan")
+            group_scores["perplexity"] = [perplexity]
     return sim, scores, sum(map(len, prompts)), size
+
+
+# What configs packed into one model pass must share: each config's rows then see the same
+# prompts, padding and batches as they would alone.
+PACKED_ALIKE = ("model", "bits", "eval", "seed", "batch_size")
 
 
 def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded | None:
@@ -209,25 +226,54 @@ def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded | None:
 def record(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> Stream:
     """One model pass of a replayable config -> its request stream (slicemoe.stream);
     `progress`: see `run`."""
-    loaded = _prepare(cfg, loaded)
-    if cfg.stream_file is not None:  # the trace is the pass
-        return import_trace(cfg.stream_file, cfg=cfg)
-    if not replayable(cfg):
-        raise ValueError(
-            f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate ranking "
-            f"to depth {NEXT_GATE_DEPTH}; run it with the model in the loop, slicemoe.run.run"
-        )
-    if cache_independent(cfg):
-        # The stream does not depend on the cache or the prefetcher; any in-loop eviction
-        # records it. Otherwise they shape the requests, so they run as configured.
-        cfg = dataclasses.replace(
-            cfg, cache=dataclasses.replace(cfg.cache, eviction="lru"), prefetch=PrefetchConfig()
-        )
-    torch.manual_seed(cfg.seed)
-    sim, scores, _, size = _evaluate(cfg, loaded, record=True, progress=progress)
-    # The stream's config, for the record, is the one that ran: `auto` as the batch it chose.
-    config = dataclasses.asdict(dataclasses.replace(cfg, batch_size=size))
-    return sim.recorder.stream(stream_key(cfg), config, sim.dims, scores)
+    return record_packed([cfg], loaded, progress)[0]
+
+
+def record_packed(cfgs: list[RunConfig], loaded: Loaded | None = None, progress=None):
+    """One model pass of several replayable configs that share the fields PACKED_ALIKE, each
+    config's devices a group of rows in every batch (slicemoe.simulator) -> their request
+    streams, in order. Each is the stream `record` gives the config alone wherever a row's
+    results do not depend on the rest of its batch (the CPU; on CUDA see docs/replay.md)."""
+    if not cfgs:
+        raise ValueError("record_packed: no configs")
+    for cfg in cfgs[1:]:
+        for name in PACKED_ALIKE:
+            if getattr(cfg, name) != getattr(cfgs[0], name):
+                raise ValueError(
+                    f"record_packed: configs packed into one pass share {name}; "
+                    f"{getattr(cfg, name)!r} differs from {getattr(cfgs[0], name)!r}"
+                )
+    loaded = _prepare(cfgs[0], loaded)
+    for cfg in cfgs[1:]:
+        validate(cfg)
+    if cfgs[0].stream_file is not None:  # the trace is the pass
+        return [import_trace(cfg.stream_file, cfg=cfg) for cfg in cfgs]
+    ran = []
+    for cfg in cfgs:
+        if not replayable(cfg):
+            raise ValueError(
+                f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate "
+                f"ranking to depth {NEXT_GATE_DEPTH}; run it with the model in the loop, "
+                "slicemoe.run.run"
+            )
+        if cache_independent(cfg):
+            # The stream does not depend on the cache or the prefetcher; any in-loop eviction
+            # records it. Otherwise they shape the requests, so they run as configured.
+            cfg = dataclasses.replace(
+                cfg,
+                cache=dataclasses.replace(cfg.cache, eviction="lru"),
+                prefetch=PrefetchConfig(),
+            )
+        ran.append(cfg)
+    torch.manual_seed(cfgs[0].seed)
+    sim, scores, _, size = _evaluate(ran, loaded, record=True, progress=progress)
+    streams = []
+    for cfg, group, group_scores in zip(ran, sim.groups, scores):
+        # The stream's config, for the record, is the one that ran: `auto` as the batch it
+        # chose.
+        config = dataclasses.asdict(dataclasses.replace(cfg, batch_size=size))
+        streams.append(group.recorder.stream(stream_key(cfg), config, sim.dims, group_scores))
+    return streams
 
 
 def run(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> dict:
@@ -246,24 +292,25 @@ def run(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> dict:
         result["wall_s"] = time.time() - t0
         return result
     torch.manual_seed(cfg.seed)
-    sim, scores, prefill_tokens, size = _evaluate(cfg, loaded, cfg.trace, progress)
+    sim, (scores,), prefill_tokens, size = _evaluate([cfg], loaded, cfg.trace, progress)
+    (group,) = sim.groups
     result = assemble(
         cfg,
-        sim.rows(),
-        sim.prefill_cost,
-        sim.warmup_bytes,
+        group.rows(),
+        group.prefill_cost,
+        group.warmup_bytes,
         prefill_tokens,
         scores,
-        sim.capacity,
-        sim.fp.sizes["FULL"],
+        group.capacity,
+        group.fp.sizes["FULL"],
         reference_bytes(loaded.shape.expert_params),
-        (sim.layer_predicted, sim.layer_covered),
+        (group.layer_predicted, group.layer_covered),
     )
     # Not "batch_size": the config field of that name is logged beside it (MLflow params).
     result["batch_rows"] = size
-    result["trace_path"] = write_trace(cfg, sim.traces) if cfg.trace else None
+    result["trace_path"] = write_trace(cfg, group.traces) if cfg.trace else None
     if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
-        stream = sim.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
+        stream = group.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
         result["stream_path"] = str(stream.save(Path(result["trace_path"]).with_suffix(".npz")))
     result["wall_s"] = time.time() - t0
     return result

@@ -59,6 +59,30 @@ class Bindable:
         return self.route(self._state, layer, logits, bias, hidden)
 
 
+class Packed(Bindable):
+    """Runtimes that share a batch, each simulating its own rows (configs packed into one model
+    pass, slicemoe.simulator): bound to their states, in row order, it hands each runtime the
+    tokens of its rows and joins their routing."""
+
+    def __init__(self, runtimes: list):
+        self.runtimes = runtimes
+
+    def route(self, states: list, layer: int, logits: torch.Tensor, bias=None, hidden=None):
+        if len(self.runtimes) == 1:
+            return self.runtimes[0].route(states[0], layer, logits, bias, hidden)
+        rows = [len(state.valid) for state in states]
+        per_row = logits.shape[0] // sum(rows)  # prefill: a row's positions; decode: 1
+        weights, idx, start = [], [], 0
+        for runtime, state, n in zip(self.runtimes, states, rows):
+            part = slice(start, start + n * per_row)
+            h = None if hidden is None else hidden.reshape(logits.shape[0], -1)[part]
+            w, i = runtime.route(state, layer, logits[part], bias, h)
+            weights.append(w)
+            idx.append(i)
+            start = part.stop
+        return torch.cat(weights), torch.cat(idx)
+
+
 @dataclass
 class SeqState:
     """One simulated device: its cache, prefill counts, meters and decode tallies."""

@@ -5,10 +5,13 @@ Two request types share one prefill and one decode step, as evaluation libraries
   its first stop string;
 - `loglikelihood(first_seq, prompts, forced)`: teacher-forced decoding, the NLL of every forced
   token.
-Each call is one batch (rows = sequences first_seq, first_seq + 1, ...). The simulator keeps, over
-all batches, what a run's metrics are made of (slicemoe.run): the decode counters of every step
-summed over devices, the prefill cost, the warmup's Flash bytes, the request stream and traces.
-A batch adds to them only when it closes, so one that fails (out of GPU memory) leaves no trace.
+Each call is one batch (rows = sequences first_seq, first_seq + 1, ...). Several configs that
+share the loaded model can share the pass (packed): each is a `Group` of devices with its own
+runtime, caches, policy and hardware, and a batch holds the same sequences once per group, side
+by side. A group keeps, over all batches, what its run's metrics are made of (slicemoe.run): the
+decode counters of every step summed over its devices, the prefill cost, the warmup's Flash
+bytes, the request stream and traces. A batch adds to them only when it closes, so one that
+fails (out of GPU memory) leaves no trace.
 
 Decode step t of a batch chooses token t of every row (greedy, or the forced one) from the last
 logits and feeds it; every MoE layer routes through the runtime. The host learns that a row has
@@ -46,7 +49,7 @@ from slicemoe.models import gate_rule, model_dims, moe_blocks
 from slicemoe.models.adapter import install, router_logits
 from slicemoe.models.code_experts import CodeExperts
 from slicemoe.prefetch import NextGate, make_predictor
-from slicemoe.runtime import Runtime
+from slicemoe.runtime import Packed, Runtime
 from slicemoe.stream import Recorder
 from slicemoe.tensor_runtime import TensorRuntime
 from slicemoe.validate import capacity_bytes
@@ -57,12 +60,13 @@ CHECK_EVERY = 8
 
 @dataclass
 class Batch:
-    """One batch's decode state, passed to every step."""
+    """One batch's decode state, passed to every step. Rows are group-major: group g holds rows
+    g * n .. (g + 1) * n, the batch's n sequences once more."""
 
     first_seq: int
     lens: np.ndarray  # [B] prompt tokens
     limit: np.ndarray  # [B] decode steps each row may run
-    state: object  # the runtime's (runtime.Rows or tensor_runtime.Rows)
+    states: list  # each group's runtime state (runtime.Rows or tensor_runtime.Rows)
     kv: object  # DynamicKV or StaticKV
     logits: torch.Tensor  # [B, V] of the last forward pass
     pos: torch.Tensor  # [B] position of the next token
@@ -70,29 +74,26 @@ class Batch:
     tokens: torch.Tensor  # [B, steps + 1] the token chosen at each step
     forced: torch.Tensor | None  # [B, steps] teacher-forced tokens, pad past a row's end
     nll: torch.Tensor | None  # [B, steps]
-    # Prefill and warmup: the Cost of each row's prefill then warmup, in order, and the bytes
-    # each warmup filled; the run's only when the batch ends.
+    # Prefill and warmup, per group: the Cost of each row's prefill then warmup, in order, and
+    # the bytes each warmup filled; the group's only when the batch ends.
     prefill_costs: list
     warmup_bytes: list
     step: int = 0  # the step, on the host
     graph: Captured | None = None  # the decode step, captured (CUDA)
 
+    def rows(self, g: int) -> slice:
+        n = len(self.lens) // len(self.states)
+        return slice(g * n, (g + 1) * n)
 
-class Simulator:
-    def __init__(self, cfg: RunConfig, loaded, record: bool = False, static: bool | None = None,
-                 capture: bool = True, progress=None):  # fmt: skip
-        """`loaded`: slicemoe.run.Loaded; `record`: keep the request stream (slicemoe.stream);
-        `static`: the static KV cache (None: wherever every layer is full attention);
-        `capture`: the decode step as a CUDA graph wherever it can be; `progress(sequences,
-        tokens)`: told at most CHECK_EVERY decode steps apart the sequences ended and the
-        tokens decoded so far, over all batches (one that fails is forgotten, as it is here)."""
-        self.cfg, self.loaded, self.record = cfg, loaded, record
-        self.progress = progress
-        self.clock = loaded.clock
+
+class Group:
+    """One config's simulated devices in a pass (a row each per batch sequence): its runtime and
+    what its run's metrics are made of, over every batch that closed."""
+
+    def __init__(self, cfg: RunConfig, loaded, dims, record: bool, device: torch.device):
+        self.cfg = cfg
         model = loaded.model
-        self.model, self.device = model, torch.device(loaded.device)
-        self.dims = model_dims(model)
-        self.fp = fp = footprint(self.dims, loaded.shape, cfg.bits, cfg.hardware)
+        self.fp = fp = footprint(dims, loaded.shape, cfg.bits, cfg.hardware)
         gate = gate_rule(model.config)
         blocks = moe_blocks(model)
 
@@ -100,13 +101,14 @@ class Simulator:
             return router_logits(blocks[layer], hidden)
 
         self.recorder = Recorder(loaded.shape)
+        self.shape = loaded.shape
         self.capacity = capacity_bytes(cfg, loaded.shape)
         predictor = make_predictor(cfg.prefetch, gate.top_k, len(blocks))
         # One ranking per layer step serves both the stream and next_gate (which may read
         # deeper than the stream records).
         depth = max(self.recorder.depth, cfg.prefetch.top_m)
         ranker = NextGate(gate, logits, len(blocks), depth, cfg.policy.tau)
-        self.backend = backend(cfg, self.device)
+        self.backend = backend(cfg, device)
         rules = (gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
         if self.backend == "tensor":
             depth = self.recorder.depth if record else 0
@@ -115,18 +117,7 @@ class Simulator:
             )
         else:
             self.rt = Runtime(*rules)
-        install(model, self.rt)
-        if static and not static_kv(model):
-            raise ValueError("static=True: this model has layers that are not full attention")
-        self.static = static_kv(model) if static is None else static
-        # The decode step is captured where nothing in it waits for the host: the device
-        # runtime, with the experts as codes, on CUDA, with the static KV cache.
-        coded = all(isinstance(b.experts, CodeExperts) for b in blocks)
-        cuda = self.device.type == "cuda"
-        self.graphs = capture and self.static and coded and self.backend == "tensor" and cuda
-        self.cache_kw = cache_kw(model)
-        tok = loaded.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.record = record
         # Over all batches: step_rows[t] = COUNTERS of decode step t summed over every device;
         # per MoE layer, expert calls a prefetch was made for and those it covered.
         self.step_rows: list[np.ndarray] = []
@@ -135,6 +126,127 @@ class Simulator:
         layers = loaded.shape.num_moe_layers
         self.layer_predicted, self.layer_covered = np.zeros(layers), np.zeros(layers)
         self.traces = []
+
+    def begin(self, first_seq: int, valid: torch.Tensor):
+        caches = self._caches(len(valid), first_seq)
+        return caches, self.rt.begin(caches, valid, first_seq)
+
+    def warm(self, state, caches, first_seq: int, lens, steps):
+        """Each row's prompt streams through its cache, then the warmup, then decode: (the
+        Costs of each row's prefill then warmup, the bytes each warmup filled)."""
+        cfg = self.cfg
+        counts = self.rt.counts(state)
+        sliced = is_sliced(cfg.policy.precision)
+        costs, fills = [], []
+        for i, c in enumerate(caches):
+            costs.append(prefill_cost(self.fp, cfg.hardware, c, counts[i], int(lens[i]), sliced))
+            # Seeded per sequence, so a sequence warms up alike in any batch.
+            rng = np.random.default_rng([cfg.seed, first_seq + i])
+            cost, filled = warm_up(
+                self.fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng
+            )
+            costs.append(cost.total())
+            fills.append(filled)
+        self.rt.to_decode(state, caches, lens, steps)
+        return costs, fills
+
+    def read(self, state, steps: np.ndarray):
+        """What a batch whose row b consumed steps[b] tokens adds to the run, each row's from the
+        steps it ran only, read from the device (`add` changes the run's totals)."""
+        ran = int(steps.max(initial=0))
+        history, layer_history = self.rt.history(state, ran)
+        records = None
+        if self.record:
+            records = self.rt.counts(state), self.rt.records(state, steps)
+        counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
+        kept = np.arange(ran)[:, None] < steps[None, :]
+        rows = (counters * kept[..., None]).sum(1)
+        layers = [layer_history[steps[b] - 1, b] for b in np.nonzero(steps)[0]]
+        traces = None
+        if self.cfg.trace:
+            # (sequence, phase, step, ...): decode requests of the steps the row ran
+            traces = [
+                [r for r in st.cache.trace if r[1] == "prefill" or r[2] < steps[b]]
+                for b, st in enumerate(state.seqs)
+            ]
+        return rows, layers, records, traces
+
+    def add(self, read, first_seq: int, lens, costs, fills) -> None:
+        """A closed batch's prefill cost, counters, request stream and traces join the run's."""
+        rows, layers, records, traces = read
+        for cost in costs:
+            self.prefill_cost += cost
+        for filled in fills:
+            self.warmup_bytes += filled
+        while len(self.step_rows) < len(rows):
+            self.step_rows.append(np.zeros(len(COUNTERS)))
+        for t, row in enumerate(rows):
+            self.step_rows[t] += row
+        for predicted, covered in layers:
+            self.layer_predicted += predicted
+            self.layer_covered += covered
+        if records is not None:
+            counts, rows_records = records
+            for b, record in enumerate(rows_records):
+                self.recorder.add(first_seq + b, int(lens[b]), counts[b], *record)
+        if traces is not None:
+            self.traces.extend(traces)
+
+    def rows(self) -> np.ndarray:
+        """[steps, COUNTERS]: every decode step's counters, summed over all devices."""
+        return np.array(self.step_rows).reshape(-1, len(COUNTERS))
+
+    def _caches(self, n: int, first_seq: int) -> list[SliceCache]:
+        shape, cfg = self.shape, self.cfg
+        caches = []
+        for i in range(n):
+            # Seeded as the replay seeds a sequence's cache (LeCaR draws), in any batch.
+            c = SliceCache(
+                self.capacity, self.fp.sizes, shape.num_moe_layers, shape.num_experts,
+                cfg.cache.eviction, params=eviction_params(cfg.cache), seed=cfg.seed,
+            )  # fmt: skip
+            c.trace = [] if cfg.trace else None
+            c.tag = (first_seq + i, "prefill", -1)
+            c.counting = False  # statistics are decode statistics
+            caches.append(c)
+        return caches
+
+
+class Simulator:
+    def __init__(self, cfgs, loaded, record: bool = False, static: bool | None = None,
+                 capture: bool = True, progress=None):  # fmt: skip
+        """`cfgs`: a RunConfig, or several that share `loaded` (packed: each a Group of rows of
+        every batch); `loaded`: slicemoe.run.Loaded; `record`: keep the request streams
+        (slicemoe.stream); `static`: the static KV cache (None: wherever every layer is full
+        attention); `capture`: the decode step as a CUDA graph wherever it can be;
+        `progress(sequences, tokens)`: told at most CHECK_EVERY decode steps apart the
+        sequences (rows) ended and the tokens decoded so far, over all batches (one that fails
+        is forgotten, as it is here)."""
+        cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
+        self.loaded, self.record = loaded, record
+        self.progress = progress
+        self.clock = loaded.clock
+        model = loaded.model
+        self.model, self.device = model, torch.device(loaded.device)
+        self.dims = model_dims(model)
+        self.groups = [Group(c, loaded, self.dims, record, self.device) for c in cfgs]
+        backends = {g.backend for g in self.groups}
+        if len(backends) > 1:
+            raise ValueError(f"packed configs run on one backend, not {sorted(backends)}")
+        (self.backend,) = backends
+        self.rt = Packed([g.rt for g in self.groups])
+        install(model, self.rt)
+        if static and not static_kv(model):
+            raise ValueError("static=True: this model has layers that are not full attention")
+        self.static = static_kv(model) if static is None else static
+        # The decode step is captured where nothing in it waits for the host: the device
+        # runtime, with the experts as codes, on CUDA, with the static KV cache.
+        coded = all(isinstance(b.experts, CodeExperts) for b in moe_blocks(model))
+        cuda = self.device.type == "cuda"
+        self.graphs = capture and self.static and coded and self.backend == "tensor" and cuda
+        self.cache_kw = cache_kw(model)
+        tok = loaded.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.ended = self.decoded = 0  # sequences and decode tokens of the closed batches
 
     # --- the two request types ------------------------------------------------------------
@@ -142,11 +254,12 @@ class Simulator:
     @torch.no_grad()
     def generate_until(self, first_seq, prompts, stop=(), max_new=64, eos=None) -> list[str]:
         """Greedy continuations of `prompts` (token lists), up to `max_new` tokens, eos or a
-        stop string; each text cut at its first stop string."""
+        stop string; each text cut at its first stop string. Packed: the texts of every group,
+        one after another."""
         with self._timed("prefill"):
             batch = self.prefill(first_seq, prompts, steps=np.full(len(prompts), max_new - 1))
         tok = self.loaded.tokenizer
-        rows = len(prompts)
+        rows = len(batch.lens)
         finish = np.full(rows, -1)  # the step whose token stopped the row
         texts = [""] * rows
         seen = 0  # tokens the host has looked at
@@ -180,10 +293,13 @@ class Simulator:
 
     @torch.no_grad()
     def loglikelihood(self, first_seq, prompts, forced) -> list[list[float]]:
-        """The NLL of each token of `forced[b]` (token lists) after `prompts[b]`, teacher-forced."""
-        lens = np.array([len(f) for f in forced])
+        """The NLL of each token of `forced[b]` (token lists) after `prompts[b]`, teacher-forced.
+        Packed: the NLLs of every group, one after another."""
         with self._timed("prefill"):
-            batch = self.prefill(first_seq, prompts, steps=lens, forced=forced)
+            batch = self.prefill(
+                first_seq, prompts, steps=np.array([len(f) for f in forced]), forced=forced
+            )
+        lens = batch.limit
         steps = int(lens.max(initial=0))
         with self._timed("decode"):
             for t in range(steps):
@@ -209,10 +325,11 @@ class Simulator:
     # --- prefill and the decode step ----------------------------------------------------------
 
     def prefill(self, first_seq: int, prompts, steps: np.ndarray, forced=None) -> Batch:
-        """Prompts through the model (left-padded, each row its own positions), every used
-        expert streamed through each row's cache, then the warmup: a Batch ready to decode,
-        row b for up to steps[b] steps."""
-        cfg, rt, dev, fp = self.cfg, self.rt, self.device, self.fp
+        """Prompts through the model once per group (left-padded, each row its own positions),
+        every used expert streamed through each row's cache, then the warmup: a Batch ready to
+        decode, the rows of prompt i for up to steps[i] steps."""
+        dev, groups = self.device, len(self.groups)
+        prompts, steps = list(prompts) * groups, np.tile(steps, groups)
         rows = len(prompts)
         lens = np.array([len(p) for p in prompts])
         s = int(lens.max())
@@ -222,37 +339,35 @@ class Simulator:
             ids[i, s - len(p) :] = torch.tensor(p)
             mask[i, s - len(p) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        caches = self._caches(rows, first_seq)
-        state = rt.begin(caches, mask.bool().to(dev), first_seq)
+        n = rows // groups
+        begun = [
+            g.begin(first_seq, mask[i * n : (i + 1) * n].bool().to(dev))
+            for i, g in enumerate(self.groups)
+        ]
+        states = [state for _, state in begun]
         horizon = int(steps.max(initial=0))
         kv = (StaticKV if self.static else DynamicKV)(self.model, self.cache_kw, rows, s + horizon)
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         for a, b in kv.pieces(rows, s):
-            # the runtime's prefill counts take the piece's positions
-            with rt.bound(replace(state, valid=state.valid[:, a:b])):
+            # the runtimes' prefill counts take the piece's positions
+            with self.rt.bound([replace(st, valid=st.valid[:, a:b]) for st in states]):
                 logits = kv.prefill(ids[:, a:b], mask[:, :b], pos[:, a:b])
-        counts = rt.counts(state)
-        sliced = is_sliced(cfg.policy.precision)
-        costs, fills = [], []
-        for i, c in enumerate(caches):
-            costs.append(prefill_cost(fp, cfg.hardware, c, counts[i], int(lens[i]), sliced))
-            # Seeded per sequence, so a sequence warms up alike in any batch.
-            rng = np.random.default_rng([cfg.seed, first_seq + i])
-            cost, filled = warm_up(fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng)
-            costs.append(cost.total())
-            fills.append(filled)
-        rt.to_decode(state, caches, lens, steps)
+        warmed = [
+            g.warm(state, caches, first_seq, lens[:n], steps[:n])
+            for g, (caches, state) in zip(self.groups, begun)
+        ]
         tokens = torch.full((rows, horizon + 1), self.pad, dtype=torch.long, device=dev)
         forced_t = nll = None
         if forced is not None:
             forced_t = torch.full((rows, max(horizon, 1)), self.pad, dtype=torch.long)
-            for i, f in enumerate(forced):
+            for i, f in enumerate(list(forced) * groups):
                 forced_t[i, : len(f)] = torch.tensor(f, dtype=torch.long)
             forced_t = forced_t.to(dev)
             nll = torch.zeros((rows, max(horizon, 1)), dtype=torch.float32, device=dev)
         return Batch(
-            first_seq, lens, np.asarray(steps), state, kv, logits, pos[:, -1].to(dev) + 1,
-            torch.zeros((), dtype=torch.long, device=dev), tokens, forced_t, nll, costs, fills,
+            first_seq, lens, steps, states, kv, logits, pos[:, -1].to(dev) + 1,
+            torch.zeros((), dtype=torch.long, device=dev), tokens, forced_t, nll,
+            [costs for costs, _ in warmed], [fills for _, fills in warmed],
         )  # fmt: skip
 
     def decode_step(self, batch: Batch, active: np.ndarray, feed: bool = True) -> None:
@@ -273,10 +388,12 @@ class Simulator:
     def _step(self, batch: Batch, active) -> None:
         """One decode step in device operations (replayable as a CUDA graph)."""
         tok = self._choose(batch)
-        self.rt.begin_step(batch.state, batch.step, active)
-        with self.rt.bound(batch.state):
+        for i, (g, state) in enumerate(zip(self.groups, batch.states)):
+            g.rt.begin_step(state, batch.step, None if active is None else active[batch.rows(i)])
+        with self.rt.bound(batch.states):
             logits = batch.kv.step(tok, batch.pos)
-        self.rt.end_step(batch.state)
+        for g, state in zip(self.groups, batch.states):
+            g.rt.end_step(state)
         batch.logits.copy_(logits)
         batch.pos += 1
         batch.t += 1
@@ -294,61 +411,21 @@ class Simulator:
         return tok
 
     def end(self, batch: Batch, steps: np.ndarray) -> None:
-        """Close a batch whose row b consumed steps[b] tokens: its prefill cost, counters,
-        request stream and traces join the run's, each row's from the steps it ran only.
-        Everything is read from the device before any of the run's totals changes."""
+        """Close a batch whose row b consumed steps[b] tokens: each group's share joins its run,
+        read from the device before any group's totals change."""
         # The captured step refers to the batch it steps: dropped now rather than whenever the
         # garbage collector finds that cycle, the KV cache is freed before the next batch's.
         batch.graph = None
-        ran = int(steps.max(initial=0))
-        history, layer_history = self.rt.history(batch.state, ran)
-        if self.record:
-            counts = self.rt.counts(batch.state)
-            records = self.rt.records(batch.state, steps)
-        counters = np.diff(history, axis=0, prepend=0.0)  # [ran, B, C] per step and row
-        kept = np.arange(ran)[:, None] < steps[None, :]
-        rows = (counters * kept[..., None]).sum(1)
+        reads = [
+            g.read(state, steps[batch.rows(i)])
+            for i, (g, state) in enumerate(zip(self.groups, batch.states))
+        ]
+        for i, (g, read) in enumerate(zip(self.groups, reads)):
+            rows = batch.rows(i)
+            g.add(read, batch.first_seq, batch.lens[rows], batch.prefill_costs[i],
+                  batch.warmup_bytes[i])  # fmt: skip
         self.ended += len(steps)
         self.decoded += int(steps.sum())
-        for cost in batch.prefill_costs:
-            self.prefill_cost += cost
-        for filled in batch.warmup_bytes:
-            self.warmup_bytes += filled
-        while len(self.step_rows) < ran:
-            self.step_rows.append(np.zeros(len(COUNTERS)))
-        for t in range(ran):
-            self.step_rows[t] += rows[t]
-        for b in np.nonzero(steps)[0]:
-            self.layer_predicted += layer_history[steps[b] - 1, b, 0]
-            self.layer_covered += layer_history[steps[b] - 1, b, 1]
-        if self.record:
-            for b, record in enumerate(records):
-                self.recorder.add(batch.first_seq + b, int(batch.lens[b]), counts[b], *record)
-        if self.cfg.trace:
-            for b, st in enumerate(batch.state.seqs):
-                # (sequence, phase, step, ...): decode requests of the steps the row ran
-                trace = [r for r in st.cache.trace if r[1] == "prefill" or r[2] < steps[b]]
-                self.traces.append(trace)
-
-    def rows(self) -> np.ndarray:
-        """[steps, COUNTERS]: every decode step's counters, summed over all devices."""
-        return np.array(self.step_rows).reshape(-1, len(COUNTERS))
-
-    def _caches(self, n: int, first_seq: int) -> list[SliceCache]:
-        shape = self.loaded.shape
-        caches = []
-        for i in range(n):
-            # Seeded as the replay seeds a sequence's cache (LeCaR draws), in any batch.
-            c = SliceCache(
-                self.capacity, self.fp.sizes, shape.num_moe_layers, shape.num_experts,
-                self.cfg.cache.eviction, params=eviction_params(self.cfg.cache),
-                seed=self.cfg.seed,
-            )  # fmt: skip
-            c.trace = [] if self.cfg.trace else None
-            c.tag = (first_seq + i, "prefill", -1)
-            c.counting = False  # statistics are decode statistics
-            caches.append(c)
-        return caches
 
 
 class Clock:

@@ -125,7 +125,8 @@ def test_the_static_kv_cache_scores_like_the_dynamic_one(monkeypatch):
         if budget:
             monkeypatch.setattr(simulator, "PREFILL_TOKENS", budget)
         sim = Simulator(cfg, loaded, static=static)
-        results.append((sim.loglikelihood(0, prompts, forced), sim.rows(), sim.prefill_cost))
+        (group,) = sim.groups
+        results.append((sim.loglikelihood(0, prompts, forced), group.rows(), group.prefill_cost))
     nll_d, rows_d, prefill_d = results[0]
     # On CUDA the two caches' attention calls take different SDPA kernels (the dynamic cache
     # passes transformers' own mask, the static one an explicit additive mask), whose float32
@@ -171,7 +172,7 @@ def test_on_cuda_the_captured_step_replays_the_eager_one_and_the_runtimes_agree(
         sim = Simulator(on(cfg, backend), loaded, static=static, capture=graphs)
         assert sim.graphs == graphs
         texts = sim.generate_until(0, prompts, stop=("\n\n",), max_new=40)
-        out[name] = texts, sim.rows()
+        out[name] = texts, sim.groups[0].rows()
     assert out["graph"][0] == out["eager"][0]
     assert np.array_equal(out["graph"][1], out["eager"][1])
     assert out["tensor dynamic"][0] == out["python dynamic"][0]

@@ -270,7 +270,7 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (7, 11)]
     sim.generate_until(0, prompts, max_new=8)
-    rows = sim.rows()
+    rows = sim.groups[0].rows()
     assert np.isfinite(rows).all() and rows[:, COL["tokens"]].sum() == 2 * 7
     assert rows[:, COL["requests_LSB"]].sum() > 0 and rows[:, COL["misses_MSB"]].sum() > 0
     assert 0 < rows[:, COL["highbit_calls"]].sum() < rows[:, COL["expert_calls"]].sum()

@@ -22,7 +22,7 @@ from slicemoe.config import (
 from slicemoe.hardware import PROFILES
 from slicemoe.models import read_shape
 from slicemoe.replay import miss_ratio_curve, replay, replayable, stream_key
-from slicemoe.run import METRICS, capacity_bytes, load, record, run
+from slicemoe.run import METRICS, capacity_bytes, load, record, record_packed, run
 from slicemoe.stream import Stream
 
 # On one xdist worker, so that the recorded stream is built once.
@@ -254,6 +254,11 @@ CACHE_AWARE = {
 }
 
 
+CACHE_AWARE_RUN = replace(
+    BASE, policy=CACHE_AWARE["cache_prior_running_target"], cache=CacheConfig(frac=0.1)
+)
+
+
 @pytest.mark.parametrize("name", sorted(CACHE_AWARE))
 def test_a_cache_aware_pass_replays_as_the_model_in_the_loop_under_another_hardware(loaded, name):
     """The requests of a cache-aware run depend on its cache and policy, not on the hardware
@@ -279,3 +284,30 @@ def test_a_cache_aware_pass_replays_as_the_model_in_the_loop_under_another_hardw
     assert expected["energy_decode_j_per_token"] != replay(stream, cfg)["energy_decode_j_per_token"]
     # Its miss-ratio curve would replay requests another cache size would not have made.
     assert miss_ratio_curve(stream, cfg, [0.2, 0.5]) == []
+
+
+def test_configs_packed_into_one_pass_record_what_each_records_alone(loaded):
+    """Configs sharing one model pass, each its own rows of every batch (on the device runtime,
+    as on a GPU): two cache-aware ones at other cache sizes, one with a prefetcher. Each stream
+    is the one its config records alone, so its replays equal its solo in-loop runs (above)."""
+    small = dict(model=replace(BASE.model, backend="tensor"), eval=EvalConfig(limit=2, max_new_tokens=12))
+    cfgs = [
+        replace(CACHE_AWARE_RUN, **small),
+        replace(
+            BASE,
+            **small,
+            policy=CACHE_AWARE["cumsum"],
+            cache=CacheConfig(frac=0.3),
+            prefetch=PrefetchConfig(name="p", predictor="prev_token"),
+        ),
+    ]
+    packed = record_packed(cfgs, loaded)
+    for cfg, got in zip(cfgs, packed):
+        want = record(cfg, loaded)
+        assert got.key == want.key
+        for name in ("prompt_len", "prefill_counts", "decode_steps", "experts", "high",
+                     "next_gate", "next_gate_critical"):  # fmt: skip
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (cfg.policy, name)
+        assert got.scores == want.scores
+    with pytest.raises(ValueError, match="share eval"):
+        record_packed([BASE, replace(BASE, eval=replace(BASE.eval, limit=1))], loaded)
