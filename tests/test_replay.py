@@ -290,7 +290,9 @@ def test_configs_packed_into_one_pass_record_what_each_records_alone(loaded):
     """Configs sharing one model pass, each its own rows of every batch (on the device runtime,
     as on a GPU): two cache-aware ones at other cache sizes, one with a prefetcher. Each stream
     is the one its config records alone, so its replays equal its solo in-loop runs (above)."""
-    small = dict(model=replace(BASE.model, backend="tensor"), eval=EvalConfig(limit=2, max_new_tokens=12))
+    small = dict(
+        model=replace(BASE.model, backend="tensor"), eval=EvalConfig(limit=2, max_new_tokens=12)
+    )
     cfgs = [
         replace(CACHE_AWARE_RUN, **small),
         replace(
