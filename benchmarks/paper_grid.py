@@ -29,7 +29,8 @@ DATA = ROOT.parent / "shared/data"  # gsm8k/ and wikitext-2/test.txt
 QWEN = ROOT / "slicemoe/checkpoints/configs/qwen1.5-moe-a2.7b/config.json"
 # --small: three of Fig. 8's policies (two cache-independent streams, one cache-aware) and
 # Cache-Prior at one strength, one cache size, no Fig. 10, Table 1's asymmetric high-bit row at
-# MAT84, short sequences: every kind of pass (cache-independent, cache-aware, perplexity).
+# MAT84, short sequences: every kind of pass (cache-independent, cache-aware, perplexity), the
+# four GSM8K ones packed into one.
 SMALL = [
     "model=tiny", "cache=frac_25", "policy.lam=0.2", "bits=mat84", "bits.symmetric=false",
     'hydra.sweeper.grids.fig8.policy="lru_lowbit,dbsc_pcw,cumsum"',
@@ -37,6 +38,7 @@ SMALL = [
     "eval.max_new_tokens=8", "eval.seq_len=32", "eval.stride=32", "batch_size=2",
     "~hydra.sweeper.grids.fig10", "~hydra.sweeper.grids.table1_low_sym",
     "~hydra.sweeper.grids.table1_low_asym", "ray.object_store_mb=128", "sweep.optimality=true",
+    "sweep.pack_rows=8",
 ]  # fmt: skip
 
 
@@ -48,8 +50,9 @@ def summary(uri: str, experiment: str, wall_s: float) -> dict:
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], "tags.role = 'run'", max_results=5000)
     tags = [r.data.tags for r in runs]
-    # A pass is a stream's recording, or a run with the model in the loop.
-    passes = [float(t["stream_record_s"]) for t in tags if "stream_record_s" in t]
+    # A pass is a recording (of several streams, packed), or a run with the model in the loop.
+    recorded = {t["stream_pass"]: float(t["stream_record_s"]) for t in tags if "stream_pass" in t}
+    passes = list(recorded.values())
     passes += [
         r.data.metrics.get("wall_s", 0.0) for r, t in zip(runs, tags) if "replayed_from" not in t
     ]

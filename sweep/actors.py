@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from sweep import worker
 from sweep.cluster import Plan
 from sweep.errors import SweepError
-from sweep.jobs import Job, Outcome, load_runner, units_of
+from sweep.jobs import Job, Outcome, load_runner
 from sweep.ledger import RECHECK_S
 from sweep.progress import teller
 from sweep.tracking import RunRecord, Tracker
@@ -106,7 +106,7 @@ class InFlight:
     member: Member | None  # None: a replay task
     unit: list[Job]
     records: list[RunRecord]
-    npz: Any = None  # the stream's bytes, when the unit's replays run as tasks
+    npz: Any = None  # each stream's bytes, when the unit's replays run as tasks
 
 
 def replay_task(
@@ -168,8 +168,9 @@ class ActorPool:
                 pass
         return told
 
-    def run(self, jobs: list[Job], ledger: Any, on_change: Callable[[int, int, int], None]):
-        """Execute jobs; returns their outcomes by job index.
+    def run(self, units: list[list[Job]], ledger: Any, on_change: Callable[[int, int, int], None]):
+        """Execute the jobs of `units` (sweep.jobs.units_of: each one model pass or one run with
+        the model in the loop); returns their outcomes by job index.
 
         ledger.claim(job) claims the job's run right before dispatch: its RunRecord, an Outcome
         when another driver finished it meanwhile, or None when a live driver holds it (parked);
@@ -179,7 +180,7 @@ class ActorPool:
         outcome if the run had finished before; ledger.tick() is called about once a second.
         """
         queues: dict[str, deque[list[Job]]] = {}
-        for unit in units_of(jobs):
+        for unit in units:
             queues.setdefault(unit[0].load_key, deque()).append(unit)
         idle = list(self.members)
         deaths: Counter[int] = Counter()
@@ -225,7 +226,8 @@ class ActorPool:
                     continue
                 member.serve(key, self.remember)
                 if self.replay_task is not None and claimed[0].stream_key is not None:
-                    head, npz = member.handle.stream_bytes.options(num_returns=2).remote(
+                    streams = len({job.stream_key for job in claimed})
+                    head, *npz = member.handle.stream_bytes.options(num_returns=1 + streams).remote(
                         claimed, records
                     )
                     self.inflight[head] = InFlight(member, claimed, records, npz)
@@ -249,7 +251,7 @@ class ActorPool:
                 try:
                     results = ray.get(ref)
                     idle.append(slot.member)
-                    if slot.npz is not None and isinstance(results, RunRecord):
+                    if slot.npz is not None and isinstance(results[0], RunRecord):
                         self._replay(slot, results)
                         results = []
                 except RayActorError as err:
@@ -299,15 +301,19 @@ class ActorPool:
             on_change(running, finished, len(outcomes) - finished)
         return outcomes
 
-    def _replay(self, slot: InFlight, first: RunRecord) -> None:
-        """Dispatch one replay task per job of a unit whose actor returned its stream."""
+    def _replay(self, slot: InFlight, heads: list[RunRecord]) -> None:
+        """Dispatch one replay task per job of a unit whose actor returned its streams: the
+        first record of each stream key's jobs, as the actor tagged it, and each stream's
+        bytes."""
         runner, _, uri, experiment, _, points, optimality = self.actor_args
-        for n, (job, record) in enumerate(zip(slot.unit, [first, *slot.records[1:]])):
-            ref = self.replay_task.remote(
-                runner, (uri, experiment), slot.npz, first.tags["stream_sha256"], job, record,
-                points if n == 0 else 0, optimality,
-            )  # fmt: skip
-            self.inflight[ref] = InFlight(None, [job], [record])
+        parts = worker.by_stream(slot.unit, slot.records)
+        for (jobs, records), head, npz in zip(parts, heads, slot.npz):
+            for n, (job, record) in enumerate(zip(jobs, [head, *records[1:]])):
+                ref = self.replay_task.remote(
+                    runner, (uri, experiment), npz, head.tags["stream_sha256"], job, record,
+                    points if n == 0 else 0, optimality,
+                )  # fmt: skip
+                self.inflight[ref] = InFlight(None, [job], [record])
 
     @staticmethod
     def _replayed(ref, slot: InFlight, ledger) -> list[Outcome]:

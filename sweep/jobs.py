@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slicemoe.config import RunConfig
 from slicemoe.run import METRICS as RESULT_METRICS  # logged to MLflow under these names
+from slicemoe.run import PACKED_ALIKE
 from sweep import schema
 from sweep.errors import SweepError
 
@@ -97,9 +98,11 @@ def run_key(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def units_of(jobs: list[Job]) -> list[list[Job]]:
+def units_of(jobs: list[Job], pack_rows: int | None = 0) -> list[list[Job]]:
     """Jobs with one stream key form one unit (one model pass); every other job is a unit of its
-    own."""
+    own. With `pack_rows`, units whose passes may share one (slicemoe.run.record_packed: same
+    model, bits, task, seed and batch) are joined, their jobs one stream key after another,
+    while their problems together stay within that many rows (see `pack_rows`)."""
     groups: dict[str, list[Job]] = {}
     units: list[list[Job]] = []
     for job in jobs:
@@ -110,7 +113,27 @@ def units_of(jobs: list[Job]) -> list[list[Job]]:
         else:
             groups[job.stream_key] = [job]
             units.append(groups[job.stream_key])
-    return units
+    if pack_rows == 0:
+        return units
+    packed: list[list[Job]] = []
+    open_units: dict[str, tuple[list[Job], int]] = {}  # pack key -> (unit, configs in it)
+    for unit in units:
+        c = unit[0].config
+        rows = c.batch_size if pack_rows is None else pack_rows
+        per_config = c.eval.limit
+        fits = isinstance(rows, int) and per_config and 2 * per_config <= rows
+        if unit[0].stream_key is None or c.stream_file is not None or not fits:
+            packed.append(unit)
+            continue
+        key = json.dumps([asdict(c)[name] for name in PACKED_ALIKE], sort_keys=True)
+        joined, n = open_units.get(key, (None, 0))
+        if joined is not None and (n + 1) * per_config <= rows:
+            joined.extend(unit)
+            open_units[key] = (joined, n + 1)
+        else:
+            packed.append(unit)
+            open_units[key] = (unit, 1)
+    return packed
 
 
 def load_runner(name: str) -> ModuleType:

@@ -101,7 +101,9 @@ class Multirun:
             f"{len(jobs)} runs: {len(todo)} to run, {skipped} finished already or duplicated "
             f"(experiment {cfg.mlflow.experiment!r}, parent run {self.ledger.parent_id})"
         )
-        outcomes = self._execute(cfg, list(todo.values()), len(jobs), skipped)
+        # Passes share a pass (packed) only through a runner that can record them so.
+        pack_rows = cfg.sweep.pack_rows if callable(getattr(runner, "record_packed", None)) else 0
+        outcomes = self._execute(cfg, list(todo.values()), len(jobs), skipped, pack_rows)
         by_key = {j.key: outcomes[j.index] for j in todo.values() if j.index in outcomes}
         self.done.update({k: o for k, o in by_key.items() if o.status == "FINISHED"})
         results = [(job, by_key.get(job.key) or done[job.key]) for job in jobs]
@@ -142,7 +144,7 @@ class Multirun:
             self.ledger.reopen_parent()
 
     def _execute(
-        self, cfg: DictConfig, jobs: list[Job], total: int, skipped: int
+        self, cfg: DictConfig, jobs: list[Job], total: int, skipped: int, pack_rows: int | None
     ) -> dict[int, Outcome]:
         names = dict(zip((j.index for j in jobs), short_names([j.name for j in jobs])))
         progress = Progress(total=total, skipped=skipped, names=names)
@@ -151,12 +153,12 @@ class Multirun:
             return {}
         pool = None
         try:
-            # Jobs sharing a request stream run on one actor: size the pool by units.
-            units = units_of(jobs)
+            # Jobs sharing a model pass run on one actor: size the pool by units.
+            units = units_of(jobs, pack_rows)
             pool, plan = self._pool(cfg, len(units))
             if not self.rows:  # the first batch: an optimising sweeper sends many
                 print(plan_text(units, plan, self.ledger.tracker.timings()), flush=True)
-            return pool.run(jobs, self.ledger, lambda *n: progress.update(*n, pool.passes()))
+            return pool.run(units, self.ledger, lambda *n: progress.update(*n, pool.passes()))
         except BaseException:
             # Ctrl-C or a driver error: leave no run RUNNING; the relaunch reruns these. Runs an
             # actor finished (replayed members of a unit) stay FINISHED.
@@ -223,16 +225,20 @@ class Multirun:
 
 
 def plan_text(units: list[list[Job]], plan: Any, timings: dict) -> str:
-    """What the launch will do: model passes (each with the replays it feeds), runs with the
-    model in the loop, and a time estimated from earlier runs of the same model, task and size
-    in the experiment (`timings`, sweep.tracking.Tracker.timings)."""
-    streams = [u for u in units if u[0].stream_key is not None]
-    replays = sum(map(len, streams))
+    """What the launch will do: model passes (each with the replays it feeds; a packed pass
+    records several streams), runs with the model in the loop, and a time estimated from
+    earlier runs of the same model, task and size in the experiment (`timings`,
+    sweep.tracking.Tracker.timings; a packed pass is counted as one pass)."""
+    passes = [u for u in units if u[0].stream_key is not None]
+    replays = sum(map(len, passes))
+    streams = [len({j.stream_key for j in u}) for u in passes]
+    packed = [n for n in streams if n > 1]
     where = "as CPU tasks beside the actors" if plan.replay_tasks else "in the actors"
     lines = [
-        f"plan: {len(streams)} model passes feeding {replays} replays ({where}; a pass whose "
-        f"stream is stored already is skipped), {len(units) - len(streams)} runs with the model "
-        f"in the loop; {plan.actors} actors"
+        f"plan: {len(passes)} model passes recording {sum(streams)} streams"
+        + (f" ({len(packed)} passes packed with {sum(packed)} streams)" if packed else "")
+        + f" feeding {replays} replays ({where}; a stream stored already is not recorded), "
+        f"{len(units) - len(passes)} runs with the model in the loop; {plan.actors} actors"
     ]
     pass_s = replay_s = 0.0
     unknown = 0

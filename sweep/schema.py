@@ -84,6 +84,12 @@ class SweepConf:
     # Cache sizes of the miss-ratio curve logged for each recorded stream (miss_ratio_curve.csv
     # and .png of the run that recorded it): 1/N .. 100 % of the experts at 8 bits; 0 = none.
     miss_ratio_points: int = 50
+    # Model passes that may share one (same model, bits, task, seed and batch_size; each config
+    # its own rows of every batch, slicemoe.run.record_packed) are packed while their problems
+    # (eval.limit each) together stay within this many rows, so that configs which alone would
+    # not fill a batch share it. None: the configs' batch_size where it is a number (`auto` is
+    # known only once the model is loaded: set this, e.g. to the batch a GPU took); 0: never.
+    pack_rows: Optional[int] = None
     # Module providing validate / load_key / load / run with the signatures of slicemoe.run
     # (and, for replay, replayable / stream_key / record / replay).
     runner: str = "slicemoe.run"
@@ -107,6 +113,7 @@ SETTING_BOUNDS = (
     ("ray.object_store_mb", 75, INF, False),
     ("mlflow.outage_wait_s", 0, INF, False),
     ("sweep.miss_ratio_points", 0, 10_000, False),
+    ("sweep.pack_rows", 0, INF, False),
 )
 PREAMBLE = re.compile(
     r"^(While dereferencing interpolation '.*?': |\w+ raised while resolving interpolation: )"

@@ -458,19 +458,20 @@ class Tracker:
     def timings(self) -> dict[tuple[str, str, str], tuple[float, float]]:
         """Seconds a model pass and a replay took, by (model, task, documents), the medians of
         the experiment's finished runs: the sweep's plan estimates its time from them."""
-        passes: dict[tuple, list[float]] = {}
+        passes: dict[tuple, dict[str, float]] = {}  # by the pass's name: packed ones once
         replays: dict[tuple, list[float]] = {}
         for run in self.search("attributes.status = 'FINISHED' and tags.role = 'run'"):
             p, tags = run.data.params, run.data.tags
             key = (p.get("model.name"), p.get("eval.task"), p.get("eval.limit"))  # timing_key
             if "stream_record_s" in tags:
-                passes.setdefault(key, []).append(float(tags["stream_record_s"]))
+                name = tags.get("stream_pass", run.info.run_id)
+                passes.setdefault(key, {})[name] = float(tags["stream_record_s"])
             elif "replayed_from" not in tags and "wall_s" in run.data.metrics:  # in the loop
-                passes.setdefault(key, []).append(run.data.metrics["wall_s"])
+                passes.setdefault(key, {})[run.info.run_id] = run.data.metrics["wall_s"]
             if "replayed_from" in tags and "wall_s" in run.data.metrics:
                 replays.setdefault(key, []).append(run.data.metrics["wall_s"])
         return {
-            k: (statistics.median(v), statistics.median(replays.get(k, [0.0])))
+            k: (statistics.median(v.values()), statistics.median(replays.get(k, [0.0])))
             for k, v in passes.items()
         }
 

@@ -97,20 +97,25 @@ def execute_group(
     optimality: bool = True,
     progress: Callable | None = None,
 ) -> list[Outcome]:
-    """Jobs that share one request stream: one model pass (none when an earlier sweep stored
-    the stream and `reuse_streams`; `progress` goes to it), then one replay per job, each
-    finished in MLflow as soon as it is done, so a killed sweep keeps every replayed run. The
-    first job's run keeps the stream (and its miss-ratio curve)."""
+    """Jobs that share one model pass (one stream key, or several packed, sweep.jobs.units_of):
+    the pass (none for a stream an earlier sweep stored, with `reuse_streams`; `progress` goes
+    to it), then one replay per job, each finished in MLflow as soon as it is done, so a killed
+    sweep keeps every replayed run. The first job of each stream keeps it (and its miss-ratio
+    curve). Outcomes in the order of `jobs`."""
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
+        parts = by_stream(jobs, records)
         try:
-            stream, _ = _stream(
-                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp), progress
-            )
+            streams = _streams(runner, models, parts, tracker, reuse_streams, Path(tmp), progress)
         except Exception:
             return fail_all(records, tracker)
-        return replay_all(
-            runner, stream, jobs, records, tracker, mrc_points, Path(tmp), optimality=optimality
-        )
+        outcomes = {}
+        for (part, part_records), (stream, _) in zip(parts, streams):
+            done = replay_all(
+                runner, stream, part, part_records, tracker, mrc_points, Path(tmp),
+                optimality=optimality,
+            )  # fmt: skip
+            outcomes.update({job.index: outcome for job, outcome in zip(part, done)})
+        return [outcomes[job.index] for job in jobs]
 
 
 def stream_bytes(
@@ -121,19 +126,31 @@ def stream_bytes(
     tracker: Tracker,
     reuse_streams: bool = True,
     progress: Callable | None = None,
-) -> tuple[list[Outcome] | RunRecord, bytes]:
-    """The first half of execute_group, for replays elsewhere (sweep.actors): the stream's
-    requests.npz and the first job's record (tagged as the stream's source, without the file);
-    on failure every job's outcome and no bytes."""
+) -> list:
+    """The first half of execute_group, for replays elsewhere (sweep.actors): [the first
+    record of each stream key's jobs (tagged as the stream's source, without the file), then
+    each stream's requests.npz]; on failure [every job's outcome, then no bytes]."""
+    parts = by_stream(jobs, records)
     with tempfile.TemporaryDirectory(prefix="slicemoe-stream-") as tmp:
         try:
-            _, path = _stream(
-                runner, models, jobs[0], records[0], tracker, reuse_streams, Path(tmp), progress
-            )
+            streams = _streams(runner, models, parts, tracker, reuse_streams, Path(tmp), progress)
         except Exception:
-            return fail_all(records, tracker), b""
-        records[0].artifacts.pop(STREAM_ARTIFACT, None)  # replay_bytes puts it back
-        return records[0], path.read_bytes()
+            return [fail_all(records, tracker)] + [b""] * len(parts)
+        heads = []
+        for (_, part_records), _ in zip(parts, streams):
+            part_records[0].artifacts.pop(STREAM_ARTIFACT, None)  # replay_bytes puts it back
+            heads.append(part_records[0])
+        return [heads] + [path.read_bytes() for _, path in streams]
+
+
+def by_stream(jobs: list[Job], records: list) -> list[tuple[list[Job], list]]:
+    """Jobs (and their records) by stream key, in order of first appearance."""
+    parts: dict[str | None, tuple[list[Job], list]] = {}
+    for job, record in zip(jobs, records):
+        part = parts.setdefault(job.stream_key, ([], []))
+        part[0].append(job)
+        part[1].append(record)
+    return list(parts.values())
 
 
 def replay_bytes(
@@ -209,42 +226,64 @@ def replay_all(
     return outcomes
 
 
-def _stream(runner, models, job: Job, record: RunRecord, tracker: Tracker, reuse: bool, tmp: Path,
-            progress: Callable | None):  # fmt: skip
-    """The request stream of `job`'s stream key and its file: stored by an earlier sweep, else
-    recorded by a model pass and kept with `record`'s run (artifact requests.npz, tag
-    stream_key)."""
+def _streams(runner, models, parts, tracker: Tracker, reuse: bool, tmp: Path,
+             progress: Callable | None):  # fmt: skip
+    """The request stream and its file of each part (jobs of one stream key, their records):
+    stored by an earlier sweep, else recorded, those of several parts in one packed model pass,
+    and kept with the part's first record (artifact requests.npz, tag stream_key)."""
     from slicemoe.stream import Stream
 
-    # A trace is read again each time: its file, not a stored copy, is the source.
-    found = (
-        tracker.find_stream(job.stream_key, tmp) if reuse and not job.config.stream_file else None
-    )
-    if found is not None:
-        path, digest = found
+    found: list = []
+    for jobs, records in parts:
+        found.append(None)
+        # A trace is read again each time: its file, not a stored copy, is the source.
+        stored = None
+        if reuse and not jobs[0].config.stream_file:
+            folder = tmp / f"stored{len(found)}"  # each part's download its own
+            folder.mkdir()
+            stored = tracker.find_stream(jobs[0].stream_key, folder)
+        if stored is None:
+            continue
+        path, digest = stored
         try:
-            stream = Stream.load(path)
+            found[-1] = Stream.load(path), path
         except Exception as err:  # written before streams were hashed, then damaged
             print(
-                f"[sweep] the stored request stream {job.stream_key} cannot be read "
+                f"[sweep] the stored request stream {jobs[0].stream_key} cannot be read "
                 f"({type(err).__name__}: {err}); recording it again",
                 file=sys.stderr,
             )
         else:
-            record.tags.update(stream_source="stored", stream_sha256=digest)
-            return stream, path
-    loaded = models.get(job.load_key, lambda: runner.load(job.config))
-    record.tags["device"] = _device(job.config.model.device)
+            records[0].tags.update(stream_source="stored", stream_sha256=digest)
+    todo = [i for i, f in enumerate(found) if f is None]
+    if not todo:
+        return found
+    first = [parts[i][0][0] for i in todo]
+    loaded = models.get(first[0].load_key, lambda: runner.load(first[0].config))
     start = time.time()
-    stream = runner.record(job.config, loaded, progress)
-    path = stream.save(tmp / STREAM_ARTIFACT)
-    record.artifacts[STREAM_ARTIFACT] = str(path)
-    record.tags.update(
-        stream_source="recorded", stream_key=job.stream_key, stream_sha256=sha256_of(path)
-    )
-    # The model pass is not part of any replayed run's wall_s: it is stated here.
-    record.tags["stream_record_s"] = f"{time.time() - start:.2f}"
-    return stream, path
+    if len(todo) == 1:
+        recorded = [runner.record(first[0].config, loaded, progress)]
+    else:
+        recorded = runner.record_packed([job.config for job in first], loaded, progress)
+    seconds = time.time() - start
+    for i, job, stream in zip(todo, first, recorded):
+        record = parts[i][1][0]
+        record.tags["device"] = _device(job.config.model.device)
+        (tmp / f"recorded{i}").mkdir()
+        path = stream.save(tmp / f"recorded{i}" / STREAM_ARTIFACT)
+        record.artifacts[STREAM_ARTIFACT] = str(path)
+        record.tags.update(
+            stream_source="recorded", stream_key=job.stream_key, stream_sha256=sha256_of(path)
+        )
+        # The model pass is not part of any replayed run's wall_s: it is stated here (a
+        # packed pass's whole time, named by its first stream, and the streams it recorded).
+        record.tags.update(
+            stream_record_s=f"{seconds:.2f}",
+            stream_pass=first[0].stream_key,
+            stream_packed=str(len(todo)),
+        )
+        found[i] = stream, path
+    return found
 
 
 def _miss_ratio_curve(runner, stream, cfg, record: RunRecord, points: int, tmp: Path) -> None:

@@ -1,7 +1,8 @@
 """The cluster path: a Ray head with token authentication on, a sweep sent with `ray job submit`
 exactly as docs/cluster.md shows it, results checked in MLflow. The head declares a GPU (a
 custom resource count on this CPU machine), so the plan is a GPU box's: an actor per GPU for
-the model passes, their replays as tasks on the CPU left over."""
+the model passes (here one, packed with two streams), their replays as tasks on the CPU left
+over."""
 
 from __future__ import annotations
 
@@ -85,8 +86,12 @@ def test_sweep_submitted_as_a_ray_job_with_token_auth():
                 "-m",
                 "sweep",
                 "-m",
-                "cache=frac_10,frac_25",  # one model pass, two replays of its stream
+                # Two streams (precision changes the pass) packed into one model pass, each
+                # replayed at two cache sizes.
+                "policy=dbsc,lru_highbit",
+                "cache=frac_10,frac_25",
                 *QUICK,
+                "sweep.pack_rows=6",
                 f"mlflow.tracking_uri={db}",
                 "mlflow.experiment=cluster",
             ],
@@ -103,8 +108,11 @@ def test_sweep_submitted_as_a_ray_job_with_token_auth():
 
         (parent,) = search(db, "cluster", "tags.role = 'sweep'")
         children = search(db, "cluster", "tags.role = 'run'")
-        assert len(children) == 2
-        assert len({run.data.tags["replayed_from"] for run in children}) == 1
+        assert len(children) == 4
+        assert len({run.data.tags["replayed_from"] for run in children}) == 2
+        recorders = [r.data.tags for r in children if "stream_pass" in r.data.tags]
+        assert len(recorders) == 2 and {t["stream_packed"] for t in recorders} == {"2"}
+        assert len({t["stream_pass"] for t in recorders}) == 1
         for run in children:
             assert run.info.status == "FINISHED"
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id

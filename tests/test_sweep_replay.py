@@ -72,12 +72,16 @@ def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop(tmp_path, ray
         command, cwd=tmp_path, env=sweep_env(**env), capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "plan: 5 model passes feeding 9 replays (in the actors" in done.stdout
+    assert (
+        "plan: 2 model passes recording 5 streams (1 passes packed with 4 streams) feeding 9 "
+        "replays (in the actors"
+    ) in done.stdout
     row = json.loads(row_file.read_text())
     # LRU low-bit, DBSC+PCW, Cumsum and Cache-Prior under two profiles, and one Table 1 row: a
     # stream each.
     assert (row["runs"], row["finished"], row["replays"]) == (9, 9, 9)
-    assert (row["passes"], row["streams"]) == (5, 5)
+    # The four GSM8K streams recorded in one model pass (sweep.pack_rows), each its own rows.
+    assert (row["passes"], row["streams"]) == (2, 5)
     assert {"accuracy_vs_miss_rate.png", "energy_latency.png"} <= set(row["figures"])
     runs = runs_by_name(out, "paper_grid")
     passes: dict[str, list] = {}

@@ -899,7 +899,7 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     assert sorted(map(len, units)) == [2, 2, 4]
     gpu = Plan(actors=1, num_cpus=1, num_gpus=1, replay_tasks=True, free_cpus=4)
     text = plan_text(units, gpu, {})
-    assert text.startswith("plan: 3 model passes feeding 8 replays (as CPU tasks")
+    assert text.startswith("plan: 3 model passes recording 3 streams feeding 8 replays (as CPU")
     assert "estimate: none yet" in text
     c = made[0].config
     # Three passes of 60 s on one GPU; eight replays of 10 s on four CPUs beside it.
@@ -909,6 +909,19 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     cpu = Plan(actors=2, num_cpus=1, num_gpus=0)
     text = plan_text(units, cpu, timings)
     assert "in the actors" in text and "estimate: 2 min 10 s" in text
+    # Packed (sweep.pack_rows): passes of one model, task, seed and batch share a pass while
+    # their problems fit the rows, each stream's jobs kept together.
+    limit = c.eval.limit
+    packed = jobs.units_of(made, pack_rows=3 * limit)
+    assert [len(u) for u in packed] == [8]
+    assert [j.stream_key for j in packed[0]] == [j.stream_key for u in units for j in u]
+    text = plan_text(packed, gpu, timings)
+    assert text.startswith("plan: 1 model passes recording 3 streams (1 passes packed with 3")
+    assert "estimate: 1 min 0 s for the 1 units" in text
+    assert sorted(map(len, jobs.units_of(made, pack_rows=2 * limit))) == [2, 6]
+    assert jobs.units_of(made, pack_rows=2 * limit - 1) == units
+    other_seed = jobs.make_job(9, compose_cfg(*grid[0].split(), "seed=5"), grid[0].split(), runner)
+    assert len(jobs.units_of([made[0], other_seed], pack_rows=3 * limit)) == 2
 
 
 def test_a_replayed_runs_optimality_joins_its_result_and_its_failure_only_a_tag():
