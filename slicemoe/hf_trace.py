@@ -43,7 +43,7 @@ class RouterHooks:
     no assisted decoding)."""
 
     def __init__(self, model):
-        self.model, self.blocks, self.gate = model, moe_blocks(model), gate_rule(model.config)
+        self.blocks, self.gate = moe_blocks(model), gate_rule(model.config)
         self.num_experts = self.blocks[0].experts.down_proj.shape[0]
         self.depth = min(NEXT_GATE_DEPTH, self.num_experts)
         self.passes: list[list[tuple]] = []  # per forward pass, per layer: what `_hook` keeps
@@ -75,6 +75,9 @@ class RouterHooks:
                 # router_logits calls the next router's forward, not the module: no hook runs
                 logits, bias = router_logits(self.blocks[layer + 1], hidden)
                 kept += pre_gate(self.gate, logits.reshape(-1, logits.shape[-1]), bias, self.depth)
+            elif len(self.passes) > 1:  # after the last layer no ranking, as the simulator's
+                kept += (torch.full((len(idx), self.depth), -1, device=idx.device),
+                         torch.zeros_like(kept[1]))  # fmt: skip
             self.passes[-1].append(tuple(t.detach() for t in kept))
 
         return hook
@@ -86,10 +89,9 @@ class RouterHooks:
         (generate's output after the prompt), `eos` the end-of-sequence token ids, `stop` stop
         strings (read with `tokenizer`). Row b keeps decode passes 0..j-1, where token j is its
         first eos or completes its first stop string."""
-        layers, k, depth = len(self.blocks), self.gate.top_k, self.depth
+        layers, k = len(self.blocks), self.gate.top_k
         rows, s = mask.shape
-        passes = [[tuple(t.cpu() for t in kept) for kept in p] for p in self.passes]
-        self.passes = []
+        passes, self.passes = self.passes, []
         if not passes or any(len(p) != layers for p in passes):
             raise RuntimeError("the hooks did not see every MoE layer of each forward pass")
         if len(passes) != generated.shape[1]:
@@ -104,37 +106,31 @@ class RouterHooks:
                 "the passes did not route one row per prompt (no beam search or several "
                 "returned sequences per prompt)"
             )
-        valid = mask.bool().cpu()
-        counts = torch.zeros((rows, layers, self.num_experts), dtype=torch.int64)
+        # Prefill: each row's prompt tokens (not its padding) routed to each expert, per layer.
+        device = passes[0][0][0].device
+        valid = mask.to(device, torch.long)[..., None].expand(rows, s, k).reshape(rows, s * k)
+        counts = torch.zeros((rows, layers, self.num_experts), dtype=torch.long, device=device)
         for layer, (idx, _) in enumerate(passes[0]):
-            onehot = torch.nn.functional.one_hot(idx.view(rows, s, k), self.num_experts).sum(2)
-            counts[:, layer] = (onehot * valid[..., None]).sum(1)
+            counts[:, layer].scatter_add_(1, idx.view(rows, s * k), valid)
         steps = _ends(generated.cpu().numpy(), eos, stop, tokenizer)
-        # Per decode pass and layer [T - 1, L, B, ...]; the last layer has no next router.
-        n = len(passes) - 1
-        idx = torch.zeros((n, layers, rows, k), dtype=torch.int64)
-        scores = torch.zeros((n, layers, rows, k))
-        ranked = torch.full((n, layers, rows, depth), -1, dtype=torch.int64)
-        ranked_scores = torch.zeros((n, layers, rows, k))
-        for t, p in enumerate(passes[1:]):
-            for layer, kept in enumerate(p):
-                idx[t, layer], scores[t, layer] = kept[:2]
-                if layer + 1 < layers:
-                    ranked[t, layer], ranked_scores[t, layer] = kept[2:]
 
-        def per_row(x: torch.Tensor) -> np.ndarray:  # [T - 1, L, B, ...] -> [N, L, ...]
-            x = x.transpose(1, 2).numpy()
+        def per_row(i: int, width: int, dtype) -> np.ndarray:
+            """Field i of the decode passes, [T - 1, L, B, width] -> the rows' steps [N, L, width]."""
+            if len(passes) == 1:
+                return np.zeros((0, layers, width), dtype)
+            x = torch.stack([torch.stack([kept[i] for kept in p]) for p in passes[1:]])
+            x = x.transpose(1, 2).cpu().numpy().astype(dtype)
             return np.concatenate([x[: steps[b], b] for b in range(rows)])
 
-        dtype = np.int16 if self.num_experts < 2**15 else np.int32
+        experts = np.int16 if self.num_experts < 2**15 else np.int32
         return {
-            "prompt_len": valid.sum(1).numpy().astype(np.int32),
+            "prompt_len": mask.sum(1).cpu().numpy().astype(np.int32),
             "decode_steps": steps.astype(np.int32),
-            "experts": per_row(idx).astype(dtype),
-            "prefill_counts": counts.numpy().astype(np.int32),
-            "gate_scores": per_row(scores).astype(np.float32),
-            "next_gate": per_row(ranked).astype(dtype),
-            "next_gate_scores": per_row(ranked_scores).astype(np.float32),
+            "experts": per_row(0, k, experts),
+            "prefill_counts": counts.cpu().numpy().astype(np.int32),
+            "gate_scores": per_row(1, k, np.float32),
+            "next_gate": per_row(2, self.depth, experts),
+            "next_gate_scores": per_row(3, k, np.float32),
         }
 
 
