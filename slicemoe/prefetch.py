@@ -29,7 +29,16 @@ import numpy as np
 import torch
 
 from slicemoe.config import PrefetchConfig
-from slicemoe.routing import Gate, RoutingParams, choice_scores, critical
+from slicemoe.routing import Gate, RoutingParams, choice_scores, normalised
+
+
+def pre_gate(gate: Gate, logits: torch.Tensor, bias, depth: int):
+    """Pre-gating: a layer's experts ranked by its router's `logits` (and selection-only
+    `bias`) on the MoE input of the layer before, the first `depth` best first [B, depth], and
+    the normalised gate weights of the first k [B, k]."""
+    choice = choice_scores(gate.probs(logits), RoutingParams(bias=bias))
+    idx = choice.topk(depth, dim=-1).indices
+    return idx, normalised(gate.weights(logits, idx[:, : gate.top_k]))
 
 
 class NextGate:
@@ -45,10 +54,8 @@ class NextGate:
         of their top-k [B, k]), tensors on the model's device; None after the last layer."""
         if layer + 1 == self.layers:
             return None
-        logits, bias = self.router_logits(layer + 1, hidden)
-        choice = choice_scores(self.gate.probs(logits), RoutingParams(bias=bias))
-        idx = choice.topk(self.depth, dim=-1).indices
-        return idx, critical(self.gate.weights(logits, idx[:, : self.gate.top_k]), self.tau)
+        idx, scores = pre_gate(self.gate, *self.router_logits(layer + 1, hidden), self.depth)
+        return idx, scores >= self.tau  # DBSC's rule (routing.critical)
 
     def nothing(self, rows: int, device=None):
         """What a stream records where there is no ranking: expert -1, not critical."""

@@ -180,11 +180,16 @@ def route(name: str, gate: Gate, logits, cached, params: RoutingParams):
     return ROUTING[name](gate, logits, cached, params)
 
 
+def normalised(weights: torch.Tensor) -> torch.Tensor:
+    """Gate weights normalised over the chosen experts of their token (they sum to 1): what
+    DBSC's tau is compared with, and a trace's gate scores."""
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
 def critical(weights: torch.Tensor, tau: float) -> torch.Tensor:
     """DBSC: an expert is critical (runs high-bit) when its gate weight, normalised over the
     chosen experts of its token, is >= tau. tau=0 -> all high-bit; tau>1 -> all low-bit."""
-    norm = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    return norm >= tau
+    return normalised(weights) >= tau
 
 
 def precision(mode: str, weights: torch.Tensor, tau: float) -> torch.Tensor:

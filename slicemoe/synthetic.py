@@ -14,14 +14,13 @@ tiny-model or imported stream can be scaled to a larger model's shape.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from slicemoe.models import Shape
 from slicemoe.stream import Stream
-from slicemoe.traces import FORMAT, VERSION
+from slicemoe.traces import write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,25 +64,20 @@ def synthesize(
             )
         experts[t] = prev = _top_k(keys, k)
     scores = -np.sort(-rng.dirichlet(np.full(k, w.alpha), (sequences * steps, layers)), axis=-1)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "source": "slicemoe.synthetic",
-        "synthetic": {**dataclasses.asdict(w), "seed": seed, "shape": dataclasses.asdict(shape)},
+    arrays = {
+        "prompt_len": np.full(sequences, w.prompt_len),
+        "decode_steps": np.full(sequences, steps),
+        # Sequence after sequence, step-major.
+        "experts": experts.transpose(1, 0, 2, 3).reshape(sequences * steps, layers, k),
+        "prefill_counts": prefill,
+        "gate_scores": scores,
     }
-    out = Path(out)
-    with open(out, "wb") as f:
-        np.savez_compressed(
-            f,
-            meta=np.array(json.dumps(meta)),
-            prompt_len=np.full(sequences, w.prompt_len),
-            decode_steps=np.full(sequences, steps),
-            # Sequence after sequence, step-major.
-            experts=experts.transpose(1, 0, 2, 3).reshape(sequences * steps, layers, k),
-            prefill_counts=prefill,
-            gate_scores=scores,
-        )
-    return out
+    return write(
+        out,
+        arrays,
+        source="slicemoe.synthetic",
+        synthetic={**dataclasses.asdict(w), "seed": seed, "shape": dataclasses.asdict(shape)},
+    )
 
 
 def fit(stream: Stream, seed: int = 0) -> Workload:

@@ -265,7 +265,21 @@ def _check_arrays(a: dict, shape, path: str) -> None:
             raise TraceError(f"{path}: {name} must be finite and >= 0 (normalised gate weights)")
 
 
-# --- export ------------------------------------------------------------------------------------
+# --- writing -----------------------------------------------------------------------------------
+
+
+def write(out: str | Path, arrays: dict, **meta) -> Path:
+    """Write a trace: `arrays` by field name (every REQUIRED one, any OPTIONAL ones) and `meta`
+    beside the format and version. Its fit to a model's shape is checked where it is imported."""
+    missing = [name for name in REQUIRED if name not in arrays]
+    unknown = sorted(set(arrays) - set(REQUIRED + OPTIONAL))
+    if missing or unknown:
+        raise TraceError(f"{out}: missing field(s) {missing}, unknown field(s) {unknown}")
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    out = Path(out)
+    with open(out, "wb") as f:
+        np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
+    return out
 
 
 def export(stream: Stream, out: str | Path, source: str = "") -> Path:
@@ -274,15 +288,11 @@ def export(stream: Stream, out: str | Path, source: str = "") -> Path:
     scores, so the trace replays DBSC at that precision and tau only."""
     policy = stream.config.get("policy", {})
     meta = {
-        "format": FORMAT,
-        "version": VERSION,
         "model": stream.config.get("model", {}).get("name", ""),
         "shape": dataclasses.asdict(stream.shape),
         "source": source or f"slicemoe stream {stream.key}",
         "scores": stream.scores,
     }
-    if policy:
-        meta["high_policy"] = {"precision": policy["precision"], "tau": policy["tau"]}
     arrays = {
         "prompt_len": stream.prompt_len,
         "decode_steps": stream.decode_steps,
@@ -291,11 +301,9 @@ def export(stream: Stream, out: str | Path, source: str = "") -> Path:
         "next_gate": stream.next_gate,
     }
     if policy:
+        meta["high_policy"] = {"precision": policy["precision"], "tau": policy["tau"]}
         arrays.update(high=stream.high, next_gate_critical=stream.next_gate_critical)
-    out = Path(out)
-    with open(out, "wb") as f:
-        np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-    return out
+    return write(out, arrays, **meta)
 
 
 def _stream_of(source: str) -> Stream:
