@@ -948,10 +948,14 @@ def test_a_replayed_runs_optimality_joins_its_result_and_its_failure_only_a_tag(
     assert record.tags["optimality_error"] == "RuntimeError: no oracle today"
 
 
-def test_a_sweep_replays_every_job_from_a_trace_and_the_report_draws_from_it(store, tmp_path):
-    """Jobs at Mixtral's shape from a router trace (slicemoe.traces) through the worker: one
-    imported stream per precision, no model loaded, each run tagged with the trace's hash, and
-    the report's figures from the runs."""
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_a_sweep_replays_every_job_from_a_trace_and_the_report_draws_from_it(
+    store, tmp_path, model
+):
+    """Jobs at a real model's shape (Mixtral's 8 experts, top-2; Qwen3's 128, top-8) from a
+    router trace (slicemoe.traces) through the worker: one imported stream per precision, no
+    model loaded, each run tagged with the trace's hash, and the report's figures from the
+    runs."""
     from test_traces import write
 
     import slicemoe.run
@@ -960,9 +964,9 @@ def test_a_sweep_replays_every_job_from_a_trace_and_the_report_draws_from_it(sto
     from sweep.report.__main__ import main as report
     from sweep.tracking import Tracker
 
-    trace = write(tmp_path / "mixtral.npz", "mixtral-8x7b", seqs=3, steps=16)
-    tracker = Tracker.open(store.uri, "traces")  # an experiment of its own
-    base = ["model=mixtral-8x7b", f"stream_file={trace}"]
+    trace = write(tmp_path / f"{model}.npz", model, seqs=3, steps=16)
+    tracker = Tracker.open(store.uri, f"traces {model}")  # an experiment of its own
+    base = [f"model={model}", f"stream_file={trace}"]
     grid = [
         [c, p]
         for p in ("policy=dbsc", "policy=lru_lowbit")
@@ -980,9 +984,9 @@ def test_a_sweep_replays_every_job_from_a_trace_and_the_report_draws_from_it(sto
         assert [o.status for o in outs] == ["FINISHED"] * 2, [o.error for o in outs]
         assert models._items[unit[0].load_key] is None  # no model was loaded
     runs = list(tracker.search("tags.role = 'run'"))
-    assert len(runs) == 4 and {r.data.params["model.name"] for r in runs} == {"mixtral-8x7b"}
+    assert len(runs) == 4 and {r.data.params["model.name"] for r in runs} == {model}
     assert {r.data.tags["stream_file_sha256"] for r in runs} == {file_sha256(trace)}
     assert {r.data.params["stream_file"] for r in runs} == {str(trace)}
     out = tmp_path / "report"
-    report(["--experiment", "traces", "--tracking-uri", store.uri, "--out", str(out)])
+    report(["--experiment", f"traces {model}", "--tracking-uri", store.uri, "--out", str(out)])
     assert {"accuracy_vs_miss_rate.png", "miss_ratio_curves.png"} <= {p.name for p in out.iterdir()}
