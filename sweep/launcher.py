@@ -229,16 +229,19 @@ def plan_text(units: list[list[Job]], plan: Any, timings: dict) -> str:
     records several streams), runs with the model in the loop, and a time estimated from
     earlier runs of the same model, task and size in the experiment (`timings`,
     sweep.tracking.Tracker.timings; a packed pass is counted as one pass)."""
-    passes = [u for u in units if u[0].stream_key is not None]
-    replays = sum(map(len, passes))
+    fed = [u for u in units if u[0].stream_key is not None]
+    traces = [u for u in fed if u[0].config.stream_file is not None]
+    passes = [u for u in fed if u[0].config.stream_file is None]
     streams = [len({j.stream_key for j in u}) for u in passes]
     packed = [n for n in streams if n > 1]
     where = "as CPU tasks beside the actors" if plan.replay_tasks else "in the actors"
     lines = [
         f"plan: {len(passes)} model passes recording {sum(streams)} streams"
         + (f" ({len(packed)} passes packed with {sum(packed)} streams)" if packed else "")
-        + f" feeding {replays} replays ({where}; a stream stored already is not recorded), "
-        f"{len(units) - len(passes)} runs with the model in the loop; {plan.actors} actors"
+        + (f" and {len(traces)} traces imported" if traces else "")
+        + f" feeding {sum(map(len, fed))} replays ({where}; a stream stored already is not "
+        f"recorded), {len(units) - len(fed)} runs with the model in the loop; "
+        f"{plan.actors} actors"
     ]
     pass_s = replay_s = 0.0
     unknown = 0

@@ -879,9 +879,12 @@ def test_a_private_ray_instance_that_starts_too_slowly_is_started_again(capsys):
         cluster._init(SlowRay([slow]), {}, tries=1)  # a cluster address: no second try
 
 
-def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
+def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs(tmp_path):
     """Cache-independent jobs share a pass; a cache-aware job's pass feeds its hardware
-    variants only; the estimate uses the timings of earlier runs of that model, task and size."""
+    variants only; a trace is imported, not a pass; the estimate uses the timings of earlier
+    runs of that model, task and size."""
+    from test_traces import write
+
     import slicemoe.run as runner
     from sweep.cluster import Plan
     from sweep.launcher import plan_text, timing_key
@@ -922,6 +925,10 @@ def test_the_plan_counts_passes_replays_and_estimates_from_earlier_runs():
     assert jobs.units_of(made, pack_rows=2 * limit - 1) == units
     other_seed = jobs.make_job(9, compose_cfg(*grid[0].split(), "seed=5"), grid[0].split(), runner)
     assert len(jobs.units_of([made[0], other_seed], pack_rows=3 * limit)) == 2
+    trace = [f"stream_file={write(tmp_path / 't.npz', 'mixtral-8x7b')}", "model=mixtral-8x7b"]
+    imported = jobs.make_job(10, compose_cfg(*trace), trace, runner)
+    text = plan_text([*units, [imported]], gpu, {})
+    assert text.startswith("plan: 3 model passes recording 3 streams and 1 traces imported feed")
 
 
 def test_a_replayed_runs_optimality_joins_its_result_and_its_failure_only_a_tag():
