@@ -5,9 +5,9 @@ Python SliceCache per row; whole runs give the same metrics through either), wit
 per-device quantity a tensor row and every rule an operation on all rows at once: the caches
 and slicemoe.device's slice rules (slicemoe.cache.tensor; on CUDA one kernel per layer step,
 slicemoe.cache.kernel), routing with the cache state (all four policies), DBSC's
-precision, policy.on_miss, the miss-rate controller, prefetching, the request stream and the hardware
-bill (slicemoe.device's). A decode step never waits for the host, so it can be captured once and
-replayed (slicemoe.simulator).
+precision, policy.on_miss, the miss-rate controller, prefetching, the request stream and the
+hardware bill (slicemoe.device's). A decode step never waits for the host, so it can be captured
+once and replayed (slicemoe.simulator).
 
 Prefill routes on the device and counts; the caches then take the prefill stream and the warmup
 on the host, through the same SliceCache code as the reference (once per batch), and continue
