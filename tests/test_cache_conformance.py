@@ -4,10 +4,10 @@ driven as the reference runtime drives it).
 
 A sequence is what decoding asks of the caches of B devices: layer steps, each with k expert
 calls per row (the MSB or FULL slice, then the LSB slice of a high-bit call under nested
-slicing, fetched on a miss or not as policy.on_miss says, slicemoe.device.expert_call) and
-optionally the prefetch of the next layer's predicted experts. A warm start is what prefill and warmup leave: requests, warm and
-cold inserts, prefetches and evictions on reference caches, which every implementation starts
-from (and must leave unchanged).
+slicing, each fetched on a miss or not as policy.on_miss says: slicemoe.device.expert_call)
+and optionally the prefetch of the next layer's predicted experts. A warm start is what
+prefill and warmup leave: requests, warm and cold inserts, prefetches and evictions on
+reference caches, which every implementation starts from (and must leave unchanged).
 
 An implementation joins by one entry in IMPLEMENTATIONS: the evictions it runs, the sequences
 it can express, and what it observes after each step; it is compared with the reference on
@@ -15,8 +15,9 @@ what it observes:
 - compiled (all but LFU and Belady): every request's hit and the resident experts after each step; it
   replays demand requests only, so no prefetching and on_miss=fetch only;
 - tensor (LRU, FIFO, LFU), the PyTorch layer step: its outputs (calls served at high
-  precision, calls dropped, demand, read and prefetched bytes, resident experts at layer 0), then contents,
-  prefetch marks, bytes used and counters (hits and misses per kind) after every step;
+  precision, calls dropped, demand, read and prefetched bytes, resident experts at layer 0),
+  then contents, prefetch marks, bytes used and counters (hits and misses per kind) after
+  every step;
 - kernel (as tensor), the Triton layer step: the same, on CUDA or through Triton's interpreter
   on the CPU, which is slow: it runs each sequence's first steps, KERNEL_ROW_STEPS rows x steps.
 Belady is the reference's alone (an oracle bound): tests/test_cache.py checks it.
