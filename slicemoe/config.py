@@ -64,7 +64,15 @@ class PolicyConfig:
     routing: str = "topk"  # topk | cache_prior | cumsum | max_rank
     precision: str = "dbsc"  # high | low | dbsc
     tau: float = 0.5  # DBSC: critical when normalised gate score >= tau
-    lsb_miss: str = "fetch"  # fetch | skip
+    # A decode expert call whose slices are not all in DRAM (docs/simulator.md): fetch them |
+    # skip_lsb (compute on the MSB slice when the LSB one misses) | drop (leave out a missed
+    # expert whose normalised gate score is below drop_below) | substitute (serve a high-bit call
+    # from its resident low-bit slice)
+    on_miss: str = "fetch"
+    # drop's threshold. 0.1: an expert with under a tenth of its token's gate mass moves the
+    # output little, and 0.1 is below 1/k for every top-k up to 10, so it never reaches a token's
+    # highest-scoring expert (which is never dropped anyway).
+    drop_below: float = 0.1
     lam: float = 0.0  # cache_prior strength (multiplies the max-min logit range)
     # The range lam multiplies: `token` = this token's own max-min router logit; `running` = the
     # running mean of that range over the tokens this device has routed at this layer

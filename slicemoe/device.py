@@ -4,9 +4,9 @@ A device is an XPU with DRAM, where the slice cache lives (slicemoe.cache), and 
 every expert is (DESIGN.md sections 4 to 6). Its rules, shared by the in-loop runtimes
 (slicemoe.runtime, slicemoe.tensor_runtime) and the replay (slicemoe.replay):
 - requests: which slices an expert call asks for (`slice_kinds`), whether it then computes on
-  the high-bit path (`computes_high`), one call through a cache (`expert_call`), how a prompt
-  streams through it (`prefill_cost`) and which slices a prefetch fetches (`fetch_ahead`; what
-  to prefetch is slicemoe.prefetch's);
+  the high-bit path (`computes_high`), one call through a cache under policy.on_miss
+  (`expert_call`), how a prompt streams through it (`prefill_cost`) and which slices a
+  prefetch fetches (`fetch_ahead`; what to prefetch is slicemoe.prefetch's);
 - bills: the operations and DRAM and Flash bytes of a prefill, a decode layer step and the LM
   head, from the model's `Footprint`, which slicemoe.hardware.charge turns into energy and
   latency. Bills take scalars, numpy arrays and torch tensors alike.
@@ -90,20 +90,45 @@ def slice_kinds(sliced: bool, nested: bool, high: bool) -> tuple[str, ...]:
     return ("MSB", "LSB") if high else ("MSB",)
 
 
-def computes_high(kinds: tuple[str, ...], lsb_served: bool = True) -> bool:
-    """Whether a call that requested `kinds` runs on the high-bit path: a whole high-bit copy
-    (FULL), or MSB + LSB when the LSB slice was there or fetched (lsb_miss=skip leaves MSB)."""
-    return "MSB" not in kinds or (len(kinds) == 2 and lsb_served)
+def computes_high(kinds: tuple[str, ...]) -> bool:
+    """Whether a call that requested `kinds` runs on the high-bit path once they are all
+    served: a whole high-bit copy (FULL), or MSB + LSB."""
+    return "MSB" not in kinds or len(kinds) == 2
 
 
-def expert_call(cache, fp: Footprint, layer: int, expert: int, kinds, fetch_lsb: bool = True):
-    """One decode expert call requesting `kinds` from `cache`: (whether it computes on the
-    high-bit path, the expert bytes it reads from DRAM, the bytes it fetched from Flash). An
-    LSB miss is fetched only with `fetch_lsb` (lsb_miss=fetch)."""
-    hits = cache.access(layer, expert, kinds, fetch_lsb=fetch_lsb)
-    high = computes_high(kinds, lsb_served=hits[-1] or fetch_lsb)
-    missed = sum(fp.sizes[k] for k, h in zip(kinds, hits) if not h and (fetch_lsb or k != "LSB"))
-    return high, fp.sizes["FULL"] if high else fp.low_bytes, missed
+# policy.on_miss: what a decode expert call does when a slice it requests is not in DRAM.
+ON_MISS = ("fetch", "skip_lsb", "drop", "substitute")
+# How an expert call computes: on the high-bit path, the low-bit one, or not at all.
+HIGH, LOW, DROPPED = "high", "low", "dropped"
+
+
+def expert_call(
+    cache, fp: Footprint, layer: int, expert: int, sliced: bool, high: bool,
+    on_miss: str = "fetch", droppable: bool = False,
+):  # fmt: skip
+    """One decode expert call, on its high-bit path if `high`, through `cache` under `on_miss`
+    (docs/simulator.md): (how it computes, HIGH, LOW or DROPPED; the expert bytes it reads from
+    DRAM; the bytes it fetched from Flash). `droppable`: `drop` may leave it out on a miss.
+    Every slice it looks up is a request, counted whether fetched or not."""
+
+    def held(kinds) -> bool:
+        return all((layer, expert, k) in cache for k in kinds)
+
+    kinds, low = slice_kinds(sliced, fp.nested, high), slice_kinds(sliced, fp.nested, False)
+    path = HIGH if computes_high(kinds) else LOW
+    fetch = [on_miss != "skip_lsb" or k != "LSB" for k in kinds]
+    if on_miss == "drop" and droppable and not held(kinds):
+        fetch, path = [False] * len(kinds), DROPPED
+    elif on_miss == "substitute" and kinds != low and not held(kinds) and held(low):
+        # base: the high-bit copy is looked up, then the low-bit copy (kind MSB) serves
+        kinds += tuple(k for k in low if k not in kinds)
+        fetch, path = [False] * len(kinds), LOW
+    hits = cache.access(layer, expert, kinds, fetch)
+    if path == HIGH and not all(h or f for h, f in zip(hits, fetch)):
+        path = LOW  # skip_lsb: the LSB slice stayed in Flash
+    missed = sum(fp.sizes[k] for k, h, f in zip(kinds, hits, fetch) if f and not h)
+    read = {HIGH: fp.sizes["FULL"], LOW: fp.low_bytes, DROPPED: 0}[path]
+    return path, read, missed
 
 
 def stream_prefill(cache, counts: np.ndarray, kinds, sizes: dict):

@@ -27,6 +27,7 @@ COUNTERS = (
     "activations",  # routed-expert calls that requested slices
     "expert_calls",  # routed-expert calls, all precisions
     "highbit_calls",  # ... computed on the high-bit path
+    "dropped_calls",  # ... not computed (policy.on_miss=drop)
     "tokens",  # decode tokens (one per device per step)
     "resident_sum",  # experts with an MSB/FULL slice in DRAM at layer 0, summed over tokens
     "prefetch_bytes",  # Flash bytes fetched ahead of their request (part of flash_bytes)
@@ -69,6 +70,7 @@ DECODE_DOCS = {
     "decode_tokens": "decode steps summed over devices",
     "highbit_fraction": "routed-expert calls computed on the high-bit path / all calls",
     "cached_experts_mean": "experts with an MSB/FULL slice in DRAM, mean over decode tokens",
+    "dropped_fraction": "routed-expert calls left out on a miss (policy.on_miss=drop) / all calls",
 }
 PREFILL_DOCS = {
     "prefill_tokens": "prompt tokens",
@@ -143,6 +145,7 @@ def decode_metrics(rows: np.ndarray, highbit_bytes: int, reference_bytes: int) -
         "decode_tokens": tokens,
         "highbit_fraction": _ratio(c["highbit_calls"], c["expert_calls"]),
         "cached_experts_mean": _ratio(c["resident_sum"], tokens),
+        "dropped_fraction": _ratio(c["dropped_calls"], c["expert_calls"]),
     }
 
 

@@ -67,7 +67,7 @@ def optimality(stream: Stream, cfg: RunConfig, shared: dict | None = None):
     """({"belady_miss_rate", "belady_gap", "cold_start_steps"}, {"optimality_layers": table,
     "reuse_distance": table}) of `cfg` replayed from `stream`; `shared` keeps what runs of the
     stream have in common (module doc). Nothing for a config whose requests depend on its cache
-    (cache-aware routing, skipped LSB misses)."""
+    (cache-aware routing, misses not fetched)."""
     if not cache_independent(cfg):
         # Belady's replay needs requests no cache decided (slicemoe.validate); these were.
         return {}, {}

@@ -3,8 +3,9 @@
 `replay(stream, cfg)` returns exactly the metrics `slicemoe.run.run(cfg)` computes with the
 model in the loop: for a cache-independent config at any cache capacity, eviction (Belady
 included: the stream is its future), warmup, measurement window and hardware profile; for any
-other replayable config (cache-aware routing, lsb_miss=skip, a miss-rate target) under any
-hardware profile, from the pass recorded with its cache and policy (slicemoe.stream). The devices replay one after the other through the same
+other replayable config (cache-aware routing, policy.on_miss=skip_lsb or substitute, a miss-rate
+target) under any hardware profile, from the pass recorded with its cache and policy
+(slicemoe.stream). The devices replay one after the other through the same
 `SliceCache`, warmup functions, slice rules and bills (slicemoe.device) as the runtime, so there
 is one definition of each rule.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from slicemoe.cache import KIND_CODE, KINDS, SliceCache, eviction_params
 from slicemoe.config import RunConfig
 from slicemoe.device import (
+    HIGH,
     Footprint,
     charge_all,
     computes_high,
@@ -37,7 +39,7 @@ from slicemoe.hardware import Cost, charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS, assemble, stats_row
 from slicemoe.prefetch import top_m
 from slicemoe.quant import reference_bytes
-from slicemoe.stream import NEXT_GATE_DEPTH, Stream, cache_independent, replayable, stream_key
+from slicemoe.stream import Stream, cache_independent, not_replayable, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.validate import ConfigError, capacity_bytes, validate
 
@@ -45,17 +47,14 @@ from slicemoe.validate import ConfigError, capacity_bytes, validate
 def replay(stream: Stream, cfg: RunConfig, requests: list | None = None) -> dict:
     """The metrics dict (and curves, and trace with cfg.trace) of `cfg` from `stream`.
     `requests`, a list, gets per sequence its decode requests in order as arrays (step, layer,
-    expert, kind code, hit); without prefetching or skipped LSB misses only (slicemoe.optimality
-    reads them)."""
+    expert, kind code, hit); without prefetching and with policy.on_miss=fetch only
+    (slicemoe.optimality reads them)."""
     t0 = time.time()
     # A replay reads the stream, not the model: it runs where the weights are not (the model's
     # config.json gives its shape).
     validate(cfg, weights=False)
     if not replayable(cfg):
-        raise ValueError(
-            f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate ranking "
-            f"to depth {NEXT_GATE_DEPTH}; run it with the model in the loop"
-        )
+        raise ValueError(f"{not_replayable(cfg)}; run it with the model in the loop")
     if stream_key(cfg) != stream.key:
         differ = "model, bits, precision, task or batch settings"
         if not cache_independent(cfg):  # its requests depend on its cache and policy
@@ -77,7 +76,7 @@ def replay(stream: Stream, cfg: RunConfig, requests: list | None = None) -> dict
         cost, fills = device.warmup()
         prefill = prefill + cost.total()
         warmup_bytes += fills
-        if cfg.prefetch.predictor == "none" and cfg.policy.lsb_miss == "fetch":
+        if cfg.prefetch.predictor == "none" and cfg.policy.on_miss == "fetch":
             rows[: device.steps] += device.decode(requests)
         else:
             rows[: device.steps] += device.decode_in_order(layer_calls)
@@ -219,7 +218,7 @@ class _Device:
         missed = np.bincount(
             (step * layers + layer)[~hits], sizes[kind][~hits], minlength=steps * layers
         ).reshape(steps, layers)
-        # With lsb_miss=fetch a requested high-bit path is always served.
+        # With policy.on_miss=fetch a requested high-bit path is always served.
         served = {h: computes_high(slice_kinds(self.sliced, fp.nested, h)) for h in (False, True)}
         high = np.where(self.high, served[True], served[False])
         read = np.where(high, fp.sizes["FULL"], fp.low_bytes).sum(2).astype(float)
@@ -235,7 +234,7 @@ class _Device:
             out[:, COL[name]] = np.sum(getattr(layer_cost, name), axis=1) + getattr(head, name)
         return out
 
-    # --- prefetching or skipped LSB misses: the reference loop, one layer step at a time -----
+    # --- prefetching or misses not fetched: the reference loop, one layer step at a time ------
 
     def _predicted(self, t: int, layer: int):
         """What the prefetcher names after layer step (t, layer) for the next layer (layer 0
@@ -264,7 +263,7 @@ class _Device:
         time and prefetching after every layer step as the runtime does; adds to `layer_calls`
         (predicted, covered)."""
         fp, cache, hw = self.fp, self.cache, self.cfg.hardware
-        fetch_lsb = self.cfg.policy.lsb_miss == "fetch"
+        on_miss = self.cfg.policy.on_miss  # not drop: the stream has no gate weights
         cache.counting = True
         steps, layers, k = self.experts.shape
         out = np.zeros((steps, len(COUNTERS)))
@@ -277,11 +276,12 @@ class _Device:
                 cache.tag = (self.s, "decode", t)
                 missed = read = 0
                 for e, h in zip(self.experts[t, layer], self.high[t, layer]):
-                    requested = slice_kinds(self.sliced, fp.nested, bool(h))
-                    high, r, m = expert_call(cache, fp, layer, int(e), requested, fetch_lsb)
+                    path, r, m = expert_call(
+                        cache, fp, layer, int(e), self.sliced, bool(h), on_miss
+                    )
                     read += r
                     missed += m
-                    out[t, COL["highbit_calls"]] += high
+                    out[t, COL["highbit_calls"]] += path == HIGH
                 if predicted is not None:
                     covered = sum(int(e) in predicted for e in self.experts[t, layer])
                     layer_calls[0][layer] += k

@@ -192,6 +192,23 @@ def critical(weights: torch.Tensor, tau: float) -> torch.Tensor:
     return normalised(weights) >= tau
 
 
+def droppable(weights: torch.Tensor, below: float) -> torch.Tensor:
+    """policy.on_miss=drop: the chosen experts left out should they miss, those whose gate
+    weight normalised over the chosen experts of their token is below `below`; never a token's
+    highest-scoring expert (the first of equals), so that every token computes one."""
+    norm = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    top = torch.zeros_like(norm, dtype=torch.bool).scatter_(-1, norm.argmax(-1, keepdim=True), True)
+    return (norm < below) & ~top
+
+
+def without(weights: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """The gate weights of a token's experts once the `dropped` ones are left out: the rest
+    scaled back to the sum all of them had. Tokens that dropped none keep theirs as they are."""
+    kept = weights.masked_fill(dropped, 0.0)
+    scaled = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    return torch.where(dropped.any(-1, keepdim=True), scaled, weights)
+
+
 def precision(mode: str, weights: torch.Tensor, tau: float) -> torch.Tensor:
     """Which chosen experts request the high-bit path: policy.precision high | low | dbsc."""
     if mode == "high":

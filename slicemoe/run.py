@@ -28,7 +28,7 @@ from slicemoe.optimality import optimality
 from slicemoe.quant import reference_bytes
 from slicemoe.replay import miss_ratio_curve, replay
 from slicemoe.simulator import Clock, Simulator
-from slicemoe.stream import NEXT_GATE_DEPTH, Stream, cache_independent, replayable, stream_key
+from slicemoe.stream import Stream, cache_independent, not_replayable, replayable, stream_key
 from slicemoe.trace import write_trace
 from slicemoe.traces import import_trace
 from slicemoe.validate import ConfigError, capacity_bytes, get_task_or_error, validate
@@ -252,9 +252,7 @@ def record_packed(cfgs: list[RunConfig], loaded: Loaded | None = None, progress=
     for cfg in cfgs:
         if not replayable(cfg):
             raise ValueError(
-                f"prefetch.top_m={cfg.prefetch.top_m}: a request stream keeps the next-gate "
-                f"ranking to depth {NEXT_GATE_DEPTH}; run it with the model in the loop, "
-                "slicemoe.run.run"
+                f"{not_replayable(cfg)}; run it with the model in the loop, slicemoe.run.run"
             )
         if cache_independent(cfg):
             # The stream does not depend on the cache or the prefetcher; any in-loop eviction

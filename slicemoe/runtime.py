@@ -20,17 +20,18 @@ import torch
 from slicemoe.cache import SliceCache
 from slicemoe.config import HardwareConfig, PolicyConfig, PrefetchConfig
 from slicemoe.device import (
+    DROPPED,
+    HIGH,
     Footprint,
     decode_bill,
     expert_call,
     fetch_ahead,
     head_bill,
     is_sliced,
-    slice_kinds,
 )
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, stats_row
-from slicemoe.routing import Gate, RoutingParams, precision, route
+from slicemoe.routing import Gate, RoutingParams, droppable, precision, route, without
 
 # The miss-rate controller's proportional step per decode token on the relative error of the
 # running miss rate. Picked by hand on the tiny model: large enough to settle within ~20 tokens,
@@ -91,6 +92,7 @@ class SeqState:
     cost: np.ndarray  # [COST_COUNTERS] this device's decode cost so far
     expert_calls: int = 0
     highbit_calls: int = 0
+    dropped_calls: int = 0
     resident_sum: float = 0.0
     decode_tokens: int = 0
     lam: float = 0.0  # cache_prior strength, adapted online when policy.miss_rate_target is set
@@ -267,23 +269,26 @@ class Runtime(RuntimeRules):
         params = self._params(state, layer, logits, bias)
         idx, w = route(self.policy.routing, self.gate, logits, torch.from_numpy(cached), params)
         high = precision(self.policy.precision, w, self.policy.tau).cpu().numpy()
+        drop = droppable(w, self.policy.drop_below).cpu().numpy()
         idx_np = idx.cpu().numpy()
-        fp, fetch = self.fp, self.policy.lsb_miss == "fetch"
+        fp, on_miss = self.fp, self.policy.on_miss
         ranking = recorded = None
         if self.ranker is not None:
             ranking = self.ranker.rank(layer, hidden)
             recorded = ranking if ranking is not None else self.ranker.nothing(len(seqs))
             recorded = [x.cpu().numpy() for x in recorded]
-        use_high = np.zeros_like(high)
-        bills = {}  # row -> (expert bytes read, bytes missed)
+        use_high, dropped = high.copy(), np.zeros_like(high)
+        bills = {}  # row -> (expert calls computed, expert bytes read, bytes missed)
         for row, st in enumerate(seqs):
             if not active[row]:
-                use_high[row] = high[row]
                 continue
             missed = read = 0
             for j, e in enumerate(idx_np[row]):
-                kinds = self.kinds(bool(high[row, j]))
-                use_high[row, j], r, m = expert_call(st.cache, fp, layer, int(e), kinds, fetch)
+                path, r, m = expert_call(
+                    st.cache, fp, layer, int(e), self.sliced, bool(high[row, j]), on_miss,
+                    bool(drop[row, j]),
+                )  # fmt: skip
+                use_high[row, j], dropped[row, j] = path == HIGH, path == DROPPED
                 read += r
                 missed += m
             if layer == 0:
@@ -291,6 +296,7 @@ class Runtime(RuntimeRules):
                 st.resident_sum += float(st.cache.resident.sum())
             st.expert_calls += len(idx_np[row])
             st.highbit_calls += int(use_high[row].sum())
+            st.dropped_calls += int(dropped[row].sum())
             st.chosen.append(idx_np[row])
             st.requested_high.append(high[row])
             if recorded is not None:
@@ -299,19 +305,18 @@ class Runtime(RuntimeRules):
             if st.predicted is not None:
                 st.predicted_calls[layer] += len(idx_np[row])
                 st.covered_calls[layer] += sum(int(e) in st.predicted for e in idx_np[row])
-            bills[row] = read, missed
+            bills[row] = len(idx_np[row]) - int(dropped[row].sum()), read, missed
         moved = self._prefetch(state, layer, ranking, idx)
-        for row, (read, missed) in bills.items():
-            calls, ctx = len(idx_np[row]), int(state.context[row])
+        for row, (calls, read, missed) in bills.items():
+            ctx = int(state.context[row])
             cost = charge(self.hw, *decode_bill(fp, calls, ctx, read, missed, moved[row]))
             seqs[row].cost += [getattr(cost, name) for name in COST_COUNTERS]
         if layer == self.fp.shape.num_moe_layers - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda(state)
         virt = torch.from_numpy(np.where(use_high, idx_np, idx_np + self.E)).to(idx.device)
+        # A dropped expert is computed at weight 0: its share goes to its token's other experts.
+        w = without(w, torch.from_numpy(dropped).to(w.device))
         return w.to(logits.dtype), virt
-
-    def kinds(self, high: bool) -> tuple[str, ...]:
-        return slice_kinds(self.sliced, self.fp.nested, high)
 
     def _prefetch(self, state: Rows, layer: int, ranking, chosen: torch.Tensor) -> np.ndarray:
         """Fetch the predicted experts of the next layer (layer 0 of the next token after the
@@ -355,6 +360,7 @@ def _row_counters(st: SeqState) -> np.ndarray:
     v = stats_row(st.cache.stats)
     v[COL["expert_calls"]] = st.expert_calls
     v[COL["highbit_calls"]] = st.highbit_calls
+    v[COL["dropped_calls"]] = st.dropped_calls
     v[COL["tokens"]] = st.decode_tokens
     v[COL["resident_sum"]] = st.resident_sum
     v[COL["predicted_calls"]] = st.predicted_calls.sum()

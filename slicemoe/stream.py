@@ -1,6 +1,6 @@
 """The request stream: what one model pass leaves for the cache and the hardware model.
 
-With top-k routing, `lsb_miss=fetch` and no miss-rate controller, which experts a token uses
+With top-k routing, `on_miss=fetch` and no miss-rate controller, which experts a token uses
 and at which precision do not depend on the cache. One model pass then determines every
 request a device makes; cache size, eviction, warmup and hardware only decide which requests
 hit and what they cost. A `Stream` records, per sequence (one simulated device):
@@ -12,7 +12,7 @@ hit and what they cost. A `Stream` records, per sequence (one simulated device):
 `slicemoe.replay.replay(stream, cfg)` turns it into the metrics that `slicemoe.run.run(cfg)`
 computes with the model in the loop.
 
-With cache-aware routing (or skipped LSB misses, or a miss-rate target) the requests depend on
+With cache-aware routing (or misses not fetched, or a miss-rate target) the requests depend on
 the cache, but on nothing that only bills them: a pass recorded with the model, cache, policy and
 prefetcher in the loop replays exactly under every hardware profile.
 """
@@ -59,7 +59,7 @@ NOT_IN_STREAM = {
     **BILLING,
     "cache": None,
     "policy": ("name", "warmup", "warmup_steps", "lam", "lam_scale", "cumsum_p", "max_rank_keep",
-               "max_rank_m", "miss_rate_target"),
+               "max_rank_m", "miss_rate_target", "drop_below"),
     "prefetch": None,
 }  # fmt: skip
 
@@ -67,18 +67,33 @@ NOT_IN_STREAM = {
 def replayable(cfg: RunConfig) -> bool:
     """True when a recorded stream holds every request of `cfg`. A cache-independent config
     shares the stream of any config with the same model, bits, precision and task; any other
-    (cache-aware routing, lsb_miss=skip, a miss-rate target) replays the stream recorded with its
-    own cache, policy and prefetcher in the loop, so only the billing settings (the hardware
-    profile) vary across one pass's replays. Not replayable: a prefetcher that reads more of the
-    next-gate ranking than a stream keeps."""
+    (cache-aware routing, policy.on_miss=skip_lsb or substitute, a miss-rate target) replays the
+    stream recorded with its own cache, policy and prefetcher in the loop, so only the billing
+    settings (the hardware profile) vary across one pass's replays. Not replayable: see
+    `not_replayable`."""
+    return not_replayable(cfg) is None
+
+
+def not_replayable(cfg: RunConfig) -> str | None:
+    """Why a recorded stream does not hold every request of `cfg`, or None when it does."""
     f = cfg.prefetch
-    return f.predictor != "next_gate" or f.top_m <= NEXT_GATE_DEPTH
+    if f.predictor == "next_gate" and f.top_m > NEXT_GATE_DEPTH:
+        return (
+            f"prefetch.top_m={f.top_m}: a request stream keeps the next-gate ranking to depth "
+            f"{NEXT_GATE_DEPTH}"
+        )
+    if cfg.policy.on_miss == "drop":
+        return (
+            "policy.on_miss=drop: which missed experts it drops depends on their gate weights, "
+            "which a request stream does not keep"
+        )
+    return None
 
 
 def cache_independent(cfg: RunConfig) -> bool:
     """The requests of a run do not depend on its cache: the same in any recorded pass."""
     p = cfg.policy
-    return p.routing == "topk" and p.lsb_miss == "fetch" and p.miss_rate_target is None
+    return p.routing == "topk" and p.on_miss == "fetch" and p.miss_rate_target is None
 
 
 def stream_key(cfg: RunConfig) -> str:

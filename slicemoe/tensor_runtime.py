@@ -5,9 +5,9 @@ Python SliceCache per row; whole runs give the same metrics through either), wit
 per-device quantity a tensor row and every rule an operation on all rows at once: the caches
 and slicemoe.device's slice rules (slicemoe.cache.tensor; on CUDA one kernel per layer step,
 slicemoe.cache.kernel), routing with the cache state (all four policies), DBSC's
-precision, lsb_miss, the miss-rate controller, prefetching, the request stream and the hardware
-bill (slicemoe.device's). A decode step never waits for the host, so it can be captured once and
-replayed (slicemoe.simulator).
+precision, policy.on_miss, the miss-rate controller, prefetching, the request stream and the
+hardware bill (slicemoe.device's). A decode step never waits for the host, so it can be captured
+once and replayed (slicemoe.simulator).
 
 Prefill routes on the device and counts; the caches then take the prefill stream and the warmup
 on the host, through the same SliceCache code as the reference (once per batch), and continue
@@ -26,7 +26,7 @@ from slicemoe.cache import tensor as tc
 from slicemoe.device import decode_bill, head_bill
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
-from slicemoe.routing import RoutingParams, precision, route
+from slicemoe.routing import RoutingParams, droppable, precision, route, without
 from slicemoe.runtime import LAMBDA_GAIN, RuntimeRules
 
 
@@ -47,11 +47,13 @@ class Rows:
     range_n: torch.Tensor | None = None
     base: torch.Tensor | None = None  # [B, 2] (Flash bytes, activations) at warmup_steps
     base_set: torch.Tensor | None = None  # [B]
-    calls: torch.Tensor | None = None  # [B, 4] expert, high-bit calls, tokens, resident sum
+    # [B, 5] expert, high-bit, dropped calls, tokens, resident sum
+    calls: torch.Tensor | None = None
     layer_calls: torch.Tensor | None = None  # [B, 2, L] predicted for, covered
     predicted: torch.Tensor | None = None  # [B, E] experts predicted for the next layer step
     predicted_on: torch.Tensor | None = None  # [B] ... where a prediction was made
-    bills: torch.Tensor | None = None  # [B, 3, L] this step's read, missed, moved bytes
+    # [B, 4, L] this step's read, missed, moved bytes and expert calls computed
+    bills: torch.Tensor | None = None
     cost: torch.Tensor | None = None  # [B, COST_COUNTERS] decode cost so far
     history: torch.Tensor | None = None  # [steps, B, COUNTERS] after each step
     layer_history: torch.Tensor | None = None  # [steps, B, 2, L]
@@ -62,8 +64,9 @@ class Rows:
     next_gate_critical: torch.Tensor | None = None
 
 
-READ, MISSED, MOVED = range(3)
-EXPERT_CALLS, HIGHBIT_CALLS, TOKENS, RESIDENT = range(4)
+READ, MISSED, MOVED, COMPUTED = range(4)
+CALLS = ("expert_calls", "highbit_calls", "dropped_calls", "tokens", "resident_sum")
+EXPERT_CALLS, HIGHBIT_CALLS, DROPPED_CALLS, TOKENS, RESIDENT = range(len(CALLS))
 
 
 class TensorRuntime(RuntimeRules):
@@ -84,7 +87,7 @@ class TensorRuntime(RuntimeRules):
             eviction,
             sliced=self.sliced,
             nested=fp.nested,
-            lsb_fetch=policy.lsb_miss == "fetch",
+            on_miss=policy.on_miss,
             low_bytes=fp.low_bytes,
             prefetch_lsb=self.prefetch.slices == "critical",
             prefetch_cold=self.prefetch.insert == "lru",
@@ -118,11 +121,11 @@ class TensorRuntime(RuntimeRules):
         state.range_n = torch.zeros((rows, self.L), **i64)
         state.base = torch.zeros((rows, 2), **i64)
         state.base_set = torch.zeros(rows, dtype=torch.bool, device=dev)
-        state.calls = torch.zeros((rows, 4), **f64)
+        state.calls = torch.zeros((rows, len(CALLS)), **f64)
         state.layer_calls = torch.zeros((rows, 2, self.L), **i64)
         state.predicted = torch.zeros((rows, self.E), dtype=torch.bool, device=dev)
         state.predicted_on = torch.zeros(rows, dtype=torch.bool, device=dev)
-        state.bills = torch.zeros((rows, 3, self.L), **i64)
+        state.bills = torch.zeros((rows, 4, self.L), **i64)
         state.cost = torch.zeros((rows, len(COST_COUNTERS)), **f64)
         state.history = torch.zeros((steps, rows, len(COUNTERS)), **f64)
         state.layer_history = torch.zeros((steps, rows, 2, self.L), **i64)
@@ -153,9 +156,9 @@ class TensorRuntime(RuntimeRules):
         bills = state.bills.double()
         ctx = state.context.double()[:, None]
         ops, dram, flash, moved = decode_bill(
-            fp, self.k, ctx, bills[:, READ], bills[:, MISSED], bills[:, MOVED]
+            fp, bills[:, COMPUTED], ctx, bills[:, READ], bills[:, MISSED], bills[:, MOVED]
         )
-        layers = charge(self.hw, torch.as_tensor(ops).expand_as(moved), dram, flash, moved)
+        layers = charge(self.hw, ops, dram, flash, moved)
         head = charge(self.hw, *head_bill(fp, 1))
         step_cost = torch.stack(
             [getattr(layers, n).sum(1) + getattr(head, n) for n in COST_COUNTERS], 1
@@ -177,7 +180,7 @@ class TensorRuntime(RuntimeRules):
             v[:, COL[f"misses_{kind}"]] = requests - stats[:, tc.S[f"hits_{kind}"]]
         for name in ("activations", "prefetch_bytes", "prefetch_used_bytes"):
             v[:, COL[name]] = stats[:, tc.S[name]]
-        for j, name in enumerate(("expert_calls", "highbit_calls", "tokens", "resident_sum")):
+        for j, name in enumerate(CALLS):
             v[:, COL[name]] = state.calls[:, j]
         v[:, COL["predicted_calls"]] = state.layer_calls[:, 0].sum(1).double()
         v[:, COL["covered_calls"]] = state.layer_calls[:, 1].sum(1).double()
@@ -218,6 +221,7 @@ class TensorRuntime(RuntimeRules):
         params = self._params(state, layer, logits, bias)
         idx, w = route(self.policy.routing, self.gate, logits, cached, params)
         high = precision(self.policy.precision, w, self.policy.tau)
+        drop = droppable(w, self.policy.drop_below) if self.policy.on_miss == "drop" else None
         ranking = None
         if self.ranker is not None and (self.depth or self.prefetch.predictor == "next_gate"):
             ranking = self.ranker.rank(layer, hidden)
@@ -227,7 +231,9 @@ class TensorRuntime(RuntimeRules):
         counted = on & state.predicted_on
         state.layer_calls[:, 0, layer] += torch.where(counted, k, 0)
         state.layer_calls[:, 1, layer] += torch.where(counted, covered, 0)
-        served, missed, read, moved, held = self.layer_step(state, layer, idx, high, on, ahead)
+        served, dropped, missed, read, moved, held = self.layer_step(
+            state, layer, idx, high, on, drop, ahead
+        )
         if ahead is None:
             state.predicted_on.zero_()
         else:
@@ -238,16 +244,19 @@ class TensorRuntime(RuntimeRules):
         calls = state.calls
         calls[:, EXPERT_CALLS] += torch.where(on, k, 0)
         calls[:, HIGHBIT_CALLS] += torch.where(on, served.sum(1), 0)
+        calls[:, DROPPED_CALLS] += dropped.sum(1)
         if layer == 0:
             calls[:, TOKENS] += on
             calls[:, RESIDENT] += held
-        for j, value in ((READ, read), (MISSED, missed), (MOVED, moved)):
+        computed = k - dropped.sum(1)
+        for j, value in ((READ, read), (MISSED, missed), (MOVED, moved), (COMPUTED, computed)):
             state.bills[:, j, layer] = value
         self._record(state, layer, idx, high, ranking)
         if layer == self.L - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda(state)
         virt = torch.where(served, idx, idx + self.E)
-        return w.to(logits.dtype), virt
+        # A dropped expert is computed at weight 0: its share goes to its token's other experts.
+        return without(w, dropped).to(logits.dtype), virt
 
     def _predict(self, state: Rows, layer: int, chosen, ranking):
         """The prefetch for the next layer: (target, experts, critical, rows predicted for)."""

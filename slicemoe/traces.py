@@ -116,7 +116,7 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(
             "policy.routing",
             "a trace holds the experts a model chose, not its router logits: only top-k "
-            "routing with policy.lsb_miss=fetch and no policy.miss_rate_target replays from it",
+            "routing with policy.on_miss=fetch and no policy.miss_rate_target replays from it",
         )
     if p.precision == "dbsc" and "gate_scores" not in has and not _high_fits(h, cfg):
         recorded = h.meta.get("high_policy")

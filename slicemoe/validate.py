@@ -14,6 +14,7 @@ from pathlib import Path
 from slicemoe.cache import EVICTION
 from slicemoe.cache.tensor import EVICTIONS as TENSOR_EVICTIONS
 from slicemoe.config import RunConfig
+from slicemoe.device import ON_MISS
 from slicemoe.eval import TASKS, get_task
 from slicemoe.models import Shape, check_checkpoint, checkpoint_dir, config_dir, read_shape
 from slicemoe.prefetch import PREDICTORS
@@ -49,6 +50,7 @@ BOUNDS = (
     ("cache.lrfu_lambda", 0, 1, False),
     ("cache.lecar_learning_rate", 0, INF, True),
     ("policy.tau", 0, INF, False),
+    ("policy.drop_below", 0, 1, False),
     ("policy.lam", 0, INF, False),
     ("policy.cumsum_p", 0, 1, True),
     ("policy.max_rank_keep", 0, INF, False),
@@ -129,13 +131,18 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
         )
     if p.warmup not in WARMUP:
         raise ConfigError("policy.warmup", f"{p.warmup!r} is unknown; use one of {sorted(WARMUP)}")
-    if p.lsb_miss not in ("fetch", "skip"):
-        raise ConfigError("policy.lsb_miss", f"{p.lsb_miss!r} is unknown; use fetch or skip")
-    if p.lsb_miss == "skip" and b.scheme == "base":
+    if hasattr(p, "lsb_miss"):  # set on a PolicyConfig by hand: it would change nothing
         raise ConfigError(
             "policy.lsb_miss",
-            "skip needs nested slices; bits.scheme=base keeps two whole copies (no LSB slice): "
-            "use policy.lsb_miss=fetch or bits.scheme=amat",
+            "renamed policy.on_miss; use on_miss=fetch, or on_miss=skip_lsb for lsb_miss=skip",
+        )
+    if p.on_miss not in ON_MISS:
+        raise ConfigError("policy.on_miss", f"{p.on_miss!r} is unknown; use {', '.join(ON_MISS)}")
+    if p.on_miss == "skip_lsb" and b.scheme == "base":
+        raise ConfigError(
+            "policy.on_miss",
+            "skip_lsb needs nested slices; bits.scheme=base keeps two whole copies (no LSB "
+            "slice): use policy.on_miss=substitute (the low-bit copy serves) or bits.scheme=amat",
         )
     if p.lam_scale not in ("token", "running"):
         raise ConfigError("policy.lam_scale", f"{p.lam_scale!r} is unknown; use token or running")
@@ -151,11 +158,11 @@ def validate(cfg: RunConfig, weights: bool = True) -> None:
     if c.eviction == "belady":
         # The oracle replays a recorded request sequence, so requests must not depend on the
         # cache, and warmup must not insert (an insert is not a request of that sequence).
-        if p.routing != "topk" or p.lsb_miss != "fetch" or p.warmup in ("random", "pcw"):
+        if p.routing != "topk" or p.on_miss != "fetch" or p.warmup in ("random", "pcw"):
             raise ConfigError(
                 "cache.eviction",
                 "belady needs cache-independent requests: policy.routing=topk, "
-                "policy.lsb_miss=fetch and a warmup that inserts nothing (lru/empty/last_layer)",
+                "policy.on_miss=fetch and a warmup that inserts nothing (lru/empty/last_layer)",
             )
     if (c.frac is None) == (c.bytes is None):
         raise ConfigError("cache", "set exactly one of cache.frac and cache.bytes (the other null)")
@@ -262,7 +269,7 @@ def check_prefetch(cfg: RunConfig, shape: Shape) -> None:
         raise ConfigError(
             "prefetch.predictor",
             "oracle reads the future from a recorded pass, so requests must not depend on the "
-            "cache: policy.routing=topk, policy.lsb_miss=fetch, no policy.miss_rate_target",
+            "cache: policy.routing=topk, policy.on_miss=fetch, no policy.miss_rate_target",
         )
 
 

@@ -84,16 +84,22 @@ ADDED = {
     "cache.lrfu_lambda": 0.01,
     "cache.lecar_learning_rate": 0.45,
     "stream_file": None,
+    "policy.drop_below": 0.1,
 }
+# Config fields renamed after KEY_VERSION 1: the old name, and the old value of each new value
+# the old field had: a run keys as it did under the old name, so stored runs still resume.
+RENAMED = {"policy.on_miss": ("policy.lsb_miss", {"fetch": "fetch", "skip_lsb": "skip"})}
 
 
 def run_key(cfg: RunConfig) -> str:
     """Hash of the resolved run config minus VOLATILE fields; stable across processes."""
-    flat = {
-        k: v
-        for k, v in flatten(asdict(cfg)).items()
-        if k not in VOLATILE and not (k in ADDED and v == ADDED[k])
-    }
+    flat = {}
+    for k, v in flatten(asdict(cfg)).items():
+        if k in VOLATILE or (k in ADDED and v == ADDED[k]):
+            continue
+        if k in RENAMED and v in RENAMED[k][1]:
+            k, v = RENAMED[k][0], RENAMED[k][1][v]
+        flat[k] = v
     blob = KEY_VERSION + json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -31,15 +31,15 @@ def compile_for_hopper(fn, types: dict, constants: dict, **options) -> None:
     print(f"compiled {fn.__name__} for sm_90: {shared} B of shared memory")
 
 
-def cache_layer_step(sliced: bool, nested: bool, eviction: int) -> None:
+def cache_layer_step(sliced: bool, nested: bool, eviction: int, on_miss: int) -> None:
     ptr = dict.fromkeys(("key_ptr", "used_ptr", "clock_ptr", "stats_ptr", "idx_ptr",
                          "ahead_e_ptr", "out_ptr"), "*i64")  # fmt: skip
-    flags = dict.fromkeys(("pref_ptr", "high_ptr", "on_ptr", "ahead_c_ptr", "ahead_on_ptr",
-                           "served_ptr"), "*u8")  # fmt: skip
+    flags = dict.fromkeys(("pref_ptr", "high_ptr", "on_ptr", "drop_ptr", "ahead_c_ptr",
+                           "ahead_on_ptr", "served_ptr", "dropped_ptr"), "*u8")  # fmt: skip
     ints = dict(layer="i32", target="i32", capacity="i64", s_msb="i32", s_lsb="i32",
                 s_full="i32", low_bytes="i32")  # fmt: skip
     constants = dict(
-        N=1440, E=60, K=4, M=4, EVICTION=eviction, SLICED=sliced, NESTED=nested, LSB_FETCH=True,
+        N=1440, E=60, K=4, M=4, EVICTION=eviction, SLICED=sliced, NESTED=nested, ON_MISS=on_miss,
         PREFETCH_LSB=True, COLD=False, AHEAD=True, MAX_EVICT=3, BLOCK=1024, NSTATS=16,
         NCOLS=len(STATS), S_REQ=S["requests_MSB"], S_HIT=S["hits_MSB"], S_BYTES=S["bytes_MSB"],
         S_ACT=S["activations"], S_PREF=S["prefetch_bytes"], S_USED=S["prefetch_used_bytes"],
@@ -59,7 +59,8 @@ def expert_gemms(bm: int, bk: int) -> None:
 
 
 if __name__ == "__main__":
-    for variant in ((True, True, 0), (True, False, 2), (False, True, 1)):
+    # (sliced, nested, eviction: lru fifo lfu, on_miss: fetch skip_lsb drop substitute)
+    for variant in ((True, True, 0, 0), (True, False, 2, 3), (False, True, 1, 2)):
         cache_layer_step(*variant)
     for tile in ((16, 128), (16, 64), (64, 64)):  # the tiles code_experts launches
         expert_gemms(*tile)

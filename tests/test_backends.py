@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from slicemoe.cache import SliceCache
 from slicemoe.config import (
     BitsConfig,
     CacheConfig,
@@ -21,8 +22,14 @@ from slicemoe.config import (
     PrefetchConfig,
     RunConfig,
 )
+from slicemoe.device import footprint
+from slicemoe.metrics import COL, COUNTERS
+from slicemoe.models import Dims, Shape
+from slicemoe.routing import Gate
 from slicemoe.run import load, record, run
+from slicemoe.runtime import Runtime
 from slicemoe.simulator import Simulator
+from slicemoe.tensor_runtime import TensorRuntime
 
 EVAL = EvalConfig(limit=3, max_new_tokens=24)
 CONFIGS = {
@@ -35,22 +42,24 @@ CONFIGS = {
     ),
     "controller skip prev_token lfu": RunConfig(
         policy=PolicyConfig(
-            routing="cache_prior", lam=0.1, miss_rate_target=0.05, lsb_miss="skip", tau=0.3
+            routing="cache_prior", lam=0.1, miss_rate_target=0.05, on_miss="skip_lsb", tau=0.3
         ),
         prefetch=PrefetchConfig(predictor="prev_token", slices="critical"),
         cache=CacheConfig(frac=0.15, eviction="lfu"),
         eval=EVAL,
     ),
-    "next_gate fifo cold max_rank mat42": RunConfig(
+    "next_gate fifo cold max_rank mat42 drop": RunConfig(
         bits=BitsConfig(high=4, low=2),
-        policy=PolicyConfig(routing="max_rank", warmup="random"),
+        policy=PolicyConfig(routing="max_rank", warmup="random", on_miss="drop", drop_below=0.2),
         prefetch=PrefetchConfig(predictor="next_gate", top_m=6, slices="critical", insert="lru"),
         cache=CacheConfig(frac=0.2, eviction="fifo"),
         eval=EVAL,
     ),
-    "base cumsum laptop overlap": RunConfig(
+    "base cumsum laptop overlap substitute": RunConfig(
         bits=BitsConfig(scheme="base"),
-        policy=PolicyConfig(routing="cumsum", cumsum_p=0.6, warmup="last_layer", tau=0.2),
+        policy=PolicyConfig(
+            routing="cumsum", cumsum_p=0.6, warmup="last_layer", tau=0.2, on_miss="substitute"
+        ),
         hardware=HardwareConfig(name="laptop", dram_gbps=1092.0, overlap_flash=True),
         eval=EVAL,
     ),
@@ -84,6 +93,7 @@ def test_whole_runs_give_the_reference_metrics_through_the_device_runtime(name):
     want = run(on(cfg, "python"), loaded)
     got = run(on(cfg, "tensor"), loaded)
     assert want["decode_tokens"] > 40 and want["miss_rate"] > 0
+    assert (want["dropped_fraction"] > 0) == (cfg.policy.on_miss == "drop")
     for key in want:
         if key in ("wall_s", "trace_path", "curves", "problems"):
             continue
@@ -97,7 +107,7 @@ def test_whole_runs_give_the_reference_metrics_through_the_device_runtime(name):
 
 
 def test_a_recorded_stream_is_the_same_through_either_runtime():
-    cfg = CONFIGS["next_gate fifo cold max_rank mat42"]
+    cfg = CONFIGS["next_gate fifo cold max_rank mat42 drop"]
     cfg = dataclasses.replace(cfg, policy=PolicyConfig(warmup="pcw"))  # replayable
     loaded = load(cfg)
     want, got = record(on(cfg, "python"), loaded), record(on(cfg, "tensor"), loaded)
@@ -106,6 +116,88 @@ def test_a_recorded_stream_is_the_same_through_either_runtime():
                  "next_gate", "next_gate_critical"):  # fmt: skip
         assert np.array_equal(getattr(want, name), getattr(got, name)), name
     assert want.scores == got.scores
+
+
+# One MoE layer step, no model: 4 experts, top-3 renormalised; the chosen experts' gate weights
+# are 0.6, 0.3 and 0.1 (a softmax of their logs), on each of two devices.
+STEP_SHAPE = Shape(num_moe_layers=1, num_experts=4, top_k=3, hidden=32, moe_intermediate=32)
+STEP_LOGITS = torch.tensor([0.6, 0.3, 0.1, 1e-9]).log().repeat(2, 1)
+
+
+def one_layer_step(backend: str, policy: PolicyConfig, bits: BitsConfig, held: list):
+    """The gate weights and virtual experts a runtime hands the model, and each device's
+    counters (COUNTERS, by name), after one decode layer step with the slices held[b] = [(expert,
+    kind), ...] in device b's cache, which has room for every slice."""
+    hw = HardwareConfig()
+    fp = footprint(Dims(1, 1, 1, 1), STEP_SHAPE, bits, hw)
+    capacity = 4 * sum(fp.sizes.values())
+    caches = [SliceCache(capacity, fp.sizes, 1, 4) for _ in held]
+    for cache, keys in zip(caches, held):
+        for expert, kind in keys:
+            cache.insert((0, expert, kind))
+    rules = (Gate(3, norm_topk=True), fp, policy, hw)
+    if backend == "python":
+        rt = Runtime(*rules)
+    else:
+        rt = TensorRuntime(*rules, capacity=capacity, eviction="lru")
+    rows = len(held)
+    state = rt.begin(caches, torch.ones((rows, 1), dtype=torch.bool), 0)
+    rt.to_decode(state, caches, np.ones(rows, dtype=int), np.ones(rows, dtype=int))
+    rt.begin_step(state, 0, np.ones(rows, dtype=bool))
+    with rt.bound(state):
+        w, virt = rt.routed(0, STEP_LOGITS, None, None)
+    rt.end_step(state)
+    counters = rt.history(state, 1)[0][0]
+    return w, virt, {name: counters[:, COL[name]] for name in COUNTERS}, fp
+
+
+@pytest.mark.parametrize("backend", ["python", "tensor"])
+def test_drop_leaves_out_missed_experts_below_the_threshold_by_hand(backend):
+    """drop_below=0.35, every call on the low path (MSB). Device 0 holds experts 0 and 2: expert
+    1 (0.3) misses and is dropped, 0.6 and 0.1 scale back to their sum, 1. Device 1 holds
+    nothing: 1 and 2 are dropped, the highest-scoring expert 0 is fetched and weighs 1."""
+    held = [[(0, "MSB"), (2, "MSB")], []]
+    runs = {
+        m: one_layer_step(backend, PolicyConfig(precision="low", on_miss=m, drop_below=0.35),
+                          BitsConfig(), held)
+        for m in ("drop", "fetch")
+    }  # fmt: skip
+    (w, _, drop, fp), (w_fetch, _, fetch, _) = runs["drop"], runs["fetch"]
+    assert torch.allclose(w, torch.tensor([[0.6 / 0.7, 0, 0.1 / 0.7], [1, 0, 0]]))
+    assert torch.allclose(w_fetch, torch.tensor([[0.6, 0.3, 0.1]] * 2))
+    assert drop["dropped_calls"].tolist() == [1, 2] and fetch["dropped_calls"].tolist() == [0, 0]
+    # Every lookup is a request; a dropped one's miss moves nothing.
+    assert drop["requests_MSB"].tolist() == [3, 3] and drop["misses_MSB"].tolist() == [1, 3]
+    assert drop["flash_bytes"].tolist() == [0, fp.sizes["MSB"]]
+    assert fetch["flash_bytes"].tolist() == [fp.sizes["MSB"], 3 * fp.sizes["MSB"]]
+    # A dropped expert is neither read from DRAM nor computed.
+    assert (fetch["dram_bytes"] - drop["dram_bytes"]).tolist() == [
+        fp.low_bytes + fp.sizes["MSB"], 2 * (fp.low_bytes + fp.sizes["MSB"])
+    ]  # fmt: skip
+    assert (drop["ops"] < fetch["ops"]).all()
+
+
+@pytest.mark.parametrize("backend", ["python", "tensor"])
+@pytest.mark.parametrize("scheme", ["amat", "base"])
+def test_substitute_serves_a_critical_expert_from_its_resident_low_bit_slice(backend, scheme):
+    """DBSC marks expert 0 (0.6) critical. Device 0 holds only its low-bit slice (the MSB, or
+    base's low-bit copy): substitute computes it on the low path and leaves its high-bit part
+    (the LSB, or the FULL copy) in Flash, which fetch reads. Device 1 holds the high-bit expert:
+    both compute it high. Experts 1 and 2 are low-bit calls that miss either way."""
+    high = [(0, "MSB"), (0, "LSB")] if scheme == "amat" else [(0, "FULL")]
+    held = [[(0, "MSB")], high]
+    runs = {
+        m: one_layer_step(backend, PolicyConfig(on_miss=m), BitsConfig(scheme=scheme), held)
+        for m in ("substitute", "fetch")
+    }
+    (_, virt, sub, fp), (_, virt_fetch, fetch, _) = runs["substitute"], runs["fetch"]
+    assert virt[:, 0].tolist() == [0 + 4, 0] and virt_fetch[:, 0].tolist() == [0, 0]
+    assert sub["highbit_calls"].tolist() == [0, 1] and fetch["highbit_calls"].tolist() == [1, 1]
+    part = fp.sizes["LSB" if scheme == "amat" else "FULL"]
+    assert (fetch["flash_bytes"] - sub["flash_bytes"]).tolist() == [part, 0]
+    assert (fetch["dram_bytes"] - sub["dram_bytes"]).tolist() == [
+        part + fp.sizes["FULL"] - fp.low_bytes, 0
+    ]  # fmt: skip
 
 
 def test_the_static_kv_cache_scores_like_the_dynamic_one(monkeypatch):

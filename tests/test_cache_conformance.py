@@ -4,19 +4,20 @@ driven as the reference runtime drives it).
 
 A sequence is what decoding asks of the caches of B devices: layer steps, each with k expert
 calls per row (the MSB or FULL slice, then the LSB slice of a high-bit call under nested
-slicing, not fetched on a miss under lsb_miss=skip) and optionally the prefetch of the next
-layer's predicted experts. A warm start is what prefill and warmup leave: requests, warm and
-cold inserts, prefetches and evictions on reference caches, which every implementation starts
-from (and must leave unchanged).
+slicing, each fetched on a miss or not as policy.on_miss says: slicemoe.device.expert_call)
+and optionally the prefetch of the next layer's predicted experts. A warm start is what
+prefill and warmup leave: requests, warm and cold inserts, prefetches and evictions on
+reference caches, which every implementation starts from (and must leave unchanged).
 
 An implementation joins by one entry in IMPLEMENTATIONS: the evictions it runs, the sequences
 it can express, and what it observes after each step; it is compared with the reference on
 what it observes:
 - compiled (all but LFU and Belady): every request's hit and the resident experts after each step; it
-  replays demand requests only, so no prefetching and no lsb_miss=skip;
+  replays demand requests only, so no prefetching and on_miss=fetch only;
 - tensor (LRU, FIFO, LFU), the PyTorch layer step: its outputs (calls served at high
-  precision, demand, read and prefetched bytes, resident experts at layer 0), then contents,
-  prefetch marks, bytes used and counters (hits and misses per kind) after every step;
+  precision, calls dropped, demand, read and prefetched bytes, resident experts at layer 0),
+  then contents, prefetch marks, bytes used and counters (hits and misses per kind) after
+  every step;
 - kernel (as tensor), the Triton layer step: the same, on CUDA or through Triton's interpreter
   on the CPU, which is slow: it runs each sequence's first steps, KERNEL_ROW_STEPS rows x steps.
 Belady is the reference's alone (an oracle bound): tests/test_cache.py checks it.
@@ -47,7 +48,7 @@ from slicemoe.cache import (  # noqa: E402
     tensor,
 )
 from slicemoe.config import CacheConfig, PrefetchConfig  # noqa: E402
-from slicemoe.device import computes_high, fetch_ahead, slice_kinds  # noqa: E402
+from slicemoe.device import DROPPED, HIGH, expert_call, fetch_ahead, slice_kinds  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, EXPERTS = 3, 6
@@ -62,7 +63,7 @@ class Mode:
 
     sliced: bool = True  # MSB (+ LSB) slices, or whole experts (FULL)
     nested: bool = True  # MSB + LSB is the high-bit expert; else two copies, MSB and FULL
-    lsb_fetch: bool = True  # lsb_miss=fetch (else skip: an LSB miss is not fetched)
+    on_miss: str = "fetch"  # policy.on_miss
     prefetch_lsb: bool = False  # prefetch.slices=critical
     prefetch_cold: bool = False  # prefetch.insert=lru
 
@@ -82,6 +83,7 @@ class Step:
     high: np.ndarray  # [B, k] bool: the call asks for its high-bit path
     on: np.ndarray  # [B] bool: the row decodes this step
     ahead: tuple | None = None  # (target layer, experts [B, m], critical [B, m], on [B])
+    droppable: np.ndarray | None = None  # [B, k] bool: on_miss=drop leaves the call out on a miss
 
 
 @dataclass
@@ -144,9 +146,20 @@ def counters(stats) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What device.expert_call reads of a slicemoe.device.Footprint."""
+
+    sizes: dict
+    low_bytes: int
+    nested: bool
+
+
 def run_reference(case: Case, caches: list[SliceCache], eviction: str) -> list[list[dict]]:
-    """The reference runtime's layer step (Runtime._decode, then _prefetch), row by row."""
-    caches, mode, sizes = copy.deepcopy(caches), case.mode, case.sizes
+    """The reference runtime's layer step (Runtime._decode: device.expert_call per call, then
+    _prefetch), row by row; the hits read from each cache's trace."""
+    caches, mode = copy.deepcopy(caches), case.mode
+    fp = Footprint(case.sizes, LOW_BYTES, mode.nested)
     prefetch = PrefetchConfig(
         slices="critical" if mode.prefetch_lsb else "msb",
         insert="lru" if mode.prefetch_cold else "mru",
@@ -156,17 +169,26 @@ def run_reference(case: Case, caches: list[SliceCache], eviction: str) -> list[l
         rows = []
         for b, cache in enumerate(caches):
             obs = dict(hits=(), served=tuple(step.high[b]), missed=0, read=0, moved=0)
+            obs["dropped"] = (False,) * len(step.high[b])
             if step.on[b]:
-                hits, served, missed, read = [], [], 0, 0
-                for e, h in zip(step.experts[b], step.high[b]):
-                    kinds = slice_kinds(mode.sliced, mode.nested, bool(h))
-                    got = cache.access(step.layer, int(e), kinds, fetch_lsb=mode.lsb_fetch)
-                    hits += got
-                    served.append(computes_high(kinds, lsb_served=got[-1] or mode.lsb_fetch))
-                    fetched = [k for k, hit in zip(kinds, got) if not hit]
-                    missed += sum(sizes[k] for k in fetched if mode.lsb_fetch or k != "LSB")
-                    read += sizes["FULL"] if served[-1] else LOW_BYTES
-                obs.update(hits=tuple(hits), served=tuple(served), missed=missed, read=read)
+                cache.trace = []
+                paths, missed, read = [], 0, 0
+                droppable = np.zeros_like(step.high) if step.droppable is None else step.droppable
+                for e, h, d in zip(step.experts[b], step.high[b], droppable[b]):
+                    path, r, m = expert_call(
+                        cache, fp, step.layer, int(e), mode.sliced, bool(h), mode.on_miss, bool(d)
+                    )
+                    paths.append(path)
+                    missed += m
+                    read += r
+                obs.update(
+                    hits=tuple(request[-1] for request in cache.trace),
+                    served=tuple(p == HIGH for p in paths),
+                    dropped=tuple(p == DROPPED for p in paths),
+                    missed=missed,
+                    read=read,
+                )
+                cache.trace = None
                 obs["resident"] = int(cache.resident.sum())
                 if step.ahead is not None and step.ahead[3][b]:
                     target, experts, crit, _ = step.ahead
@@ -217,7 +239,7 @@ def run_layer_steps(layer_step, case: Case, caches, eviction: str) -> list[list[
         eviction,
         sliced=mode.sliced,
         nested=mode.nested,
-        lsb_fetch=mode.lsb_fetch,
+        on_miss=mode.on_miss,
         low_bytes=LOW_BYTES,
         prefetch_lsb=mode.prefetch_lsb,
         prefetch_cold=mode.prefetch_cold,
@@ -231,13 +253,17 @@ def run_layer_steps(layer_step, case: Case, caches, eviction: str) -> list[list[
     for step in case.steps:
         ahead = step.ahead and (step.ahead[0], *map(on_device, step.ahead[1:]))
         args = map(on_device, (step.experts, step.high, step.on))
-        served, missed, read, moved, held = layer_step(st, spec, step.layer, *args, ahead)
+        droppable = None if step.droppable is None else on_device(step.droppable)
+        served, dropped, missed, read, moved, held = layer_step(
+            st, spec, step.layer, *args, droppable, ahead
+        )
         rows = []
         for b in range(case.rows):
             contents = tensor.contents(st, spec, b)
             marked = st.prefetched[b].cpu()
             obs = dict(
                 served=tuple(served[b].tolist()),
+                dropped=tuple(dropped[b].tolist()),
                 missed=int(missed[b]),
                 read=int(read[b]),
                 moved=int(moved[b]),
@@ -287,7 +313,7 @@ IMPLEMENTATIONS = [
         "compiled",
         compiled.EVICTIONS,
         run_compiled,
-        serves=lambda case: case.mode.lsb_fetch and not case.prefetching,
+        serves=lambda case: case.mode.on_miss == "fetch" and not case.prefetching,
     ),
     Impl("tensor", tensor.EVICTIONS, run_tensor),
     Impl("kernel", tensor.EVICTIONS, run_kernel, row_steps=KERNEL_ROW_STEPS, needs="triton"),
@@ -298,15 +324,16 @@ IMPLEMENTATIONS = [
 
 
 def step(layer: int, *calls, ahead=None) -> Step:
-    """A layer step of one row: `calls` (expert, high), then the prefetch of `ahead`
-    (target layer, [(expert, critical), ...]) when given."""
-    experts, high = zip(*calls)
+    """A layer step of one row: `calls` (expert, high[, droppable]), then the prefetch of
+    `ahead` (target layer, [(expert, critical), ...]) when given."""
+    experts, high = zip(*((c[0], c[1]) for c in calls))
+    droppable = np.array([[len(c) > 2 and c[2] for c in calls]])
     one = np.ones(1, dtype=bool)
     if ahead is not None:
         target, picks = ahead
         e, c = zip(*picks)
         ahead = (target, np.array([e]), np.array([c]), one)
-    return Step(layer, np.array([experts]), np.array([high]), one, ahead)
+    return Step(layer, np.array([experts]), np.array([high]), one, ahead, droppable)
 
 
 def msb(expert: int, layer: int = 0) -> tuple:
@@ -358,12 +385,36 @@ HAND_WRITTEN = [
         final={msb(2), full(0), full(3)},
     ),
     Case(
-        "lsb_miss=skip: a held LSB serves the high path, a missing one is not fetched",
+        "on_miss=skip_lsb: a held LSB serves the high path, a missing one is not fetched",
         30,
         [step(0, (1, True)), step(0, (2, True), (1, True))],
         [[("insert", (0, 1, "LSB"))]],
-        Mode(lsb_fetch=False),
+        Mode(on_miss="skip_lsb"),
         final={msb(1), (0, 1, "LSB"), msb(2)},
+    ),
+    Case(
+        "on_miss=drop: a droppable call that misses is looked up and moves nothing",
+        30,
+        [step(0, (1, False, True), (2, False, True), (3, True)), step(0, (2, True, True))],
+        [[("insert", msb(1))]],
+        Mode(on_miss="drop"),
+        final={msb(1), msb(3), (0, 3, "LSB")},
+    ),
+    Case(
+        "on_miss=substitute: a held MSB serves a high-bit call whose LSB misses",
+        30,
+        [step(0, (1, True), (2, True))],
+        [[("insert", msb(1))]],
+        Mode(on_miss="substitute"),
+        final={msb(1), msb(2), (0, 2, "LSB")},
+    ),
+    Case(
+        "on_miss=substitute, two copies: a held low-bit copy serves when FULL misses",
+        24,
+        [step(0, (0, True), (1, True))],
+        [[("insert", msb(0))]],
+        Mode(nested=False, on_miss="substitute"),
+        final={msb(0), full(1)},
     ),
     Case(
         "cold inserts enter at the evict-first end, the latest lowest",
@@ -435,10 +486,11 @@ def random_case(seed: int, mode: Mode, prefetching: bool, rows=3, steps=24, k=2,
         if prefetching:
             ahead = ((t + 1) % LAYERS, pick(m), rng.random((rows, m)) < 0.5, rng.random(rows) < 0.7)
         high, on = rng.random((rows, k)) < 0.4, rng.random(rows) < 0.85
-        seq.append(Step(t % LAYERS, pick(k), high, on, ahead))
+        droppable = rng.random((rows, k)) < 0.5 if mode.on_miss == "drop" else None
+        seq.append(Step(t % LAYERS, pick(k), high, on, ahead, droppable))
     name = [("nested" if mode.nested else "base") if mode.sliced else "unsliced"]
-    if not mode.lsb_fetch:
-        name.append("lsb skip")
+    if mode.on_miss != "fetch":
+        name.append(mode.on_miss)
     if prefetching:
         name.append("prefetch " + ("critical" if mode.prefetch_lsb else "msb"))
         name.append("cold" if mode.prefetch_cold else "warm")
@@ -447,13 +499,16 @@ def random_case(seed: int, mode: Mode, prefetching: bool, rows=3, steps=24, k=2,
 
 RANDOM = [
     random_case(0, Mode(), False),
-    random_case(1, Mode(lsb_fetch=False, prefetch_lsb=True), True),
+    random_case(1, Mode(on_miss="skip_lsb", prefetch_lsb=True), True),
     random_case(2, Mode(prefetch_lsb=True, prefetch_cold=True), True),
-    random_case(3, Mode(), True),
+    random_case(3, Mode(on_miss="drop"), True),
     random_case(4, BASE, False),
-    random_case(5, Mode(nested=False, prefetch_lsb=True, prefetch_cold=True), True),
+    random_case(
+        20, Mode(nested=False, on_miss="substitute", prefetch_lsb=True, prefetch_cold=True), True
+    ),
     random_case(6, UNSLICED, False),
-    random_case(7, Mode(sliced=False, prefetch_cold=True), True),
+    random_case(7, Mode(sliced=False, on_miss="drop", prefetch_cold=True), True),
+    random_case(26, Mode(on_miss="substitute"), False, rows=2, steps=12),
     # long enough for ghost lists, histories and heaps to fill and be used
     random_case(8, Mode(), False, steps=160),
     random_case(9, BASE, False, steps=160),

@@ -199,7 +199,8 @@ def test_what_may_and_may_not_replay(stream):
     assert replayable(BASE)
     for policy in (
         PolicyConfig(routing="cache_prior", lam=0.2),
-        PolicyConfig(lsb_miss="skip"),
+        PolicyConfig(on_miss="skip_lsb"),
+        PolicyConfig(on_miss="substitute"),
         PolicyConfig(routing="cache_prior", miss_rate_target=0.05),
     ):
         # Its requests depend on the cache: it replays its own pass, not the top-k one.
@@ -208,9 +209,11 @@ def test_what_may_and_may_not_replay(stream):
         with pytest.raises(ValueError, match="in cache or policy"):
             replay(stream, cfg)
     deep = replace(BASE, prefetch=PrefetchConfig(name="ng", predictor="next_gate", top_m=17))
-    assert not replayable(deep)
-    with pytest.raises(ValueError, match="prefetch.top_m=17"):
-        replay(stream, deep)
+    drop = replace(BASE, policy=PolicyConfig(on_miss="drop"))  # what it drops reads gate weights
+    for cfg, why in ((deep, "prefetch.top_m=17"), (drop, "policy.on_miss=drop")):
+        assert not replayable(cfg)
+        with pytest.raises(ValueError, match=why):
+            replay(stream, cfg)
     # Cache, warmup, window and hardware do not change the stream; bits, tau and the task do.
     same_stream = [
         replace(BASE, cache=CacheConfig(frac=0.5, eviction="belady")),
@@ -246,11 +249,16 @@ def test_each_policy_replays_compiled_as_the_reference_and_as_the_model_in_the_l
 
 
 CACHE_AWARE = {
-    "cache_prior_running_target": PolicyConfig(
-        routing="cache_prior", lam=0.1, lam_scale="running", miss_rate_target=0.05, warmup_steps=3
+    "cache_prior_running_target_substitute": PolicyConfig(
+        routing="cache_prior",
+        lam=0.1,
+        lam_scale="running",
+        miss_rate_target=0.05,
+        warmup_steps=3,
+        on_miss="substitute",
     ),
     "cumsum": PolicyConfig(routing="cumsum", precision="high", cumsum_p=0.8),
-    "dbsc_skip": PolicyConfig(lsb_miss="skip", warmup="pcw"),
+    "dbsc_skip": PolicyConfig(on_miss="skip_lsb", warmup="pcw"),
 }
 
 

@@ -310,6 +310,13 @@ def test_base_scheme_caches_two_independent_copies(tmp_path):
     assert (d.slice == "FULL").mean() == pytest.approx(r["highbit_fraction"])
 
 
+def renamed_field() -> PolicyConfig:
+    """A PolicyConfig given the field policy.on_miss replaced, as a notebook may still do."""
+    policy = PolicyConfig()
+    policy.lsb_miss = "skip"
+    return policy
+
+
 @pytest.mark.parametrize(
     "change,field",
     [
@@ -331,9 +338,12 @@ def test_base_scheme_caches_two_independent_copies(tmp_path):
         (dict(policy=PolicyConfig(tau=-1.0)), "policy.tau"),
         (dict(policy=PolicyConfig(lam_scale="mean")), "policy.lam_scale"),
         (
-            dict(policy=PolicyConfig(lsb_miss="skip"), bits=BitsConfig(scheme="base")),
-            "policy.lsb_miss",
+            dict(policy=PolicyConfig(on_miss="skip_lsb"), bits=BitsConfig(scheme="base")),
+            "policy.on_miss",
         ),
+        (dict(policy=PolicyConfig(on_miss="skip")), "policy.on_miss"),
+        (dict(policy=PolicyConfig(on_miss="drop", drop_below=1.5)), "policy.drop_below"),
+        (dict(policy=renamed_field()), "policy.lsb_miss"),
         (dict(eval=EvalConfig(max_new_tokens=0)), "eval.max_new_tokens"),
         (dict(eval=EvalConfig(num_fewshot=-1)), "eval.num_fewshot"),
         (dict(cache=CacheConfig(frac=0.0)), "cache.frac"),
@@ -363,6 +373,29 @@ def test_missing_model_path_names_model_path(tmp_path):
 
     with pytest.raises(ConfigError, match="model.path"):
         validate(RunConfig(model=ModelConfig(path=str(tmp_path / "none"))))
+
+
+def test_drop_changes_perplexity_saves_flash_bytes_and_is_fetch_below_zero(loaded, tmp_path):
+    """Against fetch, on one config with a quarter of the experts in DRAM and the model in the
+    loop: drop, with a high threshold, leaves out missed experts, reads less from Flash and
+    scores otherwise; with drop_below=0 it is fetch exactly. (substitute's bill: test_backends.)"""
+    text = tmp_path / "wiki.txt"
+    text.write_text(" = Valkyria = \n\n The game began development in 2010 . " * 40)
+    wiki = EvalConfig(task="wikitext", data_path=str(text), limit=2, seq_len=32, stride=32)
+    policies = {
+        "fetch": PolicyConfig(),
+        "drop": PolicyConfig(on_miss="drop", drop_below=0.3),
+        "drop nothing": PolicyConfig(on_miss="drop", drop_below=0.0),
+    }
+    r = {name: run(cfg(eval=wiki, policy=policy), loaded) for name, policy in policies.items()}
+    fetch, drop = r["fetch"], r["drop"]
+    assert drop["dropped_fraction"] > 0.05 and fetch["dropped_fraction"] == 0
+    assert drop["perplexity"] != fetch["perplexity"]
+    assert drop["flash_bytes_decode"] < fetch["flash_bytes_decode"] / 2
+    assert drop["energy_decode_j"] < fetch["energy_decode_j"]
+    for m in METRICS:
+        if m != "wall_s":
+            assert r["drop nothing"][m] == pytest.approx(fetch[m], rel=0, nan_ok=True), m
 
 
 def test_lambda_controller_pushes_the_miss_rate_toward_its_target(loaded):

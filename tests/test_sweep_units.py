@@ -186,6 +186,11 @@ def test_a_config_field_added_later_keeps_the_keys_of_runs_stored_before_it():
     assert jobs.run_key(replace(old, cache=CacheConfig(frac=0.5))) == "8ac48023f69dd4e7d381"
     gate = PrefetchConfig(name="next_gate", predictor="next_gate")
     assert jobs.run_key(replace(old, prefetch=gate)) != jobs.run_key(old)
+    # policy.lsb_miss=skip, renamed policy.on_miss=skip_lsb, keeps its key; drop is new.
+    skip = replace(old, policy=replace(old.policy, on_miss="skip_lsb"))
+    assert jobs.run_key(skip) == "dc8c79726af80ebf7c70"
+    drop = replace(old, policy=replace(old.policy, on_miss="drop"))
+    assert jobs.run_key(drop) not in (jobs.run_key(old), jobs.run_key(skip))
     # Every eviction policy's parameter is one of them, at a value written out in ADDED: a
     # parameter at another value is part of the key.
     from slicemoe.cache import EVICTION

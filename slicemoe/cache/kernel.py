@@ -24,6 +24,7 @@ from slicemoe.cache.tensor import (
     S,
     Spec,
 )
+from slicemoe.device import ON_MISS
 
 _NSTATS = triton.next_power_of_2(len(STATS))
 # Triton kernels read module constants only as constexpr.
@@ -105,7 +106,7 @@ def _insert(row, prow, j, kind, cold, used, clock, capacity, s_msb, s_lsb, s_ful
 
 
 @triton.jit
-def _request(row, prow, j, kind, FETCH: tl.constexpr, used, clock, st, so, capacity,
+def _request(row, prow, j, kind, fetch, used, clock, st, so, capacity,
              s_msb, s_lsb, s_full, N: tl.constexpr, BLOCK: tl.constexpr, HAS_MSB: tl.constexpr,
              HAS_LSB: tl.constexpr, HAS_FULL: tl.constexpr, MAX_EVICT: tl.constexpr,
              EVICTION: tl.constexpr, S_REQ: tl.constexpr, S_HIT: tl.constexpr,
@@ -120,7 +121,7 @@ def _request(row, prow, j, kind, FETCH: tl.constexpr, used, clock, st, so, capac
             tl.store(prow + j, 0)
             st += tl.where(so == S_USED, nbytes, 0)
     else:
-        if FETCH:
+        if fetch:
             used, clock = _insert(row, prow, j, kind, False, used, clock, capacity, s_msb,
                                   s_lsb, s_full, N, BLOCK, HAS_MSB, HAS_LSB, HAS_FULL,
                                   MAX_EVICT, EVICTION)  # fmt: skip
@@ -164,11 +165,11 @@ def _first_kind(high, SLICED: tl.constexpr, NESTED: tl.constexpr):
 
 @triton.jit
 def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high_ptr, on_ptr,
-                ahead_e_ptr, ahead_c_ptr, ahead_on_ptr, served_ptr, out_ptr,
+                drop_ptr, ahead_e_ptr, ahead_c_ptr, ahead_on_ptr, served_ptr, dropped_ptr, out_ptr,
                 layer, target, capacity, s_msb, s_lsb, s_full, low_bytes,
                 N: tl.constexpr, E: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                 EVICTION: tl.constexpr, SLICED: tl.constexpr, NESTED: tl.constexpr,
-                LSB_FETCH: tl.constexpr, PREFETCH_LSB: tl.constexpr, COLD: tl.constexpr,
+                ON_MISS: tl.constexpr, PREFETCH_LSB: tl.constexpr, COLD: tl.constexpr,
                 AHEAD: tl.constexpr, MAX_EVICT: tl.constexpr, BLOCK: tl.constexpr,
                 NSTATS: tl.constexpr, NCOLS: tl.constexpr, S_REQ: tl.constexpr, S_HIT: tl.constexpr,
                 S_BYTES: tl.constexpr, S_ACT: tl.constexpr, S_PREF: tl.constexpr,
@@ -193,25 +194,47 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
             h = tl.load(high_ptr + b * K + j) != 0
             st += tl.where(so == S_ACT, 1, 0)
             first = _first_kind(h, SLICED, NESTED)
-            hit, used, clock, st = _request(row, prow, first * N + layer * E + e, first, True,
+            # What expert_call decides from the slices held before the call (policy.on_miss:
+            # 0 fetch, 1 skip_lsb, 2 drop, 3 substitute).
+            tl.debug_barrier()
+            miss = tl.load(row + first * N + layer * E + e) == _ABSENT
+            if HAS_LSB:
+                miss = miss | (h & (tl.load(row + N + layer * E + e) == _ABSENT))
+            drop = tl.full((), 0, tl.int1)
+            sub = tl.full((), 0, tl.int1)
+            if ON_MISS == 2:
+                drop = miss & (tl.load(drop_ptr + b * K + j) != 0)
+            if ON_MISS == 3 and SLICED:
+                sub = h & miss & (tl.load(row + layer * E + e) != _ABSENT)
+            fetch = (drop | sub) == 0
+            hit, used, clock, st = _request(row, prow, first * N + layer * E + e, first, fetch,
                                             used, clock, st, so, capacity, s_msb, s_lsb, s_full,
                                             N, BLOCK, HAS_MSB, HAS_LSB, HAS_FULL, MAX_EVICT,
                                             EVICTION, S_REQ, S_HIT, S_BYTES, S_USED)  # fmt: skip
-            if not hit:
+            if fetch & (hit == 0):
                 missed += _size(first, s_msb, s_lsb, s_full)
-            high_path = first == 2
+            high_path = (first == 2) & (hit | fetch)
             if HAS_LSB:
                 if h:
-                    lsb, used, clock, st = _request(row, prow, N + layer * E + e, 1, LSB_FETCH,
+                    fetch_lsb = fetch & (ON_MISS != 1)
+                    lsb, used, clock, st = _request(row, prow, N + layer * E + e, 1, fetch_lsb,
                                                     used, clock, st, so, capacity, s_msb, s_lsb,
                                                     s_full, N, BLOCK, HAS_MSB, HAS_LSB, HAS_FULL,
                                                     MAX_EVICT, EVICTION, S_REQ, S_HIT, S_BYTES,
                                                     S_USED)  # fmt: skip
-                    high_path = lsb | LSB_FETCH
-                    if LSB_FETCH and not lsb:
+                    high_path = (lsb | fetch_lsb) & (drop == 0)
+                    if fetch_lsb & (lsb == 0):
                         missed += s_lsb
-            read += tl.where(high_path, s_full, low_bytes)
+            elif ON_MISS == 3 and SLICED:
+                if sub:  # base: the high-bit copy was looked up, the low-bit one serves
+                    _, used, clock, st = _request(row, prow, layer * E + e, 0, False, used,
+                                                  clock, st, so, capacity, s_msb, s_lsb, s_full,
+                                                  N, BLOCK, HAS_MSB, HAS_LSB, HAS_FULL,
+                                                  MAX_EVICT, EVICTION, S_REQ, S_HIT, S_BYTES,
+                                                  S_USED)  # fmt: skip
+            read += tl.where(drop, 0, tl.where(high_path, s_full, low_bytes))
             tl.store(served_ptr + b * K + j, high_path.to(tl.int8))
+            tl.store(dropped_ptr + b * K + j, drop.to(tl.int8))
         if layer == 0:
             tl.debug_barrier()
             for c in range(0, N, BLOCK):
@@ -246,6 +269,7 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
     else:
         for j in range(K):
             tl.store(served_ptr + b * K + j, tl.load(high_ptr + b * K + j))
+            tl.store(dropped_ptr + b * K + j, tl.full((), 0, tl.int8))
     tl.store(used_ptr + b, used)
     tl.store(clock_ptr + b, clock)
     stats = stats_ptr + b * NCOLS + so
@@ -256,11 +280,14 @@ def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high
     tl.store(out_ptr + b * 4 + 3, held)
 
 
-def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None):
+def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, droppable=None, ahead=None):
     """tensor.layer_step, same arguments and results, in one launch."""
     rows, k = idx.shape
     served = torch.empty((rows, k), dtype=torch.bool, device=idx.device)
+    dropped = torch.empty((rows, k), dtype=torch.bool, device=idx.device)
     out = torch.empty((rows, 4), dtype=torch.int64, device=idx.device)
+    if droppable is None:  # not read
+        droppable = high
     if ahead is None:  # the prefetch arguments are not read
         target, experts, crit, predicted = 0, idx, high, on
     else:
@@ -268,16 +295,17 @@ def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None
     u8 = torch.uint8
     _layer_step[(rows,)](
         st.key, st.prefetched.view(u8), st.used, st.clock, st.stats,
-        idx, high.view(u8), on.view(u8),
-        experts, crit.view(u8), predicted.view(u8), served.view(u8), out,
+        idx, high.view(u8), on.view(u8), droppable.view(u8),
+        experts, crit.view(u8), predicted.view(u8), served.view(u8), dropped.view(u8), out,
         layer, target, spec.capacity, *spec.sizes, spec.low_bytes,
         N=spec.n, E=spec.experts, K=k, M=experts.shape[1],
         EVICTION=EVICTIONS.index(spec.eviction), SLICED=spec.sliced, NESTED=spec.nested,
-        LSB_FETCH=spec.lsb_fetch, PREFETCH_LSB=spec.prefetch_lsb, COLD=spec.prefetch_cold,
-        AHEAD=ahead is not None, MAX_EVICT=spec.max_evictions,
+        ON_MISS=ON_MISS.index(spec.on_miss), PREFETCH_LSB=spec.prefetch_lsb,
+        COLD=spec.prefetch_cold, AHEAD=ahead is not None, MAX_EVICT=spec.max_evictions,
         BLOCK=min(1024, triton.next_power_of_2(spec.n)), NSTATS=_NSTATS, NCOLS=len(STATS),
         S_REQ=S["requests_MSB"], S_HIT=S["hits_MSB"], S_BYTES=S["bytes_MSB"],
         S_ACT=S["activations"], S_PREF=S["prefetch_bytes"], S_USED=S["prefetch_used_bytes"],
         num_warps=1,
     )  # fmt: skip
-    return served, out[:, 0], out[:, 1], out[:, 2], out[:, 3] if layer == 0 else None
+    held = out[:, 3] if layer == 0 else None
+    return served, dropped, out[:, 0], out[:, 1], out[:, 2], held

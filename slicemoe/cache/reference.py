@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -775,7 +775,7 @@ class SliceCache:
     def request(self, key: Key, fetch: bool = True) -> bool:
         """One slice request: a hit refreshes the entry, a miss fetches it from Flash.
 
-        With fetch=False a miss is counted but nothing moves (DBSC's lsb_miss=skip)."""
+        With fetch=False a miss is counted but nothing moves (policy.on_miss other than fetch)."""
         hit = key in self.entries
         if hit:
             self._pool(key).touch(key)
@@ -813,11 +813,14 @@ class SliceCache:
             self.stats.prefetch_bytes += nbytes
         return nbytes
 
-    def access(self, layer: int, expert: int, kinds: Iterable[str], fetch_lsb=True) -> list[bool]:
-        """One expert activation requesting the given slices, in order."""
+    def access(self, layer: int, expert: int, kinds: Sequence[str], fetch=True) -> list[bool]:
+        """One expert activation requesting the given slices, in order; `fetch`: whether a miss
+        is fetched, for every slice or one per slice (slicemoe.device.expert_call)."""
         if self.counting:
             self.stats.activations += 1
-        return [self.request((layer, expert, k), fetch_lsb or k != "LSB") for k in kinds]
+        if isinstance(fetch, bool):
+            fetch = [fetch] * len(kinds)
+        return [self.request((layer, expert, k), f) for k, f in zip(kinds, fetch)]
 
     def contents(self) -> set[Key]:
         return set(self.entries)

@@ -44,7 +44,7 @@ EVICTIONS = ("lru", "fifo", "lfu")
 @dataclass(frozen=True)
 class Spec:
     """What every row shares: the geometry, byte sizes and capacity, the eviction policy, and the
-    reference runtime's slice rules (slice_kinds, computes_high, fetch_ahead)."""
+    reference runtime's slice rules (slicemoe.device: slice_kinds, expert_call, fetch_ahead)."""
 
     layers: int
     experts: int
@@ -53,7 +53,7 @@ class Spec:
     eviction: str = "lru"
     sliced: bool = True  # precision low/dbsc: experts are requested as MSB (+ LSB) slices
     nested: bool = True  # MSB + LSB is the high-bit expert (amat, trunc); base: two copies
-    lsb_fetch: bool = True  # policy.lsb_miss=fetch
+    on_miss: str = "fetch"  # policy.on_miss
     low_bytes: int = 0  # expert bytes a low-path call reads
     prefetch_lsb: bool = False  # prefetch.slices=critical
     prefetch_cold: bool = False  # prefetch.insert=lru
@@ -220,7 +220,7 @@ def insert(st: CacheState, spec: Spec, on, kind, j, cold=False) -> None:
 
 def request(st: CacheState, spec: Spec, on, kind, j, fetch=True) -> torch.Tensor:
     """SliceCache.request, counted: a hit refreshes the entry, a miss fetches it from Flash
-    (unless not `fetch`, DBSC's lsb_miss=skip). Returns the hits."""
+    where `fetch` (policy.on_miss may leave it there). Returns the hits."""
     held = _get(st.key, j) != ABSENT
     hit = on & held
     _touch(st, spec, hit, j)
@@ -255,42 +255,61 @@ def prefetch(st: CacheState, spec: Spec, on, kind, j, cold=False) -> torch.Tenso
 # --- one MoE layer of a decode step -----------------------------------------------------------
 
 
-def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, ahead=None):
+def layer_step(st: CacheState, spec: Spec, layer: int, idx, high, on, droppable=None, ahead=None):
     """The cache work of one MoE layer of one decode step on every row in `on`, as the reference
-    runtime does it row by row: expert j's slices (MSB or FULL, then the LSB of a high-bit MSB
-    call) for j = 0..k-1, then the prefetch of the next layer.
+    runtime does it row by row (slicemoe.device.expert_call): expert j's slices (MSB or FULL,
+    then the LSB of a high-bit MSB call) for j = 0..k-1, then the prefetch of the next layer.
 
     `idx`, `high` [B, k]: the chosen experts and whether each asked for its high-bit path.
+    `droppable` [B, k]: the calls policy.on_miss=drop leaves out on a miss (drop only).
     `ahead`: (target layer, experts [B, m], critical [B, m], rows predicted for [B]) or None.
-    Returns (served at high precision [B, k], demand Flash bytes [B], expert bytes read [B],
-    prefetched bytes [B], experts resident after the requests [B] (layer 0 only, else None)),
-    zero for rows not in `on`.
+    Returns (served at high precision [B, k], dropped [B, k], demand Flash bytes [B], expert
+    bytes read [B], prefetched bytes [B], experts resident after the requests [B] (layer 0
+    only, else None)), zero for rows not in `on`.
     """
     rows, k = idx.shape
     zero = torch.zeros(rows, dtype=torch.int64, device=idx.device)
     size = torch.tensor(spec.sizes, device=idx.device)
-    served, missed, read = torch.zeros_like(high), zero.clone(), zero.clone()
+    nested = spec.sliced and spec.nested
+    served, dropped = torch.zeros_like(high), torch.zeros_like(high)
+    missed, read = zero.clone(), zero.clone()
     for j in range(k):
         e, h = idx[:, j], high[:, j]
         st.stats[:, S["activations"]] += on
         first = _first_kind(spec, h, e)
-        hit = request(st, spec, on, first, slot(spec, first, layer, e))
-        missed += torch.where(on & ~hit, size[first], 0)
-        if spec.sliced and spec.nested:
-            second = on & h
-            lsb = request(st, spec, second, LSB, slot(spec, LSB, layer, e), spec.lsb_fetch)
-            missed += torch.where(second & ~lsb & spec.lsb_fetch, size[LSB], 0)
-            high_path = second & (lsb | spec.lsb_fetch)
+        second = on & h & nested  # an LSB request follows
+        # What expert_call decides from the slices held before the call.
+        miss = ~_held(st, spec, first, layer, e) | (second & ~_held(st, spec, LSB, layer, e))
+        substitute = spec.on_miss == "substitute" and spec.sliced
+        drop = on & miss & droppable[:, j] if spec.on_miss == "drop" else torch.zeros_like(on)
+        # substitute: a high-bit call whose low-bit slice (or copy) is held computes on it
+        sub = on & h & miss & _held(st, spec, MSB, layer, e) if substitute else torch.zeros_like(on)
+        fetch = ~(drop | sub)
+        hit = request(st, spec, on, first, slot(spec, first, layer, e), fetch)
+        missed += torch.where(on & ~hit & fetch, size[first], 0)
+        if nested:
+            fetch_lsb = fetch & (spec.on_miss != "skip_lsb")
+            lsb = request(st, spec, second, LSB, slot(spec, LSB, layer, e), fetch_lsb)
+            missed += torch.where(second & ~lsb & fetch_lsb, size[LSB], 0)
+            high_path = second & (lsb | fetch_lsb) & ~drop
         else:
-            high_path = first == FULL
-        read += torch.where(on, torch.where(high_path, spec.sizes[FULL], spec.low_bytes), 0)
+            if substitute:  # base: the high-bit copy was looked up, the low-bit one serves
+                request(st, spec, sub, MSB, slot(spec, MSB, layer, e))
+            high_path = (first == FULL) & (hit | fetch)
+        cost = torch.where(high_path, spec.sizes[FULL], spec.low_bytes)
+        read += torch.where(on & ~drop, cost, 0)
         served[:, j] = torch.where(on, high_path, h)
+        dropped[:, j] = drop
     held = torch.where(on, resident(st, spec).flatten(1).sum(1), 0) if layer == 0 else None
     moved = zero.clone()
     if ahead is not None:
         target, experts, crit, predicted = ahead
         moved = fetch_ahead(st, spec, target, experts, crit, on & predicted)
-    return served, missed, read, moved, held
+    return served, dropped, missed, read, moved, held
+
+
+def _held(st: CacheState, spec: Spec, kind, layer: int, e) -> torch.Tensor:
+    return _get(st.key, slot(spec, kind, layer, e)) != ABSENT
 
 
 def _first_kind(spec: Spec, high, e) -> torch.Tensor:
