@@ -263,7 +263,7 @@ CACHE_AWARE = {
 
 
 CACHE_AWARE_RUN = replace(
-    BASE, policy=CACHE_AWARE["cache_prior_running_target"], cache=CacheConfig(frac=0.1)
+    BASE, policy=CACHE_AWARE["cache_prior_running_target_substitute"], cache=CacheConfig(frac=0.1)
 )
 
 
