@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest_sweep import QUICK, REPO, search, stop_ray_head
+from conftest_sweep import QUICK, REPO, empty_store, search, stop_ray_head
 
 from sweep.jobs import RESULT_METRICS
 
@@ -70,7 +70,7 @@ def test_sweep_submitted_as_a_ray_job_with_token_auth():
         assert stranger.returncode != 0
         assert "auth" in (stranger.stdout + stranger.stderr).lower()
 
-        db = f"sqlite:///{temp}/mlflow.db"
+        db = empty_store(temp)
         job = subprocess.run(
             [
                 RAY,

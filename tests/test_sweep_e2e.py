@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest_sweep import QUICK, REPO, RUNNER, run_sweep, search
+from conftest_sweep import QUICK, REPO, RUNNER, empty_store, run_sweep, search
 
 from sweep.jobs import RESULT_METRICS
 
@@ -18,6 +18,7 @@ def uri(tmp: Path) -> str:
 
 
 def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, ray_head):
+    empty_store(tmp_path)
     res = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
@@ -39,7 +40,8 @@ def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, 
 
 @pytest.fixture(scope="module")
 def policy_sweep(tmp_path_factory, ray_head):
-    """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces."""
+    """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces, on a fresh
+    store (not conftest_sweep.empty_store): making it must print nothing either."""
     tmp = tmp_path_factory.mktemp("policy_sweep")
     args = [
         "-m",
@@ -101,6 +103,7 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
 def test_optuna_sweeper_drives_the_launcher(tmp_path, ray_head):
     """Optuna asks, the launcher runs, the metrics go back: the stand-in runner answers at once
     (the real model in the loop of a multirun is the test above)."""
+    empty_store(tmp_path)
     args = [
         "-m",
         "+experiment=optuna_dbsc_tau",

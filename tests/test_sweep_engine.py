@@ -11,6 +11,7 @@ import pytest
 from conftest_sweep import (
     RUNNER,
     assert_no_metric_lost,
+    empty_store,
     free_port,
     kill,
     run_sweep,
@@ -48,6 +49,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
     """seed 13 raises, seed 77 runs out of memory (both FAILED with their message, the sweep
     goes on), seed 66 SIGKILLs its actor mid-run once (retried on a new actor, no duplicate,
     no metric lost)."""
+    empty_store(tmp_path)
     args = [
         "-m",
         f"sweep.runner={RUNNER}",
@@ -98,6 +100,7 @@ def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path, r
     """Three jobs share one stream: the actor records it, replays frac_10, then dies replaying
     frac_25. frac_10 stays FINISHED; the rest is dispatched again and replays the stored stream
     without another model pass."""
+    empty_store(tmp_path)
     args = [
         "-m",
         "sweep.runner=tests.replay_runner",
@@ -119,6 +122,7 @@ def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path, r
 
 @pytest.mark.slow
 def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp_path, ray_head):
+    empty_store(tmp_path)
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2,3,4,5,6,7"]
     env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "2"}
     driver = start_sweep(args, tmp_path, ray=ray_head, **env)
@@ -162,6 +166,7 @@ def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp
 
 @pytest.mark.slow
 def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path, ray_head):
+    empty_store(tmp_path)
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2"]
     res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path), FAKE_BROKEN_NODE="1")
     assert res.returncode == 1
@@ -234,6 +239,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line_and_the_runs_in_flight_killed(
 ):
     import signal
 
+    empty_store(tmp_path)
     args = ["-m", "seed=0,1"] if multirun else ["seed=0"]
     args += [f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}"]
     driver = start_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path), FAKE_SLEEP="30")
