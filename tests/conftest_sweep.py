@@ -142,6 +142,25 @@ def run_sweep(
     )
 
 
+def launch(args: list[str], capfd) -> tuple[int, str]:
+    """`python -m sweep ARGS` in this process, for launches that stop before any work: its exit
+    status and everything it printed (capfd: pytest's fixture)."""
+    from sweep.__main__ import main
+
+    argv, on_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["sweep", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, on_term)
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
 def start_sweep(args: list[str], cwd: Path, ray: str | None = None, **env: str) -> subprocess.Popen:
     """A driver in its own session, so that killing it can be aimed at it alone."""
     return subprocess.Popen(

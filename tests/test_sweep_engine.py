@@ -14,6 +14,7 @@ from conftest_sweep import (
     empty_store,
     free_port,
     kill,
+    launch,
     run_sweep,
     search,
     start_mlflow_server,
@@ -174,27 +175,35 @@ def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path, 
     assert runs_by_status(tmp_path)["RUNNING"] == 0
 
 
-def test_invalid_job_fails_before_any_work(tmp_path):
+# Launches that stop before any work run in this process (conftest_sweep.launch): a Ray
+# instance or a store they made would show in its output or in tmp_path all the same.
+
+
+def test_invalid_job_fails_before_any_work(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
-    res = run_sweep(["-m", "bits.low=8", "bits.high=4", "cache=frac_10,frac_25"], tmp_path)
-    assert res.returncode == 1
-    assert "bits.low" in res.stderr and "must be below bits.high=4" in res.stderr
-    assert "Started a local Ray instance" not in res.stderr
+    code, out = launch(["-m", "bits.low=8", "bits.high=4", "cache=frac_10,frac_25"], capfd)
+    assert code == 1
+    assert "bits.low" in out and "must be below bits.high=4" in out
+    assert "Started a local Ray instance" not in out
     assert not (tmp_path / "mlflow.db").exists()
     assert time.monotonic() - t0 < 60
 
 
-def test_unreachable_tracking_server_fails_fast_in_a_multirun(tmp_path):
+def test_unreachable_tracking_server_fails_fast_in_a_multirun(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
     args = ["-m", f"sweep.runner={RUNNER}", "mlflow.tracking_uri=http://127.0.0.1:9", "seed=0,1"]
-    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
-    assert res.returncode == 1
-    assert "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable" in res.stderr
-    assert "Started a local Ray instance" not in res.stderr
+    code, out = launch(args, capfd)
+    assert code == 1
+    assert "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable" in out
+    assert "Started a local Ray instance" not in out
 
 
-def test_settings_cannot_vary_inside_one_multirun(tmp_path):
-    res = run_sweep(["-m", f"sweep.runner={RUNNER}", "mlflow.experiment=a,b"], tmp_path)
-    assert res.returncode == 1 and "mlflow.* differs between the jobs" in res.stderr
+def test_settings_cannot_vary_inside_one_multirun(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    code, out = launch(["-m", f"sweep.runner={RUNNER}", "mlflow.experiment=a,b"], capfd)
+    assert code == 1 and "mlflow.* differs between the jobs" in out
 
 
 @pytest.mark.slow
