@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest_sweep import QUICK, REPO, RUNNER, empty_store, run_sweep, search
+from conftest_sweep import QUICK, REPO, RUNNER, empty_store, launch, run_sweep, search
 
 from sweep.jobs import RESULT_METRICS
 
@@ -17,7 +17,9 @@ def uri(tmp: Path) -> str:
     return f"sqlite:///{tmp}/mlflow.db"
 
 
-def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, ray_head):
+def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(
+    tmp_path, ray_head, monkeypatch, capfd
+):
     empty_store(tmp_path)
     res = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -33,8 +35,10 @@ def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, 
     assert run.info.status == "FINISHED" and set(RESULT_METRICS) <= set(run.data.metrics)
     assert "mlflow.parentRunId" not in run.data.tags
 
-    again = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
-    assert again.returncode == 0 and "finished already" in again.stdout + again.stderr
+    # Found finished, nothing to compute: in this process (conftest_sweep.launch).
+    monkeypatch.chdir(tmp_path)
+    code, out = launch(["mlflow.experiment=single", *QUICK], capfd)
+    assert code == 0 and "finished already" in out
     assert len(search(uri(tmp_path), "single")) == 1
 
 
