@@ -106,12 +106,14 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
 @pytest.mark.slow
 def test_optuna_sweeper_drives_the_launcher(tmp_path, ray_head):
     """Optuna asks, the launcher runs, the metrics go back: the stand-in runner answers at once
-    (the real model in the loop of a multirun is the test above)."""
+    (the real model in the loop of a multirun is the test above). One trial at a time: two
+    batches on one actor, the second on the pool and parent run of the first."""
     empty_store(tmp_path)
     args = [
         "-m",
         "+experiment=optuna_dbsc_tau",
         "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=1",
         "mlflow.experiment=optuna",
         f"sweep.runner={RUNNER}",
     ]

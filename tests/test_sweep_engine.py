@@ -208,7 +208,8 @@ def test_settings_cannot_vary_inside_one_multirun(tmp_path, monkeypatch, capfd):
 
 @pytest.mark.slow
 def test_actors_log_to_a_tracking_server(tmp_path, ray_head):
-    """Any tracking URI: here an `mlflow server`, artifacts uploaded through it."""
+    """Any tracking URI: here an `mlflow server`, artifacts uploaded through it (one actor is
+    enough to log both runs)."""
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     url = f"http://127.0.0.1:{port}"
@@ -217,6 +218,7 @@ def test_actors_log_to_a_tracking_server(tmp_path, ray_head):
             "-m",
             f"sweep.runner={RUNNER}",
             f"mlflow.tracking_uri={url}",
+            "ray.num_actors=1",
             "seed=0,1",
             "trace=true",
         ]
