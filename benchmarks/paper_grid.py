@@ -30,11 +30,12 @@ QWEN = ROOT / "slicemoe/checkpoints/configs/qwen1.5-moe-a2.7b/config.json"
 # --small: three of Fig. 8's policies (two cache-independent streams, one cache-aware) and
 # Cache-Prior at one strength, one cache size, no Fig. 10, Table 1's asymmetric high-bit row at
 # MAT84, short sequences: every kind of pass (cache-independent, cache-aware, perplexity), the
-# four GSM8K ones packed into one.
+# four GSM8K ones packed into one. One GSM8K example in the prompt: five make prompts of ~3,200
+# tokens, past the tiny model's 2,048 positions, whose prefill was most of each pass's time.
 SMALL = [
     "model=tiny", "cache=frac_25", "policy.lam=0.2", "bits=mat84", "bits.symmetric=false",
     'hydra.sweeper.grids.fig8.policy="lru_lowbit,dbsc_pcw,cumsum"',
-    "eval.limit=2",
+    "eval.limit=2", "eval.num_fewshot=1",
     "eval.max_new_tokens=8", "eval.seq_len=32", "eval.stride=32", "batch_size=2",
     "~hydra.sweeper.grids.fig10", "~hydra.sweeper.grids.table1_low_sym",
     "~hydra.sweeper.grids.table1_low_asym", "ray.object_store_mb=128", "sweep.optimality=true",

@@ -13,6 +13,7 @@ With $FAKE_BROKEN_NODE set, importing this module fails inside Ray workers (code
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -140,6 +142,25 @@ def run_sweep(
     )
 
 
+def launch(args: list[str], capfd) -> tuple[int, str]:
+    """`python -m sweep ARGS` in this process, for launches that stop before any work: its exit
+    status and everything it printed (capfd: pytest's fixture)."""
+    from sweep.__main__ import main
+
+    argv, on_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["sweep", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, on_term)
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
 def start_sweep(args: list[str], cwd: Path, ray: str | None = None, **env: str) -> subprocess.Popen:
     """A driver in its own session, so that killing it can be aimed at it alone."""
     return subprocess.Popen(
@@ -156,6 +177,25 @@ def start_sweep(args: list[str], cwd: Path, ray: str | None = None, **env: str) 
 def kill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+@functools.cache
+def _migrated_store() -> bytes:
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        MlflowClient(f"sqlite:///{tmp}/mlflow.db").search_experiments()  # creates and migrates
+        return Path(tmp, "mlflow.db").read_bytes()
+
+
+def empty_store(folder: Path, name: str = "mlflow.db") -> str:
+    """An empty MLflow store at folder/name, its tables made and migrated; returns its URI.
+    Making a fresh one costs 2-5 s (dozens of migrations, each committed); this copies one made
+    once per test process, which MLflow takes as is (it checks the schema's revision). For the
+    sweeps whose subject is not a fresh store."""
+    path = folder / name
+    path.write_bytes(_migrated_store())
+    return f"sqlite:///{path}"
 
 
 def search(uri: str, experiment: str, filter_string: str = "") -> list:
@@ -269,8 +309,11 @@ def free_port() -> int:
 
 
 def start_mlflow_server(tmp: Path, port: int, timeout_s: float = 120) -> subprocess.Popen:
-    """An `mlflow server` on 127.0.0.1 only, its store and artifacts in `tmp`; returns once it
-    answers (polled every 0.5 s, at most `timeout_s`)."""
+    """An `mlflow server` on 127.0.0.1 only, its store (tmp/server.db, made empty_store unless
+    there) and artifacts in `tmp`; returns once it answers (polled every 0.5 s, at most
+    `timeout_s`)."""
+    if not (tmp / "server.db").exists():
+        empty_store(tmp, "server.db")
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),

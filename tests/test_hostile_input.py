@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
 import sys
 from operator import attrgetter
 from pathlib import Path
 
 import pytest
-from conftest_sweep import RUNNER, search
+from conftest_sweep import RUNNER, empty_store, launch, search
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -92,22 +91,6 @@ CASES = [
 ]
 
 
-def launch(args: list[str], capfd) -> tuple[int, str]:
-    """`python -m sweep ARGS` in this process: its exit status and everything it printed."""
-    argv, on_term = sys.argv, signal.getsignal(signal.SIGTERM)
-    sys.argv = ["sweep", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        sys.argv = argv
-        signal.signal(signal.SIGTERM, on_term)
-    out, err = capfd.readouterr()
-    return code, out + err
-
-
 def snapshot(uri: str) -> dict:
     return {
         r.info.run_id: (r.info.status, r.info.end_time, len(r.data.metrics), len(r.data.tags))
@@ -121,7 +104,7 @@ def store(tmp_path_factory):
     that uses it is marked slow, as the launches are: run one after the other (the slow tests
     come first), they build it once."""
     folder = tmp_path_factory.mktemp("hostile")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = empty_store(folder)
     mp = pytest.MonkeyPatch()
     mp.chdir(folder)
     mp.setenv("FAKE_DIR", str(folder))

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
-from conftest_sweep import REPO, run_sweep
+from conftest_sweep import REPO, empty_store, run_sweep
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -316,7 +316,7 @@ def paper_sweep(tmp_path_factory, ray_head):
     tmp = tmp_path_factory.mktemp("paper")
     words = doc_line("python -m sweep -m +experiment=paper_all")
     assert words[:3] == ["python", "-m", "sweep"] and len(words) == 5
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = empty_store(tmp)
     res = run_sweep(
         [*words[3:], *SMALL, f"mlflow.tracking_uri={uri}"], tmp, timeout=600, ray=ray_head
     )

@@ -23,17 +23,25 @@ def loaded():
     return load(BASE)
 
 
+@pytest.fixture(scope="module")
+def stream(loaded):
+    """BASE's request stream: with top-k routing, every cache and prefetcher replays this one
+    pass, as a sweep does (the replay equals the model in the loop: the first test and
+    test_a_replay_prefetches_exactly_as_the_model_in_the_loop)."""
+    return record(BASE, loaded)
+
+
 def with_prefetch(predictor: str, **kw) -> RunConfig:
     return dataclasses.replace(
         BASE, prefetch=PrefetchConfig(name=predictor, predictor=predictor), **kw
     )
 
 
-def test_none_is_the_run_without_prefetching(loaded):
+def test_none_is_the_run_without_prefetching(loaded, stream):
     # The replay has no prefetching at all; the in-loop run with prefetch=none matches it (to
     # the last bits of float sums taken in another order).
     got = run(BASE, loaded)
-    want = replay(record(BASE, loaded), BASE)
+    want = replay(stream, BASE)
     for name in ("flash_bytes_decode", "miss_rate", "miss_rate_hbn", "decode_tokens"):
         assert got[name] == want[name], name
     for name in ("energy_decode_j", "latency_decode_s"):
@@ -41,7 +49,7 @@ def test_none_is_the_run_without_prefetching(loaded):
     assert got["flash_bytes_prefetch"] == 0 and np.isnan(got["prefetch_recall"])
 
 
-def test_the_oracle_leaves_no_demand_miss_when_two_layers_fit(loaded):
+def test_the_oracle_leaves_no_demand_miss_when_two_layers_fit(stream):
     # Room for two layers' experts, every slice of them: the next layer's slices (LSB included
     # for the experts the recorded pass computed at high precision) arrive while this layer
     # computes. Only decode step 0's first layer, with no layer before it, misses.
@@ -52,16 +60,16 @@ def test_the_oracle_leaves_no_demand_miss_when_two_layers_fit(loaded):
         prefetch=PrefetchConfig(name="oracle", predictor="oracle", slices="critical"),
         policy=dataclasses.replace(BASE.policy, warmup_steps=1),
     )
-    r = run(cfg, loaded)
+    r = replay(stream, cfg)
     assert r["prefetch_recall"] == 1.0
     assert r["flash_bytes_demand"] > 0  # step 0
     assert r["miss_rate_steady"] == 0.0 and r["flash_bytes_demand_steady"] == 0.0
-    none = run(dataclasses.replace(cfg, prefetch=PrefetchConfig()), loaded)
+    none = replay(stream, dataclasses.replace(cfg, prefetch=PrefetchConfig()))
     assert none["miss_rate_steady"] > 0.1
 
 
-def test_every_prefetched_byte_is_charged_used_or_not(loaded):
-    r = run(with_prefetch("next_gate", cache=CacheConfig(frac=0.25)), loaded)
+def test_every_prefetched_byte_is_charged_used_or_not(stream):
+    r = replay(stream, with_prefetch("next_gate", cache=CacheConfig(frac=0.25)))
     assert 0 < r["prefetch_precision"] < 1  # some prefetches are wasted ...
     flash = r["flash_bytes_demand"] + r["flash_bytes_prefetch"]
     assert r["flash_bytes_decode"] == flash
@@ -83,20 +91,20 @@ def test_overlapping_a_fetch_never_makes_a_layer_slower():
 
 
 @pytest.mark.parametrize("frac", [0.25, 0.5])
-def test_a_perfect_predictor_is_never_slower_than_none(loaded, frac):
-    oracle = run(with_prefetch("oracle", cache=CacheConfig(frac=frac)), loaded)
-    none = run(dataclasses.replace(BASE, cache=CacheConfig(frac=frac)), loaded)
+def test_a_perfect_predictor_is_never_slower_than_none(stream, frac):
+    oracle = replay(stream, with_prefetch("oracle", cache=CacheConfig(frac=frac)))
+    none = replay(stream, dataclasses.replace(BASE, cache=CacheConfig(frac=frac)))
     assert oracle["latency_decode_s_per_token"] <= none["latency_decode_s_per_token"]
 
 
-def test_next_gate_predicts_far_above_chance_and_prev_token_covers_layer_0(loaded):
+def test_next_gate_predicts_far_above_chance_and_prev_token_covers_layer_0(stream):
     shape = read_shape(None)
     chance = shape.top_k / shape.num_experts  # 4 of 32
-    gate = run(with_prefetch("next_gate"), loaded)
+    gate = replay(stream, with_prefetch("next_gate"))
     assert gate["prefetch_recall"] > 3 * chance
     per_layer = gate["curves"]["prefetch_recall_layer"]
     assert np.isnan(per_layer[0]) and min(per_layer[1:]) > chance  # no input for layer 0
-    prev = run(with_prefetch("prev_token"), loaded)
+    prev = replay(stream, with_prefetch("prev_token"))
     assert prev["curves"]["prefetch_recall_layer"][0] > chance
 
 
@@ -148,7 +156,7 @@ def test_bad_prefetch_settings_name_the_field(change, message):
     ],
 )
 def test_a_replay_prefetches_exactly_as_the_model_in_the_loop(
-    loaded, predictor, slices, insert, eviction, frac
+    loaded, stream, predictor, slices, insert, eviction, frac
 ):
     cfg = dataclasses.replace(
         BASE,
@@ -156,7 +164,7 @@ def test_a_replay_prefetches_exactly_as_the_model_in_the_loop(
                                 top_m=6 if predictor == "next_gate" else 0),
         cache=CacheConfig(frac=frac, eviction=eviction),
     )  # fmt: skip
-    got = replay(record(cfg, loaded), cfg)
+    got = replay(stream, cfg)  # the cache and the prefetcher are not in the stream
     want = run(cfg, loaded)
     for name, value in want.items():
         if name in ("wall_s", "trace_path", "curves", "problems"):

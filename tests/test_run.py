@@ -32,6 +32,21 @@ def loaded():
     return load(RunConfig())
 
 
+@pytest.fixture(scope="module")
+def stream(loaded):
+    """small_cache's request stream at a precision, recorded once: with top-k routing it is the
+    same for every warmup, cache size and eviction, so their runs are replays of it (replay
+    equals the model in the loop: tests/test_replay.py)."""
+    streams = {}
+
+    def of(precision: str):
+        if precision not in streams:
+            streams[precision] = record(small_cache(PolicyConfig(precision=precision)), loaded)
+        return streams[precision]
+
+    return of
+
+
 def cfg(**kw) -> RunConfig:
     base = RunConfig(eval=EvalConfig(limit=6, max_new_tokens=40), batch_size=3)
     return replace(base, **kw)
@@ -200,7 +215,7 @@ def test_dbsc_beats_highbit_lru_on_misses_and_lowbit_on_accuracy(loaded):
     caching whole high-bit experts."""
     loaded42 = load(small_cache(PolicyConfig(), MAT42))
     runs = {
-        name: run(small_cache(PolicyConfig(name=name, precision=prec), MAT42, limit=12), loaded42)
+        name: run(small_cache(PolicyConfig(name=name, precision=prec), MAT42), loaded42)
         for name, prec in [("lru_highbit", "high"), ("lru_lowbit", "low"), ("dbsc", "dbsc")]
     }
     high, low, dbsc = runs["lru_highbit"], runs["lru_lowbit"], runs["dbsc"]
@@ -219,21 +234,21 @@ def test_unquantized_experts_run(loaded):
     assert r["highbit_fraction"] == 1.0 and r["miss_rate_lsb"] != r["miss_rate_lsb"]  # NaN
 
 
-def test_pcw_has_fewer_early_decode_misses_than_empty_and_random(loaded, tmp_path):
+def test_pcw_has_fewer_early_decode_misses_than_empty_and_random(stream, tmp_path):
     early = {}
     for w in ("pcw", "empty", "random"):
         c = small_cache(PolicyConfig(warmup=w))
         c = replace(c, trace=True, trace_path=str(tmp_path / f"{w}.parquet"))
-        t = pd.read_parquet(run(c, loaded)["trace_path"])
+        t = pd.read_parquet(replay(stream("dbsc"), c)["trace_path"])
         d = t[(t.phase == "decode") & (t.step < 10)]
         early[w] = int((~d.hit).sum())
     assert early["pcw"] < early["empty"] and early["pcw"] < early["random"]
 
 
-def test_warmup_shows_in_the_default_all_steps_miss_rate(loaded):
+def test_warmup_shows_in_the_default_all_steps_miss_rate(stream):
     """With the default warmup_steps=10 the reported decode miss rate covers the steps where
     warmup acts, so PCW's advantage over an empty cache is visible in `miss_rate`."""
-    r = {w: run(small_cache(PolicyConfig(warmup=w)), loaded) for w in ("pcw", "empty")}
+    r = {w: replay(stream("dbsc"), small_cache(PolicyConfig(warmup=w))) for w in ("pcw", "empty")}
     assert r["pcw"]["miss_rate"] < r["empty"]["miss_rate"]
     assert r["pcw"]["energy_decode_j_per_token"] < r["empty"]["energy_decode_j_per_token"]
     # After the cache has settled both warmups look alike: the difference is early.
@@ -242,9 +257,9 @@ def test_warmup_shows_in_the_default_all_steps_miss_rate(loaded):
     assert gap_steady < gap_all
 
 
-def test_only_warmups_that_load_unused_experts_read_flash(loaded):
+def test_only_warmups_that_load_unused_experts_read_flash(stream):
     fills = {
-        w: run(small_cache(PolicyConfig(warmup=w)), loaded)["flash_bytes_warmup"]
+        w: replay(stream("dbsc"), small_cache(PolicyConfig(warmup=w)))["flash_bytes_warmup"]
         for w in ("pcw", "random", "lru", "empty")
     }
     assert fills["random"] > 0 and fills["pcw"] == fills["lru"] == fills["empty"] == 0
@@ -277,16 +292,11 @@ def test_wikitext_runs_with_its_default_window(loaded, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["high", "dbsc"])
-def test_belady_oracle_bounds_lru(loaded, precision):
+def test_belady_oracle_bounds_lru(stream, precision):
     """Also with bit slices: the oracle orders the MSB pool by the recorded MSB requests."""
-    lru = run(small_cache(PolicyConfig(precision=precision)), loaded)
-    opt = run(
-        replace(
-            small_cache(PolicyConfig(precision=precision)),
-            cache=CacheConfig(frac=0.25, eviction="belady"),
-        ),
-        loaded,
-    )
+    c = small_cache(PolicyConfig(precision=precision))
+    lru = replay(stream(precision), c)
+    opt = replay(stream(precision), replace(c, cache=CacheConfig(frac=0.25, eviction="belady")))
     assert opt["miss_rate_msb"] < lru["miss_rate_msb"]
     assert opt["accuracy"] == lru["accuracy"]
     assert opt["highbit_fraction"] == lru["highbit_fraction"]

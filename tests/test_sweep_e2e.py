@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest_sweep import QUICK, REPO, RUNNER, run_sweep, search
+from conftest_sweep import QUICK, REPO, RUNNER, empty_store, launch, run_sweep, search
 
 from sweep.jobs import RESULT_METRICS
 
@@ -17,7 +17,10 @@ def uri(tmp: Path) -> str:
     return f"sqlite:///{tmp}/mlflow.db"
 
 
-def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, ray_head):
+def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(
+    tmp_path, ray_head, monkeypatch, capfd
+):
+    empty_store(tmp_path)
     res = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
@@ -32,14 +35,17 @@ def test_single_run_prints_a_table_logs_to_mlflow_and_is_not_repeated(tmp_path, 
     assert run.info.status == "FINISHED" and set(RESULT_METRICS) <= set(run.data.metrics)
     assert "mlflow.parentRunId" not in run.data.tags
 
-    again = run_sweep(["mlflow.experiment=single", *QUICK], tmp_path, ray=ray_head)
-    assert again.returncode == 0 and "finished already" in again.stdout + again.stderr
+    # Found finished, nothing to compute: in this process (conftest_sweep.launch).
+    monkeypatch.chdir(tmp_path)
+    code, out = launch(["mlflow.experiment=single", *QUICK], capfd)
+    assert code == 0 and "finished already" in out
     assert len(search(uri(tmp_path), "single")) == 1
 
 
 @pytest.fixture(scope="module")
 def policy_sweep(tmp_path_factory, ray_head):
-    """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces."""
+    """Two policies (one the Cache-Prior baseline) x two cache sizes, with traces, on a fresh
+    store (not conftest_sweep.empty_store): making it must print nothing either."""
     tmp = tmp_path_factory.mktemp("policy_sweep")
     args = [
         "-m",
@@ -100,11 +106,14 @@ def test_multirun_logs_one_parent_and_a_child_per_job(policy_sweep):
 @pytest.mark.slow
 def test_optuna_sweeper_drives_the_launcher(tmp_path, ray_head):
     """Optuna asks, the launcher runs, the metrics go back: the stand-in runner answers at once
-    (the real model in the loop of a multirun is the test above)."""
+    (the real model in the loop of a multirun is the test above). One trial at a time: two
+    batches on one actor, the second on the pool and parent run of the first."""
+    empty_store(tmp_path)
     args = [
         "-m",
         "+experiment=optuna_dbsc_tau",
         "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=1",
         "mlflow.experiment=optuna",
         f"sweep.runner={RUNNER}",
     ]

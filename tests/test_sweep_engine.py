@@ -11,8 +11,10 @@ import pytest
 from conftest_sweep import (
     RUNNER,
     assert_no_metric_lost,
+    empty_store,
     free_port,
     kill,
+    launch,
     run_sweep,
     search,
     start_mlflow_server,
@@ -48,6 +50,7 @@ def test_failures_are_recorded_dead_actors_retried_and_relaunch_resumes(tmp_path
     """seed 13 raises, seed 77 runs out of memory (both FAILED with their message, the sweep
     goes on), seed 66 SIGKILLs its actor mid-run once (retried on a new actor, no duplicate,
     no metric lost)."""
+    empty_store(tmp_path)
     args = [
         "-m",
         f"sweep.runner={RUNNER}",
@@ -98,6 +101,7 @@ def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path, r
     """Three jobs share one stream: the actor records it, replays frac_10, then dies replaying
     frac_25. frac_10 stays FINISHED; the rest is dispatched again and replays the stored stream
     without another model pass."""
+    empty_store(tmp_path)
     args = [
         "-m",
         "sweep.runner=tests.replay_runner",
@@ -119,6 +123,7 @@ def test_an_actor_dying_inside_a_replay_unit_keeps_the_replayed_runs(tmp_path, r
 
 @pytest.mark.slow
 def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp_path, ray_head):
+    empty_store(tmp_path)
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2,3,4,5,6,7"]
     env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "2"}
     driver = start_sweep(args, tmp_path, ray=ray_head, **env)
@@ -162,6 +167,7 @@ def test_driver_killed_mid_sweep_then_relaunched_recomputes_nothing_finished(tmp
 
 @pytest.mark.slow
 def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path, ray_head):
+    empty_store(tmp_path)
     args = ["-m", f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}", "seed=0,1,2"]
     res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path), FAKE_BROKEN_NODE="1")
     assert res.returncode == 1
@@ -169,32 +175,41 @@ def test_actors_that_cannot_start_stop_the_sweep_with_a_clear_message(tmp_path, 
     assert runs_by_status(tmp_path)["RUNNING"] == 0
 
 
-def test_invalid_job_fails_before_any_work(tmp_path):
+# Launches that stop before any work run in this process (conftest_sweep.launch): a Ray
+# instance or a store they made would show in its output or in tmp_path all the same.
+
+
+def test_invalid_job_fails_before_any_work(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
-    res = run_sweep(["-m", "bits.low=8", "bits.high=4", "cache=frac_10,frac_25"], tmp_path)
-    assert res.returncode == 1
-    assert "bits.low" in res.stderr and "must be below bits.high=4" in res.stderr
-    assert "Started a local Ray instance" not in res.stderr
+    code, out = launch(["-m", "bits.low=8", "bits.high=4", "cache=frac_10,frac_25"], capfd)
+    assert code == 1
+    assert "bits.low" in out and "must be below bits.high=4" in out
+    assert "Started a local Ray instance" not in out
     assert not (tmp_path / "mlflow.db").exists()
     assert time.monotonic() - t0 < 60
 
 
-def test_unreachable_tracking_server_fails_fast_in_a_multirun(tmp_path):
+def test_unreachable_tracking_server_fails_fast_in_a_multirun(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
     args = ["-m", f"sweep.runner={RUNNER}", "mlflow.tracking_uri=http://127.0.0.1:9", "seed=0,1"]
-    res = run_sweep(args, tmp_path, FAKE_DIR=str(tmp_path))
-    assert res.returncode == 1
-    assert "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable" in res.stderr
-    assert "Started a local Ray instance" not in res.stderr
+    code, out = launch(args, capfd)
+    assert code == 1
+    assert "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable" in out
+    assert "Started a local Ray instance" not in out
 
 
-def test_settings_cannot_vary_inside_one_multirun(tmp_path):
-    res = run_sweep(["-m", f"sweep.runner={RUNNER}", "mlflow.experiment=a,b"], tmp_path)
-    assert res.returncode == 1 and "mlflow.* differs between the jobs" in res.stderr
+def test_settings_cannot_vary_inside_one_multirun(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    code, out = launch(["-m", f"sweep.runner={RUNNER}", "mlflow.experiment=a,b"], capfd)
+    assert code == 1 and "mlflow.* differs between the jobs" in out
 
 
 @pytest.mark.slow
 def test_actors_log_to_a_tracking_server(tmp_path, ray_head):
-    """Any tracking URI: here an `mlflow server`, artifacts uploaded through it."""
+    """Any tracking URI: here an `mlflow server`, artifacts uploaded through it (one actor is
+    enough to log both runs)."""
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     url = f"http://127.0.0.1:{port}"
@@ -203,6 +218,7 @@ def test_actors_log_to_a_tracking_server(tmp_path, ray_head):
             "-m",
             f"sweep.runner={RUNNER}",
             f"mlflow.tracking_uri={url}",
+            "ray.num_actors=1",
             "seed=0,1",
             "trace=true",
         ]
@@ -234,6 +250,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line_and_the_runs_in_flight_killed(
 ):
     import signal
 
+    empty_store(tmp_path)
     args = ["-m", "seed=0,1"] if multirun else ["seed=0"]
     args += [f"sweep.runner={RUNNER}", f"mlflow.experiment={EXP}"]
     driver = start_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path), FAKE_SLEEP="30")

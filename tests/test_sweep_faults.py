@@ -24,7 +24,7 @@ from conftest_sweep import (
     descendants,
     free_port,
     is_loopback,
-    run_sweep,
+    launch,
     search,
     sockets_of,
     start_mlflow_server,
@@ -138,7 +138,7 @@ def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(t
         # Results computed while the server is away, each after the client gave up on it.
         wait_for(lambda: len(list(spool.glob("*/record.json"))) >= 3, "the spool", [driver])
         # Away for several times the client's retries (one retry, 1 s back-off).
-        time.sleep(max(0.0, 8 - (time.monotonic() - away)))
+        time.sleep(max(0.0, 4 - (time.monotonic() - away)))
         server = start_mlflow_server(tmp_path, port)
         out = driver.communicate(timeout=240)[0]
     finally:
@@ -163,27 +163,30 @@ def mount_tmpfs(folder: Path, options: str) -> None:
 
 
 @pytest.mark.slow
-def test_read_only_and_full_folders_stop_the_launch_in_one_line(tmp_path, ray_head):
+def test_read_only_and_full_folders_stop_the_launch_in_one_line(
+    tmp_path, ray_head, monkeypatch, capfd
+):
     read_only, full = tmp_path / "ro", tmp_path / "full"
     if os.geteuid():
         read_only.mkdir(mode=0o555)
     else:
         mount_tmpfs(read_only, "ro,size=1m")
     try:
-        res = run_sweep(["eval.limit=1"], read_only)
-        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-        assert f"the output folder {read_only}/outputs/" in res.stderr
-        assert f"{read_only} is read-only" in res.stderr
+        # The launches that stop before any work run in this process (conftest_sweep.launch).
+        monkeypatch.chdir(read_only)
+        code, out = launch(["eval.limit=1"], capfd)
+        assert code == 1 and "Traceback" not in out, out
+        assert f"the output folder {read_only}/outputs/" in out
+        assert f"{read_only} is read-only" in out
         assert list(read_only.iterdir()) == []
 
         mount_tmpfs(full, "size=60m")
         try:
             (full / "filler").write_bytes(b"\0" * (50 * 2**20))  # 10 MB left
-            res = run_sweep(["-m", "eval.limit=1", "cache=frac_10,frac_25"], full)
-            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-            assert re.search(
-                rf"the output folder {full}/multirun/\S+: only \d+\.\d MB free", res.stderr
-            )
+            monkeypatch.chdir(full)
+            code, out = launch(["-m", "eval.limit=1", "cache=frac_10,frac_25"], capfd)
+            assert code == 1 and "Traceback" not in out, out
+            assert re.search(rf"the output folder {full}/multirun/\S+: only \d+\.\d MB free", out)
             assert sorted(p.name for p in full.iterdir()) == ["filler"]
 
             # The disk fills up while a run computes: neither the store nor the spool can take

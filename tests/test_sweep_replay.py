@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest_sweep import REPO, search, sweep_env, through
+from conftest_sweep import REPO, empty_store, search, sweep_env, through
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -64,6 +64,8 @@ def test_the_paper_grid_replays_each_pass_as_the_model_in_the_loop(tmp_path, ray
     env: dict[str, str] = {}
     joins = through(ray_head, [], env)  # sets RAY_ADDRESS in env
     row_file, out = tmp_path / "row.json", tmp_path / "grid"
+    out.mkdir()
+    empty_store(out)  # where the benchmark keeps its store
     command = [
         sys.executable, str(REPO / "benchmarks/paper_grid.py"), "--small", "--device", "cpu",
         "--out", str(out), "--json", str(row_file), "--", *joins,
