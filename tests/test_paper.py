@@ -5,6 +5,7 @@ report opened in a headless browser."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -224,6 +225,10 @@ def check_command(command: str, seen: set[str]) -> None:
         check_words(command, words, seen)
 
 
+# Modules whose command lines the docs give: their argument parsers must take them.
+PARSED_MODULES = ("slicemoe.traces", "slicemoe.table1", "slicemoe.hf_trace")
+
+
 def check_words(command: str, words: list[str], seen: set[str]) -> None:
     head = " ".join(words[:3])
     if words[:2] == ["ray", "job"]:  # `ray job submit ... -- COMMAND`
@@ -242,14 +247,8 @@ def check_words(command: str, words: list[str], seen: set[str]) -> None:
         # A spool folder the docs name (`/path/to/mlflow-spool`) is not on this machine.
         named = words[3:] and not words[3].startswith("-")
         assert main(words[3:]) == (1 if named else 0)
-    elif head.endswith("python -m slicemoe.traces"):
-        from slicemoe.traces import parser
-
-        parser().parse_args(words[3:])
-    elif head.endswith("python -m slicemoe.table1"):
-        from slicemoe.table1 import parser
-
-        parser().parse_args(words[3:])
+    elif any(head.endswith(f"python -m {m}") for m in PARSED_MODULES):
+        importlib.import_module(words[2]).parser().parse_args(words[3:])
     elif head.endswith("python -m pytest"):
         assert (REPO / "tests").is_dir()
     elif words[0] == "python" and words[1].endswith(".py"):
