@@ -179,9 +179,11 @@ def test_a_replay_prefetches_exactly_as_the_model_in_the_loop(
 @pytest.mark.parametrize("routing", ["cache_prior", "cumsum", "max_rank"])
 @pytest.mark.parametrize("predictor", ["next_gate", "prev_token"])
 def test_prefetching_runs_in_the_loop_with_cache_aware_routing(loaded, routing, predictor):
+    # Three sequences, one batch: what is checked holds at every step.
     cfg = dataclasses.replace(
         with_prefetch(predictor, cache=CacheConfig(frac=0.15)),
         policy=dataclasses.replace(BASE.policy, routing=routing, lam=0.2),
+        eval=dataclasses.replace(BASE.eval, limit=3),
     )
     r = run(cfg, loaded)
     assert np.isfinite([r[m] for m in ("energy_decode_j", "latency_decode_s")]).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest_sweep import empty_store
 from report_tables import log_runs, report_rows
 
 from sweep.report.__main__ import main, parser
@@ -21,7 +22,7 @@ def test_miss_rate_flag_takes_any_miss_rate_metric_by_its_short_name():
 
 
 def test_the_report_of_a_store_pairs_runs_that_logged_per_problem_results(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path)
     solved = [1] * 24 + [0] * 16  # the baseline's 0.6 of 40
     log_runs(uri, "e", report_rows(), {0: solved, 2: [1] * 28 + [0] * 12})
     main(["--experiment", "e", "--tracking-uri", uri, "--out", str(tmp_path / "out")])

@@ -4,13 +4,14 @@ the per-problem results the runs logged."""
 from __future__ import annotations
 
 import pandas as pd
+from conftest_sweep import empty_store
 from report_tables import log_runs, report_rows
 
 from sweep.report import read
 
 
 def test_load_reads_each_run_once_with_its_per_problem_results(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path)
     ids = log_runs(uri, "e", report_rows(), {0: [1, 0, 1], 2: [1, 1, 0]})
     df = read.load("e", uri).set_index("run_id")
     assert len(df) == 4 and set(df["status"]) == {"FINISHED"}

@@ -52,8 +52,15 @@ def cfg(**kw) -> RunConfig:
     return replace(base, **kw)
 
 
-def test_every_metric_is_reported(loaded):
-    r = run(cfg(), loaded)
+@pytest.fixture(scope="module")
+def traced(loaded, tmp_path_factory):
+    """cfg()'s run, recording its trace (read by the tests, never changed)."""
+    path = tmp_path_factory.mktemp("traced") / "b3.parquet"
+    return run(cfg(trace=True, trace_path=str(path)), loaded)
+
+
+def test_every_metric_is_reported(traced):
+    r = traced
     assert set(METRICS) <= set(r)
     assert 0 <= r["accuracy"] <= 1 and r["decode_tokens"] > 0 and r["prefill_tokens"] > 0
     for w in ("", "_steady"):
@@ -76,15 +83,12 @@ def test_every_metric_is_reported(loaded):
     assert curves["miss_rate_running"][0] == curves["miss_rate_step"][0] > 0
 
 
-def test_batched_sequences_match_one_at_a_time(loaded, tmp_path):
+def test_batched_sequences_match_one_at_a_time(loaded, traced, tmp_path):
     """Each row of a batch is its own device: same cache events and metrics as running alone.
     The prompts differ in length, so padding is present and must never reach the cache."""
-    runs = {}
-    for b in (1, 3):
-        c = cfg(batch_size=b, trace=True, trace_path=str(tmp_path / f"b{b}.parquet"))
-        r = run(c, loaded)
-        runs[b] = (r, pd.read_parquet(r["trace_path"]))
-    (r1, t1), (r3, t3) = runs[1], runs[3]
+    r1 = run(cfg(batch_size=1, trace=True, trace_path=str(tmp_path / "b1.parquet")), loaded)
+    r3 = traced  # batch_size=3
+    t1, t3 = pd.read_parquet(r1["trace_path"]), pd.read_parquet(r3["trace_path"])
     key = ["sequence", "phase", "step"]
     pd.testing.assert_frame_equal(
         t1.sort_values(key, kind="stable").reset_index(drop=True),
@@ -171,8 +175,8 @@ def test_a_generation_run_carries_its_correctness_per_problem_in_order(loaded):
     assert short["correct"] == p["correct"][:5] and short["limit"] == 5
 
 
-def test_trace_has_the_documented_columns(loaded, tmp_path):
-    r = run(cfg(trace=True, trace_path=str(tmp_path / "t.parquet")), loaded)
+def test_trace_has_the_documented_columns(traced):
+    r = traced
     t = pd.read_parquet(r["trace_path"])
     assert list(t.columns) == [
         "sequence",

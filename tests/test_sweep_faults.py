@@ -126,7 +126,7 @@ def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(t
     # Seeds 2-5 finish only once the server is gone, however busy the machine: had they raced
     # the server's stop, the sweep could end with fewer than three results to spool.
     gate = tmp_path / "server-stopped"
-    env = {"FAKE_DIR": str(tmp_path), "FAKE_SLEEP": "1.5", **retries}
+    env = {"FAKE_DIR": str(tmp_path), **retries}
     env |= {"FAKE_GATE": str(gate), "FAKE_GATE_FROM": "2"}
     spool = tmp_path / "mlflow-spool"
     driver = start_sweep(args, tmp_path, ray=ray_head, **env)

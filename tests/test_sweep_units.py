@@ -261,8 +261,8 @@ def test_runner_without_the_api_is_refused():
 def store(tmp_path_factory):
     from sweep.tracking import Tracker
 
-    # One store for the module: creating an SQLite store takes seconds (schema migrations).
-    return Tracker.open(f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db", "units")
+    # One store for the module, from the migrated copy (creating one takes seconds).
+    return Tracker.open(fake.empty_store(tmp_path_factory.mktemp("store")), "units")
 
 
 @pytest.fixture
