@@ -29,6 +29,7 @@ from slicemoe.models import check_checkpoint, gate_rule, moe_blocks, router_of, 
 from slicemoe.models.adapter import router_logits
 from slicemoe.prefetch import pre_gate
 from slicemoe.routing import RoutingParams, normalised, topk
+from slicemoe.simulator import left_pad
 from slicemoe.stream import NEXT_GATE_DEPTH
 
 
@@ -171,12 +172,8 @@ def record(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int
     device = next(model.parameters()).device
     hooks, batches = RouterHooks(model), []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        s = max(map(len, batch))
-        ids = torch.full((len(batch), s), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), s), dtype=torch.long)
-        for i, p in enumerate(batch):
-            ids[i, s - len(p) :], mask[i, s - len(p) :] = torch.tensor(p), 1
+        ids, mask = left_pad(prompts[start : start + batch_size], pad)
+        s = ids.shape[1]
         with hooks:
             out = model.generate(
                 ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,

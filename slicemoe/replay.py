@@ -311,7 +311,7 @@ class _Device:
 
 def miss_ratio_curve(stream: Stream, cfg: RunConfig, fractions) -> list[dict]:
     """Decode miss rates of `cfg` replayed at each cache size in `fractions` (shares of all
-    routed experts at the 8-bit reference size): the miss-ratio curve of the stream. None for a
+    routed experts at the 8-bit reference size): the miss-ratio curve of the stream. Empty for a
     config whose requests depend on its cache: at another size they would be other requests."""
     if not cache_independent(cfg):
         return []

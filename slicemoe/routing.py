@@ -196,7 +196,7 @@ def droppable(weights: torch.Tensor, below: float) -> torch.Tensor:
     """policy.on_miss=drop: the chosen experts left out should they miss, those whose gate
     weight normalised over the chosen experts of their token is below `below`; never a token's
     highest-scoring expert (the first of equals), so that every token computes one."""
-    norm = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    norm = normalised(weights)
     top = torch.zeros_like(norm, dtype=torch.bool).scatter_(-1, norm.argmax(-1, keepdim=True), True)
     return (norm < below) & ~top
 

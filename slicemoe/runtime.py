@@ -73,10 +73,12 @@ class Packed(Bindable):
             return self.runtimes[0].route(states[0], layer, logits, bias, hidden)
         rows = [len(state.valid) for state in states]
         per_row = logits.shape[0] // sum(rows)  # prefill: a row's positions; decode: 1
+        if hidden is not None:  # one vector per token, as the logits
+            hidden = hidden.reshape(logits.shape[0], -1)
         weights, idx, start = [], [], 0
         for runtime, state, n in zip(self.runtimes, states, rows):
             part = slice(start, start + n * per_row)
-            h = None if hidden is None else hidden.reshape(logits.shape[0], -1)[part]
+            h = None if hidden is None else hidden[part]
             w, i = runtime.route(state, layer, logits[part], bias, h)
             weights.append(w)
             idx.append(i)

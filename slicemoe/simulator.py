@@ -332,12 +332,8 @@ class Simulator:
         prompts, steps = list(prompts) * groups, np.tile(steps, groups)
         rows = len(prompts)
         lens = np.array([len(p) for p in prompts])
-        s = int(lens.max())
-        ids = torch.full((rows, s), self.pad, dtype=torch.long)
-        mask = torch.zeros((rows, s), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, s - len(p) :] = torch.tensor(p)
-            mask[i, s - len(p) :] = 1
+        ids, mask = left_pad(prompts, self.pad)
+        s = ids.shape[1]
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         n = rows // groups
         begun = [
@@ -469,6 +465,18 @@ def static_kv(model) -> bool:
     c = model.config
     layers = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
     return all(t == "full_attention" for t in layers)
+
+
+def left_pad(prompts, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one batch, left-padded with `pad`: (ids [B, S], mask [B, S], 1 at a
+    prompt's tokens)."""
+    s = max(map(len, prompts))
+    ids = torch.full((len(prompts), s), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), s), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p) :] = torch.tensor(p)
+        mask[i, s - len(p) :] = 1
+    return ids, mask
 
 
 def _cut(text: str, stop) -> str:

@@ -56,7 +56,7 @@ class RunActor:
         self.progress: dict[int, tuple[int, int, int, int]] = {}
 
     def stream_bytes(self, unit: list[Job], records: list[RunRecord]):
-        """A unit's stream for replays on other workers (sweep.worker.stream_bytes)."""
+        """A unit's streams for replays on other workers (sweep.worker.stream_bytes)."""
         progress = teller(self.progress, unit[0].index, len(unit))
         return worker.stream_bytes(
             self.runner, self.models, unit, records, self.tracker, self.reuse_streams, progress
