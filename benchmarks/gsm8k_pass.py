@@ -111,7 +111,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=QWEN, help="a shipped config.json")
     p.add_argument("--data", type=Path, default=DATA, help="GSM8K dir with train/test.jsonl")
-    p.add_argument("--checkpoint", type=Path, help="where to build it (default: a temp dir)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="where to build it (default: a temp dir); one already there is reused")  # fmt: skip
     p.add_argument("--small", action="store_true", help="a small model, a few problems")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--limit", type=int, help="problems (default: all; --small: 4)")
@@ -134,7 +135,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gsm8k-pass-") as tmp:
         folder = a.checkpoint or Path(tmp)
         t = time.perf_counter()
-        build_checkpoint(a.config, a.data, folder, a.small, device, getattr(torch, dtype))
+        if not (folder / "config.json").exists():
+            build_checkpoint(a.config, a.data, folder, a.small, device, getattr(torch, dtype))
         build_s = time.perf_counter() - t
         cfg = RunConfig(
             model=ModelConfig(name=a.config.parent.name, path=str(folder), dtype=dtype,

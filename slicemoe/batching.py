@@ -62,15 +62,19 @@ def row_bytes(s: Sizes, tokens: int, steps: int) -> int:
 
 
 def token_bytes(s: Sizes) -> int:
-    """Activation bytes of one token in a forward pass: hidden-size vectors, and the routed and
-    shared experts' inputs, gate/up outputs and products."""
-    experts = s.top_k * (2 * s.hidden + 3 * s.expert_width) + 3 * s.shared_width
+    """Activation bytes of one token in a forward pass: hidden-size vectors, and per routed
+    expert its input, gate/up outputs, product and weighted output (the grouped GEMM's sorted
+    copies), and the shared experts' gate/up outputs and product."""
+    experts = s.top_k * (4 * s.hidden + 4 * s.expert_width) + 3 * s.shared_width
     return s.dtype_bytes * (HIDDEN_COPIES * s.hidden + experts)
 
 
 def prefill_bytes(s: Sizes, tokens: int) -> int:
-    """The prefill's workspace: PREFILL_TOKENS tokens' activations and their mask rows."""
-    return PREFILL_TOKENS * (token_bytes(s) + tokens * (s.dtype_bytes + 1))
+    """The prefill's workspace: PREFILL_TOKENS tokens' activations and their mask rows, and one
+    layer's experts dequantized for both paths (slicemoe.kernels.expert_gemm.grouped; the
+    gate/up projection, the larger one)."""
+    layer = 2 * s.experts * 2 * s.expert_width * s.hidden * s.dtype_bytes
+    return PREFILL_TOKENS * (token_bytes(s) + tokens * (s.dtype_bytes + 1)) + layer
 
 
 def auto_batch(free: int, s: Sizes, longest_prompt: int, max_new: int) -> tuple[int, int]:

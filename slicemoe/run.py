@@ -122,6 +122,16 @@ def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int
     return batch
 
 
+def _rows(cfg: RunConfig, loaded: Loaded, n: int, size: int, groups: int) -> int:
+    """Sequences per batch for `size` rows shared by `groups` packed configs. With `auto` on
+    CUDA the n sequences are split into as few batches of equal size as the rows allow: a short
+    last batch would take as many decode steps as a full one, each nearly as long."""
+    rows = max(1, size // groups)
+    if cfg.batch_size != "auto" or loaded.device.type != "cuda" or n == 0:
+        return rows
+    return -(-n // -(-n // rows))
+
+
 def _in_batches(n: int, size: int, run_batch) -> int:
     """run_batch(start, stop) over items 0..n in batches of `size`; returns the size it ended
     with. A batch that runs out of GPU memory is retried halved (the simulator keeps nothing of
@@ -188,7 +198,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
                     for k, v in task.score(d, text).items():
                         group_scores.setdefault(k, []).append(v)
 
-        size = _in_batches(len(docs), max(1, size // groups), run_batch)
+        size = _in_batches(len(docs), _rows(cfg, loaded, len(docs), size, groups), run_batch)
     else:
         size = batch_size(
             cfg, loaded, max(map(len, prompts), default=1), max(map(len, forced), default=1)
@@ -202,7 +212,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
                 for row in rows[g * n : (g + 1) * n]:
                     group_nlls.extend(row)
 
-        size = _in_batches(len(windows), max(1, size // groups), run_batch)
+        size = _in_batches(len(windows), _rows(cfg, loaded, len(windows), size, groups), run_batch)
         for group_scores, group_nlls in zip(scores, nlls):
             perplexity = math.exp(float(np.mean(group_nlls))) if group_nlls else float("nan")
             group_scores["perplexity"] = [perplexity]

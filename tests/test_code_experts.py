@@ -104,3 +104,30 @@ def test_the_kernel_computes_what_the_reference_computes(name, tokens):
     err = (got - want).norm() / want.norm()
     # float32 on the CPU; on CUDA the float32 products run as TF32
     assert err < (1e-5 if device == "cpu" else 3e-3), float(err)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(BITS))
+def test_a_prefill_piece_runs_the_grouped_gemm_on_the_dequantized_layer(name, monkeypatch):
+    """Thousands of rows per expert (a prefill piece): the layer is dequantized once and runs
+    torch's grouped GEMM (bf16 on CUDA), which computes what the reference computes."""
+    from slicemoe.kernels import expert_gemm
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    bits = BITS[name]
+    m = model().to(dtype)
+    quantize_model(m, bits, codes=True)
+    ex = moe_blocks(m)[0].experts.to(device)
+    calls = []
+    grouped = expert_gemm.grouped
+    monkeypatch.setattr(expert_gemm, "grouped", lambda *a: calls.append(1) or grouped(*a))
+    tokens = expert_gemm.GROUPED_ROWS * 6  # 2 slots a token: twice the rows that switch
+    hidden, idx, w = (t.to(device) for t in inputs(tokens, 2, 6, torch.Generator().manual_seed(2)))
+    if bits.low is None:
+        idx = idx % 6
+    want = ex.reference(hidden.to(dtype), idx, w.to(dtype))
+    got = expert_gemm.code_experts(ex, hidden.to(dtype), idx, w.to(dtype))
+    assert calls == [1]
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < (1e-6 if not cuda else 1e-2), float(err)

@@ -10,6 +10,11 @@ a program computes one block of rows against one tile of output columns of that 
    of a token are summed afterwards (a fixed order: the same result on every run).
 Weights are dequantized as quant.QTensor.dequantize does, w = (q >> shift - zp) x scale in
 float32, rounded to the model's dtype; products accumulate in float32.
+
+A prefill piece gives every expert thousands of rows: there, dequantizing a tile per block of
+rows would repeat the work thousands of times, so the layer's used experts are dequantized once
+(`dequantize`, a kernel that writes the model's dtype) and the two GEMMs are torch's grouped
+GEMM at tensor-core speed (`grouped`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import triton.language as tl
 
 # Software-pipeline depth of the GEMMs (measured best on an H200 at Qwen1.5-MoE shape).
 STAGES = 3
+# (token, slot) pairs per expert on average from which a call dequantizes the layer once and
+# runs torch's grouped GEMM (a prefill piece: thousands), rather than dequantizing per tile.
+GROUPED_ROWS = 256
 
 
 def align(v: torch.Tensor, num_virtual: int, bm: int):
@@ -61,25 +69,28 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult, G: tl.con
 
 
 @triton.jit
-def _block(block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM: tl.constexpr,
-           BN: tl.constexpr):  # fmt: skip
-    """This program's block: its virtual expert v (v >= 2E: none), the expert, code copy,
-    shift, scale multiplier and zero-point row of v's path, its slots and their (token, slot)
-    pairs, and its output columns."""
-    v = tl.load(block_ptr + tl.program_id(0))
+def _path(v, E, shift_low, mult_low, copy_low):
+    """Virtual expert v's expert, code copy, shift, scale multiplier and zero-point row."""
     low = v >= E
-    slots = tl.program_id(0) * BM + tl.arange(0, BM)
     return (
-        v,
         v % E,
         tl.where(low, copy_low, 0),
         tl.where(low, shift_low, 0),
         tl.where(low, mult_low, 1.0),
         low.to(tl.int64),
-        slots,
-        tl.load(ids_ptr + slots),
-        tl.program_id(1) * BN + tl.arange(0, BN),
     )
+
+
+@triton.jit
+def _block(block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM: tl.constexpr,
+           BN: tl.constexpr):  # fmt: skip
+    """This program's block: its virtual expert v (v >= 2E: none), v's path (`_path`), its
+    slots and their (token, slot) pairs, and its output columns."""
+    v = tl.load(block_ptr + tl.program_id(0))
+    e, copy, shift, mult, path = _path(v, E, shift_low, mult_low, copy_low)
+    slots = tl.program_id(0) * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    return v, e, copy, shift, mult, path, slots, tl.load(ids_ptr + slots), n
 
 
 @triton.jit
@@ -138,6 +149,61 @@ def _down(h_ptr, ids_ptr, block_ptr, w_ptr, q_ptr, s_ptr, z_ptr, y_ptr, F, E, V,
              mask=(f < F)[:, None] & (n < H)[None, :])  # fmt: skip
 
 
+@triton.jit
+def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, used_ptr, E, shift_low, mult_low, copy_low,
+                q_copy, s_copy, z_path, OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Program (virtual expert v, block of BN output rows): v's weights [OUT, IN] in the
+    output's dtype, if any (token, slot) pair uses v (used[v] > 0)."""
+    v = tl.program_id(0)
+    if tl.load(used_ptr + v) == 0:
+        return
+    e, copy, shift, mult, path = _path(v, E, shift_low, mult_low, copy_low)
+    groups = IN // G
+    q = q_ptr + copy * q_copy + e * (OUT * IN)
+    s = s_ptr + copy * s_copy + e * (OUT * groups)
+    z = z_ptr + path * z_path + e * (OUT * groups)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    out = w_ptr + v.to(tl.int64) * (OUT * IN)
+    for k0 in range(0, IN, BK):
+        w = _dequant(q, s, z, rows, k0, IN, groups, shift, mult, G, BN, BK, rows < OUT)
+        cols = k0 + tl.arange(0, BK)
+        tl.store(out + rows[:, None] * IN + cols[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=(rows < OUT)[:, None] & (cols < IN)[None, :])  # fmt: skip
+
+
+def dequantize(ex, name: str, used: torch.Tensor, low: tuple) -> torch.Tensor:
+    """[2E, out, in] weights of projection `name` in the model's dtype, written for the virtual
+    experts with used[v] > 0 only (the others are left as allocated: never read)."""
+    q, s, z = (getattr(ex, f"{name}_{part}") for part in ("q", "scale", "zp"))
+    out, inn = q.shape[2], q.shape[3]
+    g = ex.bits.group
+    w = torch.empty((2 * ex.num_experts, out, inn), dtype=ex.dtype, device=q.device)
+    _dequantize[(2 * ex.num_experts, triton.cdiv(out, 64))](
+        q, s, z, w, used, ex.num_experts, *low, q[0].numel(), s[0].numel(), z[0].numel(),
+        OUT=out, IN=inn, G=g, BN=64, BK=max(g, 64),
+    )  # fmt: skip
+    return w
+
+
+def grouped(ex, hidden, v, weights, topk: int, low: tuple) -> torch.Tensor:
+    """The experts' output per (token, slot) pair [F, H] through torch's grouped GEMM on the
+    layer's dequantized weights: pairs sorted by virtual expert, each expert's rows one group."""
+    used = torch.zeros(2 * ex.num_experts, dtype=torch.int64, device=v.device)
+    used.scatter_add_(0, v, torch.ones_like(v))
+    order = torch.argsort(v, stable=True)
+    offs = used.cumsum(0).to(torch.int32)
+    mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    w = dequantize(ex, "gate_up_proj", used, low)
+    gate, up = mm(hidden[order // topk], w.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    del w  # one layer's dequantized weights at a time
+    h = ex.act_fn(gate) * up
+    y = mm(h, dequantize(ex, "down_proj", used, low).transpose(1, 2), offs=offs)
+    out = torch.empty_like(y)
+    out[order] = y * weights[order, None]
+    return out
+
+
 def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
     """CodeExperts.forward on CUDA (`ex`: the CodeExperts module)."""
     tokens, hsize = hidden.shape
@@ -149,12 +215,16 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     dn_q, dn_s, dn_z = ex.down_proj_q, ex.down_proj_scale, ex.down_proj_zp
     inter = gu_q.shape[2] // 2
     g = ex.bits.group
+    low = (ex.shift, float(2**ex.shift), int(gu_q.shape[0] > 1))
+    weights = top_k_weights.reshape(-1).contiguous()
+    if f >= GROUPED_ROWS * e and grouped_gemm_serves(hidden):
+        y = grouped(ex, hidden.contiguous(), v, weights, topk, low)
+        return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
     # Small batches: few rows per expert, a short block; large ones: a square tile. A step of a
     # few tokens runs few programs, each better with a longer K step (measured on an H200).
     bm = 16 if f <= 16 * 2 * e else 64
     bk = max(g, 128 if f <= 16 else 64)
     ids, blocks = align(v, 2 * e, bm)
-    low = (ex.shift, float(2**ex.shift), int(gu_q.shape[0] > 1))
     x = hidden.contiguous()
     h = torch.empty((ids.numel(), inter), dtype=hidden.dtype, device=hidden.device)
     _gate_up[(blocks.numel(), triton.cdiv(inter, 64))](
@@ -163,10 +233,17 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
         BK=bk, num_stages=STAGES,
     )  # fmt: skip
     y = torch.empty((f, hsize), dtype=hidden.dtype, device=hidden.device)
-    weights = top_k_weights.reshape(-1).contiguous()
     _down[(blocks.numel(), triton.cdiv(hsize, 64))](
         h, ids, blocks, weights, dn_q, dn_s, dn_z, y, f, e, 2 * e, *low,
         dn_q[0].numel(), dn_s[0].numel(), dn_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
         BK=bk, num_stages=STAGES,
     )  # fmt: skip
     return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
+
+
+def grouped_gemm_serves(hidden: torch.Tensor) -> bool:
+    """torch's grouped GEMM takes bf16 on CUDA (and any float on the CPU); a captured step
+    keeps the kernels above (no allocation of a layer's weights inside a graph)."""
+    if not hidden.is_cuda:
+        return True
+    return hidden.dtype == torch.bfloat16 and not torch.cuda.is_current_stream_capturing()
