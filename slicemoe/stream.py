@@ -201,12 +201,13 @@ class Recorder:
         layers, k = self.shape.num_moe_layers, self.shape.top_k
         steps = len(chosen) // layers
         dtype = np.int16 if self.shape.num_experts < 2**15 else np.int32
+        gate = np.array(gate, dtype=dtype)  # rankings may run deeper than the stream keeps
         self.seqs[seq] = {
             "prompt_len": prompt_len,
             "prefill_counts": counts,
             "experts": np.array(chosen, dtype=dtype).reshape(steps, layers, k),
             "high": np.array(high, bool).reshape(steps, layers, k),
-            "next_gate": np.array([g[: self.depth] for g in gate], dtype=dtype).reshape(
+            "next_gate": (gate[:, : self.depth] if steps else gate).reshape(
                 steps, layers, self.depth
             ),
             "next_gate_critical": np.array(gate_critical, bool).reshape(steps, layers, k),

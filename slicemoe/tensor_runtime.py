@@ -194,13 +194,13 @@ class TensorRuntime(RuntimeRules):
         return state.history[:steps].cpu().numpy(), state.layer_history[:steps].cpu().numpy()
 
     def records(self, state: Rows, steps):
-        """Per row, the request stream of its first steps[b] steps (Recorder.add's lists)."""
+        """Per row, the request stream of its first steps[b] steps (Recorder.add's arrays, one
+        entry per layer step)."""
         arrays = [state.chosen, state.high, state.next_gate, state.next_gate_critical]
         chosen, high, gate, crit = (a.flatten(1, 2).cpu().numpy() for a in arrays)
         n = np.asarray(steps) * self.L
         return [
-            (list(chosen[b, :m]), list(high[b, :m]), list(gate[b, :m]), list(crit[b, :m]))
-            for b, m in enumerate(n)
+            (chosen[b, :m], high[b, :m], gate[b, :m], crit[b, :m]) for b, m in enumerate(n)
         ]
 
     # --- routing, inside the model's forward pass --------------------------------------------
