@@ -80,7 +80,8 @@ def decode_attention(query, key, value, mask, scale: float, splits: int | None =
     b, h, _, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     if splits is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        cuda = query.is_cuda  # elsewhere Triton's interpreter runs it: one "SM"
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if cuda else 1
         splits = splits_for(b, h, s, sms)
     split_len = triton.cdiv(triton.cdiv(s, splits), BLOCK) * BLOCK
     f32 = dict(dtype=torch.float32, device=query.device)
