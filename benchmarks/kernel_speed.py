@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,13 +65,9 @@ def attention(device, dtype, small: bool) -> list[dict]:
         mask = torch.where(allowed[:, None, None], 0.0, torch.finfo(dtype).min).to(device, dtype)
         scale = d**-0.5
 
-        def sdpa():
-            return sdpa_attention_forward(Layer(), q, k, v, mask, scaling=scale)[0]
-
-        def ours():
-            return decode_attention(q, k, v, mask, scale)
-
-        err = (sdpa().float() - ours().float()).abs().max().item()
+        sdpa = partial(sdpa_attention_forward, Layer(), q, k, v, mask, scaling=scale)
+        ours = partial(decode_attention, q, k, v, mask, scale)
+        err = (sdpa()[0].float() - ours().float()).abs().max().item()
         t_sdpa, t_ours = bench(sdpa, device), bench(ours, device)
         allowed_bytes = 2 * heads * d * dtype.itemsize * int(allowed.sum())
         rows.append(dict(rows=b, sdpa_us=1e6 * t_sdpa, kernel_us=1e6 * t_ours,
@@ -106,13 +103,14 @@ def experts(device, dtype, small: bool) -> list[dict]:
         idx = idx.repeat(-(-tokens // len(idx)), 1)[:tokens]
         w = torch.rand(tokens, k, device=device, dtype=dtype)
         flops = 2 * tokens * k * 3 * h * inter
+        call = partial(expert_gemm.code_experts, ex, x, idx, w)
         times, outs = {}, {}
         threshold = expert_gemm.GROUPED_ROWS
         for name, rows_from in (("tiles", 2**62), ("grouped", 0)):
             expert_gemm.GROUPED_ROWS = rows_from
             try:
-                times[name] = bench(lambda: expert_gemm.code_experts(ex, x, idx, w), device)
-                outs[name] = expert_gemm.code_experts(ex, x, idx, w).float()
+                times[name] = bench(call, device)
+                outs[name] = call().float()
             finally:
                 expert_gemm.GROUPED_ROWS = threshold
         diff = (outs["tiles"] - outs["grouped"]).norm() / outs["tiles"].norm()

@@ -199,9 +199,7 @@ class TensorRuntime(RuntimeRules):
         arrays = [state.chosen, state.high, state.next_gate, state.next_gate_critical]
         chosen, high, gate, crit = (a.flatten(1, 2).cpu().numpy() for a in arrays)
         n = np.asarray(steps) * self.L
-        return [
-            (chosen[b, :m], high[b, :m], gate[b, :m], crit[b, :m]) for b, m in enumerate(n)
-        ]
+        return [(chosen[b, :m], high[b, :m], gate[b, :m], crit[b, :m]) for b, m in enumerate(n)]
 
     # --- routing, inside the model's forward pass --------------------------------------------
 
