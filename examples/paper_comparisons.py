@@ -53,47 +53,20 @@ def rows(limit: int, tables: list[str]) -> list[tuple[str, str, RunConfig]]:
     if "warmup" in tables:
         for w in ("empty", "last_layer", "random", "lru", "pcw"):
             pol = replace(DBSC, name=f"dbsc warmup={w}", warmup=w)
-            out.append(
-                ("warmup", f"mat42 {pol.name}", replace(base, bits=BITS["mat42"], policy=pol))
-            )
+            out.append(("warmup", f"mat42 {pol.name}", replace(base, bits=BITS["mat42"], policy=pol)))
     if "tradeoff" in tables:
-        grid = [
-            ("fp16", HIGH),
-            *((b, p) for b in ("mat84", "mat63", "mat42") for p in (HIGH, LOW, DBSC)),
-        ]
+        grid = [("fp16", HIGH), *((b, p) for b in ("mat84", "mat63", "mat42") for p in (HIGH, LOW, DBSC))]
         grid.append(("mat42", replace(DBSC, name="dbsc tau=0.3", tau=0.3)))
         for b, pol in grid:
             out.append(("tradeoff", f"{b} {pol.name}", replace(base, bits=BITS[b], policy=pol)))
     if "baseline" in tables:
         for lam in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5):
             pol = cache_prior(lam)
-            out.append(
-                (
-                    "baseline",
-                    f"mat84 cache_prior_highbit lam={lam}",
-                    replace(base, bits=BITS["mat84"], policy=pol),
-                )
-            )
+            out.append(("baseline", f"mat84 cache_prior_highbit lam={lam}", replace(base, bits=BITS["mat84"], policy=pol)))
         for lam in (0.1, 0.3):
             pol = cache_prior(lam, "running")
-            out.append(
-                (
-                    "baseline",
-                    f"mat84 cache_prior_highbit lam={lam} running",
-                    replace(base, bits=BITS["mat84"], policy=pol),
-                )
-            )
-        out.append(
-            (
-                "baseline",
-                "mat84 cumsum (high bit)",
-                replace(
-                    base,
-                    bits=BITS["mat84"],
-                    policy=PolicyConfig(name="cumsum", routing="cumsum", precision="high"),
-                ),
-            )
-        )
+            out.append(("baseline", f"mat84 cache_prior_highbit lam={lam} running", replace(base, bits=BITS["mat84"], policy=pol)))
+        out.append(("baseline", "mat84 cumsum (high bit)", replace(base, bits=BITS["mat84"], policy=PolicyConfig(name="cumsum", routing="cumsum", precision="high"))))
         for b in ("mat84", "mat42"):
             for pol in (DBSC, PCW):
                 out.append(("baseline", f"{b} {pol.name}", replace(base, bits=BITS[b], policy=pol)))
@@ -146,10 +119,7 @@ def table(results: list[tuple[str, dict]], columns) -> str:
 def matched(results: list[tuple[str, dict]]) -> str:
     """Each DBSC row against the cheapest high-bit Cache-Prior row at least as accurate."""
     base = [(n, r) for n, r in results if "cache_prior_highbit" in n]
-    lines = [
-        "| run | accuracy | matched baseline | its accuracy | energy/token ratio | latency/token ratio |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["| run | accuracy | matched baseline | its accuracy | energy/token ratio | latency/token ratio |", "|---|---|---|---|---|---|"]
     for name, r in results:
         if "dbsc" not in name:
             continue
@@ -160,9 +130,7 @@ def matched(results: list[tuple[str, dict]]) -> str:
         n, b = min(ok, key=lambda nb: nb[1]["energy_decode_j_per_token"])
         e = b["energy_decode_j_per_token"] / r["energy_decode_j_per_token"]
         t = b["latency_decode_s_per_token"] / r["latency_decode_s_per_token"]
-        lines.append(
-            f"| {name} | {r['accuracy']:.3f} | {n} | {b['accuracy']:.3f} | {e:.2f}x | {t:.2f}x |"
-        )
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {n} | {b['accuracy']:.3f} | {e:.2f}x | {t:.2f}x |")
     return "\n".join(lines)  # fmt: skip
 
 
