@@ -120,11 +120,16 @@ def main(argv=None) -> dict:
     p.add_argument("--policy", default="lru_highbit", help="a conf/policy preset (replayable)")
     p.add_argument("--batch-size", default="auto", help="an integer or auto")
     p.add_argument("--json", type=Path, help="write the row as JSON here")
+    p.add_argument("--memory-gib", type=float,
+                   help="cap this process's GPU memory (e.g. 79.6: an 80 GB card's share)")  # fmt: skip
     a = p.parse_args(argv)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     )
     dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if a.memory_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_gib * 2**30 / total), device)
     limit = a.limit if a.limit is not None else (4 if a.small else None)
     max_new = a.max_new or (8 if a.small else 256)
     batch_size = a.batch_size if a.batch_size == "auto" else int(a.batch_size)
@@ -165,6 +170,7 @@ def main(argv=None) -> dict:
         "problems": int(stream.num_sequences),
         "max_new_tokens": max_new,
         "batch_size": batch,
+        "memory_cap_gib": a.memory_gib,
         "build_s": build_s,
         "load_s": load_s,
         "prefill_s": sec["prefill"],
@@ -190,7 +196,8 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"GSM8K record pass: {r['model']} on {r['device']}, {r['problems']} problems, "
-          f"{r['max_new_tokens']} new tokens, batch {r['batch_size']}")  # fmt: skip
+          f"{r['max_new_tokens']} new tokens, batch {r['batch_size']}"
+          + (f", memory capped at {r['memory_cap_gib']} GiB" if r["memory_cap_gib"] else ""))  # fmt: skip
     lines = [
         ("checkpoint built", f"{r['build_s']:.1f} s"),
         ("load", f"{r['load_s']:.1f} s"),

@@ -109,9 +109,14 @@ def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int
         return cfg.batch_size
     if loaded.device.type != "cuda":
         return CPU_BATCH
-    free, _ = torch.cuda.mem_get_info(loaded.device)
+    dev = loaded.device
+    free, total = torch.cuda.mem_get_info(dev)
+    reserved = torch.cuda.memory_reserved(dev)
+    # A process capped with torch.cuda.set_per_process_memory_fraction may reserve no more.
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(dev)
+    free = min(free, int(fraction * total) - reserved)
     # Blocks PyTorch's allocator holds but no tensor uses are free to this process too.
-    free += torch.cuda.memory_reserved(loaded.device) - torch.cuda.memory_allocated(loaded.device)
+    free += reserved - torch.cuda.memory_allocated(dev)
     dims = sizes(loaded.model.config, loaded.shape, getattr(torch, cfg.model.dtype).itemsize)
     batch, row = auto_batch(free, dims, longest_prompt, max_new)
     print(
