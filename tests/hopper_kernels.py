@@ -74,6 +74,8 @@ def attention() -> None:
     types |= dict.fromkeys(ints, "i32")
     constants = dict(D=128, BN=decode_attention.BLOCK, BLOCKS=32)  # Qwen1.5-MoE's heads
     compile_for_hopper(decode_attention._partial, types, constants)
+    merge = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", o_ptr="*bf16", SPLITS="i32")
+    compile_for_hopper(decode_attention._merge, merge, dict(D=128, SP=8))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ row; this kernel reads each block of slots' mask first (two bytes a slot) and sk
 values (a kilobyte a slot and head at Qwen1.5-MoE's shape) of a block the mask blocks entirely,
 whose softmax weights are exactly zero. A block that is partly allowed adds the mask as SDPA
 does. Long rows are split over several programs whose partial softmaxes are merged after
-(flash-decoding), so a small batch still keeps every SM busy.
+(flash-decoding, merged by a second kernel), so a small batch still keeps every SM busy.
 
 Registered with transformers as the attention implementation "slicemoe" (`attend`): a decode
 step on CUDA takes this kernel, anything else (prefill, the CPU) transformers' SDPA.
@@ -65,6 +65,24 @@ def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, scale, blocke
     tl.store(acc_ptr + out * D + d, acc)
 
 
+@triton.jit
+def _merge(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, D: tl.constexpr, SP: tl.constexpr):
+    """Program (row x head): its splits' partial softmaxes merged, each rescaled to their
+    largest maximum (a split with no allowed slot has m = -inf and weighs nothing), written in
+    the output's dtype; SP, a power of two, covers the splits."""
+    bh = tl.program_id(0)
+    j = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    ok = j < SPLITS
+    m = tl.load(m_ptr + bh * SPLITS + j, mask=ok, other=float("-inf"))
+    total = tl.load(l_ptr + bh * SPLITS + j, mask=ok, other=0.0)
+    acc = tl.load(acc_ptr + (bh * SPLITS + j)[:, None] * D + d[None, :], mask=ok[:, None],
+                  other=0.0)  # fmt: skip
+    w = tl.exp(m - tl.max(m, 0))
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)
+    tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
+
+
 def splits_for(rows: int, heads: int, slots: int, sms: int) -> int:
     """Programs per (row, head): enough for WAVES programs on every SM, none with fewer than
     SPLIT_MIN slots."""
@@ -96,11 +114,10 @@ def decode_attention(query, key, value, mask, scale: float, splits: int | None =
         mask.stride(0), mask.stride(3), D=d, BN=BLOCK,
         BLOCKS=triton.next_power_of_2(split_len // BLOCK),
     )  # fmt: skip
-    # The splits' partial softmaxes merged: each rescaled to the row's largest maximum (a split
-    # with no allowed slot has m = -inf and weighs nothing).
-    w = torch.exp(m - m.amax(-1, keepdim=True))
-    out = (acc * w[..., None]).sum(2) / (total * w).sum(-1)[..., None]
-    return out.to(query.dtype)[:, None]
+    out = torch.empty((b, 1, h, d), dtype=query.dtype, device=query.device)
+    sp = max(2, triton.next_power_of_2(splits))
+    _merge[(b * h,)](m, total, acc, out, splits, D=d, SP=sp)
+    return out
 
 
 def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
