@@ -121,12 +121,14 @@ def decode_attention(query, key, value, mask, scale: float, splits: int | None =
 
 
 def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention interface: a decode step on CUDA with a 4D mask through the
-    kernel, anything else through SDPA."""
+    """transformers' attention interface: a decode step on CUDA with an additive 4D mask (the
+    simulator's) through the kernel, anything else (transformers' own boolean masks too)
+    through SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     one = query.shape[2] == 1 and query.is_cuda and not module.training
-    if not (one and attention_mask is not None and attention_mask.dim() == 4):
+    additive = attention_mask is not None and attention_mask.is_floating_point()
+    if not (one and additive and attention_mask.dim() == 4):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
