@@ -28,8 +28,6 @@ STAGES = 3
 # (token, slot) pairs per expert on average from which a call dequantizes the layer once and
 # runs torch's grouped GEMM (a prefill piece: thousands), rather than dequantizing per tile.
 GROUPED_ROWS = 256
-_TWO23 = tl.constexpr(8388608.0)  # 2^23: floats from here to 2^24 are the integers
-_TWO23_BITS = tl.constexpr(0x4B000000)  # its bit pattern
 
 
 def align(v: torch.Tensor, num_virtual: int, bm: int):
@@ -57,12 +55,7 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult, G: tl.con
              BN: tl.constexpr, BK: tl.constexpr, row_ok):  # fmt: skip
     """Rows `rows` x columns k0 .. k0 + BK of a [out, n_in] weight; BK is a multiple of G, so
     each row's BK // G scales and zero-points are loaded once and broadcast over their group
-    (a gather per weight instead runs twenty times slower).
-
-    A code c < 2^23 becomes the float 2^23 + c by setting the exponent bits above it (one
-    integer OR instead of an integer-to-float conversion, which issues at a quarter of the
-    rate), and (2^23 + c) - (2^23 + zp) is c - zp exactly: the weights are bit for bit those
-    of the plain conversion."""
+    (a gather per weight instead runs twenty times slower)."""
     cols = k0 + tl.arange(0, BK)
     mask = row_ok[:, None] & (cols < n_in)[None, :]
     q = tl.load(q_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0).to(tl.int32)
@@ -70,8 +63,8 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult, G: tl.con
     g = rows[:, None] * groups + gcol[None, :]
     gmask = row_ok[:, None] & (gcol < groups)[None, :]
     scale = tl.load(s_ptr + g, mask=gmask, other=0.0) * mult
-    zp = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.float32) + _TWO23
-    w = ((q >> shift) | _TWO23_BITS).to(tl.float32, bitcast=True).reshape(BN, BK // G, G)
+    zp = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.float32)
+    w = (q >> shift).to(tl.float32).reshape(BN, BK // G, G)
     return ((w - zp[:, :, None]) * scale[:, :, None]).reshape(BN, BK)
 
 
