@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     if a.memory_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_gib * 2**30 / total))
     limit = a.limit if a.limit is not None else (4 if a.small else None)
     max_new = a.max_new or (8 if a.small else 256)
     batch_size = a.batch_size if a.batch_size == "auto" else int(a.batch_size)

@@ -1,12 +1,7 @@
-"""The GPU pass's kernels against what they replace, at Qwen1.5-MoE-A2.7B shape, one process.
-
-1. Decode attention (slicemoe.kernels.decode_attention) against transformers' SDPA with the
-   same additive mask, on a static KV cache of 1,608 slots whose rows hold left-padded GSM8K
-   5-shot prompts (700-1,352 tokens) and 128 decoded tokens (B=1: one 512-token prompt): time,
-   the bandwidth of the slots the mask allows, the largest difference.
-2. The routed experts on codes (slicemoe.kernels.expert_gemm) at a decode batch and prefill
-   pieces: the tile kernels (dequantizing per tile) against the grouped GEMM on the layer
-   dequantized once, in TFLOP/s; and the dequantization alone.
+"""The routed experts on codes (slicemoe.kernels.expert_gemm) at Qwen1.5-MoE-A2.7B shape, one
+process: the tile kernels (dequantizing per tile) against the grouped GEMM on the layer
+dequantized once, at a decode batch and at prefill pieces, in TFLOP/s, with the largest
+relative difference of their outputs; and the dequantization alone.
 
     python benchmarks/kernel_speed.py                       # GPU
     python benchmarks/kernel_speed.py --small --device cpu  # CI: small shapes, Triton's interpreter
@@ -37,43 +32,6 @@ def bench(fn, device) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def attention(device, dtype, small: bool) -> list[dict]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from slicemoe.kernels.decode_attention import decode_attention
-
-    class Layer:  # what SDPA's wrapper reads of an attention module
-        is_causal, training, num_key_value_groups = True, False, 1
-
-    heads, d, prompt_max, steps = (2, 32, 90, 8) if small else (16, 128, 1352, 128)
-    slots = prompt_max + 2 * steps
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for b in (1, 4) if small else (1, 64, 147):
-        q = torch.randn(b, heads, 1, d, generator=g).to(device, dtype)
-        k = torch.randn(b, heads, slots, d, generator=g).to(device, dtype)
-        v = torch.randn(b, heads, slots, d, generator=g).to(device, dtype)
-        low = prompt_max // 2 if small else 700
-        lens = torch.randint(low, prompt_max + 1, (b,), generator=g)
-        if b == 1:
-            lens[:] = prompt_max // 2 if small else 512
-        allowed = torch.zeros(b, slots, dtype=torch.bool)
-        for i, n in enumerate(lens.tolist()):
-            allowed[i, prompt_max - n : prompt_max + steps] = True
-        mask = torch.where(allowed[:, None, None], 0.0, torch.finfo(dtype).min).to(device, dtype)
-        scale = d**-0.5
-
-        sdpa = partial(sdpa_attention_forward, Layer(), q, k, v, mask, scaling=scale)
-        ours = partial(decode_attention, q, k, v, mask, scale)
-        err = (sdpa()[0].float() - ours().float()).abs().max().item()
-        t_sdpa, t_ours = bench(sdpa, device), bench(ours, device)
-        allowed_bytes = 2 * heads * d * dtype.itemsize * int(allowed.sum())
-        rows.append(dict(rows=b, sdpa_us=1e6 * t_sdpa, kernel_us=1e6 * t_ours,
-                         speedup=t_sdpa / t_ours, allowed_gb_per_s=allowed_bytes / t_ours / 1e9,
-                         max_abs_diff=err))  # fmt: skip
-    return rows
 
 
 def experts(device, dtype, small: bool) -> list[dict]:
@@ -137,13 +95,11 @@ def main(argv=None) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"device": name, "attention": attention(device, dtype, a.small),
-              "experts": experts(device, dtype, a.small)}  # fmt: skip
+    result = {"device": name, "experts": experts(device, dtype, a.small)}
     print(f"kernels on {name} ({dtype})")
-    for section in ("attention", "experts"):
-        for row in result[section]:
-            print(section, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in row.items()))  # fmt: skip
+    for row in result["experts"]:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()))  # fmt: skip
     sys.stdout.flush()
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))

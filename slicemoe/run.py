@@ -113,7 +113,8 @@ def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int
     free, total = torch.cuda.mem_get_info(dev)
     reserved = torch.cuda.memory_reserved(dev)
     # A process capped with torch.cuda.set_per_process_memory_fraction may reserve no more.
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
     free = min(free, int(fraction * total) - reserved)
     # Blocks PyTorch's allocator holds but no tensor uses are free to this process too.
     free += reserved - torch.cuda.memory_allocated(dev)
@@ -152,14 +153,15 @@ def _in_batches(n: int, size: int, run_batch) -> int:
                     "one sequence does not fit in GPU memory (batch 1); lower "
                     f"eval.max_new_tokens or use a larger GPU: {str(err).splitlines()[0]}"
                 ) from None
-            failed, size = stop - start, (stop - start) // 2
+            failed, size, why = stop - start, (stop - start) // 2, str(err).splitlines()[0]
         else:
             start = stop
             continue
         # Out of the except block, the error's frames (and the batch's KV cache) are gone.
         gc.collect()  # the failed batch's captured CUDA graph refers to the batch: a cycle
         torch.cuda.empty_cache()
-        print(f"batch of {failed} ran out of GPU memory; retrying as {size}", file=sys.stderr)
+        print(f"batch of {failed} ran out of GPU memory ({why}); retrying as {size}",
+              file=sys.stderr)  # fmt: skip
     return min(size, n) if n else size  # the rows a batch had at most
 
 

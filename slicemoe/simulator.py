@@ -244,11 +244,6 @@ class Simulator:
         coded = all(isinstance(b.experts, CodeExperts) for b in moe_blocks(model))
         cuda = self.device.type == "cuda"
         self.graphs = capture and self.static and coded and self.backend == "tensor" and cuda
-        if self.static and cuda:
-            # Decode steps attend to the slots their mask allows only (prefill: SDPA as before).
-            from slicemoe.kernels import decode_attention
-
-            model.set_attn_implementation(decode_attention.register())
         self.cache_kw = cache_kw(model)
         tok = loaded.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -10,7 +10,7 @@ from triton.compiler import ASTSource
 
 from slicemoe.cache import kernel
 from slicemoe.cache.tensor import STATS, S
-from slicemoe.kernels import decode_attention, expert_gemm
+from slicemoe.kernels import expert_gemm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MAX = 232448  # bytes of shared memory a Hopper block may have (227 KiB)
@@ -66,18 +66,6 @@ def dequantize() -> None:
     compile_for_hopper(expert_gemm._dequantize, types, shape)
 
 
-def attention() -> None:
-    ints = ("S", "H", "GROUP", "SPLIT_LEN", "SPLITS", "sqb", "sqh", "skb", "skh", "sks", "svb",
-            "svh", "svs", "smb", "sms")  # fmt: skip
-    types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*bf16", m_ptr="*fp32",
-                 l_ptr="*fp32", acc_ptr="*fp32", scale="fp32", blocked="fp32")  # fmt: skip
-    types |= dict.fromkeys(ints, "i32")
-    constants = dict(D=128, BN=decode_attention.BLOCK, BLOCKS=32)  # Qwen1.5-MoE's heads
-    compile_for_hopper(decode_attention._partial, types, constants)
-    merge = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", o_ptr="*bf16", SPLITS="i32")
-    compile_for_hopper(decode_attention._merge, merge, dict(D=128, SP=8))
-
-
 if __name__ == "__main__":
     # (sliced, nested, eviction: lru fifo lfu, on_miss: fetch skip_lsb drop substitute)
     for variant in ((True, True, 0, 0), (True, False, 2, 3), (False, True, 1, 2)):
@@ -85,4 +73,3 @@ if __name__ == "__main__":
     for tile in ((16, 128), (16, 64), (64, 64)):  # the tiles code_experts launches
         expert_gemms(*tile)
     dequantize()
-    attention()

@@ -1,5 +1,5 @@
 """benchmarks/kernel_speed.py keeps running on the CPU (`--small --device cpu`, Triton's
-interpreter): each kernel against what it replaces, on the same inputs."""
+interpreter): the tile kernels and the grouped GEMM on the same inputs agree."""
 
 from __future__ import annotations
 
@@ -24,9 +24,6 @@ def test_the_kernel_benchmark_runs_small_on_the_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert [r["rows"] for r in result["attention"]] == [1, 4]
-    for row in result["attention"]:
-        assert row["max_abs_diff"] < 1e-5 and row["kernel_us"] > 0 and row["sdpa_us"] > 0
     gemms = result["experts"][:-1]
     assert [r["tokens"] for r in gemms] == [3, 1536]
     for row in gemms:

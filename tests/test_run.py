@@ -102,12 +102,12 @@ def test_batched_sequences_match_one_at_a_time(loaded, traced, tmp_path):
 
 @pytest.mark.parametrize("task", ["arith", "wikitext"])
 def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
-    loaded, task, tmp_path, monkeypatch
+    loaded, task, tmp_path, monkeypatch, capsys
 ):
     """A batch of more than 2 rows runs out of memory (injected) after its prefill and a few
-    steps: the run goes on in batches of 2, and its result, trace and request stream are
-    exactly a batch_size=2 run's (a failed batch leaves no counts, costs, stream or traces, and
-    its tokens leave the progress told)."""
+    steps: the run says so with the allocator's words and goes on in batches of 2, and its
+    result, trace and request stream are exactly a batch_size=2 run's (a failed batch leaves no
+    counts, costs, stream or traces, and its tokens leave the progress told)."""
     import numpy as np
     import torch
 
@@ -139,6 +139,8 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
         del stream["key"], stream["config"]  # they name the configured batch_size
         results[b] = r, trace, stream
     (r2, t2, s2), (r4, t4, s4) = results[2], results[4]
+    said = "batch of 4 ran out of GPU memory (CUDA out of memory (injected)); retrying as 2"
+    assert said in capsys.readouterr().err
     np.testing.assert_equal(r4, r2)
     assert r4["batch_rows"] == 2
     for b in (2, 4):  # (sequences done, of total, decode tokens) from the start to the end
