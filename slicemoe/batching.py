@@ -70,9 +70,9 @@ def token_bytes(s: Sizes) -> int:
 
 
 def prefill_bytes(s: Sizes, tokens: int) -> int:
-    """The prefill's workspace: PREFILL_TOKENS tokens' activations and their mask rows, and one
-    layer's experts dequantized for both paths (slicemoe.kernels.expert_gemm.grouped; the
-    gate/up projection, the larger one)."""
+    """The prefill's workspace: PREFILL_TOKENS tokens' activations and their mask rows, and at
+    most one layer's experts dequantized for both paths (slicemoe.kernels.expert_gemm.grouped
+    holds a chunk of them; the gate/up projection, the larger one)."""
     layer = 2 * s.experts * 2 * s.expert_width * s.hidden * s.dtype_bytes
     return PREFILL_TOKENS * (token_bytes(s) + tokens * (s.dtype_bytes + 1)) + layer
 

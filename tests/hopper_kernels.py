@@ -60,7 +60,7 @@ def expert_gemms(bm: int, bk: int) -> None:
 
 def dequantize() -> None:
     types = dict(q_ptr="*u8", s_ptr="*fp32", z_ptr="*u8", w_ptr="*bf16", used_ptr="*i64",
-                 E="i32", shift_low="i32", mult_low="fp32", copy_low="i32", q_copy="i32",
+                 first="i32", E="i32", shift_low="i32", mult_low="fp32", copy_low="i32", q_copy="i32",
                  s_copy="i32", z_path="i32")  # fmt: skip
     shape = dict(OUT=2816, IN=2048, G=32, BN=64, BK=64)  # Qwen1.5-MoE's gate/up projection
     compile_for_hopper(expert_gemm._dequantize, types, shape)

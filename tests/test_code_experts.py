@@ -107,11 +107,15 @@ def test_the_kernel_computes_what_the_reference_computes(name, tokens):
 
 
 @needs_triton
+@pytest.mark.parametrize("chunk", [5, 16])
 @pytest.mark.parametrize("name", sorted(BITS))
-def test_a_prefill_piece_runs_the_grouped_gemm_on_the_dequantized_layer(name, monkeypatch):
-    """Thousands of rows per expert (a prefill piece): the layer is dequantized once and runs
-    torch's grouped GEMM (bf16 on CUDA), which computes what the reference computes."""
+def test_a_prefill_piece_runs_the_grouped_gemm_on_the_dequantized_layer(name, chunk, monkeypatch):
+    """Thousands of rows per expert (a prefill piece): the layer's experts are dequantized once,
+    `chunk` virtual experts at a time (12 here: three chunks or one), and run torch's grouped
+    GEMM (bf16 on CUDA), which computes what the reference computes."""
     from slicemoe.kernels import expert_gemm
+
+    monkeypatch.setattr(expert_gemm, "CHUNK", chunk)
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -131,3 +135,29 @@ def test_a_prefill_piece_runs_the_grouped_gemm_on_the_dequantized_layer(name, mo
     assert calls == [1]
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < (1e-6 if not cuda else 1e-2), float(err)
+
+
+@needs_triton
+def test_a_prefill_piece_without_room_for_dequantized_weights_takes_the_tile_kernels(
+    monkeypatch,
+):
+    """The grouped GEMM's dequantized copy cannot be allocated (out of GPU memory, injected):
+    the call computes with the tile kernels instead, the same result as they give alone."""
+    import torch
+
+    from slicemoe.kernels import expert_gemm
+
+    m = model()
+    quantize_model(m, BITS["mat84"], codes=True)
+    ex = moe_blocks(m)[0].experts
+    tokens = expert_gemm.GROUPED_ROWS * 6
+    hidden, idx, w = inputs(tokens, 2, 6, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(expert_gemm, "GROUPED_ROWS", 10**9)
+    tiles = expert_gemm.code_experts(ex, hidden, idx, w)
+    monkeypatch.setattr(expert_gemm, "GROUPED_ROWS", 256)
+
+    def no_room(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(expert_gemm, "dequantize", no_room)
+    assert torch.equal(expert_gemm.code_experts(ex, hidden, idx, w), tiles)

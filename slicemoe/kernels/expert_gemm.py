@@ -12,9 +12,9 @@ Weights are dequantized as quant.QTensor.dequantize does, w = (q >> shift - zp) 
 float32, rounded to the model's dtype; products accumulate in float32.
 
 A prefill piece gives every expert thousands of rows: there, dequantizing a tile per block of
-rows would repeat the work thousands of times, so the layer's used experts are dequantized once
-(`dequantize`, a kernel that writes the model's dtype) and the two GEMMs are torch's grouped
-GEMM at tensor-core speed (`grouped`).
+rows would repeat the work thousands of times, so the layer's used experts are dequantized once,
+a chunk of experts at a time (`dequantize`, a kernel that writes the model's dtype), and the two
+GEMMs are torch's grouped GEMM at tensor-core speed (`grouped`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import triton.language as tl
 
 # Software-pipeline depth of the GEMMs (measured best on an H200 at Qwen1.5-MoE shape).
 STAGES = 3
-# (token, slot) pairs per expert on average from which a call dequantizes the layer once and
-# runs torch's grouped GEMM (a prefill piece: thousands), rather than dequantizing per tile.
+# (token, slot) pairs per expert on average from which a call dequantizes the layer's experts
+# once and runs torch's grouped GEMM (a prefill piece: thousands), rather than per tile.
 GROUPED_ROWS = 256
+CHUNK = 16  # virtual experts dequantized at a time by `grouped` (185 MB at Qwen1.5-MoE's shape)
 
 
 def align(v: torch.Tensor, num_virtual: int, bm: int):
@@ -150,12 +151,13 @@ def _down(h_ptr, ids_ptr, block_ptr, w_ptr, q_ptr, s_ptr, z_ptr, y_ptr, F, E, V,
 
 
 @triton.jit
-def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, used_ptr, E, shift_low, mult_low, copy_low,
-                q_copy, s_copy, z_path, OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Program (virtual expert v, block of BN output rows): v's weights [OUT, IN] in the
-    output's dtype, if any (token, slot) pair uses v (used[v] > 0)."""
-    v = tl.program_id(0)
+def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, used_ptr, first, E, shift_low, mult_low,
+                copy_low, q_copy, s_copy, z_path, OUT: tl.constexpr, IN: tl.constexpr,
+                G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Program (virtual expert first + i, block of BN output rows): its weights [OUT, IN] in
+    the output's dtype at w[i], if any (token, slot) pair uses it (used[v] > 0)."""
+    i = tl.program_id(0)
+    v = first + i
     if tl.load(used_ptr + v) == 0:
         return
     e, copy, shift, mult, path = _path(v, E, shift_low, mult_low, copy_low)
@@ -164,7 +166,7 @@ def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, used_ptr, E, shift_low, mult_low, co
     s = s_ptr + copy * s_copy + e * (OUT * groups)
     z = z_ptr + path * z_path + e * (OUT * groups)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
-    out = w_ptr + v.to(tl.int64) * (OUT * IN)
+    out = w_ptr + i.to(tl.int64) * (OUT * IN)
     for k0 in range(0, IN, BK):
         w = _dequant(q, s, z, rows, k0, IN, groups, shift, mult, G, BN, BK, rows < OUT)
         cols = k0 + tl.arange(0, BK)
@@ -172,35 +174,47 @@ def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, used_ptr, E, shift_low, mult_low, co
                  mask=(rows < OUT)[:, None] & (cols < IN)[None, :])  # fmt: skip
 
 
-def dequantize(ex, name: str, used: torch.Tensor, low: tuple) -> torch.Tensor:
-    """[2E, out, in] weights of projection `name` in the model's dtype, written for the virtual
-    experts with used[v] > 0 only (the others are left as allocated: never read)."""
+def dequantize(ex, name: str, used: torch.Tensor, low: tuple, first: int, count: int):
+    """[count, out, in] weights of projection `name` of the virtual experts first ..
+    first + count in the model's dtype, written for those with used[v] > 0 only (the others
+    are left as allocated: never read)."""
     q, s, z = (getattr(ex, f"{name}_{part}") for part in ("q", "scale", "zp"))
     out, inn = q.shape[2], q.shape[3]
     g = ex.bits.group
-    w = torch.empty((2 * ex.num_experts, out, inn), dtype=ex.dtype, device=q.device)
-    _dequantize[(2 * ex.num_experts, triton.cdiv(out, 64))](
-        q, s, z, w, used, ex.num_experts, *low, q[0].numel(), s[0].numel(), z[0].numel(),
-        OUT=out, IN=inn, G=g, BN=64, BK=max(g, 64),
+    w = torch.empty((count, out, inn), dtype=ex.dtype, device=q.device)
+    _dequantize[(count, triton.cdiv(out, 64))](
+        q, s, z, w, used, first, ex.num_experts, *low, q[0].numel(), s[0].numel(),
+        z[0].numel(), OUT=out, IN=inn, G=g, BN=64, BK=max(g, 64),
     )  # fmt: skip
     return w
 
 
 def grouped(ex, hidden, v, weights, topk: int, low: tuple) -> torch.Tensor:
-    """The experts' output per (token, slot) pair [F, H] through torch's grouped GEMM on the
-    layer's dequantized weights: pairs sorted by virtual expert, each expert's rows one group."""
+    """The experts' output per (token, slot) pair [F, H] through torch's grouped GEMM on
+    dequantized weights: pairs sorted by virtual expert, each expert's rows one group. The
+    experts are dequantized CHUNK at a time, and those no pair uses not at all: a layer's
+    weights whole (1.3 GiB at Qwen1.5-MoE's shape) found no room in the memory a loaded model
+    leaves fragmented."""
     used = torch.zeros(2 * ex.num_experts, dtype=torch.int64, device=v.device)
     used.scatter_add_(0, v, torch.ones_like(v))
     order = torch.argsort(v, stable=True)
-    offs = used.cumsum(0).to(torch.int32)
+    x = hidden[order // topk]
+    ends = used.cumsum(0)
+    bounds = [0, *ends.tolist()]  # pairs before each expert, on the host (one wait)
     mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    w = dequantize(ex, "gate_up_proj", used, low)
-    gate, up = mm(hidden[order // topk], w.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    del w  # one layer's dequantized weights at a time
-    h = ex.act_fn(gate) * up
-    y = mm(h, dequantize(ex, "down_proj", used, low).transpose(1, 2), offs=offs)
-    out = torch.empty_like(y)
-    out[order] = y * weights[order, None]
+    out = torch.empty_like(x)
+    for first in range(0, len(used), CHUNK):
+        last = min(first + CHUNK, len(used))
+        rows = slice(bounds[first], bounds[last])
+        if rows.start == rows.stop:
+            continue
+        offs = (ends[first:last] - rows.start).to(torch.int32)
+        w = dequantize(ex, "gate_up_proj", used, low, first, last - first)
+        gate, up = mm(x[rows], w.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        h = ex.act_fn(gate) * up
+        w = dequantize(ex, "down_proj", used, low, first, last - first)
+        pairs = order[rows]
+        out[pairs] = mm(h, w.transpose(1, 2), offs=offs) * weights[pairs, None]
     return out
 
 
@@ -217,8 +231,13 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     g = ex.bits.group
     low = (ex.shift, float(2**ex.shift), int(gu_q.shape[0] > 1))
     weights = top_k_weights.reshape(-1).contiguous()
+    y = None
     if f >= GROUPED_ROWS * e and grouped_gemm_serves(hidden):
-        y = grouped(ex, hidden.contiguous(), v, weights, topk, low)
+        try:
+            y = grouped(ex, hidden.contiguous(), v, weights, topk, low)
+        except torch.OutOfMemoryError:
+            pass  # the tile kernels below need no dequantized copy
+    if y is not None:
         return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
     # Small batches: few rows per expert, a short block; large ones: a square tile. A step of a
     # few tokens runs few programs, each better with a longer K step (measured on an H200).
