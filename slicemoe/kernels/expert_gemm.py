@@ -222,42 +222,47 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     """CodeExperts.forward on CUDA (`ex`: the CodeExperts module)."""
     tokens, hsize = hidden.shape
     topk = top_k_index.shape[1]
-    e = ex.num_experts
     v = top_k_index.reshape(-1)
-    f = v.numel()
+    low = (ex.shift, float(2**ex.shift), int(ex.gate_up_proj_q.shape[0] > 1))
+    weights = top_k_weights.reshape(-1).contiguous()
+    x = hidden.contiguous()
+    y = None
+    if v.numel() >= GROUPED_ROWS * ex.num_experts and grouped_gemm_serves(hidden):
+        try:
+            y = grouped(ex, x, v, weights, topk, low)
+        except torch.OutOfMemoryError:
+            pass  # the tile kernels need no dequantized copy
+    if y is None:
+        y = tiles(ex, x, v, weights, topk, low)
+    return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
+
+
+def tiles(ex, x, v, weights, topk: int, low: tuple) -> torch.Tensor:
+    """The experts' output per (token, slot) pair [F, H] through the two GEMMs above, which
+    dequantize each tile of codes they read."""
+    hsize, e, f = x.shape[1], ex.num_experts, v.numel()
     gu_q, gu_s, gu_z = ex.gate_up_proj_q, ex.gate_up_proj_scale, ex.gate_up_proj_zp
     dn_q, dn_s, dn_z = ex.down_proj_q, ex.down_proj_scale, ex.down_proj_zp
     inter = gu_q.shape[2] // 2
     g = ex.bits.group
-    low = (ex.shift, float(2**ex.shift), int(gu_q.shape[0] > 1))
-    weights = top_k_weights.reshape(-1).contiguous()
-    y = None
-    if f >= GROUPED_ROWS * e and grouped_gemm_serves(hidden):
-        try:
-            y = grouped(ex, hidden.contiguous(), v, weights, topk, low)
-        except torch.OutOfMemoryError:
-            pass  # the tile kernels below need no dequantized copy
-    if y is not None:
-        return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
     # Small batches: few rows per expert, a short block; large ones: a square tile. A step of a
     # few tokens runs few programs, each better with a longer K step (measured on an H200).
     bm = 16 if f <= 16 * 2 * e else 64
     bk = max(g, 128 if f <= 16 else 64)
     ids, blocks = align(v, 2 * e, bm)
-    x = hidden.contiguous()
-    h = torch.empty((ids.numel(), inter), dtype=hidden.dtype, device=hidden.device)
+    h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)
     _gate_up[(blocks.numel(), triton.cdiv(inter, 64))](
         x, ids, blocks, gu_q, gu_s, gu_z, h, f, e, 2 * e, topk, *low,
         gu_q[0].numel(), gu_s[0].numel(), gu_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
         BK=bk, num_stages=STAGES,
     )  # fmt: skip
-    y = torch.empty((f, hsize), dtype=hidden.dtype, device=hidden.device)
+    y = torch.empty((f, hsize), dtype=x.dtype, device=x.device)
     _down[(blocks.numel(), triton.cdiv(hsize, 64))](
         h, ids, blocks, weights, dn_q, dn_s, dn_z, y, f, e, 2 * e, *low,
         dn_q[0].numel(), dn_s[0].numel(), dn_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
         BK=bk, num_stages=STAGES,
     )  # fmt: skip
-    return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
+    return y
 
 
 def grouped_gemm_serves(hidden: torch.Tensor) -> bool:
