@@ -160,7 +160,7 @@ def simulator_step_s(cfg, loaded, batch, prompt, steps, device, profile=False):
     active = np.ones(batch, dtype=bool)
     kernels = None
     with torch.no_grad():
-        b = sim.prefill(0, prompts, steps=np.full(batch, steps + 2))
+        b = sim.prefill(range(batch), prompts, steps=np.full(batch, steps + 2))
         if profile and device.type == "cuda":
             kernels = _profile(lambda: sim.decode_step(b, active))
         else:

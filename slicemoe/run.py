@@ -170,7 +170,13 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
     side by side in every batch): (the simulator with each config's Group of meters, per config
     the task scores, prompt tokens, the rows per config the batches ended with). The scores are
     per problem, in problem order, for generation tasks; perplexity is one value.
-    `progress(done, total, tokens)`: see `run`, over the sequences of every config."""
+    `progress(done, total, tokens)`: see `run`, over the sequences of every config.
+
+    Sequences run longest prompt first: a batch's KV cache and prefill are as long as its
+    longest prompt, so batches of like lengths pad little (GSM8K 5-shot in batches of 147: 29 %
+    fewer prompt positions and 24 % fewer KV slots than in problem order), and the first batch
+    is the largest (were it not to fit, that shows at once). A sequence's results do not depend
+    on its batch (simulator.Simulator)."""
     cfg = cfgs[0]
     task = get_task_or_error(cfg.eval.task)
     tok = loaded.tokenizer
@@ -181,6 +187,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
         windows = task.windows(cfg.eval, tok)
         prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]
         forced = [w.input_ids[max(w.n_context, 1) :] for w in windows]
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
     groups = len(cfgs)
     tell = None
     if progress is not None:
@@ -190,39 +197,44 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
             progress(done, len(prompts) * groups, tokens)
 
     sim = Simulator(cfgs, loaded, record=record, progress=tell)
-    scores: list[dict[str, list]] = [{} for _ in cfgs]
+    # Per config, each sequence's result (its scores, or its forced tokens' NLLs).
+    results: list[dict[int, object]] = [{} for _ in cfgs]
+
+    def run_in_order(n: int, longest: int, rest: int, run_batch) -> int:
+        size = batch_size(cfg, loaded, longest, rest)
+
+        def ordered(start, stop):
+            seqs = order[start:stop]
+            out = run_batch(seqs)
+            for g, group_results in enumerate(results):
+                group_results.update(zip(seqs.tolist(), out[g * len(seqs) : (g + 1) * len(seqs)]))
+
+        return _in_batches(n, _rows(cfg, loaded, n, size, groups), ordered)
+
+    longest = max(map(len, prompts), default=1)
     if task.kind == "generate":
         max_new = cfg.eval.max_new_tokens
-        size = batch_size(cfg, loaded, max(map(len, prompts), default=1), max_new)
 
-        def run_batch(start, stop):
+        def generate(seqs):
             texts = sim.generate_until(
-                start, prompts[start:stop], task.stop, max_new, tok.eos_token_id
+                seqs, [prompts[i] for i in seqs], task.stop, max_new, tok.eos_token_id
             )
-            n = stop - start
-            for g, group_scores in enumerate(scores):
-                for d, text in zip(docs[start:stop], texts[g * n : (g + 1) * n]):
-                    for k, v in task.score(d, text).items():
-                        group_scores.setdefault(k, []).append(v)
+            return [task.score(docs[i], t) for i, t in zip(np.tile(seqs, groups), texts)]
 
-        size = _in_batches(len(docs), _rows(cfg, loaded, len(docs), size, groups), run_batch)
+        size = run_in_order(len(docs), longest, max_new, generate)
+        scores = [
+            {k: [r[i][k] for i in range(len(docs))] for k in (r[0] if r else {})} for r in results
+        ]
     else:
-        size = batch_size(
-            cfg, loaded, max(map(len, prompts), default=1), max(map(len, forced), default=1)
-        )
-        nlls: list[list] = [[] for _ in cfgs]
 
-        def run_batch(start, stop):
-            rows = sim.loglikelihood(start, prompts[start:stop], forced[start:stop])
-            n = stop - start
-            for g, group_nlls in enumerate(nlls):
-                for row in rows[g * n : (g + 1) * n]:
-                    group_nlls.extend(row)
+        def score(seqs):
+            return sim.loglikelihood(seqs, [prompts[i] for i in seqs], [forced[i] for i in seqs])
 
-        size = _in_batches(len(windows), _rows(cfg, loaded, len(windows), size, groups), run_batch)
-        for group_scores, group_nlls in zip(scores, nlls):
-            perplexity = math.exp(float(np.mean(group_nlls))) if group_nlls else float("nan")
-            group_scores["perplexity"] = [perplexity]
+        size = run_in_order(len(windows), longest, max(map(len, forced), default=1), score)
+        scores = []
+        for r in results:
+            nll = [x for i in range(len(windows)) for x in r[i]]
+            scores.append({"perplexity": [math.exp(float(np.mean(nll))) if nll else float("nan")]})
     return sim, scores, sum(map(len, prompts)), size
 
 
@@ -323,7 +335,8 @@ def run(cfg: RunConfig, loaded: Loaded | None = None, progress=None) -> dict:
     )
     # Not "batch_size": the config field of that name is logged beside it (MLflow params).
     result["batch_rows"] = size
-    result["trace_path"] = write_trace(cfg, group.traces) if cfg.trace else None
+    traces = [t for _, t in sorted(group.traces.items())]  # in sequence order
+    result["trace_path"] = write_trace(cfg, traces) if cfg.trace else None
     if cfg.trace:  # the run's requests, compactly, next to the trace (slicemoe.stream)
         stream = group.recorder.stream(stream_key(cfg), dataclasses.asdict(cfg), sim.dims, scores)
         result["stream_path"] = str(stream.save(Path(result["trace_path"]).with_suffix(".npz")))

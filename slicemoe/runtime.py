@@ -122,7 +122,7 @@ class Rows:
     """The reference runtime's state of one batch: a SeqState per row (device)."""
 
     seqs: list[SeqState]
-    first_seq: int
+    ids: np.ndarray  # [B] each row's sequence number
     valid: torch.Tensor  # [B, S] prompt tokens (no padding)
     counts: torch.Tensor  # [B, L, E] prefill routing counts
     phase: str = "prefill"
@@ -190,10 +190,11 @@ class Runtime(RuntimeRules):
     """The readable reference: each row's device simulated in Python with a SliceCache, on the
     host. slicemoe.tensor_runtime.TensorRuntime is the same on the model's device."""
 
-    def begin(self, caches: list[SliceCache], valid: torch.Tensor, first_seq: int) -> Rows:
-        """A new batch: one device per cache; `valid[b, s]` marks prompt tokens (no padding)."""
+    def begin(self, caches: list[SliceCache], valid: torch.Tensor, seqs) -> Rows:
+        """A new batch: one device per cache, for sequences `seqs`; `valid[b, s]` marks prompt
+        tokens (no padding)."""
         layers = self.fp.shape.num_moe_layers
-        seqs = [
+        devices = [
             SeqState(
                 c,
                 np.zeros(len(COST_COUNTERS)),
@@ -208,7 +209,7 @@ class Runtime(RuntimeRules):
         if self.predictor is not None:
             self.predictor.start(len(caches), self.fp.shape.top_k, valid.device)
         counts = torch.zeros((len(caches), layers, self.E), dtype=torch.int64, device=valid.device)
-        return Rows(seqs, first_seq, valid, counts)
+        return Rows(devices, np.asarray(seqs), valid, counts)
 
     def to_decode(self, state: Rows, caches, context, limit) -> None:
         """Prefill is done and the caches (the rows' own) warmed up; `context` [B]: prompt
@@ -222,7 +223,7 @@ class Runtime(RuntimeRules):
         """Decode step `step` of the rows in `active`."""
         state.step, state.active = step, np.asarray(active, dtype=bool).copy()
         for i, st in enumerate(state.seqs):
-            st.cache.tag = (state.first_seq + i, "decode", step)
+            st.cache.tag = (int(state.ids[i]), "decode", step)
             if step == self.policy.warmup_steps:
                 st.steady_base = (st.cache.stats.flash_bytes, st.cache.stats.activations)
 

@@ -1,11 +1,12 @@
 """Batches of sequences through a SliceMoE model, one simulated device per row.
 
 Two request types share one prefill and one decode step, as evaluation libraries split them:
-- `generate_until(first_seq, prompts, stop, max_new, eos)`: greedy generation, each text cut at
-  its first stop string;
-- `loglikelihood(first_seq, prompts, forced)`: teacher-forced decoding, the NLL of every forced
-  token.
-Each call is one batch (rows = sequences first_seq, first_seq + 1, ...). Several configs that
+- `generate_until(seqs, prompts, stop, max_new, eos)`: greedy generation, each text cut at its
+  first stop string;
+- `loglikelihood(seqs, prompts, forced)`: teacher-forced decoding, the NLL of every forced token.
+Each call is one batch, a row per prompt; `seqs` are the prompts' sequence numbers in the run
+(what seeds a row's warmup and names it in the stream and traces, so a sequence gives the same
+results in any batch, in any order). Several configs that
 share the loaded model can share the pass (packed): each is a `Group` of devices with its own
 runtime, caches, policy and hardware, and a batch holds the same sequences once per group, side
 by side. A group keeps, over all batches, what its run's metrics are made of (slicemoe.run): the
@@ -63,7 +64,7 @@ class Batch:
     """One batch's decode state, passed to every step. Rows are group-major: group g holds rows
     g * n .. (g + 1) * n, the batch's n sequences once more."""
 
-    first_seq: int
+    seqs: np.ndarray  # [B // groups] each row's sequence number
     lens: np.ndarray  # [B] prompt tokens
     limit: np.ndarray  # [B] decode steps each row may run
     states: list  # each group's runtime state (runtime.Rows or tensor_runtime.Rows)
@@ -125,13 +126,13 @@ class Group:
         self.warmup_bytes = 0.0
         layers = loaded.shape.num_moe_layers
         self.layer_predicted, self.layer_covered = np.zeros(layers), np.zeros(layers)
-        self.traces = []
+        self.traces = {}  # sequence number -> its requests (cfg.trace)
 
-    def begin(self, first_seq: int, valid: torch.Tensor):
-        caches = self._caches(len(valid), first_seq)
-        return caches, self.rt.begin(caches, valid, first_seq)
+    def begin(self, seqs: np.ndarray, valid: torch.Tensor):
+        caches = self._caches(seqs)
+        return caches, self.rt.begin(caches, valid, seqs)
 
-    def warm(self, state, caches, first_seq: int, lens, steps):
+    def warm(self, state, caches, seqs: np.ndarray, lens, steps):
         """Each row's prompt streams through its cache, then the warmup, then decode: (the
         Costs of each row's prefill then warmup, the bytes each warmup filled)."""
         cfg = self.cfg
@@ -141,7 +142,7 @@ class Group:
         for i, c in enumerate(caches):
             costs.append(prefill_cost(self.fp, cfg.hardware, c, counts[i], int(lens[i]), sliced))
             # Seeded per sequence, so a sequence warms up alike in any batch.
-            rng = np.random.default_rng([cfg.seed, first_seq + i])
+            rng = np.random.default_rng([cfg.seed, int(seqs[i])])
             cost, filled = warm_up(
                 self.fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng
             )
@@ -171,7 +172,7 @@ class Group:
             ]
         return rows, layers, records, traces
 
-    def add(self, read, first_seq: int, lens, costs, fills) -> None:
+    def add(self, read, seqs: np.ndarray, lens, costs, fills) -> None:
         """A closed batch's prefill cost, counters, request stream and traces join the run's."""
         rows, layers, records, traces = read
         for cost in costs:
@@ -188,25 +189,25 @@ class Group:
         if records is not None:
             counts, rows_records = records
             for b, record in enumerate(rows_records):
-                self.recorder.add(first_seq + b, int(lens[b]), counts[b], *record)
+                self.recorder.add(int(seqs[b]), int(lens[b]), counts[b], *record)
         if traces is not None:
-            self.traces.extend(traces)
+            self.traces.update(zip(seqs.tolist(), traces))
 
     def rows(self) -> np.ndarray:
         """[steps, COUNTERS]: every decode step's counters, summed over all devices."""
         return np.array(self.step_rows).reshape(-1, len(COUNTERS))
 
-    def _caches(self, n: int, first_seq: int) -> list[SliceCache]:
+    def _caches(self, seqs: np.ndarray) -> list[SliceCache]:
         shape, cfg = self.shape, self.cfg
         caches = []
-        for i in range(n):
+        for seq in seqs:
             # Seeded as the replay seeds a sequence's cache (LeCaR draws), in any batch.
             c = SliceCache(
                 self.capacity, self.fp.sizes, shape.num_moe_layers, shape.num_experts,
                 cfg.cache.eviction, params=eviction_params(cfg.cache), seed=cfg.seed,
             )  # fmt: skip
             c.trace = [] if cfg.trace else None
-            c.tag = (first_seq + i, "prefill", -1)
+            c.tag = (int(seq), "prefill", -1)
             c.counting = False  # statistics are decode statistics
             caches.append(c)
         return caches
@@ -252,12 +253,12 @@ class Simulator:
     # --- the two request types ------------------------------------------------------------
 
     @torch.no_grad()
-    def generate_until(self, first_seq, prompts, stop=(), max_new=64, eos=None) -> list[str]:
+    def generate_until(self, seqs, prompts, stop=(), max_new=64, eos=None) -> list[str]:
         """Greedy continuations of `prompts` (token lists), up to `max_new` tokens, eos or a
         stop string; each text cut at its first stop string. Packed: the texts of every group,
         one after another."""
         with self._timed("prefill"):
-            batch = self.prefill(first_seq, prompts, steps=np.full(len(prompts), max_new - 1))
+            batch = self.prefill(seqs, prompts, steps=np.full(len(prompts), max_new - 1))
         tok = self.loaded.tokenizer
         rows = len(batch.lens)
         finish = np.full(rows, -1)  # the step whose token stopped the row
@@ -292,12 +293,12 @@ class Simulator:
         return [_cut(text, stop) for text in texts]
 
     @torch.no_grad()
-    def loglikelihood(self, first_seq, prompts, forced) -> list[list[float]]:
+    def loglikelihood(self, seqs, prompts, forced) -> list[list[float]]:
         """The NLL of each token of `forced[b]` (token lists) after `prompts[b]`, teacher-forced.
         Packed: the NLLs of every group, one after another."""
         with self._timed("prefill"):
             batch = self.prefill(
-                first_seq, prompts, steps=np.array([len(f) for f in forced]), forced=forced
+                seqs, prompts, steps=np.array([len(f) for f in forced]), forced=forced
             )
         lens = batch.limit
         steps = int(lens.max(initial=0))
@@ -324,11 +325,14 @@ class Simulator:
 
     # --- prefill and the decode step ----------------------------------------------------------
 
-    def prefill(self, first_seq: int, prompts, steps: np.ndarray, forced=None) -> Batch:
+    def prefill(self, seqs, prompts, steps: np.ndarray, forced=None) -> Batch:
         """Prompts through the model once per group (left-padded, each row its own positions),
         every used expert streamed through each row's cache, then the warmup: a Batch ready to
         decode, the rows of prompt i for up to steps[i] steps."""
         dev, groups = self.device, len(self.groups)
+        seqs = np.asarray(seqs, dtype=np.int64)
+        if len(seqs) != len(prompts):
+            raise ValueError(f"seqs: {len(seqs)} sequence numbers for {len(prompts)} prompts")
         prompts, steps = list(prompts) * groups, np.tile(steps, groups)
         rows = len(prompts)
         lens = np.array([len(p) for p in prompts])
@@ -337,7 +341,7 @@ class Simulator:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         n = rows // groups
         begun = [
-            g.begin(first_seq, mask[i * n : (i + 1) * n].bool().to(dev))
+            g.begin(seqs, mask[i * n : (i + 1) * n].bool().to(dev))
             for i, g in enumerate(self.groups)
         ]
         states = [state for _, state in begun]
@@ -349,7 +353,7 @@ class Simulator:
             with self.rt.bound([replace(st, valid=st.valid[:, a:b]) for st in states]):
                 logits = kv.prefill(ids[:, a:b], mask[:, :b], pos[:, a:b])
         warmed = [
-            g.warm(state, caches, first_seq, lens[:n], steps[:n])
+            g.warm(state, caches, seqs, lens[:n], steps[:n])
             for g, (caches, state) in zip(self.groups, begun)
         ]
         tokens = torch.full((rows, horizon + 1), self.pad, dtype=torch.long, device=dev)
@@ -361,7 +365,7 @@ class Simulator:
             forced_t = forced_t.to(dev)
             nll = torch.zeros((rows, max(horizon, 1)), dtype=torch.float32, device=dev)
         return Batch(
-            first_seq, lens, steps, states, kv, logits, pos[:, -1].to(dev) + 1,
+            seqs, lens, steps, states, kv, logits, pos[:, -1].to(dev) + 1,
             torch.zeros((), dtype=torch.long, device=dev), tokens, forced_t, nll,
             [costs for costs, _ in warmed], [fills for _, fills in warmed],
         )  # fmt: skip
@@ -418,7 +422,7 @@ class Simulator:
         ]
         for i, (g, read) in enumerate(zip(self.groups, reads)):
             rows = batch.rows(i)
-            g.add(read, batch.first_seq, batch.lens[rows], batch.prefill_costs[i],
+            g.add(read, batch.seqs, batch.lens[rows], batch.prefill_costs[i],
                   batch.warmup_bytes[i])  # fmt: skip
         self.ended += len(steps)
         self.decoded += int(steps.sum())

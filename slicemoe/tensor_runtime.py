@@ -100,7 +100,7 @@ class TensorRuntime(RuntimeRules):
             return layer_step(state.cache, self.spec, *args)
         return tc.layer_step(state.cache, self.spec, *args)
 
-    def begin(self, caches: list[SliceCache], valid: torch.Tensor, first_seq: int) -> Rows:
+    def begin(self, caches: list[SliceCache], valid: torch.Tensor, seqs) -> Rows:
         dev = valid.device
         counts = torch.zeros((len(caches), self.L, self.E), dtype=torch.int64, device=dev)
         return Rows(valid, counts)

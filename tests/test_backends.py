@@ -141,7 +141,7 @@ def one_layer_step(backend: str, policy: PolicyConfig, bits: BitsConfig, held: l
     else:
         rt = TensorRuntime(*rules, capacity=capacity, eviction="lru")
     rows = len(held)
-    state = rt.begin(caches, torch.ones((rows, 1), dtype=torch.bool), 0)
+    state = rt.begin(caches, torch.ones((rows, 1), dtype=torch.bool), range(rows))
     rt.to_decode(state, caches, np.ones(rows, dtype=int), np.ones(rows, dtype=int))
     rt.begin_step(state, 0, np.ones(rows, dtype=bool))
     with rt.bound(state):
@@ -218,7 +218,8 @@ def test_the_static_kv_cache_scores_like_the_dynamic_one(monkeypatch):
             monkeypatch.setattr(simulator, "PREFILL_TOKENS", budget)
         sim = Simulator(cfg, loaded, static=static)
         (group,) = sim.groups
-        results.append((sim.loglikelihood(0, prompts, forced), group.rows(), group.prefill_cost))
+        nll = sim.loglikelihood(range(len(prompts)), prompts, forced)
+        results.append((nll, group.rows(), group.prefill_cost))
     nll_d, rows_d, prefill_d = results[0]
     # On CUDA the two caches' attention calls take different SDPA kernels (the dynamic cache
     # passes transformers' own mask, the static one an explicit additive mask), whose float32
@@ -263,7 +264,7 @@ def test_on_cuda_the_captured_step_replays_the_eager_one_and_the_runtimes_agree(
     ):
         sim = Simulator(on(cfg, backend), loaded, static=static, capture=graphs)
         assert sim.graphs == graphs
-        texts = sim.generate_until(0, prompts, stop=("\n\n",), max_new=40)
+        texts = sim.generate_until(range(len(prompts)), prompts, stop=("\n\n",), max_new=40)
         out[name] = texts, sim.groups[0].rows()
     assert out["graph"][0] == out["eager"][0]
     assert np.array_equal(out["graph"][1], out["eager"][1])
@@ -335,7 +336,7 @@ def test_the_device_decode_step_never_waits_for_the_host(monkeypatch):
         sim = Simulator(c, loaded, record=True)
         assert sim.static
         with torch.no_grad():
-            batch = sim.prefill(0, [[5, 6, 7, 8], [9, 10]], steps=np.array([12, 12]))
+            batch = sim.prefill([0, 1], [[5, 6, 7, 8], [9, 10]], steps=np.array([12, 12]))
             with syncs.mode:
                 for _ in range(12):
                     sim.decode_step(batch, np.ones(2, dtype=bool))

@@ -218,7 +218,7 @@ def test_full_precision_scores_equal_plain_transformers(family):
     rows = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (9, 14, 6)]
     split = [4, 9, 2]  # prompt tokens per row; the rest is teacher-forced
     nll = Simulator(cfg, loaded).loglikelihood(
-        0, [r[:s] for r, s in zip(rows, split)], [r[s:] for r, s in zip(rows, split)]
+        range(3), [r[:s] for r, s in zip(rows, split)], [r[s:] for r, s in zip(rows, split)]
     )
     for row, s, got in zip(rows, split, nll):
         with torch.no_grad():
@@ -269,7 +269,7 @@ def test_sliced_dbsc_cache_prior_pcw_runs_with_finite_metrics(family):
     sim = Simulator(cfg, loaded)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (7, 11)]
-    sim.generate_until(0, prompts, max_new=8)
+    sim.generate_until(range(len(prompts)), prompts, max_new=8)
     rows = sim.groups[0].rows()
     assert np.isfinite(rows).all() and rows[:, COL["tokens"]].sum() == 2 * 7
     assert rows[:, COL["requests_LSB"]].sum() > 0 and rows[:, COL["misses_MSB"]].sum() > 0

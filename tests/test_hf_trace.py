@@ -88,7 +88,7 @@ def test_the_hooks_record_another_family_with_its_own_routing_and_eos(tmp_path):
     quantize_model(simulated, FP16)
     tok = SimpleNamespace(pad_token_id=0, decode=str, batch_decode=lambda r: list(map(str, r)))
     sim = Simulator(cfg, Loaded(load_key(cfg), simulated, tok, shape, "cpu"), record=True)
-    sim.generate_until(0, prompts, max_new=8, eos=eos)
+    sim.generate_until(range(len(prompts)), prompts, max_new=8, eos=eos)
     stream = sim.groups[0].recorder.stream("", {}, sim.dims, {})
     assert got["decode_steps"][0] <= 3 < got["decode_steps"].max() == 7
     for name in ("prompt_len", "decode_steps", "prefill_counts", "experts", "next_gate"):

@@ -177,6 +177,33 @@ def test_a_generation_run_carries_its_correctness_per_problem_in_order(loaded):
     assert short["correct"] == p["correct"][:5] and short["limit"] == 5
 
 
+def test_sequences_run_longest_prompt_first_and_come_back_in_problem_order(loaded, monkeypatch):
+    """Batches take the prompts longest first; each sequence's score, and its requests in the
+    stream, are filed under its own problem."""
+    from slicemoe.eval import get_task
+    from slicemoe.simulator import Simulator
+
+    c = cfg(batch_size=2)
+    docs = get_task("arith").docs(c.eval, loaded.tokenizer)
+    generate, batches = Simulator.generate_until, []
+
+    def even_right(self, seqs, prompts, *args, **kw):
+        """The model's texts, but the even problems' answered right."""
+        batches.append((list(seqs), [len(p) for p in prompts]))
+        texts = generate(self, seqs, prompts, *args, **kw)
+        return [f"#### {docs[s].target}" if s % 2 == 0 else t for s, t in zip(seqs, texts)]
+
+    monkeypatch.setattr(Simulator, "generate_until", even_right)
+    lens = [len(loaded.tokenizer(d.prompt)["input_ids"]) for d in docs]
+    stream = record(c, loaded)
+    ran = [n for _, batch in batches for n in batch]
+    assert ran == sorted(lens, reverse=True) and len(set(lens)) > 1
+    assert sorted(s for seqs, _ in batches for s in seqs) == list(range(6))
+    assert [s for seqs, _ in batches for s in seqs] != list(range(6))  # not in problem order
+    assert list(stream.prompt_len) == lens
+    assert list(stream.scores["accuracy"]) == [1.0, 0.0] * 3
+
+
 def test_trace_has_the_documented_columns(traced):
     r = traced
     t = pd.read_parquet(r["trace_path"])
@@ -191,6 +218,7 @@ def test_trace_has_the_documented_columns(traced):
         "hit",
     ]
     assert set(t.phase) == {"prefill", "decode"} and set(t.slice) <= {"MSB", "LSB"}
+    assert t.sequence.is_monotonic_increasing  # in sequence order, whatever order they ran in
     # Every decode request is in the all-steps window; those from step 10 on in the steady one.
     decode = t[t.phase == "decode"]
     assert 1 - decode.hit.mean() == pytest.approx(r["miss_rate"])
