@@ -1,4 +1,4 @@
-"""The batch a run gets with `batch_size=auto`: on CUDA the most rows whose memory fits what is
+"""The batches a run gets with `batch_size=auto`: on CUDA the most rows whose memory fits what is
 free after loading the model, elsewhere a small fixed batch.
 
 A row's memory is dominated by its static KV cache (every layer's keys and values for the
@@ -11,6 +11,8 @@ halved (slicemoe.run).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from slicemoe.stream import NEXT_GATE_DEPTH
 
@@ -77,13 +79,31 @@ def prefill_bytes(s: Sizes, tokens: int) -> int:
     return PREFILL_TOKENS * (token_bytes(s) + tokens * (s.dtype_bytes + 1)) + layer
 
 
-def auto_batch(free: int, s: Sizes, longest_prompt: int, max_new: int) -> tuple[int, int]:
-    """(The largest batch whose rows fit MARGIN of `free` bytes beside the prefill's workspace,
-    at least 1; the bytes of one row)."""
-    tokens = longest_prompt + max_new
-    row = row_bytes(s, tokens, max_new)
-    budget = MARGIN * free - prefill_bytes(s, tokens)
-    return max(1, int(budget // row)), row
+def auto_batches(free: int, s: Sizes, lens, max_new: int, groups: int = 1) -> np.ndarray:
+    """For prompts of `lens` tokens run longest first, the sequences (of `groups` rows each) a
+    batch takes when it starts at each of them: as many as fit (auto_batch; a batch's KV cache
+    is as long as its first prompt), at least one. The budget is then lowered to the least that
+    needs no more batches, so they come out even: a short last batch would take as many decode
+    steps as a full one, each nearly as long."""
+    lens = np.asarray(lens, dtype=np.int64)
+    tokens = lens + max_new
+    row = groups * row_bytes(s, tokens, max_new)
+
+    def fit(budget: float) -> np.ndarray:
+        return np.maximum(1, (MARGIN * budget - prefill_bytes(s, tokens)) // row).astype(np.int64)
+
+    def count(rows: np.ndarray) -> int:
+        start, batches = 0, 0
+        while start < len(rows):
+            start, batches = start + rows[start], batches + 1
+        return batches
+
+    least, most = 0.0, float(free)
+    batches = count(fit(most))
+    for _ in range(40):  # bisection to well below a row's bytes
+        mid = (least + most) / 2
+        least, most = (least, mid) if count(fit(mid)) <= batches else (mid, most)
+    return fit(most)
 
 
 def sizes(config, shape, dtype_bytes: int) -> Sizes:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slicemoe.batching import CPU_BATCH, auto_batch, sizes
+from slicemoe.batching import CPU_BATCH, auto_batches, row_bytes, sizes
 from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, read_shape
@@ -102,13 +102,16 @@ def load(cfg: RunConfig) -> Loaded | None:
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int) -> int:
-    """cfg.batch_size, or for `auto` the batch that fits the GPU's free memory (CPU_BATCH off
-    CUDA), said on stderr with why."""
-    if cfg.batch_size != "auto":
-        return cfg.batch_size
-    if loaded.device.type != "cuda":
-        return CPU_BATCH
+def batch_plan(cfg: RunConfig, loaded: Loaded, lens, rest: int, groups: int) -> np.ndarray:
+    """The sequences a batch takes when it starts at each of the run's sequences, in the order
+    they run (`lens`: their prompt tokens, longest first; `rest`: the tokens decoded after the
+    prompt; `groups`: packed configs, a row each per sequence): cfg.batch_size's rows, or for
+    `auto` batches that fit the GPU's free memory (slicemoe.batching.auto_batches, said on
+    stderr with why), CPU_BATCH rows off CUDA."""
+    n = len(lens)
+    if cfg.batch_size != "auto" or loaded.device.type != "cuda":
+        rows = CPU_BATCH if cfg.batch_size == "auto" else cfg.batch_size
+        return np.full(n, max(1, rows // groups))
     dev = loaded.device
     free, total = torch.cuda.mem_get_info(dev)
     reserved = torch.cuda.memory_reserved(dev)
@@ -119,32 +122,31 @@ def batch_size(cfg: RunConfig, loaded: Loaded, longest_prompt: int, max_new: int
     # Blocks PyTorch's allocator holds but no tensor uses are free to this process too.
     free += reserved - torch.cuda.memory_allocated(dev)
     dims = sizes(loaded.model.config, loaded.shape, getattr(torch, cfg.model.dtype).itemsize)
-    batch, row = auto_batch(free, dims, longest_prompt, max_new)
+    plan = auto_batches(free, dims, lens, rest, groups)
+    runs, start = [], 0
+    while start < n:
+        runs.append(int(plan[start]))
+        start += runs[-1]
+    longest = int(lens[0]) if n else 1
+    row = row_bytes(dims, longest + rest, rest)
     print(
-        f"batch_size=auto: {batch} rows ({free / 2**30:.1f} GiB free on {loaded.device}, "
-        f"{row / 2**20:.1f} MiB a row for {longest_prompt} prompt + {max_new} new tokens)",
+        f"batch_size=auto: {len(runs)} batches of {min(runs, default=0)} to "
+        f"{max(runs, default=0)} sequences, longest prompts first ({free / 2**30:.1f} GiB free "
+        f"on {dev}; {row / 2**20:.1f} MiB a row for the longest, {longest} prompt + {rest} new "
+        "tokens)",
         file=sys.stderr,
     )
-    return batch
+    return plan
 
 
-def _rows(cfg: RunConfig, loaded: Loaded, n: int, size: int, groups: int) -> int:
-    """Sequences per batch for `size` rows shared by `groups` packed configs. With `auto` on
-    CUDA the n sequences are split into as few batches of equal size as the rows allow: a short
-    last batch would take as many decode steps as a full one, each nearly as long."""
-    rows = max(1, size // groups)
-    if cfg.batch_size != "auto" or loaded.device.type != "cuda" or n == 0:
-        return rows
-    return -(-n // -(-n // rows))
-
-
-def _in_batches(n: int, size: int, run_batch) -> int:
-    """run_batch(start, stop) over items 0..n in batches of `size`; returns the size it ended
-    with. A batch that runs out of GPU memory is retried halved (the simulator keeps nothing of
-    a batch that did not end), and the rest of the run keeps the smaller size."""
-    start = 0
+def _in_batches(plan: np.ndarray, run_batch) -> int:
+    """run_batch(start, stop) over items 0..len(plan), a batch starting at item i taking plan[i]
+    of them; returns the most a batch took. A batch that runs out of GPU memory is retried
+    halved (the simulator keeps nothing of a batch that did not end), and no later batch takes
+    more."""
+    n, start, most, cap = len(plan), 0, 0, None
     while start < n:
-        stop = min(start + size, n)
+        stop = min(start + int(plan[start] if cap is None else min(plan[start], cap)), n)
         try:
             run_batch(start, stop)
         except torch.OutOfMemoryError as err:
@@ -153,16 +155,16 @@ def _in_batches(n: int, size: int, run_batch) -> int:
                     "one sequence does not fit in GPU memory (batch 1); lower "
                     f"eval.max_new_tokens or use a larger GPU: {str(err).splitlines()[0]}"
                 ) from None
-            failed, size, why = stop - start, (stop - start) // 2, str(err).splitlines()[0]
+            failed, cap, why = stop - start, (stop - start) // 2, str(err).splitlines()[0]
         else:
-            start = stop
+            start, most = stop, max(most, stop - start)
             continue
         # Out of the except block, the error's frames (and the batch's KV cache) are gone.
         gc.collect()  # the failed batch's captured CUDA graph refers to the batch: a cycle
         torch.cuda.empty_cache()
-        print(f"batch of {failed} ran out of GPU memory ({why}); retrying as {size}",
+        print(f"batch of {failed} ran out of GPU memory ({why}); retrying as {cap}",
               file=sys.stderr)  # fmt: skip
-    return min(size, n) if n else size  # the rows a batch had at most
+    return most
 
 
 def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progress=None):
@@ -200,8 +202,8 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
     # Per config, each sequence's result (its scores, or its forced tokens' NLLs).
     results: list[dict[int, object]] = [{} for _ in cfgs]
 
-    def run_in_order(n: int, longest: int, rest: int, run_batch) -> int:
-        size = batch_size(cfg, loaded, longest, rest)
+    def run_in_order(rest: int, run_batch) -> int:
+        plan = batch_plan(cfg, loaded, [len(prompts[i]) for i in order], rest, groups)
 
         def ordered(start, stop):
             seqs = order[start:stop]
@@ -209,9 +211,8 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
             for g, group_results in enumerate(results):
                 group_results.update(zip(seqs.tolist(), out[g * len(seqs) : (g + 1) * len(seqs)]))
 
-        return _in_batches(n, _rows(cfg, loaded, n, size, groups), ordered)
+        return _in_batches(plan, ordered)
 
-    longest = max(map(len, prompts), default=1)
     if task.kind == "generate":
         max_new = cfg.eval.max_new_tokens
 
@@ -221,7 +222,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
             )
             return [task.score(docs[i], t) for i, t in zip(np.tile(seqs, groups), texts)]
 
-        size = run_in_order(len(docs), longest, max_new, generate)
+        size = run_in_order(max_new, generate)
         scores = [
             {k: [r[i][k] for i in range(len(docs))] for k in (r[0] if r else {})} for r in results
         ]
@@ -230,7 +231,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
         def score(seqs):
             return sim.loglikelihood(seqs, [prompts[i] for i in seqs], [forced[i] for i in seqs])
 
-        size = run_in_order(len(windows), longest, max(map(len, forced), default=1), score)
+        size = run_in_order(max(map(len, forced), default=1), score)
         scores = []
         for r in results:
             nll = [x for i in range(len(windows)) for x in r[i]]

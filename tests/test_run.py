@@ -151,6 +151,36 @@ def test_a_batch_out_of_gpu_memory_is_retried_halved_as_if_run_so(
     np.testing.assert_equal(s4, s2)
 
 
+def test_auto_on_a_gpu_plans_batches_on_the_memory_free_to_this_process(
+    loaded, monkeypatch, capsys
+):
+    """The free memory is what the card has free, within this process's cap, plus the blocks
+    the allocator holds unused; the plan is auto_batches' on it, and said."""
+    import numpy as np
+    import torch
+
+    from slicemoe.batching import auto_batches, sizes
+    from slicemoe.run import batch_plan
+
+    gib = 2**30
+    fake = {"mem_get_info": lambda d: (10 * gib, 80 * gib), "memory_reserved": lambda d: gib // 4,
+            "memory_allocated": lambda d: gib // 8, "current_device": lambda: 0,
+            "get_per_process_memory_fraction": lambda i: 1.5 / 80}  # fmt: skip
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn, raising=False)
+    gpu = replace(loaded, device=torch.device("cuda"))
+    lens = [200] * 400 + [100] * 600
+    plan = batch_plan(cfg(batch_size="auto"), gpu, lens, 64, 1)
+    # The cap (1.5 GiB) less what is reserved, plus what is reserved but unused.
+    free = int(1.5 * gib) - gib // 4 + gib // 8
+    dims = sizes(loaded.model.config, loaded.shape, 4)
+    np.testing.assert_equal(plan, auto_batches(free, dims, lens, 64))
+    assert not np.array_equal(plan, auto_batches(free + gib // 8, dims, lens, 64))
+    said = capsys.readouterr().err
+    assert f"batches of {plan[0]} to " in said and "(1.4 GiB free on cuda" in said
+    assert (batch_plan(cfg(batch_size=6), gpu, lens, 64, 2) == 3).all()
+
+
 def test_a_single_sequence_out_of_gpu_memory_fails_in_one_clear_error(loaded, monkeypatch):
     import torch
 
