@@ -5,7 +5,7 @@ Qwen1.5-MoE-A2.7B; `from_config` + `save_pretrained`, no hub) and a byte-level B
 trained on GSM8K's train split, so prompts have realistic lengths (random weights: accuracy and
 routing mean nothing here; times and memory do). Then `slicemoe.run.load` and
 `slicemoe.run.record` of a replayable config (5-shot, 256 new tokens, batch_size=auto), timed
-by phase (slicemoe.simulator.Clock), with a roofline for the batch it ran.
+by phase (slicemoe.simulator.Clock), with the pass's roofline.
 
     python benchmarks/gsm8k_pass.py                           # GPU, full shape, all 1,319
     python benchmarks/gsm8k_pass.py --small --device cpu      # a small model on the CPU (CI)
@@ -82,26 +82,26 @@ def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, d
         torch.cuda.empty_cache()  # the pass's batch_size=auto sees the memory free again
 
 
-def roofline(loaded, cfg: RunConfig, stream, batch: int) -> dict:
-    """Per decode step at `batch` rows: the bytes read (every weight, the experts as held, and
-    the KV cache at the mean context); the prefill's FLOPs (matmuls of the active weights and
-    attention over each prompt); their times at the H100's bandwidth and bf16 peak."""
+def roofline(loaded, cfg: RunConfig, stream, steps: int) -> dict:
+    """Of the whole pass: the decode's bytes (every weight, the experts as held, once per decode
+    step; each row's KV cache at its context, once per step it ran) at the H100's bandwidth, and
+    the prefill's FLOPs (matmuls of the active weights and attention over each prompt) at its
+    bf16 peak."""
     model, shape = loaded.model, loaded.shape
     weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     dtype_bytes = getattr(torch, cfg.model.dtype).itemsize
     s = sizes(model.config, shape, dtype_bytes)
-    context = float(stream.prompt_len.mean()) + float(stream.decode_steps.mean()) / 2
-    kv = batch * s.layers * s.kv_per_token * dtype_bytes * context
+    lens, ran = stream.prompt_len.astype(float), stream.decode_steps.astype(float)
+    kv = s.layers * s.kv_per_token * dtype_bytes * float((ran * lens + ran * (ran - 1) / 2).sum())
     dims, m = model_dims(model), shape.num_moe_layers
     active = m * (dims.dense_params + shape.top_k * shape.expert_params)
-    lens = stream.prompt_len.astype(float)
     flops = 2 * active * lens.sum() + 2 * dims.attn_dim * m * (lens**2).sum()
-    step_bytes = weights + kv
+    decode_bytes = steps * weights + kv
     return {
         "weights_bytes": weights,
-        "kv_bytes_per_step": kv,
-        "decode_bytes_per_step": step_bytes,
-        "decode_roofline_ms": 1e3 * step_bytes / H100_BYTES_PER_S,
+        "kv_bytes": kv,
+        "decode_bytes": decode_bytes,
+        "decode_roofline_s": decode_bytes / H100_BYTES_PER_S,
         "prefill_flops": flops,
         "prefill_roofline_s": flops / H100_FLOPS,
     }
@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
         "model": a.config.parent.name + (" (small)" if a.small else ""),
         "problems": int(stream.num_sequences),
         "max_new_tokens": max_new,
-        "batch_size": batch,
+        "batch_size": batch,  # the most sequences a batch took
+        "batches": clock.calls["prefill"],
         "memory_cap_gib": a.memory_gib,
         "build_s": build_s,
         "load_s": load_s,
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else float("nan"),
-        **roofline(loaded, cfg, stream, batch),
+        **roofline(loaded, cfg, stream, clock.calls["decode"]),
     }
     print_table(row)
     if a.json:
@@ -196,7 +197,7 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"GSM8K record pass: {r['model']} on {r['device']}, {r['problems']} problems, "
-          f"{r['max_new_tokens']} new tokens, batch {r['batch_size']}"
+          f"{r['max_new_tokens']} new tokens, {r['batches']} batches of at most {r['batch_size']}"
           + (f", memory capped at {r['memory_cap_gib']} GiB" if r["memory_cap_gib"] else ""))  # fmt: skip
     lines = [
         ("checkpoint built", f"{r['build_s']:.1f} s"),
@@ -208,9 +209,9 @@ def print_table(r: dict) -> None:
         ("host", f"{r['host_s']:.1f} s"),
         ("total (load + pass)", f"{r['total_s']:.1f} s"),
         ("peak GPU memory", f"{r['peak_gib']:.1f} GiB"),
-        ("roofline decode step", f"{r['decode_roofline_ms']:.2f} ms: "
-         f"{r['decode_bytes_per_step'] / 1e9:.2f} GB read (weights "
-         f"{r['weights_bytes'] / 1e9:.2f} + KV {r['kv_bytes_per_step'] / 1e9:.2f}) at 3.35 TB/s"),
+        ("roofline decode", f"{r['decode_roofline_s']:.1f} s: {r['decode_steps']} steps x "
+         f"weights {r['weights_bytes'] / 1e9:.2f} GB + KV {r['kv_bytes'] / 1e12:.2f} TB, "
+         "at 3.35 TB/s"),
         ("roofline prefill", f"{r['prefill_roofline_s']:.2f} s: "
          f"{r['prefill_flops'] / 1e12:.1f} TFLOP at 990 TFLOP/s"),
     ]  # fmt: skip

@@ -28,8 +28,9 @@ def test_the_gsm8k_pass_runs_small_on_the_cpu(tmp_path):
     row = json.loads(out.read_text())
     assert row["problems"] == 3 and row["batch_size"] == 3  # auto off CUDA (8), three problems
     assert row["decode_steps"] == 6 and row["prefill_tokens"] > 3 * 100  # 5-shot prompts
-    for k in ("prefill_s", "decode_s", "end_s", "load_s", "decode_roofline_ms", "prefill_flops"):
+    for k in ("prefill_s", "decode_s", "end_s", "load_s", "decode_roofline_s", "prefill_flops"):
         assert row[k] > 0, k
     assert row["pass_s"] >= row["prefill_s"] + row["decode_s"] + row["end_s"]
-    assert row["kv_bytes_per_step"] > 0 and row["weights_bytes"] > 0
-    assert "| decode |" in proc.stdout and "| roofline decode step |" in proc.stdout
+    assert row["kv_bytes"] > 0 and row["weights_bytes"] > 0
+    assert row["decode_bytes"] == 6 * row["weights_bytes"] + row["kv_bytes"]
+    assert "| decode |" in proc.stdout and "| roofline decode |" in proc.stdout
