@@ -95,26 +95,6 @@ def _block(block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM: tl.constexp
 
 
 @triton.jit
-def _group_dot(acc, x, q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult,
-               G: tl.constexpr, row_ok):  # fmt: skip
-    """acc [BM, BN] plus x [BM, G] times the weights of rows `rows` in the quantization group
-    of columns k0 .. k0 + G. With w = (q - zp) x scale over a group, x w = scale x (x q - zp x
-    sum(x)): the codes go into the product as they are (integers below 256: exact in bf16), and
-    scale and zero-point are applied to the [BM, BN] sums, not to every weight."""
-    cols = k0 + tl.arange(0, G)
-    mask = row_ok[:, None] & (cols < n_in)[None, :]
-    q = tl.load(q_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0)
-    q = (q.to(tl.int32) >> shift).to(x.dtype)
-    g = rows * groups + k0 // G
-    gmask = row_ok & (k0 < n_in)
-    scale = tl.load(s_ptr + g, mask=gmask, other=0.0) * mult
-    zp = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.float32)
-    xq = tl.dot(x, tl.trans(q))
-    xsum = tl.sum(x.to(tl.float32), axis=1)
-    return acc + (xq - xsum[:, None] * zp[None, :]) * scale[None, :]
-
-
-@triton.jit
 def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOPK,
              shift_low, mult_low, copy_low, q_copy, s_copy, z_path, I: tl.constexpr,
              H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -132,13 +112,13 @@ def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOP
     acc_gate = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, H, BK):
-        for j in tl.static_range(BK // G):
-            k = k0 + j * G + tl.arange(0, G)
-            x = tl.load(x_ptr + token[:, None] * H + k[None, :],
-                        mask=(f < F)[:, None] & (k < H)[None, :], other=0.0)  # fmt: skip
-            kg = k0 + j * G
-            acc_gate = _group_dot(acc_gate, x, q, s, z, n, kg, H, groups, shift, mult, G, n < I)
-            acc_up = _group_dot(acc_up, x, q, s, z, n + I, kg, H, groups, shift, mult, G, n < I)
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + token[:, None] * H + k[None, :],
+                    mask=(f < F)[:, None] & (k < H)[None, :], other=0.0)  # fmt: skip
+        w_gate = _dequant(q, s, z, n, k0, H, groups, shift, mult, G, BN, BK, n < I).to(x.dtype)
+        w_up = _dequant(q, s, z, n + I, k0, H, groups, shift, mult, G, BN, BK, n < I).to(x.dtype)
+        acc_gate = tl.dot(x, tl.trans(w_gate), acc_gate)
+        acc_up = tl.dot(x, tl.trans(w_up), acc_up)
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
     tl.store(h_ptr + slots[:, None] * I + n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=(n < I)[None, :])  # fmt: skip
@@ -160,10 +140,10 @@ def _down(h_ptr, ids_ptr, block_ptr, w_ptr, q_ptr, s_ptr, z_ptr, y_ptr, F, E, V,
     z = z_ptr + path * z_path + e * (H * groups)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, I, BK):
-        for j in tl.static_range(BK // G):
-            k = k0 + j * G + tl.arange(0, G)
-            h = tl.load(h_ptr + slots[:, None] * I + k[None, :], mask=(k < I)[None, :], other=0.0)
-            acc = _group_dot(acc, h, q, s, z, n, k0 + j * G, I, groups, shift, mult, G, n < H)
+        k = k0 + tl.arange(0, BK)
+        h = tl.load(h_ptr + slots[:, None] * I + k[None, :], mask=(k < I)[None, :], other=0.0)
+        w = _dequant(q, s, z, n, k0, I, groups, shift, mult, G, BN, BK, n < H)
+        acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc)
     weight = tl.load(w_ptr + f, mask=f < F, other=0.0).to(tl.float32)
     y = acc * weight[:, None]
     tl.store(y_ptr + f[:, None] * H + n[None, :], y.to(y_ptr.dtype.element_ty),
