@@ -167,12 +167,14 @@ def _in_batches(plan: np.ndarray, run_batch) -> int:
     return most
 
 
-def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progress=None):
+def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progress=None,
+              streams_only: bool = False):  # fmt: skip
     """The model pass of configs that share `loaded`, the task and the batch (several: packed,
     side by side in every batch): (the simulator with each config's Group of meters, per config
     the task scores, prompt tokens, the rows per config the batches ended with). The scores are
     per problem, in problem order, for generation tasks; perplexity is one value.
-    `progress(done, total, tokens)`: see `run`, over the sequences of every config.
+    `progress(done, total, tokens)`: see `run`, over the sequences of every config;
+    `streams_only`: the pass is for the request streams alone (simulator.Simulator).
 
     Sequences run longest prompt first: a batch's KV cache and prefill are as long as its
     longest prompt, so batches of like lengths pad little (GSM8K 5-shot in batches of 147: 29 %
@@ -198,7 +200,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
         def tell(done, tokens):
             progress(done, len(prompts) * groups, tokens)
 
-    sim = Simulator(cfgs, loaded, record=record, progress=tell)
+    sim = Simulator(cfgs, loaded, record=record, progress=tell, streams_only=streams_only)
     # Per config, each sequence's result (its scores, or its forced tokens' NLLs).
     results: list[dict[int, object]] = [{} for _ in cfgs]
 
@@ -294,7 +296,7 @@ def record_packed(cfgs: list[RunConfig], loaded: Loaded | None = None, progress=
             )
         ran.append(cfg)
     torch.manual_seed(cfgs[0].seed)
-    sim, scores, _, size = _evaluate(ran, loaded, record=True, progress=progress)
+    sim, scores, _, size = _evaluate(ran, loaded, True, progress, streams_only=True)
     streams = []
     for cfg, group, group_scores in zip(ran, sim.groups, scores):
         # The stream's config, for the record, is the one that ran: `auto` as the batch it

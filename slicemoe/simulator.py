@@ -51,7 +51,7 @@ from slicemoe.models.adapter import install, router_logits
 from slicemoe.models.code_experts import CodeExperts
 from slicemoe.prefetch import NextGate, make_predictor
 from slicemoe.runtime import Packed, Runtime
-from slicemoe.stream import Recorder
+from slicemoe.stream import Recorder, cache_independent
 from slicemoe.tensor_runtime import TensorRuntime
 from slicemoe.validate import capacity_bytes
 
@@ -91,7 +91,8 @@ class Group:
     """One config's simulated devices in a pass (a row each per batch sequence): its runtime and
     what its run's metrics are made of, over every batch that closed."""
 
-    def __init__(self, cfg: RunConfig, loaded, dims, record: bool, device: torch.device):
+    def __init__(self, cfg: RunConfig, loaded, dims, record: bool, device: torch.device,
+                 streams_only: bool = False):  # fmt: skip
         self.cfg = cfg
         model = loaded.model
         self.fp = fp = footprint(dims, loaded.shape, cfg.bits, cfg.hardware)
@@ -110,12 +111,16 @@ class Group:
         depth = max(self.recorder.depth, cfg.prefetch.top_m)
         ranker = NextGate(gate, logits, len(blocks), depth, cfg.policy.tau)
         self.backend = backend(cfg, device)
+        # Where only the request stream is wanted and it does not depend on the cache, the
+        # device runtime runs no cache, bill or counters: the stream's replays make them.
+        self.simulate = not (streams_only and cache_independent(cfg) and self.backend == "tensor")
         rules = (gate, fp, cfg.policy, cfg.hardware, predictor, cfg.prefetch, ranker)
         if self.backend == "tensor":
             depth = self.recorder.depth if record else 0
             self.rt = TensorRuntime(
-                *rules, capacity=self.capacity, eviction=cfg.cache.eviction, depth=depth
-            )
+                *rules, capacity=self.capacity, eviction=cfg.cache.eviction, depth=depth,
+                simulate=self.simulate,
+            )  # fmt: skip
         else:
             self.rt = Runtime(*rules)
         self.record = record
@@ -129,17 +134,18 @@ class Group:
         self.traces = {}  # sequence number -> its requests (cfg.trace)
 
     def begin(self, seqs: np.ndarray, valid: torch.Tensor):
-        caches = self._caches(seqs)
+        caches = self._caches(seqs) if self.simulate else [None] * len(seqs)
         return caches, self.rt.begin(caches, valid, seqs)
 
     def warm(self, state, caches, seqs: np.ndarray, lens, steps):
         """Each row's prompt streams through its cache, then the warmup, then decode: (the
-        Costs of each row's prefill then warmup, the bytes each warmup filled)."""
+        Costs of each row's prefill then warmup, the bytes each warmup filled; none without a
+        cache to simulate)."""
         cfg = self.cfg
-        counts = self.rt.counts(state)
-        sliced = is_sliced(cfg.policy.precision)
         costs, fills = [], []
-        for i, c in enumerate(caches):
+        counts = self.rt.counts(state) if self.simulate else []
+        sliced = is_sliced(cfg.policy.precision)
+        for i, c in enumerate(caches if self.simulate else []):
             costs.append(prefill_cost(self.fp, cfg.hardware, c, counts[i], int(lens[i]), sliced))
             # Seeded per sequence, so a sequence warms up alike in any batch.
             rng = np.random.default_rng([cfg.seed, int(seqs[i])])
@@ -215,10 +221,11 @@ class Group:
 
 class Simulator:
     def __init__(self, cfgs, loaded, record: bool = False, static: bool | None = None,
-                 capture: bool = True, progress=None):  # fmt: skip
+                 capture: bool = True, progress=None, streams_only: bool = False):  # fmt: skip
         """`cfgs`: a RunConfig, or several that share `loaded` (packed: each a Group of rows of
         every batch); `loaded`: slicemoe.run.Loaded; `record`: keep the request streams
-        (slicemoe.stream); `static`: the static KV cache (None: wherever every layer is full
+        (slicemoe.stream); `streams_only`: nothing but them is wanted (a group whose requests
+        do not depend on its cache then simulates none: Group.simulate); `static`: the static KV cache (None: wherever every layer is full
         attention); `capture`: the decode step as a CUDA graph wherever it can be;
         `progress(sequences, tokens)`: told at most CHECK_EVERY decode steps apart the
         sequences (rows) ended and the tokens decoded so far, over all batches (one that fails
@@ -230,7 +237,7 @@ class Simulator:
         model = loaded.model
         self.model, self.device = model, torch.device(loaded.device)
         self.dims = model_dims(model)
-        self.groups = [Group(c, loaded, self.dims, record, self.device) for c in cfgs]
+        self.groups = [Group(c, loaded, self.dims, record, self.device, streams_only) for c in cfgs]
         backends = {g.backend for g in self.groups}
         if len(backends) > 1:
             raise ValueError(f"packed configs run on one backend, not {sorted(backends)}")

@@ -70,12 +70,14 @@ EXPERT_CALLS, HIGHBIT_CALLS, DROPPED_CALLS, TOKENS, RESIDENT = range(len(CALLS))
 
 
 class TensorRuntime(RuntimeRules):
-    def __init__(self, *rules, capacity: int, eviction: str, depth: int = 0, **kw):
+    def __init__(self, *rules, capacity: int, eviction: str, depth: int = 0,
+                 simulate: bool = True, **kw):  # fmt: skip
         """runtime.RuntimeRules's arguments, and the caches' `capacity` and `eviction`;
         `depth`: ranking entries the request stream keeps (0: no stream is recorded, and no
-        ranking is made unless the predictor reads it)."""
+        ranking is made unless the predictor reads it); `simulate=False`: only route and record
+        (`_route_only`)."""
         super().__init__(*rules, **kw)
-        self.depth = depth
+        self.depth, self.simulate = depth, simulate
         fp, policy = self.fp, self.policy
         shape = fp.shape
         self.L, self.k = shape.num_moe_layers, shape.top_k
@@ -111,7 +113,7 @@ class TensorRuntime(RuntimeRules):
         f64 = dict(dtype=torch.float64, device=dev)
         i64 = dict(dtype=torch.int64, device=dev)
         state.phase = "decode"
-        state.cache = tc.from_slicecaches(self.spec, caches, dev)
+        state.cache = tc.from_slicecaches(self.spec, caches, dev) if self.simulate else None
         state.t = torch.zeros((), **i64)
         state.limit = torch.tensor(limit, **i64)  # copies: never a view of the caller's array
         state.context = torch.tensor(context, **i64)
@@ -144,6 +146,8 @@ class TensorRuntime(RuntimeRules):
         t = state.t
         # In place: a captured step replays on these very tensors.
         state.on.copy_(t < state.limit)
+        if not self.simulate:
+            return
         opens = t == self.policy.warmup_steps
         stats = state.cache.stats
         now = torch.stack([_flash_bytes(stats), stats[:, tc.S["activations"]]], 1)
@@ -152,6 +156,9 @@ class TensorRuntime(RuntimeRules):
 
     def end_step(self, state: Rows) -> None:
         """Bill the step's layers and LM head, keep the step's counters, advance the step."""
+        if not self.simulate:
+            state.t += 1
+            return
         on, fp = state.on, self.fp
         bills = state.bills.double()
         ctx = state.context.double()[:, None]
@@ -214,6 +221,8 @@ class TensorRuntime(RuntimeRules):
         return replace(self.params, lam=lam, spread=mean.float()[:, None], bias=bias)
 
     def _decode(self, state: Rows, layer, logits, bias, hidden):
+        if not self.simulate:
+            return self._route_only(state, layer, logits, bias, hidden)
         on, spec, k = state.on, self.spec, self.k
         cached = tc.resident(state.cache, spec)[:, layer]
         params = self._params(state, layer, logits, bias)
@@ -255,6 +264,21 @@ class TensorRuntime(RuntimeRules):
         virt = torch.where(served, idx, idx + self.E)
         # A dropped expert is computed at weight 0: its share goes to its token's other experts.
         return without(w, dropped).to(logits.dtype), virt
+
+    def _route_only(self, state: Rows, layer, logits, bias, hidden):
+        """`_decode` where only the request stream of a config whose requests do not depend on
+        its cache is wanted (stream.cache_independent: top-k routing, every missed slice
+        fetched): the model's routing and DBSC's precision, recorded, each call computed on the
+        path it asked for, as the cache would serve it; no cache, bill or counters (a replay of
+        the stream makes them, for any cache)."""
+        no_cache = torch.zeros_like(logits, dtype=torch.bool)
+        idx, w = route(
+            self.policy.routing, self.gate, logits, no_cache, replace(self.params, bias=bias)
+        )
+        high = precision(self.policy.precision, w, self.policy.tau)
+        ranking = self.ranker.rank(layer, hidden) if self.depth else None
+        self._record(state, layer, idx, high, ranking)
+        return w.to(logits.dtype), torch.where(high, idx, idx + self.E)
 
     def _predict(self, state: Rows, layer: int, chosen, ranking):
         """The prefetch for the next layer: (target, experts, critical, rows predicted for)."""

@@ -107,9 +107,18 @@ def test_whole_runs_give_the_reference_metrics_through_the_device_runtime(name):
 
 
 def test_a_recorded_stream_is_the_same_through_either_runtime():
+    """The device runtime records a cache-independent config's stream routing only (no cache,
+    bill or counters): the reference's stream, which simulates them."""
     cfg = CONFIGS["next_gate fifo cold max_rank mat42 drop"]
     cfg = dataclasses.replace(cfg, policy=PolicyConfig(warmup="pcw"))  # replayable
     loaded = load(cfg)
+    aware = dataclasses.replace(cfg, policy=PolicyConfig(routing="cache_prior", lam=0.1))
+    simulates = [
+        g.simulate
+        for c in (cfg, aware)
+        for g in Simulator([on(c, "tensor")], loaded, record=True, streams_only=True).groups
+    ]
+    assert simulates == [False, True]
     want, got = record(on(cfg, "python"), loaded), record(on(cfg, "tensor"), loaded)
     assert want.experts.size > 1000
     for name in ("prompt_len", "prefill_counts", "decode_steps", "experts", "high",
@@ -331,16 +340,21 @@ def test_the_device_decode_step_never_waits_for_the_host(monkeypatch):
     monkeypatch.setattr(CodeExperts, "forward", syncs.pause(CodeExperts.forward))
     for block in loaded.model.model.layers:  # the dequantized copies' (CPU) expert compute
         monkeypatch.setattr(block.mlp.experts, "forward", syncs.pause(block.mlp.experts.forward))
-    for predictor in ("prev_token", "next_gate"):
-        c = dataclasses.replace(cfg, prefetch=PrefetchConfig(predictor=predictor))
-        sim = Simulator(c, loaded, record=True)
+    routing_only = dataclasses.replace(cfg, policy=PolicyConfig(precision="dbsc", tau=0.3))
+    for c, streams_only in [
+        *((dataclasses.replace(cfg, prefetch=PrefetchConfig(predictor=p)), False)
+          for p in ("prev_token", "next_gate")),
+        (routing_only, True),  # a stream recorded with no cache simulated
+    ]:  # fmt: skip
+        sim = Simulator(c, loaded, record=True, streams_only=streams_only)
+        assert sim.groups[0].simulate != streams_only
         assert sim.static
         with torch.no_grad():
             batch = sim.prefill([0, 1], [[5, 6, 7, 8], [9, 10]], steps=np.array([12, 12]))
             with syncs.mode:
                 for _ in range(12):
                     sim.decode_step(batch, np.ones(2, dtype=bool))
-        assert syncs.seen == [], (predictor, syncs.seen)
+        assert syncs.seen == [], (c.prefetch.predictor, streams_only, syncs.seen)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and not importlib_triton(), reason="no Triton")
