@@ -171,7 +171,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
               streams_only: bool = False):  # fmt: skip
     """The model pass of configs that share `loaded`, the task and the batch (several: packed,
     side by side in every batch): (the simulator with each config's Group of meters, per config
-    the task scores, prompt tokens, the rows per config the batches ended with). The scores are
+    the task scores, prompt tokens, the most sequences a batch took). The scores are
     per problem, in problem order, for generation tasks; perplexity is one value.
     `progress(done, total, tokens)`: see `run`, over the sequences of every config;
     `streams_only`: the pass is for the request streams alone (simulator.Simulator).
@@ -299,8 +299,8 @@ def record_packed(cfgs: list[RunConfig], loaded: Loaded | None = None, progress=
     sim, scores, _, size = _evaluate(ran, loaded, True, progress, streams_only=True)
     streams = []
     for cfg, group, group_scores in zip(ran, sim.groups, scores):
-        # The stream's config, for the record, is the one that ran: `auto` as the batch it
-        # chose.
+        # The stream's config, for the record, is the one that ran: `auto` as the most
+        # sequences a batch took.
         config = dataclasses.asdict(dataclasses.replace(cfg, batch_size=size))
         streams.append(group.recorder.stream(stream_key(cfg), config, sim.dims, group_scores))
     return streams
