@@ -81,8 +81,8 @@ def prefill_bytes(s: Sizes, tokens: int) -> int:
 
 def auto_batches(free: int, s: Sizes, lens, max_new: int, groups: int = 1) -> np.ndarray:
     """For prompts of `lens` tokens run longest first, the sequences (of `groups` rows each) a
-    batch takes when it starts at each of them: as many as fit (auto_batch; a batch's KV cache
-    is as long as its first prompt), at least one. The budget is then lowered to the least that
+    batch takes when it starts at each of them: as many as fit MARGIN of `free` bytes beside
+    the prefill's workspace (a batch's KV cache is as long as its first prompt), at least one. The budget is then lowered to the least that
     needs no more batches, so they come out even: a short last batch would take as many decode
     steps as a full one, each nearly as long."""
     lens = np.asarray(lens, dtype=np.int64)

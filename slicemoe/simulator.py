@@ -143,17 +143,18 @@ class Group:
         cache to simulate)."""
         cfg = self.cfg
         costs, fills = [], []
-        counts = self.rt.counts(state) if self.simulate else []
-        sliced = is_sliced(cfg.policy.precision)
-        for i, c in enumerate(caches if self.simulate else []):
-            costs.append(prefill_cost(self.fp, cfg.hardware, c, counts[i], int(lens[i]), sliced))
-            # Seeded per sequence, so a sequence warms up alike in any batch.
-            rng = np.random.default_rng([cfg.seed, int(seqs[i])])
-            cost, filled = warm_up(
-                self.fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng
-            )
-            costs.append(cost.total())
-            fills.append(filled)
+        if self.simulate:
+            counts = self.rt.counts(state)
+            sliced = is_sliced(cfg.policy.precision)
+            for i, c in enumerate(caches):
+                bill = prefill_cost(self.fp, cfg.hardware, c, counts[i], int(lens[i]), sliced)
+                # Seeded per sequence, so a sequence warms up alike in any batch.
+                rng = np.random.default_rng([cfg.seed, int(seqs[i])])
+                cost, filled = warm_up(
+                    self.fp, cfg.hardware, c, counts[i], sliced, cfg.policy.warmup, rng
+                )
+                costs += [bill, cost.total()]
+                fills.append(filled)
         self.rt.to_decode(state, caches, lens, steps)
         return costs, fills
 
@@ -225,8 +226,8 @@ class Simulator:
         """`cfgs`: a RunConfig, or several that share `loaded` (packed: each a Group of rows of
         every batch); `loaded`: slicemoe.run.Loaded; `record`: keep the request streams
         (slicemoe.stream); `streams_only`: nothing but them is wanted (a group whose requests
-        do not depend on its cache then simulates none: Group.simulate); `static`: the static KV cache (None: wherever every layer is full
-        attention); `capture`: the decode step as a CUDA graph wherever it can be;
+        do not depend on its cache then simulates none: Group.simulate); `static`: the static
+        KV cache (None: wherever every layer is full attention); `capture`: the decode step as a CUDA graph wherever it can be;
         `progress(sequences, tokens)`: told at most CHECK_EVERY decode steps apart the
         sequences (rows) ended and the tokens decoded so far, over all batches (one that fails
         is forgotten, as it is here)."""
