@@ -147,17 +147,23 @@ def test_a_prefill_piece_without_room_for_dequantized_weights_takes_the_tile_ker
 
     from slicemoe.kernels import expert_gemm
 
-    m = model()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    m = model().to(dtype)
     quantize_model(m, BITS["mat84"], codes=True)
-    ex = moe_blocks(m)[0].experts
+    ex = moe_blocks(m)[0].experts.to(device)
     tokens = expert_gemm.GROUPED_ROWS * 6
     hidden, idx, w = inputs(tokens, 2, 6, torch.Generator().manual_seed(3))
+    hidden, idx, w = hidden.to(device, dtype), idx.to(device), w.to(device, dtype)
     monkeypatch.setattr(expert_gemm, "GROUPED_ROWS", 10**9)
     tiles = expert_gemm.code_experts(ex, hidden, idx, w)
     monkeypatch.setattr(expert_gemm, "GROUPED_ROWS", 256)
+    tried = []
 
     def no_room(*args):
+        tried.append(1)
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(expert_gemm, "dequantize", no_room)
     assert torch.equal(expert_gemm.code_experts(ex, hidden, idx, w), tiles)
+    assert tried  # the grouped GEMM was tried first
