@@ -82,9 +82,9 @@ def prefill_bytes(s: Sizes, tokens: int) -> int:
 def auto_batches(free: int, s: Sizes, lens, max_new: int, groups: int = 1) -> np.ndarray:
     """For prompts of `lens` tokens run longest first, the sequences (of `groups` rows each) a
     batch takes when it starts at each of them: as many as fit MARGIN of `free` bytes beside
-    the prefill's workspace (a batch's KV cache is as long as its first prompt), at least one. The budget is then lowered to the least that
-    needs no more batches, so they come out even: a short last batch would take as many decode
-    steps as a full one, each nearly as long."""
+    the prefill's workspace (a batch's KV cache is as long as its first prompt), at least one.
+    The budget is then lowered to the least that needs no more batches, so they come out even:
+    a short last batch would take as many decode steps as a full one, each nearly as long."""
     lens = np.asarray(lens, dtype=np.int64)
     tokens = lens + max_new
     row = groups * row_bytes(s, tokens, max_new)
@@ -92,18 +92,21 @@ def auto_batches(free: int, s: Sizes, lens, max_new: int, groups: int = 1) -> np
     def fit(budget: float) -> np.ndarray:
         return np.maximum(1, (MARGIN * budget - prefill_bytes(s, tokens)) // row).astype(np.int64)
 
-    def count(rows: np.ndarray) -> int:
-        start, batches = 0, 0
-        while start < len(rows):
-            start, batches = start + rows[start], batches + 1
-        return batches
-
     least, most = 0.0, float(free)
-    batches = count(fit(most))
+    batches = len(batch_sizes(fit(most)))
     for _ in range(40):  # bisection to well below a row's bytes
         mid = (least + most) / 2
-        least, most = (least, mid) if count(fit(mid)) <= batches else (mid, most)
+        least, most = (least, mid) if len(batch_sizes(fit(mid))) <= batches else (mid, most)
     return fit(most)
+
+
+def batch_sizes(plan) -> list[int]:
+    """The batches a plan runs (plan[i]: what a batch starting at item i takes), in order."""
+    start, taken = 0, []
+    while start < len(plan):
+        taken.append(int(min(plan[start], len(plan) - start)))
+        start += taken[-1]
+    return taken
 
 
 def sizes(config, shape, dtype_bytes: int) -> Sizes:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slicemoe.batching import CPU_BATCH, auto_batches, row_bytes, sizes
+from slicemoe.batching import CPU_BATCH, auto_batches, batch_sizes, row_bytes, sizes
 from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, read_shape
@@ -123,10 +123,7 @@ def batch_plan(cfg: RunConfig, loaded: Loaded, lens, rest: int, groups: int) -> 
     free += reserved - torch.cuda.memory_allocated(dev)
     dims = sizes(loaded.model.config, loaded.shape, getattr(torch, cfg.model.dtype).itemsize)
     plan = auto_batches(free, dims, lens, rest, groups)
-    runs, start = [], 0
-    while start < n:
-        runs.append(int(plan[start]))
-        start += runs[-1]
+    runs = batch_sizes(plan)
     longest = int(lens[0]) if n else 1
     row = row_bytes(dims, longest + rest, rest)
     print(

@@ -174,12 +174,16 @@ class RuntimeRules(Bindable):
         """The model's own routing (top-k, high path), with no regard for the cache; the
         prefill counts of each row (PCW's hotness, and what streams through its cache)."""
         b, s = state.valid.shape
-        no_cache = torch.zeros_like(logits, dtype=torch.bool)
-        idx, w = route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
+        idx, w = self.own_routing(logits, bias)
         onehot = torch.zeros((b * s, self.E), dtype=torch.int64, device=logits.device)
         onehot.scatter_(1, idx, 1)
         state.counts[:, layer] += (onehot.view(b, s, self.E) * state.valid.view(b, s, 1)).sum(1)
         return w.to(logits.dtype), idx
+
+    def own_routing(self, logits, bias):
+        """(experts, gate weights) of the model's own top-k routing, the cache disregarded."""
+        no_cache = torch.zeros_like(logits, dtype=torch.bool)
+        return route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
 
     def counts(self, state) -> np.ndarray:
         """[B, L, E] prefill routing counts."""

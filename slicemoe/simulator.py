@@ -6,10 +6,9 @@ Two request types share one prefill and one decode step, as evaluation libraries
 - `loglikelihood(seqs, prompts, forced)`: teacher-forced decoding, the NLL of every forced token.
 Each call is one batch, a row per prompt; `seqs` are the prompts' sequence numbers in the run
 (what seeds a row's warmup and names it in the stream and traces, so a sequence gives the same
-results in any batch, in any order). Several configs that
-share the loaded model can share the pass (packed): each is a `Group` of devices with its own
-runtime, caches, policy and hardware, and a batch holds the same sequences once per group, side
-by side. A group keeps, over all batches, what its run's metrics are made of (slicemoe.run): the
+results in any batch, in any order). Several configs that share the loaded model can share the
+pass (packed): each is a `Group` of devices with its own runtime, caches, policy and hardware,
+and a batch holds the same sequences once per group, side by side. A group keeps, over all batches, what its run's metrics are made of (slicemoe.run): the
 decode counters of every step summed over its devices, the prefill cost, the warmup's Flash
 bytes, the request stream and traces. A batch adds to them only when it closes, so one that
 fails (out of GPU memory) leaves no trace.
@@ -227,10 +226,10 @@ class Simulator:
         every batch); `loaded`: slicemoe.run.Loaded; `record`: keep the request streams
         (slicemoe.stream); `streams_only`: nothing but them is wanted (a group whose requests
         do not depend on its cache then simulates none: Group.simulate); `static`: the static
-        KV cache (None: wherever every layer is full attention); `capture`: the decode step as a CUDA graph wherever it can be;
-        `progress(sequences, tokens)`: told at most CHECK_EVERY decode steps apart the
-        sequences (rows) ended and the tokens decoded so far, over all batches (one that fails
-        is forgotten, as it is here)."""
+        KV cache (None: wherever every layer is full attention); `capture`: the decode step as
+        a CUDA graph wherever it can be; `progress(sequences, tokens)`: told at most
+        CHECK_EVERY decode steps apart the sequences (rows) ended and the tokens decoded so far,
+        over all batches (one that fails is forgotten, as it is here)."""
         cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
         self.loaded, self.record = loaded, record
         self.progress = progress

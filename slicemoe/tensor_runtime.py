@@ -271,10 +271,7 @@ class TensorRuntime(RuntimeRules):
         fetched): the model's routing and DBSC's precision, recorded, each call computed on the
         path it asked for, as the cache would serve it; no cache, bill or counters (a replay of
         the stream makes them, for any cache)."""
-        no_cache = torch.zeros_like(logits, dtype=torch.bool)
-        idx, w = route(
-            self.policy.routing, self.gate, logits, no_cache, replace(self.params, bias=bias)
-        )
+        idx, w = self.own_routing(logits, bias)
         high = precision(self.policy.precision, w, self.policy.tau)
         ranking = self.ranker.rank(layer, hidden) if self.depth else None
         self._record(state, layer, idx, high, ranking)

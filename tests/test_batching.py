@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from transformers import AutoConfig
 
-from slicemoe.batching import MARGIN, PREFILL_TOKENS, Sizes, auto_batches, row_bytes, sizes
+from slicemoe.batching import (
+    MARGIN,
+    PREFILL_TOKENS,
+    Sizes,
+    auto_batches,
+    batch_sizes,
+    row_bytes,
+    sizes,
+)
 from slicemoe.models import config_dir, read_shape
 
 # A model whose rows are all KV cache: 1 KiB a token, nothing else.
@@ -42,17 +50,10 @@ def test_batches_of_shorter_prompts_take_more_sequences_and_come_out_even():
     free = 2**29
     budget = MARGIN * free
 
-    def batches(plan):
-        start, taken = 0, []
-        while start < len(lens):
-            taken.append(int(min(plan[start], len(lens) - start)))
-            start += taken[-1]
-        return taken
-
     rows = np.array([row_bytes(KV_ONLY, int(t), 24) for t in tokens])
-    filled = batches((budget - PREFILL_TOKENS * tokens * 3) // rows)
+    filled = batch_sizes((budget - PREFILL_TOKENS * tokens * 3) // rows)
     assert filled == [51, 51, 123, 75]
-    taken = batches(auto_batches(free, KV_ONLY, lens, 24))
+    taken = batch_sizes(auto_batches(free, KV_ONLY, lens, 24))
     assert len(taken) == len(filled) and taken[0] < filled[0] and taken[-1] > filled[-1]
     assert taken[:-1] == sorted(taken[:-1]) and sum(taken) == len(lens)
     first = np.cumsum([0] + taken[:-1])  # each batch's longest prompt is its first
