@@ -197,7 +197,8 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"GSM8K record pass: {r['model']} on {r['device']}, {r['problems']} problems, "
-          f"{r['max_new_tokens']} new tokens, {r['batches']} batches of at most {r['batch_size']}"
+          f"{r['max_new_tokens']} new tokens, {r['batches']} batches of at most "
+          f"{r['batch_size']}"
           + (f", memory capped at {r['memory_cap_gib']} GiB" if r["memory_cap_gib"] else ""))  # fmt: skip
     lines = [
         ("checkpoint built", f"{r['build_s']:.1f} s"),
