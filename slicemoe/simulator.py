@@ -272,12 +272,20 @@ class Simulator:
         texts = [""] * rows
         seen = 0  # tokens the host has looked at
         every = 1 if self.backend == "python" else CHECK_EVERY
+        # The device runtime runs every row within its limit whatever the host knows, so the
+        # host reads a check's tokens once the next step is queued behind their copy: the
+        # device decodes while the host detokenises. The reference skips stopped rows at once.
+        lag = 0 if self.backend == "python" else 1
+        checks = []  # (step, its tokens on their way to the host)
         for t in range(max_new):
             last = t == max_new - 1
             with self._timed("decode"):
                 self.decode_step(batch, active=finish < 0, feed=not last)
             if last or (t + 1) % every == 0:
-                chosen = batch.tokens[:, : t + 1].cpu().numpy()
+                checks.append((t, _to_host(batch.tokens[:, : t + 1])))
+            while checks and (t - checks[0][0] >= lag or last):
+                now, copy = checks.pop(0)
+                chosen = copy()
                 running = np.nonzero(finish < 0)[0]
                 # One decode of each running row; only a row that stopped is searched for the
                 # token that stopped it (a stop string, once decoded, stays in longer texts).
@@ -286,15 +294,16 @@ class Simulator:
                     texts[i] = text
                     if not ((chosen[i, seen:] == eos).any() or any(s in text for s in stop)):
                         continue
-                    for j in range(seen, t + 1):
+                    for j in range(seen, now + 1):
                         texts[i] = tok.decode(chosen[i, : j + 1].tolist())
                         if chosen[i, j] == eos or any(s in texts[i] for s in stop):
                             finish[i] = j
                             break
-                seen = t + 1
-                self._tell(np.where(finish >= 0, finish, max_new - 1 if last else np.inf), seen)
-                if (finish >= 0).all():
-                    break
+                seen = now + 1
+                known = max_new - 1 if seen == max_new else np.inf
+                self._tell(np.where(finish >= 0, finish, known), seen)
+            if (finish >= 0).all():
+                break
         with self._timed("end"):
             self.end(batch, np.where(finish < 0, max_new - 1, finish))
         return [_cut(text, stop) for text in texts]
@@ -437,22 +446,38 @@ class Simulator:
 
 class Clock:
     """Seconds a run spends in prefill, decode steps and closing batches (`seconds`), and how
-    many of each (`calls`), for benchmarks: each span waits for the device at both ends, so its
-    work is charged to it."""
+    many of each (`calls`), for benchmarks. On CUDA a span is timed on the device's stream (an
+    event at each end): it is charged the device's time from the work before it to its own
+    last kernel, and host work beside it (the stop checks, which overlap the next step) is not
+    charged to it. Elsewhere a span is the host's time."""
 
     def __init__(self):
-        self.seconds = {"prefill": 0.0, "decode": 0.0, "end": 0.0}
-        self.calls = dict.fromkeys(self.seconds, 0)
+        self.totals = {"prefill": 0.0, "decode": 0.0, "end": 0.0}
+        self.calls = dict.fromkeys(self.totals, 0)
+        self.spans = []  # (phase, start event, end event) not yet read
 
     @contextmanager
     def __call__(self, phase: str, device: torch.device):
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
-        sync(device)
-        start = time.perf_counter()
-        yield
-        sync(device)
-        self.seconds[phase] += time.perf_counter() - start
+        if device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self.totals[phase] += time.perf_counter() - start
+        else:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            yield
+            end.record()
+            self.spans.append((phase, start, end))
         self.calls[phase] += 1
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase so far (waits for the device to run the spans it was given)."""
+        for phase, start, end in self.spans:
+            end.synchronize()
+            self.totals[phase] += start.elapsed_time(end) / 1e3
+        self.spans.clear()
+        return dict(self.totals)
 
 
 def backend(cfg: RunConfig, device: torch.device) -> str:
@@ -488,6 +513,18 @@ def left_pad(prompts, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, s - len(p) :] = torch.tensor(p)
         mask[i, s - len(p) :] = 1
     return ids, mask
+
+
+def _to_host(t: torch.Tensor):
+    """A copy of `t` on its way to the host, without waiting for the device: call the result
+    for it as a numpy array (it then waits for the copy alone)."""
+    if not t.is_cuda:
+        host = t.numpy().copy()
+        return lambda: host
+    host = t.to("cpu", non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), host.numpy())[1]
 
 
 def _cut(text: str, stop) -> str:

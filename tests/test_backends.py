@@ -357,6 +357,42 @@ def test_the_device_decode_step_never_waits_for_the_host(monkeypatch):
         assert syncs.seen == [], (c.prefetch.predictor, streams_only, syncs.seen)
 
 
+def test_the_host_reads_a_check_once_the_next_step_is_queued(monkeypatch):
+    """With the device runtime the host's stop check of step t (detokenising every row) runs
+    while step t + 1 is queued behind the tokens' copy; the reference reads each step at once.
+    Either way the texts are the same."""
+    from slicemoe import simulator
+
+    events = []
+    to_host = simulator._to_host
+
+    def logged(t):
+        copy, step = to_host(t), t.shape[1] - 1
+        return lambda: events.append(("read", step)) or copy()
+
+    monkeypatch.setattr(simulator, "_to_host", logged)
+    step = Simulator.decode_step
+
+    def stepped(self, batch, *args, **kw):
+        events.append(("step", batch.step))
+        step(self, batch, *args, **kw)
+
+    monkeypatch.setattr(Simulator, "decode_step", stepped)
+    texts = {}
+    for backend in ("tensor", "python"):
+        loaded = load(RunConfig(model=ModelConfig(backend=backend)))
+        sim = Simulator(RunConfig(model=ModelConfig(backend=backend)), loaded)
+        events.clear()
+        texts[backend] = sim.generate_until([0, 1], [[5, 6, 7, 8], [9, 10]], max_new=20)
+        reads = [(i, s) for i, (kind, s) in enumerate(events) if kind == "read"]
+        every, lag = (1, 0) if backend == "python" else (simulator.CHECK_EVERY, 1)
+        assert [s for _, s in reads] == [*range(every - 1, 19, every), 19]
+        for i, s in reads:
+            queued = [e for kind, e in events[:i] if kind == "step"]
+            assert queued[-1] == min(s + lag, 19), (backend, s, queued[-1])
+    assert texts["tensor"] == texts["python"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() and not importlib_triton(), reason="no Triton")
 def test_the_kernels_wrappers_never_wait_for_the_host():
     """The host side of both Triton kernels (row sorting and launches) is capturable too."""
