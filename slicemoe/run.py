@@ -183,7 +183,8 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
     tok = loaded.tokenizer
     if task.kind == "generate":
         docs = task.docs(cfg.eval, tok)
-        prompts = [tok(d.prompt)["input_ids"] for d in docs]
+        # One call for all: a fast tokenizer encodes a list on all cores.
+        prompts = tok([d.prompt for d in docs])["input_ids"] if docs else []
     else:
         windows = task.windows(cfg.eval, tok)
         prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]

@@ -8,9 +8,10 @@ Each call is one batch, a row per prompt; `seqs` are the prompts' sequence numbe
 (what seeds a row's warmup and names it in the stream and traces, so a sequence gives the same
 results in any batch, in any order). Several configs that share the loaded model can share the
 pass (packed): each is a `Group` of devices with its own runtime, caches, policy and hardware,
-and a batch holds the same sequences once per group, side by side. A group keeps, over all batches, what its run's metrics are made of (slicemoe.run): the
-decode counters of every step summed over its devices, the prefill cost, the warmup's Flash
-bytes, the request stream and traces. A batch adds to them only when it closes, so one that
+and a batch holds the same sequences once per group, side by side. A group keeps, over all
+batches, what its run's metrics are made of (slicemoe.run): the decode counters of every step
+summed over its devices, the prefill cost, the warmup's Flash bytes, the request stream and
+traces. A batch adds to them only when it closes, so one that
 fails (out of GPU memory) leaves no trace.
 
 Decode step t of a batch chooses token t of every row (greedy, or the forced one) from the last
@@ -36,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from slicemoe.batching import PREFILL_TOKENS
 from slicemoe.cache import SliceCache, eviction_params
@@ -572,14 +573,14 @@ class DynamicKV:
 class StaticKV:
     """A KV cache preallocated for the batch (transformers' StaticCache) with the simulator's
     own attention masks, built from which slots hold a row's tokens: every decode step has the
-    same shapes and no host synchronisation, so it can be captured and replayed."""
+    same shapes and no host synchronisation, so it can be captured and replayed. A prefill
+    piece's attention sees the slots up to the piece's end only (`_Prefix`): the later ones
+    hold nothing yet."""
 
     def __init__(self, model, cache_kw: str, rows: int, max_len: int):
-        from transformers import StaticCache
-
         self.model, self.cache_kw = model, cache_kw
         device = next(model.parameters()).device
-        self.kv = StaticCache(config=model.config, max_cache_len=max_len)
+        self.kv = _Prefix(config=model.config, max_cache_len=max_len)
         self.valid = torch.zeros((rows, max_len), dtype=torch.bool, device=device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)  # the next token's slot
         self.keys = torch.arange(max_len, device=device)
@@ -588,9 +589,11 @@ class StaticKV:
             (), torch.finfo(model.dtype).min, dtype=model.dtype, device=device
         )
 
-    def _mask(self, query_slots: torch.Tensor):
-        """An additive [B, 1, Q, slots] mask: each query attends to its row's tokens so far."""
-        allowed = self.valid[:, None, :] & (self.keys <= query_slots[:, None])[None]
+    def _mask(self, query_slots: torch.Tensor, slots: int):
+        """An additive [B, 1, Q, slots] mask over the first `slots` slots: each query attends
+        to its row's tokens so far."""
+        keys = self.keys[:slots]
+        allowed = self.valid[:, None, :slots] & (keys <= query_slots[:, None])[None]
         # A 4D mask is taken as given by transformers' mask functions (and every layer is
         # full attention here).
         return torch.where(allowed[:, None], self.zero, self.blocked)
@@ -603,24 +606,42 @@ class StaticKV:
         end = mask.shape[1]
         self.valid[:, :end] = mask.bool()
         self.slot.fill_(end)
-        out = self.model(
-            input_ids=ids, attention_mask=self._mask(self.keys[end - ids.shape[1] : end]),
-            position_ids=pos,
-            use_cache=True, logits_to_keep=1, output_router_logits=False,
-            **{self.cache_kw: self.kv},
-        )  # fmt: skip
+        self.kv.visible = end
+        try:
+            out = self.model(
+                input_ids=ids, attention_mask=self._mask(self.keys[end - ids.shape[1] : end], end),
+                position_ids=pos,
+                use_cache=True, logits_to_keep=1, output_router_logits=False,
+                **{self.cache_kw: self.kv},
+            )  # fmt: skip
+        finally:
+            self.kv.visible = None
         return out.logits[:, -1].float()
 
     def step(self, tokens, pos) -> torch.Tensor:
         slot = self.slot.view(1)
         self.valid.index_fill_(1, slot, True)
         out = self.model(
-            input_ids=tokens[:, None], attention_mask=self._mask(slot), position_ids=pos[:, None],
+            input_ids=tokens[:, None], attention_mask=self._mask(slot, len(self.keys)),
+            position_ids=pos[:, None],
             use_cache=True, logits_to_keep=1, output_router_logits=False,
             **{self.cache_kw: self.kv},
         )  # fmt: skip
         self.slot += 1
         return out.logits[:, -1].float()
+
+
+class _Prefix(StaticCache):
+    """transformers' StaticCache whose layers hand attention their first `visible` slots only
+    (None: all of them)."""
+
+    visible: int | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.visible is None:
+            return keys, values
+        return keys[:, :, : self.visible], values[:, :, : self.visible]
 
 
 class Captured:

@@ -14,7 +14,10 @@ float32, rounded to the model's dtype; products accumulate in float32.
 A prefill piece gives every expert thousands of rows: there, dequantizing a tile per block of
 rows would repeat the work thousands of times, so the layer's used experts are dequantized once,
 a chunk of experts at a time (`dequantize`, a kernel that writes the model's dtype), and the two
-GEMMs are torch's grouped GEMM at tensor-core speed (`grouped`).
+GEMMs are torch's grouped GEMM at tensor-core speed (`grouped`). Its outputs stay in expert
+order; one kernel then weighs and sums each token's k of them (`_combine`), rounding as the
+tile path's PyTorch epilogue would, so no pass over the pairs' outputs is spent on scatters,
+products and sums.
 """
 
 from __future__ import annotations
@@ -189,12 +192,44 @@ def dequantize(ex, name: str, used: torch.Tensor, low: tuple, first: int, count:
     return w
 
 
+@triton.jit
+def _silu_mul(gu_ptr, h_ptr, I: tl.constexpr, BI: tl.constexpr):  # fmt: skip
+    """Row r of h = silu(gate) * up from the fused [rows, 2I] gate/up output, each product
+    rounded to h's dtype as PyTorch's `act_fn(gate) * up` rounds it."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BI + tl.arange(0, BI)
+    m = cols < I
+    gate = tl.load(gu_ptr + r * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + r * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(h_ptr + r * I + cols, (act * up).to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _combine(ys_ptr, where_ptr, w_ptr, out_ptr, H: tl.constexpr, TOPK: tl.constexpr,
+             BH: tl.constexpr):  # fmt: skip
+    """Token t's output: the sum in float32, slot by slot, of its k pairs' outputs (at rows
+    where[t * k + j] of ys) times their routing weights, each product rounded to the output's
+    dtype first (the tile path's `y * weight` and its sum over slots)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = cols < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        row = tl.load(where_ptr + t * TOPK + j)
+        y = tl.load(ys_ptr + row * H + cols, mask=m, other=0.0).to(tl.float32)
+        weight = tl.load(w_ptr + t * TOPK + j).to(tl.float32)
+        acc += (y * weight).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
 def grouped(ex, hidden, v, weights, topk: int, low: tuple) -> torch.Tensor:
-    """The experts' output per (token, slot) pair [F, H] through torch's grouped GEMM on
-    dequantized weights: pairs sorted by virtual expert, each expert's rows one group. The
-    experts are dequantized CHUNK at a time, and those no pair uses not at all: a layer's
-    weights whole (1.3 GiB at Qwen1.5-MoE's shape) found no room in the memory a loaded model
-    leaves fragmented."""
+    """The experts' output per token [T, H] through torch's grouped GEMM on dequantized
+    weights: pairs sorted by virtual expert, each expert's rows one group. The experts are
+    dequantized CHUNK at a time, and those no pair uses not at all: a layer's weights whole
+    (1.3 GiB at Qwen1.5-MoE's shape) found no room in the memory a loaded model leaves
+    fragmented. The activation is SiLU (CodeExperts.forward's condition for these kernels)."""
+    inter = ex.gate_up_proj_q.shape[2] // 2
     used = torch.zeros(2 * ex.num_experts, dtype=torch.int64, device=v.device)
     used.scatter_add_(0, v, torch.ones_like(v))
     order = torch.argsort(v, stable=True)
@@ -202,7 +237,7 @@ def grouped(ex, hidden, v, weights, topk: int, low: tuple) -> torch.Tensor:
     ends = used.cumsum(0)
     bounds = [0, *ends.tolist()]  # pairs before each expert, on the host (one wait)
     mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    out = torch.empty_like(x)
+    ys = torch.empty_like(x)  # each pair's output, in expert order
     for first in range(0, len(used), CHUNK):
         last = min(first + CHUNK, len(used))
         rows = slice(bounds[first], bounds[last])
@@ -210,11 +245,17 @@ def grouped(ex, hidden, v, weights, topk: int, low: tuple) -> torch.Tensor:
             continue
         offs = (ends[first:last] - rows.start).to(torch.int32)
         w = dequantize(ex, "gate_up_proj", used, low, first, last - first)
-        gate, up = mm(x[rows], w.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        h = ex.act_fn(gate) * up
+        gate_up = mm(x[rows], w.transpose(1, 2), offs=offs)
+        h = gate_up.new_empty((len(gate_up), inter))
+        _silu_mul[(len(gate_up), triton.cdiv(inter, 1024))](gate_up, h, I=inter, BI=1024)
         w = dequantize(ex, "down_proj", used, low, first, last - first)
-        pairs = order[rows]
-        out[pairs] = mm(h, w.transpose(1, 2), offs=offs) * weights[pairs, None]
+        ys[rows] = mm(h, w.transpose(1, 2), offs=offs)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(len(order), device=order.device)
+    tokens, hsize = hidden.shape
+    out = torch.empty_like(hidden)
+    _combine[(tokens, triton.cdiv(hsize, 1024))](ys, where, weights, out, H=hsize, TOPK=topk,
+                                                 BH=1024)  # fmt: skip
     return out
 
 
@@ -226,14 +267,12 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     low = (ex.shift, float(2**ex.shift), int(ex.gate_up_proj_q.shape[0] > 1))
     weights = top_k_weights.reshape(-1).contiguous()
     x = hidden.contiguous()
-    y = None
     if v.numel() >= GROUPED_ROWS * ex.num_experts and grouped_gemm_serves(hidden):
         try:
-            y = grouped(ex, x, v, weights, topk, low)
+            return grouped(ex, x, v, weights, topk, low)
         except torch.OutOfMemoryError:
             pass  # the tile kernels need no dequantized copy
-    if y is None:
-        y = tiles(ex, x, v, weights, topk, low)
+    y = tiles(ex, x, v, weights, topk, low)
     return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
 
 
