@@ -230,6 +230,34 @@ def test_full_precision_scores_equal_plain_transformers(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_router_logits_computed_alone_are_the_family_s(family):
+    """Where `install` finds a router's logits to be F.linear of its weight, it computes them
+    alone (no softmax or top-k for the runtime to discard): the very logits of the family's own
+    forward, for the hidden states its block hands it."""
+    from slicemoe.models import adapter
+
+    model, _ = tiny(family)
+    plain = copy.deepcopy(model)  # its routers keep the family's forward
+    seen = []
+    for block in moe_blocks(plain):
+        router_of(block).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain(ids)
+    adapter.install(model, SimpleNamespace())
+    for block, own, hidden in zip(moe_blocks(model), moe_blocks(plain), seen, strict=True):
+        with torch.no_grad():
+            got, want = (
+                adapter.router_logits(block, hidden)[0],
+                adapter.router_logits(own, hidden)[0],
+            )
+        assert torch.equal(got, want), family
+        router = router_of(block)
+        if family in ("qwen2_moe", "mixtral", "olmoe"):
+            assert router._slicemoe_linear, family
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_shape_from_config_json_alone_matches_the_model(family):
     model, shape = tiny(family)
     blocks = moe_blocks(model)

@@ -36,20 +36,19 @@ CHUNK = 16  # virtual experts dequantized at a time by `grouped` (185 MB at Qwen
 
 def align(v: torch.Tensor, num_virtual: int, bm: int):
     """Row order for the grouped GEMMs: (ids [P], block_expert [P // bm]). `ids` lists the flat
-    (token, slot) indices of `v` grouped by virtual expert, each group padded to a multiple of
-    bm with the out-of-range index len(v); block b computes expert block_expert[b]
-    (num_virtual: no expert, the program returns)."""
+    (token, slot) indices of `v` grouped by virtual expert, in order within each, each group
+    padded to a multiple of bm with the out-of-range index len(v); block b computes expert
+    block_expert[b] (num_virtual: no expert, the program returns). A pair's place in its group
+    is a running count of its expert (no sort: a few small kernels, as a decode step wants)."""
     f = v.numel()
-    counts = torch.zeros(num_virtual, dtype=torch.int64, device=v.device)
-    counts.scatter_add_(0, v, torch.ones_like(v))
+    seen = (v[:, None] == torch.arange(num_virtual, device=v.device)).cumsum(0, dtype=torch.int32)
+    counts = seen[-1].long() if f else torch.zeros(num_virtual, dtype=torch.int64, device=v.device)
+    rank = seen.gather(1, v[:, None])[:, 0] - 1  # earlier pairs of the same expert
     padded = (counts + bm - 1) // bm * bm
     ends = padded.cumsum(0)
-    order = torch.argsort(v, stable=True)
-    grouped = v[order]
-    rank = torch.arange(f, device=v.device) - (counts.cumsum(0) - counts)[grouped]
     size = -(-(f + min(num_virtual, f) * (bm - 1)) // bm) * bm
     ids = torch.full((size,), f, dtype=torch.int64, device=v.device)
-    ids.scatter_(0, (ends - padded)[grouped] + rank, order)
+    ids.scatter_(0, (ends - padded)[v] + rank, torch.arange(f, device=v.device))
     starts = torch.arange(0, size, bm, device=v.device)
     return ids, torch.searchsorted(ends, starts, right=True)
 

@@ -15,6 +15,7 @@ Two in-place changes per sparse block, both through the seams the model already 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from slicemoe import quant
 from slicemoe.config import BitsConfig
@@ -93,26 +94,51 @@ def install(model, runtime: Bindable) -> None:
             )
         gate._slicemoe_layer = layer
         gate._slicemoe_runtime = runtime
+        gate._slicemoe_linear = _is_linear(gate)
+
+
+@torch.no_grad()
+def _is_linear(router) -> bool:
+    """Whether the family's router forward gives F.linear(hidden, router.weight) as its logits,
+    one row a token (checked on a probe): they are then computed alone, without the family's own softmax and
+    top-k, which the runtime's routing replaces."""
+    w = getattr(router, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or getattr(router, "bias", None) is not None:
+        return False
+    probe = torch.randn((1, 3, w.shape[1]), generator=torch.Generator().manual_seed(0)).to(w)
+    try:
+        out = super(type(router), router).forward(probe)
+    except (TypeError, ValueError, RuntimeError, IndexError):  # it wants more, or 2D
+        return False
+    logits = out[0] if isinstance(out, tuple) else out
+    flat = F.linear(probe.reshape(-1, w.shape[1]), w)
+    return isinstance(logits, torch.Tensor) and torch.equal(logits, flat)
+
+
+def _logits(router, hidden: torch.Tensor, args: tuple) -> torch.Tensor:
+    if getattr(router, "_slicemoe_linear", False) and not args:
+        return F.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
+    forward = (
+        super(type(router), router).forward if hasattr(router, "_slicemoe") else router.forward
+    )
+    return forward(hidden, *args)[0]
 
 
 def router_logits(block, hidden: torch.Tensor):
     """A block's own router logits for `hidden` and its selection-only bias, without the
     runtime's routing (for predictors that score another layer's input)."""
     router = router_of(block)
-    forward = (
-        super(type(router), router).forward if hasattr(router, "_slicemoe") else router.forward
-    )
     # MiniMax-M2, AFMoE and LFM2 keep the bias on the block and pass it to the router.
     args = tuple(
         getattr(block, n)
         for n in ("e_score_correction_bias", "expert_bias")
         if isinstance(getattr(block, n, None), torch.Tensor)
     )[:1]
-    return forward(hidden, *args)[0], selection_bias(router, args)
+    return _logits(router, hidden, args), selection_bias(router, args)
 
 
 def _routed_forward(self, hidden_states, *args):
-    logits = super(type(self), self).forward(hidden_states, *args)[0]
+    logits = _logits(self, hidden_states, args)
     bias = selection_bias(self, args)
     weights, idx = self._slicemoe_runtime.routed(self._slicemoe_layer, logits, bias, hidden_states)
     return logits, weights, idx
