@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, StaticCache
 
 from slicemoe.batching import PREFILL_TOKENS
@@ -57,6 +58,9 @@ from slicemoe.validate import capacity_bytes
 
 # How often (decode steps) the device backend shows the host its tokens, to find stopped rows.
 CHECK_EVERY = 8
+# Attention kernels a prefill piece may use: not cuDNN's, which builds a plan for every new shape
+# (0.3 s each on an H100, and each piece of each batch has its own), more than its kernel saves.
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -608,12 +612,13 @@ class StaticKV:
         self.slot.fill_(end)
         self.kv.visible = end
         try:
-            out = self.model(
-                input_ids=ids, attention_mask=self._mask(self.keys[end - ids.shape[1] : end], end),
-                position_ids=pos,
-                use_cache=True, logits_to_keep=1, output_router_logits=False,
-                **{self.cache_kw: self.kv},
-            )  # fmt: skip
+            with sdpa_kernel(PREFILL_ATTENTION):
+                out = self.model(
+                    input_ids=ids, position_ids=pos,
+                    attention_mask=self._mask(self.keys[end - ids.shape[1] : end], end),
+                    use_cache=True, logits_to_keep=1, output_router_logits=False,
+                    **{self.cache_kw: self.kv},
+                )  # fmt: skip
         finally:
             self.kv.visible = None
         return out.logits[:, -1].float()
