@@ -357,6 +357,33 @@ def test_the_device_decode_step_never_waits_for_the_host(monkeypatch):
         assert syncs.seen == [], (c.prefetch.predictor, streams_only, syncs.seen)
 
 
+def test_a_prefill_piece_attends_to_its_own_slots_without_cudnn(monkeypatch):
+    """A static-cache prefill piece's attention gets the slots up to the piece's end (the later
+    ones hold nothing yet) and may not take cuDNN's kernel (a plan build for each new shape);
+    a decode step gets every slot, cuDNN allowed (one shape a batch, captured once)."""
+    from slicemoe import simulator
+
+    monkeypatch.setattr(simulator, "PREFILL_TOKENS", 8)  # 2 rows: pieces of 4 positions
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def seen(query, key, value, attn_mask=None, **kw):
+        calls.append((key.shape[2], attn_mask.shape[-1], torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", seen)
+    cfg = RunConfig(model=ModelConfig(backend="tensor"))
+    sim = Simulator(cfg, load(cfg), capture=False)
+    layers = len(sim.model.model.layers)
+    with torch.no_grad():
+        batch = sim.prefill([0, 1], [[5, 6, 7, 8, 9, 10], [9, 10]], steps=np.array([3, 3]))
+        prefill, calls[:] = calls[:], []
+        sim.decode_step(batch, np.ones(2, dtype=bool))
+    ends = [4] * layers + [6] * layers  # two pieces of the 6 prompt positions
+    assert prefill == [(end, end, False) for end in ends]
+    assert calls == [(6 + 3, 6 + 3, True)] * layers
+
+
 def test_the_host_reads_a_check_once_the_next_step_is_queued(monkeypatch):
     """With the device runtime the host's stop check of step t (detokenising every row) runs
     while step t + 1 is queued behind the tokens' copy; the reference reads each step at once.
