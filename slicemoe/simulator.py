@@ -11,8 +11,8 @@ pass (packed): each is a `Group` of devices with its own runtime, caches, policy
 and a batch holds the same sequences once per group, side by side. A group keeps, over all
 batches, what its run's metrics are made of (slicemoe.run): the decode counters of every step
 summed over its devices, the prefill cost, the warmup's Flash bytes, the request stream and
-traces. A batch adds to them only when it closes, so one that
-fails (out of GPU memory) leaves no trace.
+traces. A batch adds to them only when it closes, so one that fails (out of GPU memory) leaves
+no trace.
 
 Decode step t of a batch chooses token t of every row (greedy, or the forced one) from the last
 logits and feeds it; every MoE layer routes through the runtime. The host learns that a row has

@@ -100,8 +100,8 @@ def install(model, runtime: Bindable) -> None:
 @torch.no_grad()
 def _is_linear(router) -> bool:
     """Whether the family's router forward gives F.linear(hidden, router.weight) as its logits,
-    one row a token (checked on a probe): they are then computed alone, without the family's own softmax and
-    top-k, which the runtime's routing replaces."""
+    one row a token (checked on a probe): they are then computed alone, without the family's
+    own softmax and top-k, which the runtime's routing replaces."""
     w = getattr(router, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or getattr(router, "bias", None) is not None:
         return False
@@ -116,6 +116,7 @@ def _is_linear(router) -> bool:
 
 
 def _logits(router, hidden: torch.Tensor, args: tuple) -> torch.Tensor:
+    """The family's router logits for `hidden` (`args`: what its block passes beside it)."""
     if getattr(router, "_slicemoe_linear", False) and not args:
         return F.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
     forward = (
