@@ -15,9 +15,9 @@ A prefill piece gives every expert thousands of rows: there, dequantizing a tile
 rows would repeat the work thousands of times, so the layer's used experts are dequantized once,
 a chunk of experts at a time (`dequantize`, a kernel that writes the model's dtype), and the two
 GEMMs are torch's grouped GEMM at tensor-core speed (`grouped`). Its outputs stay in expert
-order; one kernel then weighs and sums each token's k of them (`_combine`), rounding as the
-tile path's PyTorch epilogue would, so no pass over the pairs' outputs is spent on scatters,
-products and sums.
+order; one kernel then weighs and sums each token's k of them (`_combine`, rounding where the
+PyTorch epilogue it replaces rounds; the float32 sum's order may differ), so no pass over the
+pairs' outputs is spent on scatters, products and sums.
 """
 
 from __future__ import annotations
