@@ -610,17 +610,13 @@ class StaticKV:
         end = mask.shape[1]
         self.valid[:, :end] = mask.bool()
         self.slot.fill_(end)
-        self.kv.visible = end
-        try:
-            with sdpa_kernel(PREFILL_ATTENTION):
-                out = self.model(
-                    input_ids=ids, position_ids=pos,
-                    attention_mask=self._mask(self.keys[end - ids.shape[1] : end], end),
-                    use_cache=True, logits_to_keep=1, output_router_logits=False,
-                    **{self.cache_kw: self.kv},
-                )  # fmt: skip
-        finally:
-            self.kv.visible = None
+        with self.kv.up_to(end), sdpa_kernel(PREFILL_ATTENTION):
+            out = self.model(
+                input_ids=ids, position_ids=pos,
+                attention_mask=self._mask(self.keys[end - ids.shape[1] : end], end),
+                use_cache=True, logits_to_keep=1, output_router_logits=False,
+                **{self.cache_kw: self.kv},
+            )  # fmt: skip
         return out.logits[:, -1].float()
 
     def step(self, tokens, pos) -> torch.Tensor:
@@ -638,9 +634,18 @@ class StaticKV:
 
 class _Prefix(StaticCache):
     """transformers' StaticCache whose layers hand attention their first `visible` slots only
-    (None: all of them)."""
+    (None: all of them; `up_to`)."""
 
     visible: int | None = None
+
+    @contextmanager
+    def up_to(self, slots: int):
+        """Within: attention sees the first `slots` slots."""
+        self.visible = slots
+        try:
+            yield
+        finally:
+            self.visible = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)

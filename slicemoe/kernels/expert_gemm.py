@@ -209,7 +209,7 @@ def _combine(ys_ptr, where_ptr, w_ptr, out_ptr, H: tl.constexpr, TOPK: tl.conste
              BH: tl.constexpr):  # fmt: skip
     """Token t's output: the sum in float32, slot by slot, of its k pairs' outputs (at rows
     where[t * k + j] of ys) times their routing weights, each product rounded to the output's
-    dtype first (the tile path's `y * weight` and its sum over slots)."""
+    dtype first (as the PyTorch epilogue it replaced: `y * weight`, then the sum over slots)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     m = cols < H
