@@ -94,6 +94,10 @@ def load(cfg: RunConfig) -> Loaded | None:
         path, dtype=getattr(torch, cfg.model.dtype), use_safetensors=True, use_kernels=False
     )
     model = model.to(device).eval()
+    if device.type == "cuda":
+        from slicemoe.kernels import rms_norm
+
+        rms_norm.fuse(model)  # a norm in one kernel, not eight
     # On CUDA the experts are held once, as codes (slicemoe.models.code_experts).
     quantize_model(model, cfg.bits, codes=device.type == "cuda")
     return Loaded(load_key(cfg), model, tok, read_shape(path), device)

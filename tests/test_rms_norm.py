@@ -1,0 +1,67 @@
+"""A model's RMSNorm in one kernel (slicemoe.kernels.rms_norm) computes the common formula (on
+CUDA, or on the CPU through Triton's interpreter); only norms that compute that formula are
+swapped, and off CUDA a swapped norm is the model's own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the kernel runs through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from slicemoe.kernels.rms_norm import computes_standard, fuse, rms_norm, standard
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,wdtype",
+    [((5, 64), torch.bfloat16, torch.bfloat16), ((2, 3, 80), torch.bfloat16, torch.float32),
+     ((4, 96), torch.float32, torch.float32)],
+)  # fmt: skip
+def test_the_kernel_computes_the_common_formula(shape, dtype, wdtype):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=g)).to(DEVICE, dtype)
+    w = torch.randn(shape[-1], generator=g).to(DEVICE, wdtype)
+    got, want = rms_norm(x, w, 1e-6), standard(x, w, 1e-6)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # the mean's sum in another order, then a rounding to the input's dtype: within a unit of
+    # it (Triton's interpreter truncates where CUDA rounds to nearest)
+    unit = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want, rtol=2 * unit, atol=1e-6)
+
+
+class _OffsetRMSNorm(torch.nn.Module):
+    """Gemma's: the weight stored as an offset from one."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return standard(x, 1.0 + self.weight, self.eps)
+
+
+def test_only_norms_that_compute_the_common_formula_are_swapped():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = Qwen2MoeForCausalLM(config).eval()
+    model.model.extra = _OffsetRMSNorm(64)
+    assert not computes_standard(model.model.extra)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+        assert fuse(model) == 2 * 2 + 1  # two a layer and the final one
+        assert type(model.model.norm).__name__ == "FusedQwen2MoeRMSNorm"
+        assert type(model.model.extra) is _OffsetRMSNorm
+        assert torch.equal(model(ids).logits, before)  # off CUDA: the model's own norm
