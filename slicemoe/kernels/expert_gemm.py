@@ -66,11 +66,8 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult, G: tl.con
     g = rows[:, None] * groups + gcol[None, :]
     gmask = row_ok[:, None] & (gcol < groups)[None, :]
     scale = tl.load(s_ptr + g, mask=gmask, other=0.0) * mult
-    # A code c as the float 2^23 + c is its bits OR 2^23's (exact below 2^23): the decode
-    # step's GEMMs are bound by their instructions, and an int-to-float conversion issues at a
-    # fraction of the rate of the OR and the subtraction that replace it.
-    zp = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.float32) + 8388608.0
-    w = ((q >> shift) | 0x4B000000).to(tl.float32, bitcast=True).reshape(BN, BK // G, G)
+    zp = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.float32)
+    w = (q >> shift).to(tl.float32).reshape(BN, BK // G, G)
     return ((w - zp[:, :, None]) * scale[:, :, None]).reshape(BN, BK)
 
 
