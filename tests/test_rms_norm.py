@@ -46,6 +46,14 @@ class _OffsetRMSNorm(torch.nn.Module):
         return standard(x, 1.0 + self.weight, self.eps)
 
 
+class _GatedRMSNorm(_OffsetRMSNorm):
+    """Mamba's: the common formula without a gate, gated with one."""
+
+    def forward(self, x, gate=None):
+        y = standard(x, self.weight, self.eps)
+        return y if gate is None else y * torch.sigmoid(gate)
+
+
 def test_only_norms_that_compute_the_common_formula_are_swapped():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -57,11 +65,14 @@ def test_only_norms_that_compute_the_common_formula_are_swapped():
     )  # fmt: skip
     model = Qwen2MoeForCausalLM(config).eval()
     model.model.extra = _OffsetRMSNorm(64)
-    assert not computes_standard(model.model.extra)
+    model.model.gated = _GatedRMSNorm(64)
+    assert not computes_standard(model.model.extra) and not computes_standard(model.model.gated)
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         before = model(ids).logits
         assert fuse(model) == 2 * 2 + 1  # two a layer and the final one
         assert type(model.model.norm).__name__ == "FusedQwen2MoeRMSNorm"
-        assert type(model.model.extra) is _OffsetRMSNorm
+        assert (
+            type(model.model.extra) is _OffsetRMSNorm and type(model.model.gated) is _GatedRMSNorm
+        )
         assert torch.equal(model(ids).logits, before)  # off CUDA: the model's own norm
