@@ -232,9 +232,9 @@ def test_the_static_kv_cache_scores_like_the_dynamic_one(monkeypatch):
     nll_d, rows_d, prefill_d = results[0]
     # On CUDA the two caches' attention calls take different SDPA kernels (the dynamic cache
     # passes transformers' own mask, the static one an explicit additive mask), whose float32
-    # sums differ in the fourth significant digit (1.3e-3 on an NLL of 7 on an H100); a slot
-    # or mask off by one would move an NLL by far more.
-    tolerance = 1e-4 if loaded.device.type == "cpu" else 2e-3
+    # sums differ in the fourth significant digit (3.0e-3 on an NLL of 9.8 on an H100 with the
+    # norms fused, 1.3e-3 without); a mask one slot off moves an NLL by more than 2.
+    tolerance = 1e-4 if loaded.device.type == "cpu" else 5e-3
     for nll, rows_, prefill in results[1:]:
         for a, b in zip(nll_d, nll):
             assert b == pytest.approx(a, abs=tolerance)
