@@ -41,9 +41,14 @@ def align(v: torch.Tensor, num_virtual: int, bm: int):
     block_expert[b] (num_virtual: no expert, the program returns). A pair's place in its group
     is a running count of its expert (no sort: a few small kernels, as a decode step wants)."""
     f = v.numel()
-    seen = (v[:, None] == torch.arange(num_virtual, device=v.device)).cumsum(0, dtype=torch.int32)
-    counts = seen[-1].long() if f else torch.zeros(num_virtual, dtype=torch.int64, device=v.device)
-    rank = seen.gather(1, v[:, None])[:, 0] - 1  # earlier pairs of the same expert
+    # One row per expert, so the running count runs along the contiguous dimension (CUDA's scan
+    # over the outer one took 92 us a layer for 512 pairs on an H100).
+    hits = v[None, :] == torch.arange(num_virtual, device=v.device)[:, None]
+    seen = hits.cumsum(1, dtype=torch.int32)
+    counts = (
+        seen[:, -1].long() if f else torch.zeros(num_virtual, dtype=torch.int64, device=v.device)
+    )
+    rank = seen.gather(0, v[None, :])[0] - 1  # earlier pairs of the same expert
     padded = (counts + bm - 1) // bm * bm
     ends = padded.cumsum(0)
     size = -(-(f + min(num_virtual, f) * (bm - 1)) // bm) * bm
