@@ -106,6 +106,34 @@ def test_the_kernel_computes_what_the_reference_computes(name, tokens):
     assert err < (1e-5 if device == "cpu" else 3e-3), float(err)
 
 
+def sorted_rows(v: torch.Tensor, num_virtual: int, bm: int):
+    """`align`'s rows the plain way: the pairs in a stable sort by virtual expert, each
+    expert's run padded to whole blocks of bm with the out-of-range index."""
+    order = torch.argsort(v, stable=True).tolist()
+    ids, blocks = [], []
+    for e in range(num_virtual):
+        run = [i for i in order if v[i] == e]
+        run += [len(v)] * (-len(run) % bm)
+        ids += run
+        blocks += [e] * (len(run) // bm)
+    return ids, blocks
+
+
+@needs_triton
+@pytest.mark.parametrize("pairs,num_virtual,bm", [(0, 8, 16), (1, 8, 16), (37, 6, 4),
+                                                  (512, 120, 16), (1000, 120, 64)])  # fmt: skip
+def test_align_groups_the_pairs_as_a_stable_sort_does(pairs, num_virtual, bm):
+    from slicemoe.kernels.expert_gemm import align
+
+    v = torch.randint(0, num_virtual, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    ids, blocks = align(v, num_virtual, bm)
+    want_ids, want_blocks = sorted_rows(v, num_virtual, bm)
+    # then whole blocks of padding, of no expert, up to the size the captured step reserves
+    assert ids[: len(want_ids)].tolist() == want_ids and (ids[len(want_ids) :] == pairs).all()
+    assert blocks[: len(want_blocks)].tolist() == want_blocks
+    assert (blocks[len(want_blocks) :] == num_virtual).all() and len(ids) == bm * len(blocks)
+
+
 @needs_triton
 @pytest.mark.parametrize("chunk", [5, 16])
 @pytest.mark.parametrize("name", sorted(BITS))
