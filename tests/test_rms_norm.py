@@ -55,15 +55,9 @@ class _GatedRMSNorm(_OffsetRMSNorm):
 
 
 def test_only_norms_that_compute_the_common_formula_are_swapped():
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from test_code_experts import model as qwen
 
-    torch.manual_seed(0)
-    config = Qwen2MoeConfig(
-        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
-    )  # fmt: skip
-    model = Qwen2MoeForCausalLM(config).eval()
+    model = qwen()  # two layers, hidden size 64
     model.model.extra = _OffsetRMSNorm(64)
     model.model.gated = _GatedRMSNorm(64)
     assert not computes_standard(model.model.extra) and not computes_standard(model.model.gated)

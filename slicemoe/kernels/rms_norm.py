@@ -35,7 +35,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     flat = x.reshape(-1, n).contiguous()
     out = torch.empty(flat.shape, dtype=torch.result_type(weight, x), device=x.device)
-    _rms_norm[(len(flat),)](flat, weight, out, eps, N=n, BN=triton.next_power_of_2(n))
+    if len(flat):
+        _rms_norm[(len(flat),)](flat, weight, out, eps, N=n, BN=triton.next_power_of_2(n))
     return out.view(x.shape)
 
 
