@@ -36,9 +36,9 @@ def pre_gate(gate: Gate, logits: torch.Tensor, bias, depth: int):
     """Pre-gating: a layer's experts ranked by its router's `logits` (and selection-only
     `bias`) on the MoE input of the layer before, the first `depth` best first [B, depth], and
     the normalised gate weights of the first k [B, k]."""
-    choice = choice_scores(gate.probs(logits), RoutingParams(bias=bias))
-    idx = choice.topk(depth, dim=-1).indices
-    return idx, normalised(gate.weights(logits, idx[:, : gate.top_k]))
+    probs = gate.probs(logits)
+    idx = choice_scores(probs, RoutingParams(bias=bias)).topk(depth, dim=-1).indices
+    return idx, normalised(gate.weights(logits, idx[:, : gate.top_k], probs))
 
 
 class NextGate:

@@ -60,14 +60,16 @@ class Gate:
         gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top, True)
         return gmask.repeat_interleave(e // self.n_group, dim=1)
 
-    def weights(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The model's own gate weights of the chosen experts `idx`, whoever chose them."""
+    def weights(self, logits: torch.Tensor, idx: torch.Tensor, probs=None) -> torch.Tensor:
+        """The model's own gate weights of the chosen experts `idx`, whoever chose them;
+        `probs`: `self.probs(logits)` where the caller has it already."""
         if self.scoring == "sparsemixer":
             return self._sparsemixer(logits.float(), idx)
-        w = self.probs(logits).gather(-1, idx)
+        w = (self.probs(logits) if probs is None else probs).gather(-1, idx)
         if self.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + self.norm_eps).clamp_min(self.norm_min)
-        return w * self.scale
+        # Skipped at 1 (exact either way): a decode step runs this once a layer, a kernel each.
+        return w if self.scale == 1.0 else w * self.scale
 
     def _sparsemixer(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # Phi-3.5-MoE weighs its i-th expert by a softmax over the experts not chosen before it
@@ -107,17 +109,19 @@ def choice_scores(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
     return probs if p.bias is None else probs + p.bias.float()
 
 
-def _select(gate: Gate, logits, probs: torch.Tensor, priority: torch.Tensor, p: RoutingParams):
-    choice = choice_scores(probs, p)
-    # Priorities are small integers; a step wider than the choice scores' range keeps them
-    # apart, and the scores break ties by rank.
-    span = choice.amax(-1, keepdim=True) - choice.amin(-1, keepdim=True) + 1.0
-    key = priority.float() * span + choice
+def _select(gate: Gate, logits, probs: torch.Tensor, priority, p: RoutingParams):
+    """The top-k by `priority` [B, E] (None: all equal), ties broken by the choice scores."""
+    key = choice = choice_scores(probs, p)
+    if priority is not None:
+        # Priorities are small integers; a step wider than the choice scores' range keeps them
+        # apart, and the scores break ties by rank.
+        span = choice.amax(-1, keepdim=True) - choice.amin(-1, keepdim=True) + 1.0
+        key = priority.float() * span + choice
     allowed = gate.allowed(choice)
     if allowed is not None:
         key = key.masked_fill(~allowed, float("-inf"))
     idx = key.topk(gate.top_k, dim=-1).indices
-    return idx, gate.weights(logits, idx)
+    return idx, gate.weights(logits, idx, probs)
 
 
 def _ranks(probs: torch.Tensor) -> torch.Tensor:
@@ -128,8 +132,7 @@ def _ranks(probs: torch.Tensor) -> torch.Tensor:
 
 
 def topk(gate: Gate, logits, cached, p: RoutingParams):
-    probs = gate.probs(logits)
-    return _select(gate, logits, probs, torch.zeros_like(probs), p)
+    return _select(gate, logits, gate.probs(logits), None, p)
 
 
 def cache_prior(gate: Gate, logits, cached, p: RoutingParams):

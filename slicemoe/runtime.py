@@ -31,7 +31,7 @@ from slicemoe.device import (
 )
 from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, stats_row
-from slicemoe.routing import Gate, RoutingParams, droppable, precision, route, without
+from slicemoe.routing import Gate, RoutingParams, droppable, precision, route, topk, without
 
 # The miss-rate controller's proportional step per decode token on the relative error of the
 # running miss rate. Picked by hand on the tiny model: large enough to settle within ~20 tokens,
@@ -182,8 +182,7 @@ class RuntimeRules(Bindable):
 
     def own_routing(self, logits, bias):
         """(experts, gate weights) of the model's own top-k routing, the cache disregarded."""
-        no_cache = torch.zeros_like(logits, dtype=torch.bool)
-        return route("topk", self.gate, logits, no_cache, replace(self.params, bias=bias))
+        return topk(self.gate, logits, None, replace(self.params, bias=bias))
 
     def counts(self, state) -> np.ndarray:
         """[B, L, E] prefill routing counts."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slicemoe.routing import Gate, RoutingParams, critical, precision, route
+from slicemoe.routing import Gate, RoutingParams, _select, critical, precision, route
 
 E, K = 16, 4
 
@@ -24,6 +24,25 @@ def test_topk_is_the_models_own_rule(scoring, norm):
     if norm:
         ref_w = ref_w / ref_w.sum(-1, keepdim=True)
     assert torch.allclose(w.sort(-1).values, (2.0 * ref_w).sort(-1).values)
+
+
+@pytest.mark.parametrize(
+    "gate,bias",
+    [
+        (Gate(K), None),
+        (Gate(K, "sigmoid", True, scale=2.5), torch.linspace(-0.3, 0.3, E)),
+        (Gate(K, n_group=4, topk_group=2, group_score="top2"), None),
+    ],
+)
+def test_topk_without_priorities_selects_as_with_equal_ones(gate, bias):
+    """topk skips the priority key (a kernel each a layer on the GPU): the same experts and
+    weights, bit for bit, as ranking by equal priorities spread apart by the scores' range."""
+    logits, _ = logits_and_cache(3)
+    p = RoutingParams(bias=bias)
+    probs = gate.probs(logits)
+    plain = _select(gate, logits, probs, torch.zeros(logits.shape, dtype=torch.long), p)
+    fast = _select(gate, logits, probs, None, p)
+    assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1])
 
 
 def test_cache_prior_with_zero_lambda_equals_topk():
