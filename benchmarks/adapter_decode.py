@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from slicemoe.config import BitsConfig, CacheConfig, ModelConfig, PolicyConfig, RunConfig
-from slicemoe.kernels import rms_norm
+from slicemoe.kernels import fuse
 from slicemoe.models import Shape, gate_rule, moe_blocks
 from slicemoe.models.adapter import install, quantize_model
 from slicemoe.routing import RoutingParams, route
@@ -282,7 +282,7 @@ def main():
     # Now: experts held once as codes, the device runtime, static KV, captured step.
     model = random_model(hf, device, dtype)
     if cuda:
-        rms_norm.fuse(model)  # as slicemoe.run.load does on CUDA
+        fuse(model)  # as slicemoe.run.load does on CUDA
     quantize_model(model, cfg.bits, codes=True)
     codes = sum(
         t.numel() * t.element_size() for b in moe_blocks(model) for t in b.experts.buffers()

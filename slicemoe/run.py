@@ -95,9 +95,9 @@ def load(cfg: RunConfig) -> Loaded | None:
     )
     model = model.to(device).eval()
     if device.type == "cuda":
-        from slicemoe.kernels import rms_norm
+        from slicemoe import kernels
 
-        rms_norm.fuse(model)  # a norm in one kernel, not eight
+        kernels.fuse(model)  # norms and rotary embedding in one kernel each
     # On CUDA the experts are held once, as codes (slicemoe.models.code_experts).
     quantize_model(model, cfg.bits, codes=device.type == "cuda")
     return Loaded(load_key(cfg), model, tok, read_shape(path), device)

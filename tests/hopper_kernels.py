@@ -10,7 +10,7 @@ from triton.compiler import ASTSource
 
 from slicemoe.cache import kernel
 from slicemoe.cache.tensor import STATS, S
-from slicemoe.kernels import expert_gemm
+from slicemoe.kernels import expert_gemm, rms_norm, rotary
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MAX = 232448  # bytes of shared memory a Hopper block may have (227 KiB)
@@ -66,6 +66,14 @@ def dequantize() -> None:
     compile_for_hopper(expert_gemm._dequantize, types, shape)
 
 
+def norm_and_rotary() -> None:
+    bf16 = dict.fromkeys(("x_ptr", "w_ptr", "out_ptr"), "*bf16")
+    compile_for_hopper(rms_norm._rms_norm, {**bf16, "eps": "fp32"}, dict(N=2048, BN=2048))
+    ptrs = dict.fromkeys(("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr"), "*bf16")
+    ints = dict.fromkeys(("S", "q_b", "q_h", "q_s", "k_b", "k_h", "k_s", "c_b", "c_s"), "i32")
+    compile_for_hopper(rotary._rotary, {**ptrs, **ints}, dict(HQ=16, HK=16, D=128))
+
+
 if __name__ == "__main__":
     # (sliced, nested, eviction: lru fifo lfu, on_miss: fetch skip_lsb drop substitute)
     for variant in ((True, True, 0, 0), (True, False, 2, 3), (False, True, 1, 2)):
@@ -73,3 +81,4 @@ if __name__ == "__main__":
     for tile in ((16, 128), (16, 64), (64, 64)):  # the tiles code_experts launches
         expert_gemms(*tile)
     dequantize()
+    norm_and_rotary()
