@@ -64,6 +64,8 @@ def dequantize() -> None:
                  s_copy="i32", z_path="i32")  # fmt: skip
     shape = dict(OUT=2816, IN=2048, G=32, BN=64, BK=64)  # Qwen1.5-MoE's gate/up projection
     compile_for_hopper(expert_gemm._dequantize, types, shape)
+    pairs = dict(v_ptr="*i64", ids_ptr="*i64", block_ptr="*i64", F="i32", SIZE="i32")
+    compile_for_hopper(expert_gemm._align, pairs, dict(NV=120, BV=128, BM=16, BF=1024))
 
 
 def norm_and_rotary() -> None:

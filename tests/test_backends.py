@@ -427,12 +427,13 @@ def test_the_kernels_wrappers_never_wait_for_the_host():
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from slicemoe.kernels.expert_gemm import align
+    from slicemoe.kernels.expert_gemm import align, aligned
 
     syncs = HostSyncs()
     v = torch.tensor([3, 1, 3, 0, 5, 1, 1, 2])
     with syncs.mode:
         ids, blocks = align(v, 6, 4)
+        aligned(v, 6, 4)
     assert syncs.seen == []
     # Every pair sits in a block of its own expert; padding holds the out-of-range index.
     for b, e in enumerate(blocks.tolist()):

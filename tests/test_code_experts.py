@@ -120,13 +120,18 @@ def sorted_rows(v: torch.Tensor, num_virtual: int, bm: int):
 
 
 @needs_triton
-@pytest.mark.parametrize("pairs,num_virtual,bm", [(0, 8, 16), (1, 8, 16), (37, 6, 4),
-                                                  (512, 120, 16), (1000, 120, 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    "pairs,num_virtual,bm",
+    [(0, 8, 16), (1, 8, 16), (37, 6, 4), (512, 120, 16), (1000, 120, 64), (2500, 30, 16)],
+)
 def test_align_groups_the_pairs_as_a_stable_sort_does(pairs, num_virtual, bm):
-    from slicemoe.kernels.expert_gemm import align
+    """`align` (plain tensor ops) as a stable sort; its kernel (`aligned`) as `align`."""
+    from slicemoe.kernels.expert_gemm import align, aligned
 
     v = torch.randint(0, num_virtual, (pairs,), generator=torch.Generator().manual_seed(pairs))
     ids, blocks = align(v, num_virtual, bm)
+    fast = aligned(v.to("cuda" if torch.cuda.is_available() else "cpu"), num_virtual, bm)
+    assert torch.equal(fast[0].cpu(), ids) and torch.equal(fast[1].cpu(), blocks)
     want_ids, want_blocks = sorted_rows(v, num_virtual, bm)
     # then whole blocks of padding, of no expert, up to the size the captured step reserves
     assert ids[: len(want_ids)].tolist() == want_ids and (ids[len(want_ids) :] == pairs).all()

@@ -59,6 +59,60 @@ def align(v: torch.Tensor, num_virtual: int, bm: int):
 
 
 @triton.jit
+def _align(v_ptr, ids_ptr, block_ptr, F, SIZE, NV: tl.constexpr, BV: tl.constexpr,
+           BM: tl.constexpr, BF: tl.constexpr):  # fmt: skip
+    """`align` in one launch. Program e < NV: virtual expert e's pairs, in order, at its group's
+    rows (after the padded groups of experts before it, from a histogram of all pairs), its
+    padding and its blocks; program NV: the rows and blocks after the last group."""
+    e = tl.program_id(0)
+    bins = tl.arange(0, BV)
+    counts = tl.zeros((BV,), dtype=tl.int32)
+    f0 = 0
+    while f0 < F:  # (a while loop: Triton's interpreter takes no runtime range bounds)
+        j = f0 + tl.arange(0, BF)
+        counts += tl.histogram(tl.load(v_ptr + j, mask=j < F, other=NV).to(tl.int32), BV)
+        f0 += BF
+    padded = tl.where(bins < NV, (counts + BM - 1) // BM * BM, 0)
+    start = tl.sum(tl.where(bins < e, padded, 0))
+    if e < NV:
+        count = tl.sum(tl.where(bins == e, counts, 0))
+        seen = start
+        f0 = 0
+        while f0 < F:
+            j = f0 + tl.arange(0, BF)
+            hit = tl.load(v_ptr + j, mask=j < F, other=NV) == e
+            tl.store(ids_ptr + seen + tl.cumsum(hit.to(tl.int32), 0) - 1, j, mask=hit)
+            seen += tl.sum(hit.to(tl.int32))
+            f0 += BF
+        end = start + (count + BM - 1) // BM * BM
+        pad = seen + tl.arange(0, BM)
+        tl.store(ids_ptr + pad, F, mask=pad < end)
+    else:
+        end = SIZE
+        r0 = start
+        while r0 < SIZE:
+            r = r0 + tl.arange(0, BF)
+            tl.store(ids_ptr + r, F, mask=r < SIZE)
+            r0 += BF
+    b0 = start // BM
+    while b0 < end // BM:
+        blocks = b0 + tl.arange(0, BF)
+        tl.store(block_ptr + blocks, e, mask=blocks < end // BM)
+        b0 += BF
+
+
+def aligned(v: torch.Tensor, num_virtual: int, bm: int):
+    """`align`'s output, identical, from one kernel launch instead of its ~19 small kernels."""
+    f = v.numel()
+    size = -(-(f + min(num_virtual, f) * (bm - 1)) // bm) * bm
+    ids = torch.empty((size,), dtype=torch.int64, device=v.device)
+    blocks = torch.empty((size // bm,), dtype=torch.int64, device=v.device)
+    bv = triton.next_power_of_2(num_virtual + 1)  # a bin past the experts for masked lanes
+    _align[(num_virtual + 1,)](v, ids, blocks, f, size, NV=num_virtual, BV=bv, BM=bm, BF=1024)
+    return ids, blocks
+
+
+@triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult, G: tl.constexpr,
              BN: tl.constexpr, BK: tl.constexpr, row_ok):  # fmt: skip
     """Rows `rows` x columns k0 .. k0 + BK of a [out, n_in] weight; BK is a multiple of G, so
@@ -292,7 +346,7 @@ def tiles(ex, x, v, weights, topk: int, low: tuple) -> torch.Tensor:
     # few tokens runs few programs, each better with a longer K step (measured on an H200).
     bm = 16 if f <= 16 * 2 * e else 64
     bk = max(g, 128 if f <= 16 else 64)
-    ids, blocks = align(v, 2 * e, bm)
+    ids, blocks = aligned(v, 2 * e, bm)
     h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)
     _gate_up[(blocks.numel(), triton.cdiv(inter, 64))](
         x, ids, blocks, gu_q, gu_s, gu_z, h, f, e, 2 * e, topk, *low,
