@@ -32,6 +32,9 @@ STAGES = 3
 # once and runs torch's grouped GEMM (a prefill piece: thousands), rather than per tile.
 GROUPED_ROWS = 256
 CHUNK = 16  # virtual experts dequantized at a time by `grouped` (185 MB at Qwen1.5-MoE's shape)
+# The pair counts (F, SIZE) differ between batches and are only compared with: not specialised
+# on (Triton compiles a variant for each value divisible by 16, or not), so a pass compiles each
+# kernel once rather than twice.
 
 
 def align(v: torch.Tensor, num_virtual: int, bm: int):
@@ -58,7 +61,7 @@ def align(v: torch.Tensor, num_virtual: int, bm: int):
     return ids, torch.searchsorted(ends, starts, right=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["F", "SIZE"])
 def _align(v_ptr, ids_ptr, block_ptr, F, SIZE, NV: tl.constexpr, BV: tl.constexpr,
            BM: tl.constexpr, BF: tl.constexpr):  # fmt: skip
     """`align` in one launch. Program e < NV: virtual expert e's pairs, in order, at its group's
@@ -155,7 +158,7 @@ def _block(block_ptr, ids_ptr, E, shift_low, mult_low, copy_low, BM: tl.constexp
     return v, e, copy, shift, mult, path, slots, tl.load(ids_ptr + slots), n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["F"])
 def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOPK,
              shift_low, mult_low, copy_low, q_copy, s_copy, z_path, I: tl.constexpr,
              H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -185,7 +188,7 @@ def _gate_up(x_ptr, ids_ptr, block_ptr, q_ptr, s_ptr, z_ptr, h_ptr, F, E, V, TOP
              mask=(n < I)[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["F"])
 def _down(h_ptr, ids_ptr, block_ptr, w_ptr, q_ptr, s_ptr, z_ptr, y_ptr, F, E, V,
           shift_low, mult_low, copy_low, q_copy, s_copy, z_path, I: tl.constexpr,
           H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,

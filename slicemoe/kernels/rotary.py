@@ -30,7 +30,8 @@ def _rotate(x_ptr, out_ptr, c, s, d, D: tl.constexpr):
     tl.store(out_ptr + d, out.to(dtype))
 
 
-@triton.jit
+# Lengths and the strides they scale are not specialised on: one variant for every step and piece.
+@triton.jit(do_not_specialize=["S", "q_b", "k_b", "c_b"])
 def _rotary(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, q_b, q_h, q_s, k_b, k_h, k_s,
             c_b, c_s, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr):  # fmt: skip
     """Program (token b * S + s, head h of the queries' HQ then the keys' HK): that head's
