@@ -47,15 +47,19 @@ def cache_layer_step(sliced: bool, nested: bool, eviction: int, on_miss: int) ->
     compile_for_hopper(kernel._layer_step, {**ptr, **flags, **ints}, constants, num_warps=1)
 
 
-def expert_gemms(bm: int, bk: int) -> None:
+def expert_gemms(pairs: int) -> None:
+    """The two GEMMs in the tiles `tile_shapes` gives for `pairs` pairs."""
     common = dict(ids_ptr="*i64", block_ptr="*i64", q_ptr="*u8", s_ptr="*fp32", z_ptr="*u8",
                   F="i32", E="i32", V="i32", shift_low="i32", mult_low="fp32", copy_low="i32",
                   q_copy="i32", s_copy="i32", z_path="i32")  # fmt: skip
-    shape = dict(I=1408, H=2048, G=32, BM=bm, BN=64, BK=bk)  # Qwen1.5-MoE's experts
+    bm, (gu_n, gu_k, gu_stages), (dn_n, dn_k, dn_stages) = expert_gemm.tile_shapes(pairs, 60, 32)
+    shape = dict(I=1408, H=2048, G=32, BM=bm)  # Qwen1.5-MoE's experts
     gate_up = {**common, "x_ptr": "*bf16", "h_ptr": "*bf16", "TOPK": "i32"}
-    compile_for_hopper(expert_gemm._gate_up, gate_up, shape, num_stages=expert_gemm.STAGES)
+    compile_for_hopper(expert_gemm._gate_up, gate_up, {**shape, "BN": gu_n, "BK": gu_k},
+                       num_stages=gu_stages)  # fmt: skip
     down = {**common, "h_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
-    compile_for_hopper(expert_gemm._down, down, shape, num_stages=expert_gemm.STAGES)
+    compile_for_hopper(expert_gemm._down, down, {**shape, "BN": dn_n, "BK": dn_k},
+                       num_stages=dn_stages)  # fmt: skip
 
 
 def dequantize() -> None:
@@ -80,7 +84,7 @@ if __name__ == "__main__":
     # (sliced, nested, eviction: lru fifo lfu, on_miss: fetch skip_lsb drop substitute)
     for variant in ((True, True, 0, 0), (True, False, 2, 3), (False, True, 1, 2)):
         cache_layer_step(*variant)
-    for tile in ((16, 128), (16, 64), (64, 64)):  # the tiles code_experts launches
-        expert_gemms(*tile)
+    for pairs in (4, 512, 1036, 2048):  # each kind of tile code_experts launches
+        expert_gemms(pairs)
     dequantize()
     norm_and_rotary()

@@ -337,6 +337,21 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     return y.view(tokens, topk, hsize).sum(1, dtype=torch.float32).to(hidden.dtype)
 
 
+def tile_shapes(pairs: int, num_experts: int, group: int):
+    """(BM, then (BN, BK, stages) of `_gate_up` and of `_down`) for a call of `pairs` pairs.
+    Small batches: few rows per expert, a short block; large ones: a square tile. A step of a
+    few tokens runs few programs, each better with a longer K step (measured on an H200). Where
+    an expert's rows fit about one block (a decode step of up to ~16 x E / k tokens) wider
+    tiles read its codes in fewer, longer programs, and `_down` keeps them up to two blocks
+    (measured on an H100: `benchmarks/README.md`, the sixth round)."""
+    bm = 16 if pairs <= 16 * 2 * num_experts else 64
+    short = (64, max(group, 128 if pairs <= 16 else 64), STAGES)
+    wide = 16 < pairs and bm == 16
+    gate_up = (128, max(group, 128), 4) if wide and pairs <= 16 * num_experts else short
+    down = (128, max(group, 128), STAGES) if wide else short
+    return bm, gate_up, down
+
+
 def tiles(ex, x, v, weights, topk: int, low: tuple) -> torch.Tensor:
     """The experts' output per (token, slot) pair [F, H] through the two GEMMs above, which
     dequantize each tile of codes they read."""
@@ -345,22 +360,19 @@ def tiles(ex, x, v, weights, topk: int, low: tuple) -> torch.Tensor:
     dn_q, dn_s, dn_z = ex.down_proj_q, ex.down_proj_scale, ex.down_proj_zp
     inter = gu_q.shape[2] // 2
     g = ex.bits.group
-    # Small batches: few rows per expert, a short block; large ones: a square tile. A step of a
-    # few tokens runs few programs, each better with a longer K step (measured on an H200).
-    bm = 16 if f <= 16 * 2 * e else 64
-    bk = max(g, 128 if f <= 16 else 64)
+    bm, (gu_n, gu_k, gu_stages), (dn_n, dn_k, dn_stages) = tile_shapes(f, e, g)
     ids, blocks = aligned(v, 2 * e, bm)
     h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)
-    _gate_up[(blocks.numel(), triton.cdiv(inter, 64))](
+    _gate_up[(blocks.numel(), triton.cdiv(inter, gu_n))](
         x, ids, blocks, gu_q, gu_s, gu_z, h, f, e, 2 * e, topk, *low,
-        gu_q[0].numel(), gu_s[0].numel(), gu_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
-        BK=bk, num_stages=STAGES,
+        gu_q[0].numel(), gu_s[0].numel(), gu_z[0].numel(), I=inter, H=hsize, G=g, BM=bm,
+        BN=gu_n, BK=gu_k, num_stages=gu_stages,
     )  # fmt: skip
     y = torch.empty((f, hsize), dtype=x.dtype, device=x.device)
-    _down[(blocks.numel(), triton.cdiv(hsize, 64))](
+    _down[(blocks.numel(), triton.cdiv(hsize, dn_n))](
         h, ids, blocks, weights, dn_q, dn_s, dn_z, y, f, e, 2 * e, *low,
-        dn_q[0].numel(), dn_s[0].numel(), dn_z[0].numel(), I=inter, H=hsize, G=g, BM=bm, BN=64,
-        BK=bk, num_stages=STAGES,
+        dn_q[0].numel(), dn_s[0].numel(), dn_z[0].numel(), I=inter, H=hsize, G=g, BM=bm,
+        BN=dn_n, BK=dn_k, num_stages=dn_stages,
     )  # fmt: skip
     return y
 
