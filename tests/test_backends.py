@@ -431,9 +431,10 @@ def test_the_kernels_wrappers_never_wait_for_the_host():
 
     syncs = HostSyncs()
     v = torch.tensor([3, 1, 3, 0, 5, 1, 1, 2])
+    on_device = v.to("cuda" if torch.cuda.is_available() else "cpu")
     with syncs.mode:
         ids, blocks = align(v, 6, 4)
-        aligned(v, 6, 4)
+        aligned(on_device, 6, 4)
     assert syncs.seen == []
     # Every pair sits in a block of its own expert; padding holds the out-of-range index.
     for b, e in enumerate(blocks.tolist()):

@@ -5,9 +5,10 @@ a negation, a concatenation, a sum), ten a layer; here it is one, with identical
 
 The families call a module-level `apply_rotary_pos_emb` from their attention's forward, so
 `fuse(model)` replaces that function in the model's module where it computes `standard`
-exactly on a probe. The replacement computes here only what this kernel covers (CUDA tensors
-outside compilation, cos and sin [B, S, D] broadcast over the heads) and hands anything else to
-the family's own function: other models of the family in the process get the same outputs.
+exactly on a probe. The replacement computes here only what this kernel covers (bfloat16 CUDA
+tensors outside compilation, cos and sin [B, S, D] broadcast over the heads) and hands anything
+else to the family's own function: other models of the family in the process get the same
+outputs.
 """
 
 from __future__ import annotations
@@ -20,14 +21,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _bf16(v):
+    """float32 `v` rounded to the nearest bfloat16 (ties to even), as a float32. Integer
+    operations, not a conversion: the compiler would fuse a product rounded by conversion
+    with the sum after it into one fma, which rounds once where PyTorch rounds twice."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _rotate(x_ptr, out_ptr, c, s, d, D: tl.constexpr):
     half = D // 2
     x = tl.load(x_ptr + d).to(tl.float32)
     partner = tl.load(x_ptr + tl.where(d < half, d + half, d - half)).to(tl.float32)
     rotated = tl.where(d < half, -partner, partner)
-    dtype = out_ptr.dtype.element_ty
-    out = (x * c).to(dtype).to(tl.float32) + (rotated * s).to(dtype).to(tl.float32)
-    tl.store(out_ptr + d, out.to(dtype))
+    # (each rounding by `_bf16`: also exact where Triton's interpreter truncates conversions)
+    tl.store(out_ptr + d, _bf16(_bf16(x * c) + _bf16(rotated * s)).to(tl.bfloat16))
 
 
 # Lengths and the strides they scale are not specialised on: one variant for every step and piece.
@@ -54,7 +64,7 @@ def _rotary(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, S, q_b, q_h, q_s, k_
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """`standard(q, k, cos, sin)` in one kernel: q [B, HQ, S, D], k [B, HK, S, D], cos and sin
-    [B, S, D], D a power of two, the last dimension of each contiguous."""
+    [B, S, D], all bfloat16, D a power of two, the last dimension of each contiguous."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -96,7 +106,7 @@ def covers(q, k, cos, sin, unsqueeze_dim) -> bool:
     ):
         return False
     same = {q.dtype, k.dtype, cos.dtype, sin.dtype}
-    return len(same) == 1 and all(t.stride(-1) == 1 for t in (q, k, cos, sin))
+    return same == {torch.bfloat16} and all(t.stride(-1) == 1 for t in (q, k, cos, sin))
 
 
 @torch.no_grad()
