@@ -33,7 +33,9 @@ def test_the_kernel_computes_the_common_formula(b, hq, hk, s, d, cos_rows):
     got, want = rotary(q, k, cos, sin), standard(q, k, cos, sin)
     for x, y in zip(got, want):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-    # float32 (where the compiler would fuse products and sums) is the family's to compute
+    # The kernel takes bfloat16 CUDA calls only: float32 (where the compiler would fuse
+    # products and sums) and anything off CUDA are the family's to compute.
+    assert covers(q, k, cos, sin, 1) == (DEVICE == "cuda")
     assert not covers(*(t.float() for t in (q, k, cos, sin)), 1)
 
 
