@@ -1,10 +1,12 @@
 """The routed experts on codes (slicemoe.kernels.expert_gemm) at Qwen1.5-MoE-A2.7B shape, one
 process: the tile kernels (dequantizing per tile) against the grouped GEMM on the layer
 dequantized once, at a decode batch and at prefill pieces, in TFLOP/s, with the largest
-relative difference of their outputs; and the dequantization alone.
+relative difference of their outputs; and the dequantization alone. `--sweep`: the tile
+kernels at decode batches (128 and 259 tokens) over tile shapes, each GEMM's shape varied in
+turn, the shapes `expert_gemm.tile_shapes` picks marked `chosen`.
 
-    python benchmarks/kernel_speed.py                       # GPU
-    python benchmarks/kernel_speed.py --small --device cpu  # CI: small shapes, Triton's interpreter
+    python benchmarks/kernel_speed.py [--sweep]                     # GPU
+    python benchmarks/kernel_speed.py --small --device cpu --sweep  # CI: Triton's interpreter
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ def bench(fn, device) -> float:
     return best
 
 
-def experts(device, dtype, small: bool) -> list[dict]:
+def code_layer(device, dtype, small: bool):
+    """A random Qwen1.5-MoE-shaped (or small) layer's experts as codes: (CodeExperts, k)."""
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
     from slicemoe.config import BitsConfig
-    from slicemoe.kernels import expert_gemm
     from slicemoe.models import moe_blocks
     from slicemoe.models.adapter import quantize_model
 
@@ -52,14 +54,26 @@ def experts(device, dtype, small: bool) -> list[dict]:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantize_model(model, BitsConfig(), codes=True)
-    ex = moe_blocks(model)[0].experts
+    return moe_blocks(model)[0].experts, k
+
+
+def routed(tokens: int, h: int, e: int, k: int, device, dtype):
+    """Random inputs of a layer's experts: hidden [T, H], k distinct experts a token, weights."""
+    x = torch.randn(tokens, h, device=device, dtype=dtype)
+    idx = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(min(tokens, 512))])
+    idx = idx.repeat(-(-tokens // len(idx)), 1)[:tokens]
+    return x, idx, torch.rand(tokens, k, device=device, dtype=dtype)
+
+
+def experts(device, dtype, small: bool) -> list[dict]:
+    from slicemoe.kernels import expert_gemm
+
+    ex, k = code_layer(device, dtype, small)
+    e, inter, h = ex.num_experts, ex.gate_up_proj_q.shape[2] // 2, ex.gate_up_proj_q.shape[3]
     switch = expert_gemm.GROUPED_ROWS * e // k  # tokens from which a call takes the grouped GEMM
     rows = []
     for tokens in (3, 2 * switch) if small else (1, 147, 8192, 32768):
-        x = torch.randn(tokens, h, device=device, dtype=dtype)
-        idx = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(min(tokens, 512))])
-        idx = idx.repeat(-(-tokens // len(idx)), 1)[:tokens]
-        w = torch.rand(tokens, k, device=device, dtype=dtype)
+        x, idx, w = routed(tokens, h, e, k, device, dtype)
         flops = 2 * tokens * k * 3 * h * inter
         call = partial(expert_gemm.code_experts, ex, x, idx, w)
         times, outs = {}, {}
@@ -84,11 +98,40 @@ def experts(device, dtype, small: bool) -> list[dict]:
     return rows
 
 
+def sweep(device, dtype, small: bool) -> list[dict]:
+    """The tile kernels at decode batches over tile shapes: one GEMM's shape varied at a time,
+    the other at `tile_shapes`' choice, each row the whole `tiles` call; `chosen` marks the
+    shape `tile_shapes` picks."""
+    from slicemoe.kernels import expert_gemm
+
+    ex, k = code_layer(device, dtype, small)
+    e, h, g = ex.num_experts, ex.gate_up_proj_q.shape[3], ex.bits.group
+    low = (ex.shift, float(2**ex.shift), 0)
+    grid = [(64, 128, 3), (128, 128, 3)] if small else [
+        (n, bk, stages) for n in (64, 128) for bk in (64, 128) for stages in (3, 4)
+    ]  # fmt: skip
+    rows = []
+    for tokens in (3,) if small else (128, 259):
+        x, idx, w = routed(tokens, h, e, k, device, dtype)
+        v, weights = idx.reshape(-1), w.reshape(-1).contiguous()
+        bm, gate_up, down = expert_gemm.tile_shapes(v.numel(), e, g)
+        for kernel, which in (("gate_up", 0), ("down", 1)):
+            for shape in grid:
+                shapes = (bm, shape, down) if which == 0 else (bm, gate_up, shape)
+                call = partial(expert_gemm.tiles, ex, x, v, weights, k, low, shapes)
+                rows.append(dict(tokens=tokens, pairs=v.numel(), kernel=kernel, bn=shape[0],
+                                 bk=shape[1], stages=shape[2],
+                                 chosen=shape == (gate_up, down)[which],
+                                 tiles_us=1e6 * bench(call, device)))  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="small shapes (the CPU: interpreter)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    p.add_argument("--sweep", action="store_true", help="also time the tile kernels' shapes")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type != "cuda":
@@ -96,8 +139,10 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "experts": experts(device, dtype, a.small)}
+    if a.sweep:
+        result["sweep"] = sweep(device, dtype, a.small)
     print(f"kernels on {name} ({dtype})")
-    for row in result["experts"]:
+    for row in result["experts"] + result.get("sweep", []):
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()))  # fmt: skip
     sys.stdout.flush()

@@ -343,7 +343,7 @@ def tile_shapes(pairs: int, num_experts: int, group: int):
     few tokens runs few programs, each better with a longer K step (measured on an H200). Where
     an expert's rows fit about one block (a decode step of up to ~16 x E / k tokens) wider
     tiles read its codes in fewer, longer programs, and `_down` keeps them up to two blocks
-    (measured on an H100: `benchmarks/README.md`, the sixth round)."""
+    (measured on an H100: `benchmarks/kernel_speed.py --sweep`, benchmarks/README.md)."""
     bm = 16 if pairs <= 16 * 2 * num_experts else 64
     short = (64, max(group, 128 if pairs <= 16 else 64), STAGES)
     wide = 16 < pairs and bm == 16
@@ -352,15 +352,16 @@ def tile_shapes(pairs: int, num_experts: int, group: int):
     return bm, gate_up, down
 
 
-def tiles(ex, x, v, weights, topk: int, low: tuple) -> torch.Tensor:
+def tiles(ex, x, v, weights, topk: int, low: tuple, shapes=None) -> torch.Tensor:
     """The experts' output per (token, slot) pair [F, H] through the two GEMMs above, which
-    dequantize each tile of codes they read."""
+    dequantize each tile of codes they read; `shapes`: `tile_shapes`' kind of answer, to try
+    others (benchmarks/kernel_speed.py --sweep)."""
     hsize, e, f = x.shape[1], ex.num_experts, v.numel()
     gu_q, gu_s, gu_z = ex.gate_up_proj_q, ex.gate_up_proj_scale, ex.gate_up_proj_zp
     dn_q, dn_s, dn_z = ex.down_proj_q, ex.down_proj_scale, ex.down_proj_zp
     inter = gu_q.shape[2] // 2
     g = ex.bits.group
-    bm, (gu_n, gu_k, gu_stages), (dn_n, dn_k, dn_stages) = tile_shapes(f, e, g)
+    bm, (gu_n, gu_k, gu_stages), (dn_n, dn_k, dn_stages) = shapes or tile_shapes(f, e, g)
     ids, blocks = aligned(v, 2 * e, bm)
     h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)
     _gate_up[(blocks.numel(), triton.cdiv(inter, gu_n))](
