@@ -93,7 +93,7 @@ def experts(device, dtype, small: bool) -> list[dict]:
                          grouped_tflops=flops / times["grouped"] / 1e12,
                          relative_diff=float(diff)))  # fmt: skip
     used = torch.ones(2 * e, dtype=torch.int64, device=device)
-    low = (ex.shift, float(2**ex.shift), 0)
+    low = expert_gemm.low_path(ex)
     call = partial(expert_gemm.dequantize, ex, "gate_up_proj", used, low, 0, 2 * e)
     rows.append(dict(dequantize_gate_up_both_paths_ms=1e3 * bench(call, device)))
     return rows
@@ -107,7 +107,7 @@ def sweep(device, dtype, small: bool) -> list[dict]:
 
     ex, k = code_layer(device, dtype, small)
     e, h, g = ex.num_experts, ex.gate_up_proj_q.shape[3], ex.bits.group
-    low = (ex.shift, float(2**ex.shift), 0)
+    low = expert_gemm.low_path(ex)
     grid = [(64, 128, 3), (128, 128, 3)] if small else [
         (n, bk, stages) for n in (64, 128) for bk in (64, 128) for stages in (3, 4)
     ]  # fmt: skip

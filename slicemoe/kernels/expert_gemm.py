@@ -37,6 +37,12 @@ CHUNK = 16  # virtual experts dequantized at a time by `grouped` (185 MB at Qwen
 # kernel once rather than twice.
 
 
+def reserved_rows(pairs: int, num_virtual: int, bm: int) -> int:
+    """Rows `align` returns for `pairs` pairs: enough for any grouping (each used expert's
+    padding at most bm - 1), whole blocks, the same for every step of a batch."""
+    return -(-(pairs + min(num_virtual, pairs) * (bm - 1)) // bm) * bm
+
+
 def align(v: torch.Tensor, num_virtual: int, bm: int):
     """Row order for the grouped GEMMs: (ids [P], block_expert [P // bm]). `ids` lists the flat
     (token, slot) indices of `v` grouped by virtual expert, in order within each, each group
@@ -54,7 +60,7 @@ def align(v: torch.Tensor, num_virtual: int, bm: int):
     rank = seen.gather(0, v[None, :])[0] - 1  # earlier pairs of the same expert
     padded = (counts + bm - 1) // bm * bm
     ends = padded.cumsum(0)
-    size = -(-(f + min(num_virtual, f) * (bm - 1)) // bm) * bm
+    size = reserved_rows(f, num_virtual, bm)
     ids = torch.full((size,), f, dtype=torch.int64, device=v.device)
     ids.scatter_(0, (ends - padded)[v] + rank, torch.arange(f, device=v.device))
     starts = torch.arange(0, size, bm, device=v.device)
@@ -107,7 +113,7 @@ def _align(v_ptr, ids_ptr, block_ptr, F, SIZE, NV: tl.constexpr, BV: tl.constexp
 def aligned(v: torch.Tensor, num_virtual: int, bm: int):
     """`align`'s output, identical, from one kernel launch instead of its ~19 small kernels."""
     f = v.numel()
-    size = -(-(f + min(num_virtual, f) * (bm - 1)) // bm) * bm
+    size = reserved_rows(f, num_virtual, bm)
     ids = torch.empty((size,), dtype=torch.int64, device=v.device)
     blocks = torch.empty((size // bm,), dtype=torch.int64, device=v.device)
     bv = triton.next_power_of_2(num_virtual + 1)  # a bin past the experts for masked lanes
@@ -320,12 +326,18 @@ def grouped(ex, hidden, v, weights, topk: int, low: tuple) -> torch.Tensor:
     return out
 
 
+def low_path(ex) -> tuple:
+    """The kernels' arguments for the low path of CodeExperts `ex`: (code shift, scale
+    multiplier, index of its code copy: 1 where `bits.scheme=base` keeps a second one)."""
+    return ex.shift, float(2**ex.shift), int(ex.gate_up_proj_q.shape[0] > 1)
+
+
 def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights):
     """CodeExperts.forward on CUDA (`ex`: the CodeExperts module)."""
     tokens, hsize = hidden.shape
     topk = top_k_index.shape[1]
     v = top_k_index.reshape(-1)
-    low = (ex.shift, float(2**ex.shift), int(ex.gate_up_proj_q.shape[0] > 1))
+    low = low_path(ex)
     weights = top_k_weights.reshape(-1).contiguous()
     x = hidden.contiguous()
     if v.numel() >= GROUPED_ROWS * ex.num_experts and grouped_gemm_serves(hidden):
@@ -343,7 +355,8 @@ def tile_shapes(pairs: int, num_experts: int, group: int):
     few tokens runs few programs, each better with a longer K step (measured on an H200). Where
     an expert's rows fit about one block (a decode step of up to ~16 x E / k tokens) wider
     tiles read its codes in fewer, longer programs, and `_down` keeps them up to two blocks
-    (measured on an H100: `benchmarks/kernel_speed.py --sweep`, benchmarks/README.md)."""
+    (measured on an H100 at 512 and 1,036 pairs, each GEMM alone: benchmarks/README.md, the
+    sixth round; `benchmarks/kernel_speed.py --sweep` runs such a sweep)."""
     bm = 16 if pairs <= 16 * 2 * num_experts else 64
     short = (64, max(group, 128 if pairs <= 16 else 64), STAGES)
     wide = 16 < pairs and bm == 16
