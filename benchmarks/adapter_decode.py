@@ -181,7 +181,8 @@ def _profile(fn) -> list:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages()
+            if e.device_time_total > 0]  # fmt: skip
     return sorted(rows, key=lambda r: -r[1])
 
 
@@ -196,9 +197,9 @@ KINDS = (
 
 
 def kernel_kinds(kernels) -> dict:
-    total = sum(t for _, t in kernels) or 1.0
+    total = sum(t for _, t, _ in kernels) or 1.0
     out = {}
-    for name, t in kernels:
+    for name, t, _ in kernels:
         kind = next((k for k, keys in KINDS if any(x in name for x in keys)), "elementwise etc.")
         out[kind] = out.get(kind, 0.0) + t / total
     return out
@@ -296,7 +297,7 @@ def main():
         with _guard(f"simulator B={b}"):
             reset_peak(device)
             step, sim, kernels = simulator_step_s(tensor, loaded, b, args.prompt, new, device,
-                                                  profile=b == 64)  # fmt: skip
+                                                  profile=True)  # fmt: skip
             memory = gib(device)
             del sim
             gc.collect()  # the batch's KV cache and captured step (a reference cycle)
@@ -304,7 +305,10 @@ def main():
             extra = dict(model_only_ms=1e3 * alone, outside_model=1 - alone / step)
             if kernels:
                 extra["gpu_time_by_kernel_kind"] = kernel_kinds(kernels)
-                extra["top_kernels"] = [(n[:60], round(t / 1e3, 3)) for n, t in kernels[:8]]
+                extra["eager_step_kernels"] = dict(
+                    ms=sum(t for _, t, _ in kernels) / 1e3, launches=sum(c for *_, c in kernels)
+                )
+                extra["top_kernels"] = [(n[:60], round(t / 1e3, 3), c) for n, t, c in kernels[:12]]
             add("simulator: device runtime, codes, static KV, CUDA graph", b, step, memory, **extra)
     if cuda and "largest" in wanted:
         largest = None

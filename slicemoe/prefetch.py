@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from slicemoe.config import PrefetchConfig
-from slicemoe.routing import Gate, RoutingParams, choice_scores, normalised
+from slicemoe.routing import Gate, RoutingParams, choice_scores, normalised, top_indices
 
 
 def pre_gate(gate: Gate, logits: torch.Tensor, bias, depth: int):
@@ -37,7 +37,7 @@ def pre_gate(gate: Gate, logits: torch.Tensor, bias, depth: int):
     `bias`) on the MoE input of the layer before, the first `depth` best first [B, depth], and
     the normalised gate weights of the first k [B, k]."""
     probs = gate.probs(logits)
-    idx = choice_scores(probs, RoutingParams(bias=bias)).topk(depth, dim=-1).indices
+    idx = top_indices(choice_scores(probs, RoutingParams(bias=bias)), depth)
     return idx, normalised(gate.weights(logits, idx[:, : gate.top_k], probs))
 
 

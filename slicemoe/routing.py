@@ -109,6 +109,16 @@ def choice_scores(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
     return probs if p.bias is None else probs + p.bias.float()
 
 
+def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest of each row, best first, equal scores by the lower index; one
+    kernel on CUDA (slicemoe.kernels.topk) where torch.topk runs two."""
+    if x.is_cuda:
+        from slicemoe.kernels.topk import topk_indices
+
+        return topk_indices(x, k)
+    return x.topk(k, dim=-1).indices
+
+
 def _select(gate: Gate, logits, probs: torch.Tensor, priority, p: RoutingParams):
     """The top-k by `priority` [B, E] (None: all equal), ties broken by the choice scores."""
     key = choice = choice_scores(probs, p)
@@ -120,7 +130,7 @@ def _select(gate: Gate, logits, probs: torch.Tensor, priority, p: RoutingParams)
     allowed = gate.allowed(choice)
     if allowed is not None:
         key = key.masked_fill(~allowed, float("-inf"))
-    idx = key.topk(gate.top_k, dim=-1).indices
+    idx = top_indices(key, gate.top_k)
     return idx, gate.weights(logits, idx, probs)
 
 
@@ -144,7 +154,7 @@ def cache_prior(gate: Gate, logits, cached, p: RoutingParams):
     allowed = gate.allowed(boosted)
     if allowed is not None:
         boosted = boosted.masked_fill(~allowed, float("-inf"))
-    idx = boosted.topk(gate.top_k, dim=-1).indices
+    idx = top_indices(boosted, gate.top_k)
     return idx, gate.weights(logits, idx)
 
 

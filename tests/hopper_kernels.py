@@ -10,7 +10,7 @@ from triton.compiler import ASTSource
 
 from slicemoe.cache import kernel
 from slicemoe.cache.tensor import STATS, S
-from slicemoe.kernels import expert_gemm, rms_norm, rotary
+from slicemoe.kernels import expert_gemm, rms_norm, rotary, topk
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MAX = 232448  # bytes of shared memory a Hopper block may have (227 KiB)
@@ -72,12 +72,14 @@ def dequantize() -> None:
     compile_for_hopper(expert_gemm._align, pairs, dict(NV=120, BV=128, BM=16, BF=1024))
 
 
-def norm_and_rotary() -> None:
+def norm_rotary_topk() -> None:
     bf16 = dict.fromkeys(("x_ptr", "w_ptr", "out_ptr"), "*bf16")
     compile_for_hopper(rms_norm._rms_norm, {**bf16, "eps": "fp32"}, dict(N=2048, BN=2048))
     ptrs = dict.fromkeys(("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr"), "*bf16")
     ints = dict.fromkeys(("S", "q_b", "q_h", "q_s", "k_b", "k_h", "k_s", "c_b", "c_s"), "i32")
     compile_for_hopper(rotary._rotary, {**ptrs, **ints}, dict(HQ=16, HK=16, D=128))
+    scores = dict(x_ptr="*fp32", idx_ptr="*i64", N="i32", stride="i32")
+    compile_for_hopper(topk._topk, scores, dict(K=4, BN=64))
 
 
 if __name__ == "__main__":
@@ -87,4 +89,4 @@ if __name__ == "__main__":
     for pairs in (4, 512, 1036, 2048):  # each kind of tile code_experts launches
         expert_gemms(pairs)
     dequantize()
-    norm_and_rotary()
+    norm_rotary_topk()

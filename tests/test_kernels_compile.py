@@ -26,5 +26,5 @@ def test_the_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("compiled ")]
     # 3 cache step variants, 2 GEMMs x 4 tiles, the prefill's dequantization, the pairs' rows,
-    # norm, rotary
-    assert len(compiled) == 3 + 2 * 4 + 1 + 1 + 2, proc.stdout
+    # norm, rotary, top-k
+    assert len(compiled) == 3 + 2 * 4 + 1 + 1 + 3, proc.stdout
