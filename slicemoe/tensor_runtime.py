@@ -52,8 +52,10 @@ class Rows:
     layer_calls: torch.Tensor | None = None  # [B, 2, L] predicted for, covered
     predicted: torch.Tensor | None = None  # [B, E] experts predicted for the next layer step
     predicted_on: torch.Tensor | None = None  # [B] ... where a prediction was made
-    # [B, 4, L] this step's read, missed, moved bytes and expert calls computed
-    bills: torch.Tensor | None = None
+    # [B, len(LOG), L] this step's layer steps: bytes read, missed and moved, expert calls
+    # computed, served high-bit and dropped, whether a prediction was made for the layer step
+    # and the calls it covered (summed into the counters at the step's end)
+    log: torch.Tensor | None = None
     cost: torch.Tensor | None = None  # [B, COST_COUNTERS] decode cost so far
     history: torch.Tensor | None = None  # [steps, B, COUNTERS] after each step
     layer_history: torch.Tensor | None = None  # [steps, B, 2, L]
@@ -64,7 +66,8 @@ class Rows:
     next_gate_critical: torch.Tensor | None = None
 
 
-READ, MISSED, MOVED, COMPUTED = range(4)
+LOG = ("read", "missed", "moved", "computed", "served", "dropped", "counted", "covered")
+READ, MISSED, MOVED, COMPUTED, SERVED, DROPPED, COUNTED, COVERED = range(len(LOG))
 CALLS = ("expert_calls", "highbit_calls", "dropped_calls", "tokens", "resident_sum")
 EXPERT_CALLS, HIGHBIT_CALLS, DROPPED_CALLS, TOKENS, RESIDENT = range(len(CALLS))
 
@@ -127,7 +130,7 @@ class TensorRuntime(RuntimeRules):
         state.layer_calls = torch.zeros((rows, 2, self.L), **i64)
         state.predicted = torch.zeros((rows, self.E), dtype=torch.bool, device=dev)
         state.predicted_on = torch.zeros(rows, dtype=torch.bool, device=dev)
-        state.bills = torch.zeros((rows, 4, self.L), **i64)
+        state.log = torch.zeros((rows, len(LOG), self.L), **i64)
         state.cost = torch.zeros((rows, len(COST_COUNTERS)), **f64)
         state.history = torch.zeros((steps, rows, len(COUNTERS)), **f64)
         state.layer_history = torch.zeros((steps, rows, 2, self.L), **i64)
@@ -159,8 +162,16 @@ class TensorRuntime(RuntimeRules):
         if not self.simulate:
             state.t += 1
             return
-        on, fp = state.on, self.fp
-        bills = state.bills.double()
+        on, fp, log = state.on, self.fp, state.log
+        # The layer steps' calls, summed here rather than after each layer step (a captured
+        # step at batch 1 is mostly its kernels' launches).
+        calls = state.calls
+        calls[:, EXPERT_CALLS] += torch.where(on, self.k * self.L, 0)
+        calls[:, HIGHBIT_CALLS] += torch.where(on, log[:, SERVED].sum(1), 0)
+        calls[:, DROPPED_CALLS] += log[:, DROPPED].sum(1)
+        state.layer_calls[:, 0] += self.k * log[:, COUNTED]
+        state.layer_calls[:, 1] += log[:, COVERED]
+        bills = log.double()
         ctx = state.context.double()[:, None]
         ops, dram, flash, moved = decode_bill(
             fp, bills[:, COMPUTED], ctx, bills[:, READ], bills[:, MISSED], bills[:, MOVED]
@@ -234,10 +245,8 @@ class TensorRuntime(RuntimeRules):
             ranking = self.ranker.rank(layer, hidden)
         ahead = self._predict(state, layer, idx, ranking)
         # Expert calls covered by the prediction made for this layer step.
-        covered = state.predicted.gather(1, idx).sum(1)
         counted = on & state.predicted_on
-        state.layer_calls[:, 0, layer] += torch.where(counted, k, 0)
-        state.layer_calls[:, 1, layer] += torch.where(counted, covered, 0)
+        covered = torch.where(counted, state.predicted.gather(1, idx).sum(1), 0)
         served, dropped, missed, read, moved, held = self.layer_step(
             state, layer, idx, high, on, drop, ahead
         )
@@ -248,22 +257,22 @@ class TensorRuntime(RuntimeRules):
             state.predicted.zero_()
             state.predicted.scatter_(1, experts, True)
             state.predicted_on.copy_(on & made)
-        calls = state.calls
-        calls[:, EXPERT_CALLS] += torch.where(on, k, 0)
-        calls[:, HIGHBIT_CALLS] += torch.where(on, served.sum(1), 0)
-        calls[:, DROPPED_CALLS] += dropped.sum(1)
         if layer == 0:
-            calls[:, TOKENS] += on
-            calls[:, RESIDENT] += held
-        computed = k - dropped.sum(1)
-        for j, value in ((READ, read), (MISSED, missed), (MOVED, moved), (COMPUTED, computed)):
-            state.bills[:, j, layer] = value
+            state.calls[:, TOKENS] += on
+            state.calls[:, RESIDENT] += held
+        n_dropped = dropped.sum(1)
+        state.log[:, :, layer] = torch.stack(
+            (read, missed, moved, k - n_dropped, served.sum(1), n_dropped, counted.long(), covered),
+            1,
+        )
         self._record(state, layer, idx, high, ranking)
         if layer == self.L - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda(state)
         virt = torch.where(served, idx, idx + self.E)
-        # A dropped expert is computed at weight 0: its share goes to its token's other experts.
-        return without(w, dropped).to(logits.dtype), virt
+        if drop is not None:
+            # A dropped expert is computed at weight 0: its share goes to its token's other experts.
+            w = without(w, dropped)
+        return w.to(logits.dtype), virt
 
     def _route_only(self, state: Rows, layer, logits, bias, hidden):
         """`_decode` where only the request stream of a config whose requests do not depend on

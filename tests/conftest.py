@@ -1,7 +1,9 @@
 """One torch thread per test process. pytest-xdist runs a process per core, and torch's default of
 one thread per core in each of them oversubscribes the machine: on a 2-core box a model test ran
-several times slower with two workers of two threads each than with one thread each."""
+several times slower with two workers of two threads each than with one thread each.
+Without CUDA the Triton kernels run through Triton's interpreter."""
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,6 +12,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Read where a kernel is defined, Triton's own helpers included: set before any test
+    # imports Triton (a helper defined for the compiler fails inside an interpreted kernel).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

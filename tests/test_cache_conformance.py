@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the kernel runs through Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from slicemoe.cache import (  # noqa: E402
     EVICTION,

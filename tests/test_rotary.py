@@ -5,14 +5,10 @@ family's own."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the kernel runs through Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from slicemoe.kernels.rotary import computes_standard, covers, fuse, rotary, standard
 
