@@ -235,36 +235,40 @@ class TensorRuntime(RuntimeRules):
         if not self.simulate:
             return self._route_only(state, layer, logits, bias, hidden)
         on, spec, k = state.on, self.spec, self.k
-        cached = tc.resident(state.cache, spec)[:, layer]
-        params = self._params(state, layer, logits, bias)
-        idx, w = route(self.policy.routing, self.gate, logits, cached, params)
+        if self.policy.routing == "topk":  # reads neither the cache nor the controller
+            idx, w = self.own_routing(logits, bias)
+        else:
+            cached = tc.resident(state.cache, spec)[:, layer]
+            params = self._params(state, layer, logits, bias)
+            idx, w = route(self.policy.routing, self.gate, logits, cached, params)
         high = precision(self.policy.precision, w, self.policy.tau)
         drop = droppable(w, self.policy.drop_below) if self.policy.on_miss == "drop" else None
         ranking = None
         if self.ranker is not None and (self.depth or self.prefetch.predictor == "next_gate"):
             ranking = self.ranker.rank(layer, hidden)
         ahead = self._predict(state, layer, idx, ranking)
-        # Expert calls covered by the prediction made for this layer step.
-        counted = on & state.predicted_on
-        covered = torch.where(counted, state.predicted.gather(1, idx).sum(1), 0)
+        log = []
+        if self.predictor is not None:  # (without one, no call is ever predicted for)
+            # Expert calls covered by the prediction made for this layer step.
+            counted = on & state.predicted_on
+            covered = torch.where(counted, state.predicted.gather(1, idx).sum(1), 0)
+            log = [counted.long(), covered]
         served, dropped, missed, read, moved, held = self.layer_step(
             state, layer, idx, high, on, drop, ahead
         )
-        if ahead is None:
-            state.predicted_on.zero_()
-        else:
+        if ahead is not None:
             _, experts, _, made = ahead
             state.predicted.zero_()
             state.predicted.scatter_(1, experts, True)
             state.predicted_on.copy_(on & made)
+        elif self.predictor is not None:
+            state.predicted_on.zero_()
         if layer == 0:
             state.calls[:, TOKENS] += on
             state.calls[:, RESIDENT] += held
         n_dropped = dropped.sum(1)
-        state.log[:, :, layer] = torch.stack(
-            (read, missed, moved, k - n_dropped, served.sum(1), n_dropped, counted.long(), covered),
-            1,
-        )
+        log = [read, missed, moved, k - n_dropped, served.sum(1), n_dropped, *log]
+        state.log[:, : len(log), layer] = torch.stack(log, 1)
         self._record(state, layer, idx, high, ranking)
         if layer == self.L - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda(state)
