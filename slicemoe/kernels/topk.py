@@ -1,8 +1,8 @@
 """The routers' top-k in one kernel on CUDA: each row's k largest scores' indices, best first,
 equal scores by the lower index (the order of a stable descending sort, which `reference`
-writes out). torch.topk on CUDA runs a radix select and a sort of the k found, two kernels of
-~10 us each for a decode step's [B, 60] scores on an H100; here one program a row picks the
-k in k passes over the row held in registers.
+writes out). torch.topk's kernels took 0.58 ms of a 19.2-ms decode step at B=128 on an H200
+(Qwen1.5-MoE shape, 24 layers, [128, 60] scores a layer); here one program a row picks the k in
+k passes over the row, held in registers.
 
 `topk_indices` runs the kernel for rows of up to MAX_ITEMS scores (on the CPU through Triton's
 interpreter, for tests), torch.topk for longer ones; slicemoe.routing calls it for CUDA tensors.
