@@ -110,8 +110,8 @@ def choice_scores(probs: torch.Tensor, p: RoutingParams) -> torch.Tensor:
 
 
 def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest of each row, best first, equal scores by the lower index; one
-    kernel on CUDA (slicemoe.kernels.topk) where torch.topk runs two."""
+    """Indices of the k largest of each row, best first: on CUDA one kernel
+    (slicemoe.kernels.topk, equal scores by the lower index), elsewhere torch.topk."""
     if x.is_cuda:
         from slicemoe.kernels.topk import topk_indices
 

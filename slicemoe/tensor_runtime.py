@@ -247,12 +247,12 @@ class TensorRuntime(RuntimeRules):
         if self.ranker is not None and (self.depth or self.prefetch.predictor == "next_gate"):
             ranking = self.ranker.rank(layer, hidden)
         ahead = self._predict(state, layer, idx, ranking)
-        log = []
+        predicted = []
         if self.predictor is not None:  # (without one, no call is ever predicted for)
             # Expert calls covered by the prediction made for this layer step.
             counted = on & state.predicted_on
             covered = torch.where(counted, state.predicted.gather(1, idx).sum(1), 0)
-            log = [counted.long(), covered]
+            predicted = [counted.long(), covered]
         served, dropped, missed, read, moved, held = self.layer_step(
             state, layer, idx, high, on, drop, ahead
         )
@@ -267,8 +267,8 @@ class TensorRuntime(RuntimeRules):
             state.calls[:, TOKENS] += on
             state.calls[:, RESIDENT] += held
         n_dropped = dropped.sum(1)
-        log = [read, missed, moved, k - n_dropped, served.sum(1), n_dropped, *log]
-        state.log[:, : len(log), layer] = torch.stack(log, 1)
+        row = [read, missed, moved, k - n_dropped, served.sum(1), n_dropped, *predicted]
+        state.log[:, : len(row), layer] = torch.stack(row, 1)
         self._record(state, layer, idx, high, ranking)
         if layer == self.L - 1 and self.policy.miss_rate_target is not None:
             self._adapt_lambda(state)
