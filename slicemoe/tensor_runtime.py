@@ -163,8 +163,8 @@ class TensorRuntime(RuntimeRules):
             state.t += 1
             return
         on, fp, log = state.on, self.fp, state.log
-        # The layer steps' calls, summed here rather than after each layer step (a captured
-        # step at batch 1 is mostly its kernels' launches).
+        # The layer steps' calls, summed here rather than after each layer step (each update is
+        # a few kernels, and a captured step launches every one of them).
         calls = state.calls
         calls[:, EXPERT_CALLS] += torch.where(on, self.k * self.L, 0)
         calls[:, HIGHBIT_CALLS] += torch.where(on, log[:, SERVED].sum(1), 0)

@@ -2,9 +2,8 @@
 slicemoe.models.code_experts' expert compute, which stays the reference (tests compare the two
 on the same inputs); `rms_norm` and `rotary`, the family's norms and rotary embedding where they
 compute the common formulas; `topk`, the routers' top-k (slicemoe.routing calls it for CUDA
-tensors). The cache's layer-step kernel lives with the cache's other
-implementations (slicemoe.cache.kernel). Importing this package needs Triton (absent from CPU
-installs)."""
+tensors). The cache's layer-step kernel lives with the cache's other implementations
+(slicemoe.cache.kernel). Importing this package needs Triton (absent from CPU installs)."""
 
 from slicemoe.kernels import rms_norm, rotary
 
