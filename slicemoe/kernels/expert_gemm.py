@@ -359,7 +359,8 @@ def tile_shapes(pairs: int, num_experts: int, group: int):
     an expert's rows fit about one block (a decode step of up to ~16 x E / k tokens) wider
     tiles read its codes in fewer, longer programs, and `_down` keeps them up to two blocks
     (measured on an H100 at 512 and 1,036 pairs, each GEMM alone: benchmarks/README.md, the
-    sixth round; `benchmarks/kernel_speed.py --sweep` runs such a sweep)."""
+    sixth round, with the rows-first tiles; `benchmarks/kernel_speed.py --sweep` runs such a
+    sweep)."""
     bm = 16 if pairs <= 16 * 2 * num_experts else 64
     short = (64, max(group, 128 if pairs <= 16 else 64), STAGES)
     wide = 16 < pairs and bm == 16
