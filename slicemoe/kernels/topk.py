@@ -2,7 +2,8 @@
 equal scores by the lower index (the order of a stable descending sort, which `reference`
 writes out). torch.topk's kernels took 0.58 ms of a 19.2-ms decode step at B=128 on an H200
 (Qwen1.5-MoE shape, 24 layers, [128, 60] scores a layer); here one program a row picks the k in
-k passes over the row, held in registers.
+k passes over the row, held in registers: the recorded step 22.81 -> 22.37 ms at B=128 and
+5.42 -> 5.15 ms at B=1 on an H100 (benchmarks/README.md, the seventh round).
 
 `topk_indices` runs the kernel for rows of up to MAX_ITEMS scores (on the CPU through Triton's
 interpreter, for tests), torch.topk for longer ones; slicemoe.routing calls it for CUDA tensors.
