@@ -238,7 +238,7 @@ class TensorRuntime(RuntimeRules):
         if self.policy.routing == "topk":  # reads neither the cache nor the controller
             idx, w = self.own_routing(logits, bias)
         else:
-            cached = tc.resident(state.cache, spec)[:, layer]
+            cached = tc.resident(state.cache, spec, layer)
             params = self._params(state, layer, logits, bias)
             idx, w = route(self.policy.routing, self.gate, logits, cached, params)
         high = precision(self.policy.precision, w, self.policy.tau)

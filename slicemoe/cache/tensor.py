@@ -146,9 +146,12 @@ def contents(st: CacheState, spec: Spec, row: int) -> set:
     return {(j % spec.n // spec.experts, j % spec.experts, KINDS[j // spec.n]) for j in held}
 
 
-def resident(st: CacheState, spec: Spec) -> torch.Tensor:
-    """[B, layers, experts]: an MSB or FULL slice of the expert is held (what routing reads)."""
+def resident(st: CacheState, spec: Spec, layer: int | None = None) -> torch.Tensor:
+    """[B, layers, experts], or [B, experts] of one layer: an MSB or FULL slice of the expert is
+    held (what routing reads)."""
     key = st.key.view(-1, 3, spec.layers, spec.experts)
+    if layer is not None:
+        key = key[:, :, layer]
     return (key[:, MSB] != ABSENT) | (key[:, FULL] != ABSENT)
 
 
