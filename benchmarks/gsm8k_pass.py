@@ -18,11 +18,14 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from slicemoe import run
 from slicemoe.batching import sizes
 from slicemoe.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig
 from slicemoe.models import model_dims
@@ -82,6 +85,30 @@ def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, d
         torch.cuda.empty_cache()  # the pass's batch_size=auto sees the memory free again
 
 
+@contextmanager
+def kernel_builds():
+    """Within: the Triton kernels built (compiled, or read from Triton's on-disk cache) and
+    the seconds that took, as (Counter of kernel names, [seconds])."""
+    from triton import knobs
+
+    names, seconds, began = Counter(), [0.0], {}
+
+    def before(*, key, **_):
+        began[str(key)] = time.perf_counter()
+        return False  # build it
+
+    def after(*, key, fn, **_):
+        seconds[0] += time.perf_counter() - began.pop(str(key), time.perf_counter())
+        names[fn.name] += 1
+
+    hooks = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+    try:
+        yield names, seconds
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = hooks
+
+
 def roofline(loaded, cfg: RunConfig, stream, steps: int) -> dict:
     """Of the whole pass: the decode's bytes (every weight, the experts as held, once per decode
     step; each row's KV cache at its context, once per step it ran) at the H100's bandwidth, and
@@ -120,6 +147,8 @@ def main(argv=None) -> dict:
     p.add_argument("--policy", default="lru_highbit", help="a conf/policy preset (replayable)")
     p.add_argument("--batch-size", default="auto", help="an integer or auto")
     p.add_argument("--json", type=Path, help="write the row as JSON here")
+    p.add_argument("--no-compile-ahead", action="store_true",
+                   help="load without compiling the kernels meanwhile (they compile in the pass)")  # fmt: skip
     p.add_argument("--memory-gib", type=float,
                    help="cap this process's GPU memory (e.g. 79.6: an 80 GB card's share)")  # fmt: skip
     a = p.parse_args(argv)
@@ -151,14 +180,18 @@ def main(argv=None) -> dict:
                             max_new_tokens=max_new),
             batch_size=batch_size,
         )  # fmt: skip
+        if a.no_compile_ahead:
+            run.compile_ahead = lambda *_: None
         t = time.perf_counter()
         loaded = load(cfg)
         load_s = time.perf_counter() - t
         loaded.clock = clock = Clock()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        builds = kernel_builds() if device.type == "cuda" else nullcontext((Counter(), [0.0]))
         t = time.perf_counter()
-        stream = record(cfg, loaded)
+        with builds as (built, compile_s):
+            stream = record(cfg, loaded)
         pass_s = time.perf_counter() - t
 
     sec = clock.seconds
@@ -184,6 +217,9 @@ def main(argv=None) -> dict:
         "host_s": pass_s - sum(sec.values()),
         "pass_s": pass_s,
         "total_s": load_s + pass_s,
+        "compile_ahead": device.type == "cuda" and not a.no_compile_ahead,
+        "kernels_built_in_pass": dict(built),
+        "kernel_build_s": compile_s[0],
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else float("nan"),
@@ -200,6 +236,7 @@ def print_table(r: dict) -> None:
           f"{r['max_new_tokens']} new tokens, {r['batches']} batches of at most "
           f"{r['batch_size']}"
           + (f", memory capped at {r['memory_cap_gib']} GiB" if r["memory_cap_gib"] else ""))  # fmt: skip
+    built = r["kernels_built_in_pass"]
     lines = [
         ("checkpoint built", f"{r['build_s']:.1f} s"),
         ("load", f"{r['load_s']:.1f} s"),
@@ -209,6 +246,9 @@ def print_table(r: dict) -> None:
         ("end of batch", f"{r['end_s']:.1f} s"),
         ("host", f"{r['host_s']:.1f} s"),
         ("total (load + pass)", f"{r['total_s']:.1f} s"),
+        ("kernels built in the pass", f"{sum(built.values())} in {r['kernel_build_s']:.1f} s"
+         f" ({', '.join(f'{k} {v}' for k, v in sorted(built.items())) or 'none'}); compiled"
+         f" while loading: {'yes' if r['compile_ahead'] else 'no'}"),
         ("peak GPU memory", f"{r['peak_gib']:.1f} GiB"),
         ("roofline decode", f"{r['decode_roofline_s']:.1f} s: {r['decode_steps']} steps x "
          f"weights {r['weights_bytes'] / 1e9:.2f} GB + KV {r['kv_bytes'] / 1e12:.2f} TB, "

@@ -2,8 +2,8 @@
 process: the tile kernels (dequantizing per tile) against the grouped GEMM on the layer
 dequantized once, at a decode batch and at prefill pieces, in TFLOP/s, with the largest
 relative difference of their outputs; and the dequantization alone. `--sweep`: the tile
-kernels at decode batches (128 and 259 tokens) over tile shapes, each GEMM's shape varied in
-turn, the shapes `expert_gemm.tile_shapes` picks marked `chosen`.
+kernels at decode batches (128 and 259 tokens) over tile shapes and warps, each GEMM's shape
+varied in turn, the shapes `expert_gemm.tile_shapes` picks marked `chosen`.
 
     python benchmarks/kernel_speed.py [--sweep]                     # GPU
     python benchmarks/kernel_speed.py --small --device cpu --sweep  # CI: Triton's interpreter
@@ -106,8 +106,9 @@ def sweep(device, dtype, small: bool) -> list[dict]:
     ex, k = code_layer(device, dtype, small)
     e, h, g = ex.num_experts, ex.gate_up_proj_q.shape[3], ex.bits.group
     low = expert_gemm.low_path(ex)
-    grid = [(64, 128, 3), (128, 128, 3)] if small else [
-        (n, bk, stages) for n in (64, 128) for bk in (64, 128) for stages in (3, 4)
+    grid = [(64, 128, 3, 4), (128, 128, 3, 4)] if small else [
+        (n, bk, stages, warps)
+        for n in (64, 128) for bk in (64, 128) for stages in (3, 4) for warps in (4, 8)
     ]  # fmt: skip
     rows = []
     for tokens in (3,) if small else (128, 259):
@@ -119,7 +120,7 @@ def sweep(device, dtype, small: bool) -> list[dict]:
                 shapes = (bm, shape, down) if which == 0 else (bm, gate_up, shape)
                 call = partial(expert_gemm.tiles, ex, x, v, weights, k, low, shapes)
                 rows.append(dict(tokens=tokens, pairs=v.numel(), kernel=kernel, bn=shape[0],
-                                 bk=shape[1], stages=shape[2],
+                                 bk=shape[1], stages=shape[2], warps=shape[3],
                                  chosen=shape == (gate_up, down)[which],
                                  tiles_us=1e6 * bench(call, device)))  # fmt: skip
     return rows

@@ -7,12 +7,15 @@ sweep worker) loads it once per `load_key`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
 import math
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import torch
 from slicemoe.batching import CPU_BATCH, auto_batches, batch_sizes, row_bytes, sizes
 from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
-from slicemoe.models import Shape, checkpoint_dir, read_shape
+from slicemoe.models import Shape, checkpoint_dir, moe_blocks, read_shape, skeleton
 from slicemoe.models.adapter import quantize_model
 from slicemoe.optimality import optimality
 from slicemoe.quant import reference_bytes
@@ -80,7 +83,8 @@ def _device(name: str) -> torch.device:
 
 
 def load(cfg: RunConfig) -> Loaded | None:
-    """The model, quantized; None for a config that replays a trace (cfg.stream_file)."""
+    """The model, quantized; None for a config that replays a trace (cfg.stream_file). On CUDA
+    the pass's kernels compile meanwhile (`compile_ahead`)."""
     if cfg.stream_file is not None:
         return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,19 +92,86 @@ def load(cfg: RunConfig) -> Loaded | None:
     path = checkpoint_dir(cfg.model.name, cfg.model.path)
     device = _device(cfg.model.device)
     tok = AutoTokenizer.from_pretrained(path)
+    ahead = compile_ahead(cfg, path, tok, device) if device.type == "cuda" else None
     # Never a pickle checkpoint (validate refuses them too). No hub kernels: they come from the
     # network and would replace the layers that slicemoe.models.adapter instruments.
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, cfg.model.dtype), use_safetensors=True, use_kernels=False
     )
-    model = model.to(device).eval()
+    model = _adapted(model.to(device).eval(), cfg, device)
+    if ahead is not None:
+        ahead.join()
+    return Loaded(load_key(cfg), model, tok, read_shape(path), device)
+
+
+def _adapted(model, cfg: RunConfig, device: torch.device):
+    """`model` with its norms and rotary embedding one kernel each (CUDA) and its experts
+    quantized: on CUDA held once, as codes (slicemoe.models.code_experts)."""
     if device.type == "cuda":
         from slicemoe import kernels
 
-        kernels.fuse(model)  # norms and rotary embedding in one kernel each
-    # On CUDA the experts are held once, as codes (slicemoe.models.code_experts).
+        kernels.fuse(model)
     quantize_model(model, cfg.bits, codes=device.type == "cuda")
-    return Loaded(load_key(cfg), model, tok, read_shape(path), device)
+    return model
+
+
+def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
+    """A started thread that runs `cfg`'s model pass on a copy of the model cut to its first
+    MoE layer, random weights (built here, the global RNGs left as they were): short batches
+    of each size at which the experts' kernels differ (`expert_gemm.launch_tokens`), so that
+    Triton compiles every kernel the pass launches while the checkpoint loads, where a
+    machine's first pass would compile them in its first batches (~11 s of a GSM8K pass on an
+    H100). None where no cut model has a MoE block. The thread tells stderr if it fails: the
+    pass then compiles what is left, as it would have."""
+    from transformers import AutoModelForCausalLM
+
+    from slicemoe.kernels.expert_gemm import launch_tokens
+
+    config = _cut(skeleton(path).config)
+    if config is None:
+        return None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.model.dtype))
+    model = _adapted(model.eval(), cfg, device)
+    shape = dataclasses.replace(read_shape(path), num_moe_layers=len(moe_blocks(model)))
+    loaded = Loaded(load_key(cfg), model, tok, shape, device)
+    *decode, grouped = launch_tokens(shape.num_experts, shape.top_k, cfg.bits.group)
+    # (rows, prompt tokens): a decode step at each size, and a prefill that takes the grouped
+    # GEMM in one piece of 16-token prompts.
+    batches = [(rows, 2) for rows in decode] + [(-(-grouped // 16), 16)]
+    vocab = config.get_text_config().vocab_size
+
+    def compile_all():
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+                sim = Simulator(cfg, loaded, capture=False)
+                for rows, tokens in batches:
+                    prompt = [i % vocab for i in range(tokens)]
+                    sim.generate_until(np.arange(rows), [prompt] * rows, max_new=2)
+        except Exception as err:  # the pass compiles what is left
+            print(f"slicemoe: kernels not compiled ahead ({type(err).__name__}: {err}); the "
+                  "first batches compile them", file=sys.stderr)  # fmt: skip
+
+    thread = threading.Thread(target=compile_all, name="slicemoe-compile-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _cut(config):
+    """`config` with the fewest decoder layers (up to 4) that hold a MoE block; None if none."""
+    from transformers import AutoModelForCausalLM
+
+    for layers in range(1, min(4, config.get_text_config().num_hidden_layers) + 1):
+        cut = copy.deepcopy(config)
+        cut.get_text_config().num_hidden_layers = layers
+        try:
+            with torch.device("meta"):
+                if moe_blocks(AutoModelForCausalLM.from_config(cut)):
+                    return cut
+        except Exception:  # a config whose layers cannot be cut
+            return None
+    return None
 
 
 # --- evaluation ------------------------------------------------------------------------------

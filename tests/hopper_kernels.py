@@ -52,14 +52,15 @@ def expert_gemms(pairs: int) -> None:
     common = dict(ids_ptr="*i64", block_ptr="*i64", q_ptr="*u8", s_ptr="*fp32", z_ptr="*u8",
                   F="i32", E="i32", V="i32", shift_low="i32", mult_low="fp32", copy_low="i32",
                   q_copy="i32", s_copy="i32", z_path="i32")  # fmt: skip
-    bm, (gu_n, gu_k, gu_stages), (dn_n, dn_k, dn_stages) = expert_gemm.tile_shapes(pairs, 60, 32)
+    bm, gate_up_tile, down_tile = expert_gemm.tile_shapes(pairs, 60, 32)
+    (gu_n, gu_k, gu_stages, gu_warps), (dn_n, dn_k, dn_stages, dn_warps) = gate_up_tile, down_tile
     shape = dict(I=1408, H=2048, G=32, BM=bm)  # Qwen1.5-MoE's experts
     gate_up = {**common, "x_ptr": "*bf16", "h_ptr": "*bf16", "TOPK": "i32"}
     compile_for_hopper(expert_gemm._gate_up, gate_up, {**shape, "BN": gu_n, "BK": gu_k},
-                       num_stages=gu_stages)  # fmt: skip
+                       num_stages=gu_stages, num_warps=gu_warps)  # fmt: skip
     down = {**common, "h_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
     compile_for_hopper(expert_gemm._down, down, {**shape, "BN": dn_n, "BK": dn_k},
-                       num_stages=dn_stages)  # fmt: skip
+                       num_stages=dn_stages, num_warps=dn_warps)  # fmt: skip
 
 
 def dequantize() -> None:

@@ -353,7 +353,8 @@ def code_experts(ex, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
 
 
 def tile_shapes(pairs: int, num_experts: int, group: int):
-    """(BM, then (BN, BK, stages) of `_gate_up` and of `_down`) for a call of `pairs` pairs.
+    """(BM, then (BN, BK, stages, warps) of `_gate_up` and of `_down`) for a call of `pairs`
+    pairs.
     Small batches: few rows per expert, a short block; large ones: a square tile. A step of a
     few tokens runs few programs, each better with a longer K step (measured on an H200). Where
     an expert's rows fit about one block (a decode step of up to ~16 x E / k tokens) wider
@@ -362,11 +363,22 @@ def tile_shapes(pairs: int, num_experts: int, group: int):
     sixth round, with the rows-first tiles; `benchmarks/kernel_speed.py --sweep` runs such a
     sweep)."""
     bm = 16 if pairs <= 16 * 2 * num_experts else 64
-    short = (64, max(group, 128 if pairs <= 16 else 64), STAGES)
+    short = (64, max(group, 128 if pairs <= 16 else 64), STAGES, 4)
     wide = 16 < pairs and bm == 16
-    gate_up = (128, max(group, 128), 4) if wide and pairs <= 16 * num_experts else short
-    down = (128, max(group, 128), STAGES) if wide else short
+    gate_up = (128, max(group, 128), 4, 4) if wide and pairs <= 16 * num_experts else short
+    down = (128, max(group, 128), STAGES, 4) if wide else short
     return bm, gate_up, down
+
+
+def launch_tokens(num_experts: int, topk: int, group: int) -> list[int]:
+    """Tokens of a `code_experts` call for each kind of launch it makes: the fewest that get
+    each distinct `tile_shapes` answer, then the fewest that take the grouped GEMM. Calls of
+    these sizes compile every kernel the model's experts launch here."""
+    grouped = -(-GROUPED_ROWS * num_experts // topk)
+    first = {}
+    for tokens in range(1, grouped):
+        first.setdefault(tile_shapes(tokens * topk, num_experts, group), tokens)
+    return [*first.values(), grouped]
 
 
 def tiles(ex, x, v, weights, topk: int, low: tuple, shapes=None) -> torch.Tensor:
@@ -378,19 +390,21 @@ def tiles(ex, x, v, weights, topk: int, low: tuple, shapes=None) -> torch.Tensor
     dn_q, dn_s, dn_z = ex.down_proj_q, ex.down_proj_scale, ex.down_proj_zp
     inter = gu_q.shape[2] // 2
     g = ex.bits.group
-    bm, (gu_n, gu_k, gu_stages), (dn_n, dn_k, dn_stages) = shapes or tile_shapes(f, e, g)
+    bm, (gu_n, gu_k, gu_stages, gu_warps), (dn_n, dn_k, dn_stages, dn_warps) = (
+        shapes or tile_shapes(f, e, g)
+    )
     ids, blocks = aligned(v, 2 * e, bm)
     h = torch.empty((ids.numel(), inter), dtype=x.dtype, device=x.device)
     _gate_up[(blocks.numel(), triton.cdiv(inter, gu_n))](
         x, ids, blocks, gu_q, gu_s, gu_z, h, f, e, 2 * e, topk, *low,
         gu_q[0].numel(), gu_s[0].numel(), gu_z[0].numel(), I=inter, H=hsize, G=g, BM=bm,
-        BN=gu_n, BK=gu_k, num_stages=gu_stages,
+        BN=gu_n, BK=gu_k, num_stages=gu_stages, num_warps=gu_warps,
     )  # fmt: skip
     y = torch.empty((f, hsize), dtype=x.dtype, device=x.device)
     _down[(blocks.numel(), triton.cdiv(hsize, dn_n))](
         h, ids, blocks, weights, dn_q, dn_s, dn_z, y, f, e, 2 * e, *low,
         dn_q[0].numel(), dn_s[0].numel(), dn_z[0].numel(), I=inter, H=hsize, G=g, BM=bm,
-        BN=dn_n, BK=dn_k, num_stages=dn_stages,
+        BN=dn_n, BK=dn_k, num_stages=dn_stages, num_warps=dn_warps,
     )  # fmt: skip
     return y
 

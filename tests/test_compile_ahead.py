@@ -1,0 +1,73 @@
+"""`load` compiles the pass's kernels on a cut copy of the model while the checkpoint loads
+(slicemoe.run.compile_ahead)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+from slicemoe.config import EvalConfig, ModelConfig, RunConfig
+from slicemoe.models import checkpoint_dir
+from slicemoe.run import compile_ahead, load, run
+
+
+def test_the_cut_model_runs_the_pass_beside_the_load_and_leaves_the_rngs_alone(capsys):
+    cfg = RunConfig()
+    path = checkpoint_dir(cfg.model.name, cfg.model.path)
+    from transformers import AutoTokenizer
+
+    before = torch.random.get_rng_state()
+    thread = compile_ahead(cfg, path, AutoTokenizer.from_pretrained(path), torch.device("cpu"))
+    assert thread is not None
+    thread.join()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert "not compiled ahead" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("experts, topk", [(60, 4), (8, 2), (64, 8), (128, 1)])
+def test_the_launch_sizes_reach_every_tile_shape_and_the_grouped_gemm(experts, topk):
+    from slicemoe.kernels.expert_gemm import GROUPED_ROWS, launch_tokens, tile_shapes
+
+    *decode, grouped = launch_tokens(experts, topk, 32)
+    kinds = {tile_shapes(t * topk, experts, 32) for t in range(1, grouped)}
+    assert {tile_shapes(t * topk, experts, 32) for t in decode} == kinds
+    assert len(decode) == len(kinds) and decode == sorted(decode)
+    assert (grouped - 1) * topk < GROUPED_ROWS * experts <= grouped * topk
+
+
+def _jit_kernels():
+    """Every Triton kernel of the package (`triton.runtime.JITFunction`s)."""
+    from triton.runtime import JITFunction
+
+    import slicemoe.cache.kernel
+    import slicemoe.kernels
+
+    modules = [slicemoe.cache.kernel] + [
+        importlib.import_module(f"slicemoe.kernels.{m.name}")
+        for m in pkgutil.iter_modules(slicemoe.kernels.__path__)
+    ]
+    return [v for m in modules for v in vars(m).values() if isinstance(v, JITFunction)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_kernels_are_built_in_load_and_none_in_the_run():
+    from triton import knobs
+
+    cfg = RunConfig(model=ModelConfig(dtype="bfloat16"), eval=EvalConfig(limit=12))
+    for kernel in _jit_kernels():  # what earlier tests compiled in this process is forgotten
+        kernel.device_caches.clear()
+    built = []
+    knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: built.append(fn.name)
+    try:
+        loaded = load(cfg)
+        in_load = list(built)
+        built.clear()
+        run(cfg, loaded)
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
+    assert "_gate_up" in in_load and "_rms_norm" in in_load
+    assert built == []
