@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from slicemoe import run
 from slicemoe.batching import sizes
 from slicemoe.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig
 from slicemoe.models import model_dims
@@ -180,10 +179,8 @@ def main(argv=None) -> dict:
                             max_new_tokens=max_new),
             batch_size=batch_size,
         )  # fmt: skip
-        if a.no_compile_ahead:
-            run.compile_ahead = lambda *_: None
         t = time.perf_counter()
-        loaded = load(cfg)
+        loaded = load(cfg, ahead=not a.no_compile_ahead)
         load_s = time.perf_counter() - t
         loaded.clock = clock = Clock()
         if device.type == "cuda":

@@ -82,9 +82,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load(cfg: RunConfig) -> Loaded | None:
+def load(cfg: RunConfig, ahead: bool = True) -> Loaded | None:
     """The model, quantized; None for a config that replays a trace (cfg.stream_file). On CUDA
-    the pass's kernels compile meanwhile (`compile_ahead`)."""
+    the pass's kernels compile meanwhile (`compile_ahead`), unless `ahead` is False."""
     if cfg.stream_file is not None:
         return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,15 +92,16 @@ def load(cfg: RunConfig) -> Loaded | None:
     path = checkpoint_dir(cfg.model.name, cfg.model.path)
     device = _device(cfg.model.device)
     tok = AutoTokenizer.from_pretrained(path)
-    ahead = compile_ahead(cfg, path, tok, device) if device.type == "cuda" else None
+    thread = compile_ahead(cfg, path, tok, device) if ahead and device.type == "cuda" else None
     # Never a pickle checkpoint (validate refuses them too). No hub kernels: they come from the
     # network and would replace the layers that slicemoe.models.adapter instruments.
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, cfg.model.dtype), use_safetensors=True, use_kernels=False
     )
     model = _adapted(model.to(device).eval(), cfg, device)
-    if ahead is not None:
-        ahead.join()
+    if thread is not None:
+        thread.join()
+        gc.collect()  # the cut model's runtime refers back to it: free its tensors now
     return Loaded(load_key(cfg), model, tok, read_shape(path), device)
 
 
