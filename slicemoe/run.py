@@ -122,15 +122,23 @@ def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
     of each size at which the experts' kernels differ (`expert_gemm.launch_tokens`), so that
     Triton compiles every kernel the pass launches while the checkpoint loads, where a
     machine's first pass would compile them in its first batches (~11 s of a GSM8K pass on an
-    H100). None where no cut model has a MoE block. The thread tells stderr if it fails: the
-    pass then compiles what is left, as it would have."""
+    H100). None where no cut model has a MoE block, or where the model and the copy together
+    would not fit the GPU's free memory (the copy must not crowd the checkpoint out). The
+    thread tells stderr if it fails: the pass then compiles what is left, as it would have."""
     from transformers import AutoModelForCausalLM
 
     from slicemoe.kernels.expert_gemm import launch_tokens
 
-    config = _cut(skeleton(path).config)
-    if config is None:
+    full = skeleton(path)
+    cut = _cut(full.config)
+    if cut is None:
         return None
+    weights = sum(p.numel() for p in [*full.parameters(), *cut.parameters()])
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if weights * getattr(torch, cfg.model.dtype).itemsize > free:
+            return None
+    config = cut.config
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.model.dtype))
@@ -160,7 +168,8 @@ def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
 
 
 def _cut(config):
-    """`config` with the fewest decoder layers (up to 4) that hold a MoE block; None if none."""
+    """The model of `config` with the fewest decoder layers (up to 4) that hold a MoE block, on
+    the meta device (shapes, no weights); None if none."""
     from transformers import AutoModelForCausalLM
 
     for layers in range(1, min(4, config.get_text_config().num_hidden_layers) + 1):
@@ -168,10 +177,11 @@ def _cut(config):
         cut.get_text_config().num_hidden_layers = layers
         try:
             with torch.device("meta"):
-                if moe_blocks(AutoModelForCausalLM.from_config(cut)):
-                    return cut
+                model = AutoModelForCausalLM.from_config(cut)
         except Exception:  # a config whose layers cannot be cut
             return None
+        if moe_blocks(model):
+            return model
     return None
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slicemoe.config import EvalConfig, ModelConfig, RunConfig
-from slicemoe.models import checkpoint_dir
+from slicemoe.models import checkpoint_dir, skeleton
 from slicemoe.run import compile_ahead, load, run
 
 
@@ -25,6 +25,22 @@ def test_the_cut_model_runs_the_pass_beside_the_load_and_leaves_the_rngs_alone(c
     thread.join()
     assert torch.equal(torch.random.get_rng_state(), before)
     assert "not compiled ahead" not in capsys.readouterr().err
+
+
+def test_no_copy_is_built_where_it_and_the_model_would_not_fit_the_free_memory(monkeypatch):
+    cfg = RunConfig()
+    path = checkpoint_dir(cfg.model.name, cfg.model.path)
+    weights = sum(p.numel() for p in skeleton(path).parameters()) * 4  # float32
+    asked = []
+
+    def free_and_total(device):
+        asked.append(device)
+        return weights, 2 * weights  # the model would fit alone, not with its copy
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_and_total)
+    # CUDA is never touched: the answer comes before anything is built.
+    assert compile_ahead(cfg, path, None, torch.device("cuda")) is None
+    assert asked == [torch.device("cuda")]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
