@@ -9,6 +9,11 @@ by phase (slicemoe.simulator.Clock), with the pass's roofline.
 
     python benchmarks/gsm8k_pass.py                           # GPU, full shape, all 1,319
     python benchmarks/gsm8k_pass.py --small --device cpu      # a small model on the CPU (CI)
+    python benchmarks/gsm8k_pass.py --step 128 --step-from 60 # one batch's recorded step
+
+`--step ROWS`: instead of the pass, the recorded decode step of one batch of ROWS prompts (those
+at length ranks --step-from onwards, longest first, as the pass orders them), captured as a CUDA
+graph as the pass runs it (eager off CUDA), timed over STEP_TIMED steps after STEP_WARM.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -29,7 +35,8 @@ from slicemoe.batching import sizes
 from slicemoe.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig
 from slicemoe.models import model_dims
 from slicemoe.run import load, record
-from slicemoe.simulator import Clock
+from slicemoe.simulator import Clock, Simulator
+from slicemoe.validate import get_task_or_error
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN = ROOT / "slicemoe/checkpoints/configs/qwen1.5-moe-a2.7b/config.json"
@@ -37,6 +44,7 @@ DATA = ROOT.parent / "shared/data/gsm8k"
 H100_BYTES_PER_S = 3.35e12  # HBM3 bandwidth
 H100_FLOPS = 990e12  # bf16 dense tensor cores
 EOS = "<|endoftext|>"
+STEP_WARM, STEP_TIMED = 3, 32  # the first step runs eagerly, the second is captured
 # --small: the shipped config shrunk to run in seconds on one CPU core.
 SMALL = dict(
     hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
@@ -133,6 +141,39 @@ def roofline(loaded, cfg: RunConfig, stream, steps: int) -> dict:
     }
 
 
+def step_time(cfg: RunConfig, loaded, rows: int, first: int) -> dict:
+    """The pass's recorded decode step at `rows` rows: the prompts at length ranks first ..
+    first + rows - 1 (longest first), prefilled with room for the steps run here."""
+    tok = loaded.tokenizer
+    docs = get_task_or_error(cfg.eval.task).docs(cfg.eval, tok)
+    prompts = tok([d.prompt for d in docs])["input_ids"]
+    seqs = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[first : first + rows]
+    if len(seqs) < rows:
+        raise SystemExit(f"--step {rows} --step-from {first}: only {len(prompts)} problems")
+    steps = STEP_WARM + STEP_TIMED
+    sim = Simulator(cfg, loaded, record=True, streams_only=True)
+    batch = sim.prefill(seqs, [prompts[i] for i in seqs], steps=np.full(rows, steps + 1))
+    active = np.ones(rows, dtype=bool)
+    cuda = loaded.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    for _ in range(STEP_WARM):
+        sim.decode_step(batch, active)
+    sync()
+    t = time.perf_counter()
+    for _ in range(STEP_TIMED):
+        sim.decode_step(batch, active)
+    sync()
+    ms = 1e3 * (time.perf_counter() - t) / STEP_TIMED
+    return {
+        "device": torch.cuda.get_device_name(loaded.device) if cuda else "cpu",
+        "step_rows": rows,
+        "step_from": first,
+        "step_slots": max(len(prompts[i]) for i in seqs) + steps + 1,
+        "step_captured": sim.graphs,
+        "step_ms": ms,
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=QWEN, help="a shipped config.json")
@@ -146,6 +187,10 @@ def main(argv=None) -> dict:
     p.add_argument("--policy", default="lru_highbit", help="a conf/policy preset (replayable)")
     p.add_argument("--batch-size", default="auto", help="an integer or auto")
     p.add_argument("--json", type=Path, help="write the row as JSON here")
+    p.add_argument("--step", type=int, metavar="ROWS",
+                   help="time one batch's recorded decode step instead of the pass")  # fmt: skip
+    p.add_argument("--step-from", type=int, default=0, metavar="RANK",
+                   help="--step's first prompt, by length rank (0: the longest)")  # fmt: skip
     p.add_argument("--no-compile-ahead", action="store_true",
                    help="load without compiling the kernels meanwhile (they compile in the pass)")  # fmt: skip
     p.add_argument("--memory-gib", type=float,
@@ -182,6 +227,15 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         loaded = load(cfg, ahead=not a.no_compile_ahead)
         load_s = time.perf_counter() - t
+        if a.step:
+            row = step_time(cfg, loaded, a.step, a.step_from)
+            print(f"recorded decode step on {row['device']}: {a.step} rows (length ranks "
+                  f"{a.step_from}-{a.step_from + a.step - 1}), {row['step_slots']} KV slots, "
+                  f"{'captured' if row['step_captured'] else 'eager'}: {row['step_ms']:.2f} ms "
+                  f"a step over {STEP_TIMED} steps")  # fmt: skip
+            if a.json:
+                a.json.write_text(json.dumps(row, indent=1))
+            return row
         loaded.clock = clock = Clock()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

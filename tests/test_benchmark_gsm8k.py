@@ -34,3 +34,18 @@ def test_the_gsm8k_pass_runs_small_on_the_cpu(tmp_path):
     assert row["kv_bytes"] > 0 and row["weights_bytes"] > 0
     assert row["decode_bytes"] == 6 * row["weights_bytes"] + row["kv_bytes"]
     assert "| decode |" in proc.stdout and "| roofline decode |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="GSM8K is not at ../shared/data/gsm8k")
+def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "benchmarks/gsm8k_pass.py", "--small", "--device", "cpu",
+           "--limit", "4", "--step", "2", "--step-from", "1", "--json", str(out)]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["step_rows"] == 2 and row["step_from"] == 1 and not row["step_captured"]
+    assert row["step_ms"] > 0 and row["step_slots"] > 100 + 36  # 5-shot prompts, 36 steps
+    assert "2 rows (length ranks 1-2)" in proc.stdout
