@@ -47,5 +47,5 @@ def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())
     assert row["step_rows"] == 2 and row["step_from"] == 1 and not row["step_captured"]
-    assert row["step_ms"] > 0 and row["step_slots"] > 100 + 36  # 5-shot prompts, 36 steps
+    assert row["step_ms"] > 0 and row["step_slots"] > 100 + 47  # 5-shot prompts, 47 planned
     assert "2 rows (length ranks 1-2)" in proc.stdout
