@@ -196,6 +196,10 @@ def main(argv=None) -> dict:
     p.add_argument("--memory-gib", type=float,
                    help="cap this process's GPU memory (e.g. 79.6: an 80 GB card's share)")  # fmt: skip
     a = p.parse_args(argv)
+    if a.step is not None and (a.step < 1 or a.step_from < 0):
+        p.error(
+            f"--step {a.step} --step-from {a.step_from}: ROWS must be 1 or more, RANK 0 or more"
+        )
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     )
@@ -227,7 +231,7 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         loaded = load(cfg, ahead=not a.no_compile_ahead)
         load_s = time.perf_counter() - t
-        if a.step:
+        if a.step is not None:
             row = step_time(cfg, loaded, a.step, a.step_from)
             print(f"recorded decode step on {row['device']}: {a.step} rows (length ranks "
                   f"{a.step_from}-{a.step_from + a.step - 1}), {row['step_slots']} KV slots, "
