@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from slicemoe.batching import sizes
+from slicemoe.batching import longest_first, sizes
 from slicemoe.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig
 from slicemoe.models import model_dims
 from slicemoe.run import load, record
@@ -148,7 +148,7 @@ def step_time(cfg: RunConfig, loaded, rows: int, first: int) -> dict:
     tok = loaded.tokenizer
     docs = get_task_or_error(cfg.eval.task).docs(cfg.eval, tok)
     prompts = tok([d.prompt for d in docs])["input_ids"]
-    seqs = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[first : first + rows]
+    seqs = longest_first(prompts)[first : first + rows]
     if len(seqs) < rows:
         raise SystemExit(f"--step {rows} --step-from {first}: only {len(prompts)} problems")
     sim = Simulator(cfg, loaded, record=True, streams_only=True)

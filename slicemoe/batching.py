@@ -80,6 +80,12 @@ def prefill_bytes(s: Sizes, tokens: int) -> int:
     return PREFILL_TOKENS * (token_bytes(s) + tokens * (s.dtype_bytes + 1)) + layer
 
 
+def longest_first(prompts) -> np.ndarray:
+    """Indices of `prompts` (token lists), longest first, equal lengths in their order: the
+    order a model pass runs its sequences in."""
+    return np.argsort([-len(p) for p in prompts], kind="stable")
+
+
 def auto_batches(free: int, s: Sizes, lens, max_new: int, groups: int = 1) -> np.ndarray:
     """For prompts of `lens` tokens run longest first, the sequences (of `groups` rows each) a
     batch takes when it starts at each of them: as many as fit MARGIN of `free` bytes beside

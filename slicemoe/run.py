@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slicemoe.batching import CPU_BATCH, auto_batches, batch_sizes, row_bytes, sizes
+from slicemoe.batching import (
+    CPU_BATCH,
+    auto_batches,
+    batch_sizes,
+    longest_first,
+    row_bytes,
+    sizes,
+)
 from slicemoe.config import PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, moe_blocks, read_shape, skeleton
@@ -101,7 +108,6 @@ def load(cfg: RunConfig, ahead: bool = True) -> Loaded | None:
     model = _adapted(model.to(device).eval(), cfg, device)
     if thread is not None:
         thread.join()
-        gc.collect()  # the cut model's runtime refers back to it: free its tensors now
     return Loaded(load_key(cfg), model, tok, read_shape(path), device)
 
 
@@ -275,7 +281,7 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
         windows = task.windows(cfg.eval, tok)
         prompts = [w.input_ids[: max(w.n_context, 1)] for w in windows]
         forced = [w.input_ids[max(w.n_context, 1) :] for w in windows]
-    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    order = longest_first(prompts)
     groups = len(cfgs)
     tell = None
     if progress is not None:
