@@ -96,23 +96,25 @@ def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, d
 @contextmanager
 def kernel_builds():
     """Within: the Triton kernels built (compiled, or read from Triton's on-disk cache) and
-    the seconds that took, as (Counter of kernel names, [seconds])."""
+    the seconds that took, as (Counter of kernel names, their signatures as Triton specialised
+    them, [seconds])."""
     from triton import knobs
 
-    names, seconds, began = Counter(), [0.0], {}
+    names, signatures, seconds, began = Counter(), [], [0.0], {}
 
     def before(*, key, **_):
         began[str(key)] = time.perf_counter()
         return False  # build it
 
-    def after(*, key, fn, **_):
+    def after(*, key, fn, repr, **_):
         seconds[0] += time.perf_counter() - began.pop(str(key), time.perf_counter())
         names[fn.name] += 1
+        signatures.append(repr)
 
     hooks = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
     try:
-        yield names, seconds
+        yield names, signatures, seconds
     finally:
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = hooks
 
@@ -243,9 +245,9 @@ def main(argv=None) -> dict:
         loaded.clock = clock = Clock()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        builds = kernel_builds() if device.type == "cuda" else nullcontext((Counter(), [0.0]))
+        builds = kernel_builds() if device.type == "cuda" else nullcontext((Counter(), [], [0.0]))
         t = time.perf_counter()
-        with builds as (built, compile_s):
+        with builds as (built, signatures, compile_s):
             stream = record(cfg, loaded)
         pass_s = time.perf_counter() - t
 
@@ -275,6 +277,7 @@ def main(argv=None) -> dict:
         "compile_ahead": device.type == "cuda" and not a.no_compile_ahead,
         "kernels_built_in_pass": dict(built),
         "kernel_build_s": compile_s[0],
+        "kernel_signatures_built_in_pass": signatures,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else float("nan"),

@@ -113,7 +113,10 @@ def load(cfg: RunConfig, ahead: bool = True) -> Loaded | None:
 
 def _adapted(model, cfg: RunConfig, device: torch.device):
     """`model` with its norms and rotary embedding one kernel each (CUDA) and its experts
-    quantized: on CUDA held once, as codes (slicemoe.models.code_experts)."""
+    quantized: on CUDA held once, as codes (slicemoe.models.code_experts). No parameter asks
+    for gradients: a forward pass outside `torch.no_grad` (a benchmark's, a notebook's) would
+    otherwise keep every activation for a backward pass that never comes."""
+    model.requires_grad_(False)
     if device.type == "cuda":
         from slicemoe import kernels
 

@@ -21,8 +21,9 @@ def compile_for_hopper(fn, types: dict, constants: dict, **options) -> None:
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     # At launch Triton specialises on pointers and integers divisible by 16 (torch aligns its
     # allocations), which lets it pipeline loads through shared memory: compile the most
-    # specialised variant, the one that needs the most.
-    aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types}
+    # specialised variant, the one that needs the most (not the scalars it never specialises).
+    fixed = {p.name for p in fn.params if p.do_not_specialize}
+    aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if n not in fixed}
     source = ASTSource(fn, signature, constants, aligned)
     kernel = triton.compile(source, target=HOPPER, options=options)
     assert kernel.asm["cubin"]  # machine code was assembled
@@ -36,8 +37,7 @@ def cache_layer_step(sliced: bool, nested: bool, eviction: int, on_miss: int) ->
                          "ahead_e_ptr", "out_ptr"), "*i64")  # fmt: skip
     flags = dict.fromkeys(("pref_ptr", "high_ptr", "on_ptr", "drop_ptr", "ahead_c_ptr",
                            "ahead_on_ptr", "served_ptr", "dropped_ptr"), "*u8")  # fmt: skip
-    ints = dict(layer="i32", target="i32", capacity="i64", s_msb="i32", s_lsb="i32",
-                s_full="i32", low_bytes="i32")  # fmt: skip
+    ints = dict.fromkeys(kernel._SCALARS, "i64")
     constants = dict(
         N=1440, E=60, K=4, M=4, EVICTION=eviction, SLICED=sliced, NESTED=nested, ON_MISS=on_miss,
         PREFETCH_LSB=True, COLD=False, AHEAD=True, MAX_EVICT=3, BLOCK=1024, NSTATS=16,

@@ -364,6 +364,8 @@ def test_a_prefill_piece_attends_to_its_own_slots_without_cudnn(monkeypatch):
     from slicemoe import simulator
 
     monkeypatch.setattr(simulator, "PREFILL_TOKENS", 8)  # 2 rows: pieces of 4 positions
+    cfg = RunConfig(model=ModelConfig(backend="tensor"))
+    loaded = load(cfg)  # before the spy: on CUDA, load runs a pass of its own (compile_ahead)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = []
 
@@ -372,8 +374,7 @@ def test_a_prefill_piece_attends_to_its_own_slots_without_cudnn(monkeypatch):
         return sdpa(query, key, value, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", seen)
-    cfg = RunConfig(model=ModelConfig(backend="tensor"))
-    sim = Simulator(cfg, load(cfg), capture=False)
+    sim = Simulator(cfg, loaded, capture=False)
     layers = len(sim.model.model.layers)
     with torch.no_grad():
         batch = sim.prefill([0, 1], [[5, 6, 7, 8, 9, 10], [9, 10]], steps=np.array([3, 3]))

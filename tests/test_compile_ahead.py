@@ -77,7 +77,9 @@ def test_on_cuda_the_kernels_are_built_in_load_and_none_in_the_run():
     for kernel in _jit_kernels():  # what earlier tests compiled in this process is forgotten
         kernel.device_caches.clear()
     built = []
-    knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: built.append(fn.name)
+    # Each build as Triton specialised it (name, launch options, argument types): a build in
+    # the run shows what the cut copy launched differently.
+    knobs.runtime.jit_post_compile_hook = lambda *, repr, **_: built.append(repr)
     try:
         loaded = load(cfg)
         in_load = list(built)
@@ -85,5 +87,6 @@ def test_on_cuda_the_kernels_are_built_in_load_and_none_in_the_run():
         run(cfg, loaded)
     finally:
         knobs.runtime.jit_post_compile_hook = None
-    assert "_gate_up" in in_load and "_rms_norm" in in_load
+    names = {signature.split("[")[0] for signature in in_load}
+    assert {"_gate_up", "_rms_norm"} <= names, in_load
     assert built == []

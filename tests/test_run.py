@@ -290,6 +290,12 @@ def test_dbsc_beats_highbit_lru_on_misses_and_lowbit_on_accuracy(loaded):
     assert high["accuracy"] > low["accuracy"]
 
 
+def test_the_loaded_model_keeps_no_graph_outside_no_grad(loaded):
+    """A forward pass of the loaded model records no autograd graph even where the caller did
+    not turn gradients off (the benchmarks' step timing calls the simulator directly)."""
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
 def test_unquantized_experts_run(loaded):
     r = run(
         cfg(

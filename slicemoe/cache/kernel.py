@@ -163,10 +163,17 @@ def _first_kind(high, SLICED: tl.constexpr, NESTED: tl.constexpr):
     return kind
 
 
-@triton.jit
+# One build for every layer and cache size: unspecialised 64-bit scalars, so that neither a
+# value (Triton specialises 1 and multiples of 16) nor a capacity past 2^31 bytes asks for
+# another compile in a pass (slicemoe.run.compile_ahead builds on a model cut to one layer).
+_SCALARS = ["layer", "target", "capacity", "s_msb", "s_lsb", "s_full", "low_bytes"]
+
+
+@triton.jit(do_not_specialize=_SCALARS)
 def _layer_step(key_ptr, pref_ptr, used_ptr, clock_ptr, stats_ptr, idx_ptr, high_ptr, on_ptr,
                 drop_ptr, ahead_e_ptr, ahead_c_ptr, ahead_on_ptr, served_ptr, dropped_ptr, out_ptr,
-                layer, target, capacity, s_msb, s_lsb, s_full, low_bytes,
+                layer: tl.int64, target: tl.int64, capacity: tl.int64, s_msb: tl.int64,
+                s_lsb: tl.int64, s_full: tl.int64, low_bytes: tl.int64,
                 N: tl.constexpr, E: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                 EVICTION: tl.constexpr, SLICED: tl.constexpr, NESTED: tl.constexpr,
                 ON_MISS: tl.constexpr, PREFETCH_LSB: tl.constexpr, COLD: tl.constexpr,

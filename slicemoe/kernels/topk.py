@@ -18,7 +18,8 @@ import triton.language as tl
 MAX_ITEMS = 1024  # scores a row held in one program's registers
 
 
-@triton.jit
+# One build for any row count and layout (a pass's first batches must not compile another).
+@triton.jit(do_not_specialize=["N", "stride"])
 def _topk(x_ptr, idx_ptr, N, stride, K: tl.constexpr, BN: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BN)
