@@ -155,3 +155,8 @@ class RunConfig:
     # the model: no weights are loaded, the model's config.json gives its shape. Not `trace`,
     # which names the per-request output above.
     stream_file: Optional[str] = None
+
+
+# What configs packed into one model pass must share: each config's rows then see the same
+# prompts, padding and batches as they would alone (slicemoe.run.record_packed).
+PACKED_ALIKE = ("model", "bits", "eval", "seed", "batch_size")

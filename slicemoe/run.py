@@ -30,7 +30,7 @@ from slicemoe.batching import (
     row_bytes,
     sizes,
 )
-from slicemoe.config import PrefetchConfig, RunConfig
+from slicemoe.config import PACKED_ALIKE, PrefetchConfig, RunConfig
 from slicemoe.metrics import METRICS, assemble
 from slicemoe.models import Shape, checkpoint_dir, moe_blocks, read_shape, skeleton
 from slicemoe.models.adapter import quantize_model
@@ -332,11 +332,6 @@ def _evaluate(cfgs: list[RunConfig], loaded: Loaded, record: bool = False, progr
             nll = [x for i in range(len(windows)) for x in r[i]]
             scores.append({"perplexity": [math.exp(float(np.mean(nll))) if nll else float("nan")]})
     return sim, scores, sum(map(len, prompts)), size
-
-
-# What configs packed into one model pass must share: each config's rows then see the same
-# prompts, padding and batches as they would alone.
-PACKED_ALIKE = ("model", "bits", "eval", "seed", "batch_size")
 
 
 def _prepare(cfg: RunConfig, loaded: Loaded | None) -> Loaded | None:

@@ -19,11 +19,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sweep.drivers import process_mark
 from sweep.errors import SweepError
-from sweep.schema import RayConf
+
+if TYPE_CHECKING:  # the schema imports the model registries, which an actor does not need
+    from sweep.schema import RayConf
 
 INSTANCES = Path(tempfile.gettempdir()) / f"slicemoe-ray-{os.getuid()}"
 

@@ -16,10 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from slicemoe.config import RunConfig
-from slicemoe.run import METRICS as RESULT_METRICS  # logged to MLflow under these names
-from slicemoe.run import PACKED_ALIKE
-from sweep import schema
+from slicemoe.config import PACKED_ALIKE, RunConfig
+from slicemoe.metrics import METRICS as RESULT_METRICS  # logged to MLflow under these names
 from sweep.errors import SweepError
 
 # Fields that say where or how a run executes, not what it computes: two configs that differ
@@ -167,6 +165,8 @@ def job_name(overrides: Sequence[str]) -> str:
 
 def make_job(index: int, cfg: DictConfig, overrides: Sequence[str], runner: ModuleType) -> Job:
     """Resolve, validate and key one job; a semantic error raises SweepError naming the field."""
+    from sweep import schema  # the model registries: the driver's, not an actor's
+
     name = job_name(overrides)
     run_cfg = schema.run_config(cfg)
     try:

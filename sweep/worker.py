@@ -59,10 +59,12 @@ class ModelCache:
 
 
 def _no_progress_bars() -> None:
-    """transformers' per-load bars would break the sweep's progress line, once per actor."""
-    from transformers.utils import logging as hf_logging
+    """transformers' per-load bars would break the sweep's progress line, once per actor whose
+    runner uses transformers (slicemoe.run imports it with itself)."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
 
 
 def execute(

@@ -1002,3 +1002,20 @@ def test_a_sweep_replays_every_job_from_a_trace_and_the_report_draws_from_it(
     out = tmp_path / "report"
     report(["--experiment", f"traces {model}", "--tracking-uri", store.uri, "--out", str(out)])
     assert {"accuracy_vs_miss_rate.png", "miss_ratio_curves.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_an_actor_starts_without_torch_or_transformers_until_its_runner_needs_them():
+    """A sweep's actor imports the engine (Ray, MLflow) and the runner; the model's stack comes
+    with a runner that uses it (slicemoe.run), not with the engine, so an actor of the stand-in
+    runner starts in seconds."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sweep.actors, sweep.worker, conftest_sweep; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    env = fake.sweep_env(PYTHONPATH=f"{fake.REPO}:{fake.REPO / 'tests'}")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
