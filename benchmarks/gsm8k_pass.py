@@ -96,8 +96,8 @@ def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, d
 @contextmanager
 def kernel_builds():
     """Within: the Triton kernels built (compiled, or read from Triton's on-disk cache) and
-    the seconds that took, as (Counter of kernel names, their signatures as Triton specialised
-    them, [seconds])."""
+    the seconds that took, as (Counter of kernel names, each build's name and specialisation key:
+    argument types, alignment, constants, [seconds])."""
     from triton import knobs
 
     names, signatures, seconds, began = Counter(), [], [0.0], {}
@@ -106,10 +106,10 @@ def kernel_builds():
         began[str(key)] = time.perf_counter()
         return False  # build it
 
-    def after(*, key, fn, repr, **_):
+    def after(*, key, fn, **_):
         seconds[0] += time.perf_counter() - began.pop(str(key), time.perf_counter())
         names[fn.name] += 1
-        signatures.append(repr)
+        signatures.append(f"{fn.name} {key}")
 
     hooks = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after

@@ -41,8 +41,8 @@ def ray_head():
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: three workers for every two cores. An end-to-end sweep spends about half its
     time waiting for its driver, actors and servers (one alone: 48 s of CPU in 91 s), which
-    the third worker fills: on a 2-core box the suite took 497 s with 3 workers, 654-833 s with
-    2 or 4 (4 sweeps at once crowd each other out)."""
+    the third worker fills: on a 2-core box the suite took 497 s with 3 workers, 833 s with 2
+    and 654 s with 4 (one run each; four sweeps at once crowd each other out)."""
     return max(2, 3 * len(os.sched_getaffinity(0)) // 2)
 
 

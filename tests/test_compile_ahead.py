@@ -79,9 +79,7 @@ def test_on_cuda_the_kernels_are_built_in_load_and_none_in_the_run():
     built = []
     # Each build with the key Triton specialised it by (argument types, alignment, constants):
     # a build in the run shows what the cut copy launched differently.
-    knobs.runtime.jit_post_compile_hook = lambda *, fn, compile, **_: built.append(
-        f"{fn.name} {compile['key']}"
-    )
+    knobs.runtime.jit_post_compile_hook = lambda *, fn, key, **_: built.append(f"{fn.name} {key}")
     try:
         loaded = load(cfg)
         in_load = list(built)

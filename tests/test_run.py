@@ -291,8 +291,9 @@ def test_dbsc_beats_highbit_lru_on_misses_and_lowbit_on_accuracy(loaded):
 
 
 def test_the_loaded_model_keeps_no_graph_outside_no_grad(loaded):
-    """A forward pass of the loaded model records no autograd graph even where the caller did
-    not turn gradients off (the benchmarks' step timing calls the simulator directly)."""
+    """No parameter of the loaded model asks for gradients, so a forward pass records no
+    autograd graph even where the caller did not turn them off (a benchmark that times the
+    simulator's step directly ran out of GPU memory on the activations kept for one)."""
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import math
 import re
+import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import replace
@@ -1008,9 +1010,6 @@ def test_an_actor_starts_without_torch_or_transformers_until_its_runner_needs_th
     """A sweep's actor imports the engine (Ray, MLflow) and the runner; the model's stack comes
     with a runner that uses it (slicemoe.run), not with the engine, so an actor of the stand-in
     runner starts in seconds."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, sweep.actors, sweep.worker, conftest_sweep; "
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
