@@ -38,6 +38,7 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: three workers for every two cores. An end-to-end sweep spends about half its
     time waiting for its driver, actors and servers (one alone: 48 s of CPU in 91 s), which
