@@ -96,8 +96,8 @@ def build_checkpoint(config_file: Path, data: Path, folder: Path, small: bool, d
 @contextmanager
 def kernel_builds():
     """Within: the Triton kernels built (compiled, or read from Triton's on-disk cache) and
-    the seconds that took, as (Counter of kernel names, each build's name and specialisation key:
-    argument types, alignment, constants, [seconds])."""
+    the seconds that took, as (Counter of kernel names, a list of each build's name and
+    specialisation key, [seconds])."""
     from triton import knobs
 
     names, signatures, seconds, began = Counter(), [], [0.0], {}

@@ -163,9 +163,9 @@ def _first_kind(high, SLICED: tl.constexpr, NESTED: tl.constexpr):
     return kind
 
 
-# One build for every layer and cache size: unspecialised 64-bit scalars, so that neither a
-# value (Triton specialises 1 and multiples of 16) nor a capacity past 2^31 bytes asks for
-# another compile in a pass (slicemoe.run.compile_ahead builds on a model cut to one layer).
+# One build for every layer and cache capacity: unspecialised 64-bit scalars, so that neither
+# a value (Triton specialises 1 and multiples of 16) nor a capacity past 2^31 bytes asks for
+# another compile in a pass. The slot count N (MoE layers x experts) stays a constant.
 _SCALARS = ["layer", "target", "capacity", "s_msb", "s_lsb", "s_full", "low_bytes"]
 
 
