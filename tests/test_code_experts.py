@@ -102,6 +102,25 @@ def test_the_kernel_computes_what_the_reference_computes(name, tokens):
     assert err < (1e-5 if device == "cpu" else 3e-3), float(err)
 
 
+@needs_triton
+@pytest.mark.parametrize("name", sorted(BITS))
+def test_the_kernels_dequantize_every_weight_exactly_as_the_reference(name):
+    """Bit for bit, both paths: the kernels' codes become floats through their bits, and the
+    low path keeps its codes' bits in place with its zero-point taken 2^shift times."""
+    from slicemoe.kernels import expert_gemm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = model().to(torch.bfloat16 if device == "cuda" else torch.float32)
+    quantize_model(m, BITS[name], codes=True)
+    ex = moe_blocks(m)[0].experts.to(device)
+    virtual = 2 * ex.num_experts
+    used = torch.ones(virtual, dtype=torch.int64, device=device)
+    for proj in ("gate_up_proj", "down_proj"):
+        got = expert_gemm.dequantize(ex, proj, used, expert_gemm.low_path(ex), 0, virtual)
+        for v in range(virtual):
+            assert torch.equal(got[v], ex.weight(proj, v)), (proj, v)
+
+
 def sorted_rows(v: torch.Tensor, num_virtual: int, bm: int):
     """`align`'s rows the plain way: the pairs in a stable sort by virtual expert, each
     expert's run padded to whole blocks of bm with the out-of-range index."""
