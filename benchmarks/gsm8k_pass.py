@@ -10,6 +10,7 @@ by phase (slicemoe.simulator.Clock), with the pass's roofline.
     python benchmarks/gsm8k_pass.py                           # GPU, full shape, all 1,319
     python benchmarks/gsm8k_pass.py --small --device cpu      # a small model on the CPU (CI)
     python benchmarks/gsm8k_pass.py --step 128 --step-from 60 # one batch's recorded step
+    python benchmarks/gsm8k_pass.py --step 128 --step-from 60 --profile  # and its kernels
 
 `--step ROWS`: instead of the pass, the recorded decode step of one batch of ROWS prompts (those
 at length ranks --step-from onwards, longest first, as the pass orders them), captured as a CUDA
@@ -46,6 +47,8 @@ H100_FLOPS = 990e12  # bf16 dense tensor cores
 EOS = "<|endoftext|>"
 STEP_WARM, STEP_TIMED = 3, 32  # the first step runs eagerly, the second is captured
 STEP_ROOM = 47  # --step's KV slots past the prompts (the seventh round's table had 47)
+STEP_PROFILED = 4  # --profile: steps under torch.profiler, after the timed ones
+PROFILE_LINES = 25  # --profile: the kernels printed (--json keeps them all)
 # --small: the shipped config shrunk to run in seconds on one CPU core.
 SMALL = dict(
     hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
@@ -144,9 +147,10 @@ def roofline(loaded, cfg: RunConfig, stream, steps: int) -> dict:
     }
 
 
-def step_time(cfg: RunConfig, loaded, rows: int, first: int) -> dict:
+def step_time(cfg: RunConfig, loaded, rows: int, first: int, profile: bool = False) -> dict:
     """The pass's recorded decode step at `rows` rows: the prompts at length ranks first ..
-    first + rows - 1 (longest first), prefilled with STEP_ROOM steps planned."""
+    first + rows - 1 (longest first), prefilled with STEP_ROOM steps planned; `profile`: its
+    kernels too (`profiled`)."""
     tok = loaded.tokenizer
     docs = get_task_or_error(cfg.eval.task).docs(cfg.eval, tok)
     prompts = tok([d.prompt for d in docs])["input_ids"]
@@ -166,6 +170,7 @@ def step_time(cfg: RunConfig, loaded, rows: int, first: int) -> dict:
         sim.decode_step(batch, active)
     sync()
     ms = 1e3 * (time.perf_counter() - t) / STEP_TIMED
+    kernels = profiled(lambda: sim.decode_step(batch, active), cuda) if profile else []
     return {
         "device": torch.cuda.get_device_name(loaded.device) if cuda else "cpu",
         "step_rows": rows,
@@ -173,7 +178,31 @@ def step_time(cfg: RunConfig, loaded, rows: int, first: int) -> dict:
         "step_slots": max(len(prompts[i]) for i in seqs) + STEP_ROOM,
         "step_captured": sim.graphs,
         "step_ms": ms,
+        "step_kernels": kernels,
     }
+
+
+def profiled(step, cuda: bool) -> list[dict]:
+    """STEP_PROFILED more steps under torch.profiler: per kernel name (on the CPU: per op), its
+    milliseconds and launches a step, the longest first. Kernels replayed from a CUDA graph
+    are listed one by one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(STEP_PROFILED):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    total, calls = Counter(), Counter()
+    for ev in prof.events():
+        if ev.device_type == kind:
+            total[ev.name] += ev.device_time_total if cuda else ev.self_cpu_time_total
+            calls[ev.name] += 1
+    return [
+        {"name": name, "ms": us / 1e3 / STEP_PROFILED, "launches": calls[name] / STEP_PROFILED}
+        for name, us in total.most_common()
+    ]
 
 
 def main(argv=None) -> dict:
@@ -193,6 +222,8 @@ def main(argv=None) -> dict:
                    help="time one batch's recorded decode step instead of the pass")  # fmt: skip
     p.add_argument("--step-from", type=int, default=0, metavar="RANK",
                    help="--step's first prompt, by length rank (0: the longest)")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="with --step: its kernels by name, time and launches a step")  # fmt: skip
     p.add_argument("--no-compile-ahead", action="store_true",
                    help="load without compiling the kernels meanwhile (they compile in the pass)")  # fmt: skip
     p.add_argument("--memory-gib", type=float,
@@ -234,11 +265,18 @@ def main(argv=None) -> dict:
         loaded = load(cfg, ahead=not a.no_compile_ahead)
         load_s = time.perf_counter() - t
         if a.step is not None:
-            row = step_time(cfg, loaded, a.step, a.step_from)
+            row = step_time(cfg, loaded, a.step, a.step_from, a.profile)
             print(f"recorded decode step on {row['device']}: {a.step} rows (length ranks "
                   f"{a.step_from}-{a.step_from + a.step - 1}), {row['step_slots']} KV slots, "
                   f"{'captured' if row['step_captured'] else 'eager'}: {row['step_ms']:.2f} ms "
                   f"a step over {STEP_TIMED} steps")  # fmt: skip
+            if row["step_kernels"]:
+                ks = row["step_kernels"]
+                print(f"{'kernels' if device.type == 'cuda' else 'ops'} a step, over "
+                      f"{STEP_PROFILED} steps: {sum(k['ms'] for k in ks):.2f} ms in "
+                      f"{sum(k['launches'] for k in ks):.0f} launches")  # fmt: skip
+                for k in ks[:PROFILE_LINES]:
+                    print(f"  {k['ms']:8.3f} ms {k['launches']:6.0f}x  {k['name'][:100]}")
             if a.json:
                 a.json.write_text(json.dumps(row, indent=1))
             return row

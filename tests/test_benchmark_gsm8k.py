@@ -41,7 +41,7 @@ def test_the_gsm8k_pass_runs_small_on_the_cpu(tmp_path):
 def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
     out = tmp_path / "step.json"
     cmd = [sys.executable, "benchmarks/gsm8k_pass.py", "--small", "--device", "cpu",
-           "--limit", "4", "--step", "2", "--step-from", "1", "--json", str(out)]  # fmt: skip
+           "--limit", "4", "--step", "2", "--step-from", "1", "--profile", "--json", str(out)]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -49,3 +49,8 @@ def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
     assert row["step_rows"] == 2 and row["step_from"] == 1 and not row["step_captured"]
     assert row["step_ms"] > 0 and row["step_slots"] > 100 + 47  # 5-shot prompts, 47 planned
     assert "2 rows (length ranks 1-2)" in proc.stdout
+    # --profile: the step's ops (kernels on CUDA) by name, the longest first
+    ops = row["step_kernels"]
+    assert ops and all(a["ms"] >= b["ms"] for a, b in zip(ops, ops[1:]))
+    assert any(k["name"] == "aten::addmm" or k["name"] == "aten::mm" for k in ops)
+    assert "ops a step, over 4 steps" in proc.stdout
