@@ -126,12 +126,11 @@ def _adapted(model, cfg: RunConfig, device: torch.device):
 
 
 def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
-    """A started thread that runs `cfg`'s model pass on a copy of the model cut to its first
-    MoE layer, random weights (built here, the global RNGs left as they were): short batches
-    of each size at which the experts' kernels differ (`expert_gemm.launch_tokens`), so that
-    Triton compiles the kernels the pass launches (all but the cache's layer step, built for
-    the copy's slot count, and a recording pass's next-layer ranking, which the copy does not
-    run) while the checkpoint loads, where a machine's first pass would
+    """A started thread that runs `cfg`'s model pass, recording, on a copy of the model cut to
+    its first two MoE layers (`_cut`), random weights (built here, the global RNGs left as they
+    were): short batches of each size at which the experts' kernels differ
+    (`expert_gemm.launch_tokens`), so that Triton compiles the kernels the pass launches (all
+    but the cache's layer step, built for the copy's slot count) while the checkpoint loads, where a machine's first pass would
     compile them in its first batches (7.5-11 s of a GSM8K pass on an H100; the load slows by
     about as much, docs/simulator.md). None where no cut model has a MoE block, or where the
     model and the copy together would not fit the GPU's free memory (the copy must not crowd
@@ -142,7 +141,7 @@ def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
     from slicemoe.kernels.expert_gemm import launch_tokens
 
     full = skeleton(path)
-    cut = _cut(full.config)
+    cut = _cut(full.config, min(2, len(moe_blocks(full))))
     if cut is None:
         return None
     weights = sum(p.numel() for p in [*full.parameters(), *cut.parameters()])
@@ -166,7 +165,7 @@ def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
     def compile_all():
         try:
             with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-                sim = Simulator(cfg, loaded, capture=False)
+                sim = Simulator(cfg, loaded, record=True, capture=False)
                 for rows, tokens in batches:
                     prompt = [i % vocab for i in range(tokens)]
                     sim.generate_until(np.arange(rows), [prompt] * rows, max_new=2)
@@ -179,11 +178,14 @@ def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
     return thread
 
 
-def _cut(config):
-    """The model of `config` with the fewest decoder layers (up to 4) that hold a MoE block, on
-    the meta device (shapes, no weights); None if none."""
+def _cut(config, moe_layers: int):
+    """The model of `config` with the fewest decoder layers (up to 4) that hold `moe_layers` MoE
+    blocks, or as many as those 4 hold, on the meta device (shapes, no weights); None if none.
+    Two, where the model has them: a recording pass ranks each next MoE layer's experts (a
+    top-k of another depth), which a lone MoE layer never does."""
     from transformers import AutoModelForCausalLM
 
+    best, most = None, 0
     for layers in range(1, min(4, config.get_text_config().num_hidden_layers) + 1):
         cut = copy.deepcopy(config)
         cut.get_text_config().num_hidden_layers = layers
@@ -191,10 +193,13 @@ def _cut(config):
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cut)
         except Exception:  # a config whose layers cannot be cut
-            return None
-        if moe_blocks(model):
-            return model
-    return None
+            break
+        found = len(moe_blocks(model))
+        if found > most:
+            best, most = model, found
+        if found >= moe_layers:
+            break
+    return best
 
 
 # --- evaluation ------------------------------------------------------------------------------

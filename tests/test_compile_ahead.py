@@ -11,7 +11,7 @@ import torch
 
 from slicemoe.config import EvalConfig, ModelConfig, RunConfig
 from slicemoe.models import checkpoint_dir, skeleton
-from slicemoe.run import compile_ahead, load, run
+from slicemoe.run import compile_ahead, load, record, run
 
 
 def test_the_cut_model_runs_the_pass_beside_the_load_and_leaves_the_rngs_alone(capsys):
@@ -25,6 +25,32 @@ def test_the_cut_model_runs_the_pass_beside_the_load_and_leaves_the_rngs_alone(c
     thread.join()
     assert torch.equal(torch.random.get_rng_state(), before)
     assert "not compiled ahead" not in capsys.readouterr().err
+
+
+def test_the_copy_ranks_at_every_depth_a_recorded_pass_ranks_at(monkeypatch):
+    """A recorded pass ranks each next MoE layer's experts, 16 deep (the stream's next-gate
+    ranking), beside the routers' top 4: each depth is a constant of the top-k kernel on CUDA.
+    The copy records too and has two MoE layers, so it ranks at both (the device backend, which
+    ranks only where a stream is recorded)."""
+    from transformers import AutoTokenizer
+
+    import slicemoe.prefetch
+    import slicemoe.routing
+
+    depths = []
+
+    def spy(top_indices):
+        return lambda x, k: depths.append(k) or top_indices(x, k)
+
+    for module in (slicemoe.prefetch, slicemoe.routing):
+        monkeypatch.setattr(module, "top_indices", spy(module.top_indices))
+    cfg = RunConfig(model=ModelConfig(backend="tensor"), eval=EvalConfig(limit=2, max_new_tokens=3))
+    path = checkpoint_dir(cfg.model.name, cfg.model.path)
+    compile_ahead(cfg, path, AutoTokenizer.from_pretrained(path), torch.device("cpu")).join()
+    ahead = set(depths)
+    depths.clear()
+    record(cfg, load(cfg))
+    assert set(depths) == {4, 16} and ahead == set(depths), (ahead, set(depths))
 
 
 def test_no_copy_is_built_where_it_and_the_model_would_not_fit_the_free_memory(monkeypatch):
@@ -90,5 +116,5 @@ def test_on_cuda_the_kernels_are_built_in_load_and_none_in_the_run():
     names = {build.split()[0] for build in in_load}
     assert {"_gate_up", "_rms_norm"} <= names, in_load
     # Except the cache's layer step: its slot count (MoE layers x experts) is a constant of the
-    # kernel, and the copy has one MoE layer (measured on an H100: one build, in the first step).
+    # kernel, and the copy has fewer MoE layers (measured on an H100: one build, in the first step).
     assert [build.split()[0] for build in built] in ([], ["_layer_step"]), built
