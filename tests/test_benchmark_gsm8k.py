@@ -52,5 +52,5 @@ def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
     # --profile: the step's ops (kernels on CUDA) by name, the longest first
     ops = row["step_kernels"]
     assert ops and all(a["ms"] >= b["ms"] for a, b in zip(ops, ops[1:]))
-    assert any(k["name"] == "aten::addmm" or k["name"] == "aten::mm" for k in ops)
+    assert any(k["name"] in ("aten::addmm", "aten::mm") for k in ops)
     assert "ops a step, over 4 steps" in proc.stdout
