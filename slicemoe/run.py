@@ -132,10 +132,10 @@ def compile_ahead(cfg: RunConfig, path: str, tok, device: torch.device):
     (`expert_gemm.launch_tokens`), so that Triton compiles the kernels the pass launches (all
     but the cache's layer step, built for the copy's slot count) while the checkpoint loads,
     where a machine's first pass would compile them in its first batches (7.5-11 s of a GSM8K
-    pass on an H100; the load slows by about as much, docs/simulator.md). None where no cut model has a MoE block, or where the
-    model and the copy together would not fit the GPU's free memory (the copy must not crowd
-    the checkpoint out). The thread tells stderr if it fails: the pass then compiles what is
-    left, as it would have."""
+    pass on an H100; the load slows by about as much, docs/simulator.md). None where no cut
+    model has a MoE block, or where the model and the copy together would not fit the GPU's
+    free memory (the copy must not crowd the checkpoint out). The thread tells stderr if it
+    fails: the pass then compiles what is left, as it would have."""
     from transformers import AutoModelForCausalLM
 
     from slicemoe.kernels.expert_gemm import launch_tokens
