@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Software-pipeline depth of the GEMMs (measured best on an H200 at Qwen1.5-MoE shape).
+# Software-pipeline depth of the GEMMs (measured best on an H200 at Qwen1.5-MoE shape, and on an
+# H100 for the wide gate/up tile, whose fourth stage left room for one program a multiprocessor).
 STAGES = 3
 # (token, slot) pairs per expert on average from which a call dequantizes the layer's experts
 # once and runs torch's grouped GEMM (a prefill piece: thousands), rather than per tile.
@@ -127,11 +128,11 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, k0, n_in, groups, shift, mult, G: tl.con
     """Rows `rows` x columns k0 .. k0 + BK of a [out, n_in] weight; BK is a multiple of G, so
     each row's BK // G scales and zero-points are loaded once and broadcast over their group
     (a gather per weight instead runs twenty times slower).
-    Two instructions a weight are spared, the products unchanged: the low path's code keeps
-    its bits in place (q & mask is q >> shift times mult = 2^shift) and its zero-point is taken
-    mult times too, where the scale was (a power of two moves no rounding); and a code c becomes
-    the float 2^23 + c through its bits, not a conversion (the B=128 step's expert tiles 3-5 %
-    faster on an H100, outputs identical: benchmarks/README.md)."""
+    No shift and no integer-to-float conversion a weight, the products unchanged: the low
+    path's code keeps its bits in place (q & mask is q >> shift times mult = 2^shift) and its
+    zero-point is taken mult times too, where the scale was (a power of two moves no rounding);
+    and a code c becomes the float 2^23 + c through its bits (the decode tiles 2-4 % faster on
+    an H100, outputs identical: benchmarks/README.md)."""
     cols = k0 + tl.arange(0, BK)
     mask = row_ok[:, None] & (cols < n_in)[None, :]
     q = tl.load(q_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0).to(tl.int32)
