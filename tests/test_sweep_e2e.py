@@ -52,6 +52,7 @@ def policy_sweep(tmp_path_factory, ray_head):
         "mlflow.experiment=policies",
         "cache=frac_10,frac_25",
         "policy=cache_prior_highbit,dbsc",
+        "ray.num_actors=1",  # a second actor's start (torch, the model) costs more than it saves
     ]
     res = run_sweep([*args, "trace=true", *QUICK], tmp, ray=ray_head)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
