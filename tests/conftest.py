@@ -5,6 +5,7 @@ Without CUDA the Triton kernels run through Triton's interpreter."""
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# A shell without job control starts a background command with Ctrl-C ignored, and every process
+# under it inherits that: the sweep drivers the tests start would then ignore the SIGINT the
+# interrupt test sends them (a user's terminal delivers it). The tests run as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if not torch.cuda.is_available():
     # Read where a kernel is defined, Triton's own helpers included: set before any test
     # imports Triton (a helper defined for the compiler fails inside an interpreted kernel).
