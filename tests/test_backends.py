@@ -283,6 +283,45 @@ def test_on_cuda_the_captured_step_replays_the_eager_one_and_the_runtimes_agree(
     assert np.allclose(got, want, rtol=1e-9, atol=0)
 
 
+@cuda
+def test_on_cuda_the_routing_beside_the_block_changes_nothing(monkeypatch):
+    """Each block's routing on a second stream (adapter.install's `beside`, the default) gives
+    the one-stream run's texts, counters and request stream, captured or eager."""
+    from functools import partial
+
+    import slicemoe.simulator
+    from slicemoe.models.adapter import install
+
+    cfg = RunConfig(
+        model=ModelConfig(backend="tensor"),
+        policy=PolicyConfig(routing="cache_prior", lam=0.1, warmup="pcw"),
+        prefetch=PrefetchConfig(predictor="next_gate", slices="critical"),
+        cache=CacheConfig(frac=0.2),
+    )
+    replayable = RunConfig(
+        eval=EVAL, model=ModelConfig(backend="tensor"), policy=PolicyConfig(warmup="pcw")
+    )
+    loaded = load(cfg)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 40, (n,), generator=g).tolist() for n in (17, 9, 30, 22)]
+    out = {}
+    for beside in (True, False):
+        monkeypatch.setattr(slicemoe.simulator, "install", partial(install, beside=beside))
+        for graphs in (True, False):
+            sim = Simulator(cfg, loaded, capture=graphs)
+            assert sim.graphs == graphs
+            texts = sim.generate_until(range(len(prompts)), prompts, stop=("\n\n",), max_new=40)
+            out[beside, graphs] = texts, sim.groups[0].rows()
+        out[beside, "stream"] = record(replayable, loaded)
+    for graphs in (True, False):
+        assert out[True, graphs][0] == out[False, graphs][0]
+        assert np.array_equal(out[True, graphs][1], out[False, graphs][1])
+    want, got = out[False, "stream"], out[True, "stream"]
+    assert want.experts.size > 1000
+    for name in ("prefill_counts", "experts", "high", "next_gate", "next_gate_critical"):
+        assert np.array_equal(getattr(want, name), getattr(got, name)), name
+
+
 # Operations that wait for the device (a value read back, a data-dependent shape) or copy
 # host data in: none may run inside a decode step that is captured as a CUDA graph.
 HOST_SYNC = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "unique_dim",

@@ -10,9 +10,14 @@ Two in-place changes per sparse block, both through the seams the model already 
   logits (so `output_router_logits` keeps working) but hands the choice of experts and
   precision to a runtime (slicemoe.runtime, slicemoe.tensor_runtime), which simulates the
   devices.
+On CUDA the routing (router logits, the runtime's choice, the request stream's recording) runs
+on a second stream, beside whatever the block launches before it (Qwen-MoE's shared expert): a
+decode step's routing is a chain of small kernels that leaves the GPU mostly idle.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -83,18 +88,30 @@ def quantize_model(model, bits: BitsConfig, codes: bool = False) -> None:
 # --- the router seam -------------------------------------------------------------------------
 
 
-def install(model, runtime: Bindable) -> None:
-    """Swap each block's router class for one that defers to the runtime."""
+def install(model, runtime: Bindable, beside: bool = True) -> None:
+    """Swap each block's router class for one that defers to the runtime; `beside` (CUDA): each
+    block's routing on a second stream, beside the block's earlier work (False: one stream, the
+    reference; the results are the same)."""
+    device = next(model.parameters()).device
+    side = torch.cuda.Stream(device) if beside and device.type == "cuda" else None
     for layer, block in enumerate(moe_blocks(model)):
         gate = router_of(block)
-        base = type(gate)
-        if not getattr(base, "_slicemoe", False):
-            gate.__class__ = type(
-                f"Slice{base.__name__}", (base,), {"forward": _routed_forward, "_slicemoe": True}
-            )
+        _subclass(gate, _routed_forward)
+        _subclass(block, _forked_forward)
         gate._slicemoe_layer = layer
         gate._slicemoe_runtime = runtime
         gate._slicemoe_linear = _is_linear(gate)
+        gate._slicemoe_side = side
+        gate._slicemoe_fork = None
+
+
+def _subclass(module, forward) -> None:
+    """Swap `module`'s class, once, for a subclass with `forward`."""
+    base = type(module)
+    if not getattr(base, "_slicemoe", False):
+        module.__class__ = type(
+            f"Slice{base.__name__}", (base,), {"forward": forward, "_slicemoe": True}
+        )
 
 
 @torch.no_grad()
@@ -138,10 +155,32 @@ def router_logits(block, hidden: torch.Tensor):
     return _logits(router, hidden, args), selection_bias(router, args)
 
 
+def _forked_forward(self, hidden_states, *args, **kwargs):
+    """A sparse block's forward: with a side stream, it first waits there for the work before
+    the block, and tells its router which input that work made."""
+    gate = router_of(self)
+    if gate._slicemoe_side is not None:
+        gate._slicemoe_side.wait_stream(torch.cuda.current_stream())
+        gate._slicemoe_fork = hidden_states.data_ptr()
+    try:
+        return super(type(self), self).forward(hidden_states, *args, **kwargs)
+    finally:
+        gate._slicemoe_fork = None
+
+
 def _routed_forward(self, hidden_states, *args):
-    logits = _logits(self, hidden_states, args)
-    bias = selection_bias(self, args)
-    weights, idx = self._slicemoe_runtime.routed(self._slicemoe_layer, logits, bias, hidden_states)
+    # On the side stream only when it routes the block's own input (what the side stream
+    # waited for): a family that transforms it inside the block routes on the block's stream.
+    side = self._slicemoe_side
+    beside = side is not None and self._slicemoe_fork == hidden_states.data_ptr()
+    with torch.cuda.stream(side) if beside else nullcontext():
+        logits = _logits(self, hidden_states, args)
+        bias = selection_bias(self, args)
+        weights, idx = self._slicemoe_runtime.routed(
+            self._slicemoe_layer, logits, bias, hidden_states
+        )
+    if beside:
+        torch.cuda.current_stream().wait_stream(side)
     return logits, weights, idx
 
 
