@@ -16,6 +16,7 @@ on the device (slicemoe.cache.tensor.from_slicecaches).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,6 +29,10 @@ from slicemoe.hardware import charge
 from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
 from slicemoe.routing import RoutingParams, droppable, precision, route, without
 from slicemoe.runtime import LAMBDA_GAIN, RuntimeRules
+
+# On CUDA a recording pass's ranking and request stream are written on a stream of their own,
+# beside the layer's experts, which do not wait for them (False: on the routing's stream).
+RECORD_ASIDE = True
 
 
 @dataclass
@@ -81,6 +86,7 @@ class TensorRuntime(RuntimeRules):
         (`_route_only`)."""
         super().__init__(*rules, **kw)
         self.depth, self.simulate = depth, simulate
+        self.aside = None  # the recording's CUDA stream (`_aside`), made on first use
         fp, policy = self.fp, self.policy
         shape = fp.shape
         self.L, self.k = shape.num_moe_layers, shape.top_k
@@ -159,6 +165,8 @@ class TensorRuntime(RuntimeRules):
 
     def end_step(self, state: Rows) -> None:
         """Bill the step's layers and LM head, keep the step's counters, advance the step."""
+        if self.aside is not None:  # the recording read this step's t
+            torch.cuda.current_stream().wait_stream(self.aside)
         if not self.simulate:
             state.t += 1
             return
@@ -286,9 +294,26 @@ class TensorRuntime(RuntimeRules):
         the stream makes them, for any cache)."""
         idx, w = self.own_routing(logits, bias)
         high = precision(self.policy.precision, w, self.policy.tau)
-        ranking = self.ranker.rank(layer, hidden) if self.depth else None
-        self._record(state, layer, idx, high, ranking)
+        with self._aside(hidden, idx, high):
+            ranking = self.ranker.rank(layer, hidden) if self.depth else None
+            self._record(state, layer, idx, high, ranking)
         return w.to(logits.dtype), torch.where(high, idx, idx + self.E)
+
+    @contextmanager
+    def _aside(self, *inputs: torch.Tensor):
+        """On CUDA (RECORD_ASIDE): the work within on the recording stream, after everything
+        queued so far; `inputs` keep their memory until that stream has read them, and
+        `end_step` waits for it."""
+        if not (RECORD_ASIDE and inputs[0].is_cuda):
+            yield
+            return
+        if self.aside is None:
+            self.aside = torch.cuda.Stream(inputs[0].device)
+        self.aside.wait_stream(torch.cuda.current_stream())
+        for t in inputs:
+            t.record_stream(self.aside)
+        with torch.cuda.stream(self.aside):
+            yield
 
     def _predict(self, state: Rows, layer: int, chosen, ranking):
         """The prefetch for the next layer: (target, experts, critical, rows predicted for)."""
