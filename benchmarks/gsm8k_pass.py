@@ -11,6 +11,7 @@ by phase (slicemoe.simulator.Clock), with the pass's roofline.
     python benchmarks/gsm8k_pass.py --small --device cpu      # a small model on the CPU (CI)
     python benchmarks/gsm8k_pass.py --step 128 --step-from 60 # one batch's recorded step
     python benchmarks/gsm8k_pass.py --step 128 --step-from 60 --profile  # and its kernels
+    python benchmarks/gsm8k_pass.py --step 128 --step-from 60 --one-stream  # as on one stream
 
 `--step ROWS`: instead of the pass, the recorded decode step of one batch of ROWS prompts (those
 at length ranks --step-from onwards, longest first, as the pass orders them), captured as a CUDA
@@ -32,9 +33,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from slicemoe import tensor_runtime
 from slicemoe.batching import longest_first, sizes
 from slicemoe.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig
-from slicemoe.models import model_dims
+from slicemoe.models import adapter, model_dims
 from slicemoe.run import load, record
 from slicemoe.simulator import Clock, Simulator
 from slicemoe.validate import get_task_or_error
@@ -224,6 +226,9 @@ def main(argv=None) -> dict:
                    help="--step's first prompt, by length rank (0: the longest)")  # fmt: skip
     p.add_argument("--profile", action="store_true",
                    help="with --step: its kernels by name, time and launches a step")  # fmt: skip
+    p.add_argument("--one-stream", action="store_true",
+                   help="CUDA: the routing and the recording on the model's stream, as before "
+                        "they ran beside it (to compare)")  # fmt: skip
     p.add_argument("--no-compile-ahead", action="store_true",
                    help="load without compiling the kernels meanwhile (they compile in the pass)")  # fmt: skip
     p.add_argument("--memory-gib", type=float,
@@ -237,6 +242,8 @@ def main(argv=None) -> dict:
         ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     )
     dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if a.one_stream:
+        adapter.BESIDE = tensor_runtime.RECORD_ASIDE = False
     if a.memory_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_gib * 2**30 / total))

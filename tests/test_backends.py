@@ -285,14 +285,11 @@ def test_on_cuda_the_captured_step_replays_the_eager_one_and_the_runtimes_agree(
 
 @cuda
 def test_on_cuda_the_routing_beside_the_block_changes_nothing(monkeypatch):
-    """Each block's routing on a second stream (adapter.install's `beside`, the default) and
-    the request stream's recording on a third (tensor_runtime.RECORD_ASIDE) give the one-stream
+    """Each block's routing on a second stream (slicemoe.models.adapter.BESIDE) and the
+    request stream's recording on a third (tensor_runtime.RECORD_ASIDE) give the one-stream
     run's texts, counters and request stream, captured or eager."""
-    from functools import partial
-
-    import slicemoe.simulator
+    import slicemoe.models.adapter
     import slicemoe.tensor_runtime
-    from slicemoe.models.adapter import install
 
     cfg = RunConfig(
         model=ModelConfig(backend="tensor"),
@@ -308,7 +305,7 @@ def test_on_cuda_the_routing_beside_the_block_changes_nothing(monkeypatch):
     prompts = [torch.randint(1, 40, (n,), generator=g).tolist() for n in (17, 9, 30, 22)]
     out = {}
     for beside in (True, False):
-        monkeypatch.setattr(slicemoe.simulator, "install", partial(install, beside=beside))
+        monkeypatch.setattr(slicemoe.models.adapter, "BESIDE", beside)
         monkeypatch.setattr(slicemoe.tensor_runtime, "RECORD_ASIDE", beside)
         for graphs in (True, False):
             sim = Simulator(cfg, loaded, capture=graphs)

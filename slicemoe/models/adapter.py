@@ -88,12 +88,16 @@ def quantize_model(model, bits: BitsConfig, codes: bool = False) -> None:
 # --- the router seam -------------------------------------------------------------------------
 
 
-def install(model, runtime: Bindable, beside: bool = True) -> None:
-    """Swap each block's router class for one that defers to the runtime; `beside` (CUDA): each
-    block's routing on a second stream, beside the block's earlier work (False: one stream, the
-    reference; the results are the same)."""
+# On CUDA each block's routing runs on a second stream, beside the block's earlier work (False:
+# one stream; the results are the same).
+BESIDE = True
+
+
+def install(model, runtime: Bindable) -> None:
+    """Swap each block's router class for one that defers to the runtime (and, BESIDE, routes
+    on a second stream)."""
     device = next(model.parameters()).device
-    side = torch.cuda.Stream(device) if beside and device.type == "cuda" else None
+    side = torch.cuda.Stream(device) if BESIDE and device.type == "cuda" else None
     for layer, block in enumerate(moe_blocks(model)):
         gate = router_of(block)
         _subclass(gate, _routed_forward)
