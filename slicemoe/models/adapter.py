@@ -10,9 +10,9 @@ Two in-place changes per sparse block, both through the seams the model already 
   logits (so `output_router_logits` keeps working) but hands the choice of experts and
   precision to a runtime (slicemoe.runtime, slicemoe.tensor_runtime), which simulates the
   devices.
-On CUDA the routing (router logits, the runtime's choice, the request stream's recording) runs
-on a second stream, beside whatever the block launches before it (Qwen-MoE's shared expert): a
-decode step's routing is a chain of small kernels that leaves the GPU mostly idle.
+On CUDA the routing (router logits and the runtime's choice) runs on a second stream, beside
+whatever the block launches before it (Qwen-MoE's shared expert): a decode step's routing is a
+chain of small kernels that leaves most of the GPU idle.
 """
 
 from __future__ import annotations
