@@ -12,14 +12,11 @@ from conftest_sweep import (
     RUNNER,
     assert_no_metric_lost,
     empty_store,
-    free_port,
     kill,
     launch,
     run_sweep,
     search,
-    start_mlflow_server,
     start_sweep,
-    stop_server,
 )
 
 EXP = "engine"
@@ -205,37 +202,6 @@ def test_settings_cannot_vary_inside_one_multirun(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     code, out = launch(["-m", f"sweep.runner={RUNNER}", "mlflow.experiment=a,b"], capfd)
     assert code == 1 and "mlflow.* differs between the jobs" in out
-
-
-@pytest.mark.slow
-def test_actors_log_to_a_tracking_server(tmp_path, ray_head):
-    """Any tracking URI: here an `mlflow server`, artifacts uploaded through it (one actor is
-    enough to log both runs)."""
-    port = free_port()
-    server = start_mlflow_server(tmp_path, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        args = [
-            "-m",
-            f"sweep.runner={RUNNER}",
-            f"mlflow.tracking_uri={url}",
-            "ray.num_actors=1",
-            "seed=0,1",
-            "trace=true",
-        ]
-        res = run_sweep(args, tmp_path, ray=ray_head, FAKE_DIR=str(tmp_path))
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs = search(url, "slicemoe", "tags.role = 'run'")
-        assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(url)
-        for run in runs:
-            names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert names == {"config.yaml", "trace.parquet", "problems.json"}
-        assert list((tmp_path / "artifacts").rglob("trace.parquet"))
-    finally:
-        stop_server(server)
 
 
 @pytest.mark.slow

@@ -106,8 +106,9 @@ def test_two_drivers_on_one_multirun_compute_each_run_once_on_loopback_only(tmp_
 
 @pytest.mark.slow
 def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(tmp_path, ray_head):
-    """The server stops after two runs and stays away for longer than the client's retries:
-    the sweep computes on, spools what the server cannot take, and pushes all of it once the
+    """Any tracking URI, here an `mlflow server`, artifacts uploaded through it. The server
+    stops after two runs and stays away for longer than the client's retries: the sweep
+    computes on, spools what the server cannot take (files too), and pushes all of it once the
     server is back."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -119,6 +120,7 @@ def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(t
         f"mlflow.tracking_uri={url}",
         "mlflow.outage_wait_s=150",
         "seed=0,1,2,3,4,5",
+        "trace=true",
     ]
     # One retry a request: the client soon finds the server gone, rather than after MLflow's
     # default of several retries with growing waits.
@@ -148,7 +150,13 @@ def test_a_tracking_server_away_mid_sweep_loses_nothing_and_recomputes_nothing(t
         assert "results are kept in" in out and "Traceback" not in out
         assert sorted(calls(tmp_path, "run ")) == [f"seed={i}" for i in range(6)]
         assert not list(spool.glob("*/record.json"))
-        check_store(url, 6)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(url)
+        for run in check_store(url, 6):
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert names == {"config.yaml", "trace.parquet", "problems.json"}, names
+        assert len(list((tmp_path / "artifacts").rglob("trace.parquet"))) == 6
         parent = search(url, EXP, "tags.role = 'sweep'")[0]
         assert parent.info.status == "FINISHED" and parent.data.metrics["runs_finished"] == 6
     finally:
