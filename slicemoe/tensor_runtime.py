@@ -30,8 +30,9 @@ from slicemoe.metrics import COL, COST_COUNTERS, COUNTERS
 from slicemoe.routing import RoutingParams, droppable, precision, route, without
 from slicemoe.runtime import LAMBDA_GAIN, RuntimeRules
 
-# On CUDA a recording pass's ranking and request stream are written on a stream of their own,
-# beside the layer's experts, which do not wait for them (False: on the routing's stream).
+# On CUDA a pass that only records (`_route_only`: a cache-independent config's stream) writes
+# its ranking and request stream on a stream of their own, beside the layer's experts, which do
+# not wait for them (False: on the routing's stream). A simulating pass keeps them in place.
 RECORD_ASIDE = True
 
 

@@ -12,7 +12,7 @@ Two in-place changes per sparse block, both through the seams the model already 
   devices.
 On CUDA the routing (router logits and the runtime's choice) runs on a second stream, beside
 whatever the block launches before it (Qwen-MoE's shared expert): a decode step's routing is a
-chain of small kernels that leaves most of the GPU idle.
+chain of small kernels.
 """
 
 from __future__ import annotations
