@@ -6,9 +6,7 @@ before it loads a model.
 
 from __future__ import annotations
 
-import math
 import re
-from operator import attrgetter
 from pathlib import Path
 
 from slicemoe.cache import EVICTION
@@ -19,6 +17,7 @@ from slicemoe.eval import TASKS, get_task
 from slicemoe.models import Shape, check_checkpoint, checkpoint_dir, config_dir, read_shape
 from slicemoe.prefetch import PREDICTORS
 from slicemoe.quant import reference_bytes, slice_bytes
+from slicemoe.ranges import INF, ConfigError, check_bounds
 from slicemoe.routing import ROUTING
 from slicemoe.stream import cache_independent
 from slicemoe.warmup import WARMUP
@@ -26,19 +25,9 @@ from slicemoe.warmup import WARMUP
 BACKENDS = ("auto", "python", "tensor")  # slicemoe.simulator
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; `field` is its dotted name."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
-
-
 # --- validation ------------------------------------------------------------------------------
 
-INF = math.inf
-# Every number of the schema with a range: (field, lowest, highest, whether the lowest itself is
-# excluded). All must be finite, so NaN and inf are refused too; a null optional is not checked.
+# Every number of the schema with a range (slicemoe.ranges.check_bounds).
 BOUNDS = (
     ("bits.group", 1, INF, False),
     ("bits.nonexpert_bits", 2, 8, False),
@@ -80,27 +69,11 @@ BOUNDS = (
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def check_bounds(cfg, bounds=BOUNDS) -> None:
-    for name, low, high, open_low in bounds:
-        value = attrgetter(name)(cfg)
-        if value is None or (
-            math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
-        ):
-            continue
-        span = f"{'(' if open_low else '['}{_number(low)}, {_number(high)}{')' if high == INF else ']'}"
-        raise ConfigError(name, f"{value} is out of range; use a finite number in {span}")
-
-
-def _number(x: float) -> str:
-    """A bound as written: 4294967295, not 4.29497e+09."""
-    return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
-
-
 def validate(cfg: RunConfig, weights: bool = True) -> None:
     """Fail before any work with a message naming the field and the fix. `weights=False`
     checks a real model's config against its shipped config.json, before model.path is set."""
     b, p, c, e = cfg.bits, cfg.policy, cfg.cache, cfg.eval
-    check_bounds(cfg)
+    check_bounds(cfg, BOUNDS)
     n = cfg.batch_size
     if n != "auto" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise ConfigError("batch_size", f"{n!r} is not a batch size; use an integer >= 1 or auto")

@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, Valid
 
 from slicemoe.config import RunConfig
 from slicemoe.eval import shipped
-from slicemoe.validate import INF, ConfigError, check_bounds
+from slicemoe.ranges import INF, ConfigError, check_bounds
 from sweep.errors import SweepError
 
 
