@@ -80,7 +80,7 @@ def norm_rotary_topk() -> None:
     ints = dict.fromkeys(("S", "q_b", "q_h", "q_s", "k_b", "k_h", "k_s", "c_b", "c_s"), "i32")
     compile_for_hopper(rotary._rotary, {**ptrs, **ints}, dict(HQ=16, HK=16, D=128))
     scores = dict(x_ptr="*fp32", idx_ptr="*i64", N="i32", stride="i32")
-    compile_for_hopper(topk._topk, scores, dict(K=4, BN=64))
+    compile_for_hopper(topk._topk, scores, dict(K=4, BN=64), num_warps=topk.WARPS)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ import triton
 import triton.language as tl
 
 MAX_ITEMS = 1024  # scores a row held in one program's registers
+# One warp a row: Qwen1.5-MoE's 60 scores fit its 32 lanes twice over, and its reductions need no
+# shared memory (the recorded step at B=128 19.40 -> 19.31 ms on an H100 against four warps).
+WARPS = 1
 
 
 # One build for any row count and layout (a pass's first batches must not compile another).
@@ -51,5 +54,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty((len(rows), k), dtype=torch.int64, device=x.device)
     if len(rows):
-        _topk[(len(rows),)](rows, out, n, rows.stride(0), K=k, BN=triton.next_power_of_2(n))
+        _topk[(len(rows),)](
+            rows, out, n, rows.stride(0), K=k, BN=triton.next_power_of_2(n), num_warps=WARPS
+        )
     return out.view(*x.shape[:-1], k)
