@@ -7,14 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check uv
-# Bytecode: Python writes a module's as it first imports it, so only what is used is compiled.
-# Where PYTHONDONTWRITEBYTECODE is set it writes none, and every process would compile torch,
-# transformers, Ray and MLflow again each time it starts (the tests start hundreds: sweep
-# drivers, Ray workers, MLflow servers); there the install compiles all 25,000 modules up front
-# (70 s of CPU on a 2-core box).
-compile=()
-[ -n "${PYTHONDONTWRITEBYTECODE:-}" ] && compile=(--compile-bytecode)
-uv() { .venv/bin/python -m uv pip "$1" -q "${compile[@]}" --python .venv/bin/python "${@:2}"; }
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (as on CI machines), every process
+# would otherwise compile torch, transformers, Ray and MLflow from source each time it starts;
+# the tests start hundreds (sweep drivers, Ray workers, MLflow servers).
+uv() { .venv/bin/python -m uv pip "$1" -q --compile-bytecode --python .venv/bin/python "${@:2}"; }
 # Wheels that lie on this machine's disk (pip's find-links) are offered to uv as well.
 links=()
 for folder in ${PIP_FIND_LINKS:-}; do [ -d "$folder" ] && links+=(--find-links "$folder"); done
