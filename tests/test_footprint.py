@@ -37,9 +37,18 @@ def deepseek_v2_tiny():
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def test_the_device_and_the_replay_import_without_transformers():
-    # The replay runs without a model (where transformers may be missing or slow to import).
-    code = "import sys, slicemoe.device, slicemoe.replay; print('transformers' in sys.modules)"
+@pytest.mark.parametrize(
+    "modules, absent",
+    [
+        # The replay runs without a model (where transformers may be missing or slow to import).
+        ("slicemoe.device, slicemoe.replay", "transformers"),
+        # A sweep's driver checks its own settings without torch (each start costs 1-2 s of CPU
+        # more with it); only a runner that needs the model stack imports it.
+        ("sweep.__main__", "torch"),
+    ],
+)
+def test_these_modules_import_without_that_package(modules, absent):
+    code = f"import sys, {modules}; print({absent!r} in sys.modules)"
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
