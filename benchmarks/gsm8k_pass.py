@@ -11,6 +11,7 @@ by phase (slicemoe.simulator.Clock), with the pass's roofline.
     python benchmarks/gsm8k_pass.py --small --device cpu      # a small model on the CPU (CI)
     python benchmarks/gsm8k_pass.py --step 128 --step-from 60 # one batch's recorded step
     python benchmarks/gsm8k_pass.py --step 128 --step-from 60 --profile  # and its kernels
+    python benchmarks/gsm8k_pass.py --step 128 --step-from 60 --profile --trace step.json
     python benchmarks/gsm8k_pass.py --step 128 --step-from 60 --one-stream  # as on one stream
 
 `--step ROWS`: instead of the pass, the recorded decode step of one batch of ROWS prompts (those
@@ -149,10 +150,12 @@ def roofline(loaded, cfg: RunConfig, stream, steps: int) -> dict:
     }
 
 
-def step_time(cfg: RunConfig, loaded, rows: int, first: int, profile: bool = False) -> dict:
+def step_time(
+    cfg: RunConfig, loaded, rows: int, first: int, profile: bool = False, trace: Path | None = None
+) -> dict:
     """The pass's recorded decode step at `rows` rows: the prompts at length ranks first ..
     first + rows - 1 (longest first), prefilled with STEP_ROOM steps planned; `profile`: its
-    kernels too (`profiled`)."""
+    kernels too (`profiled`, which writes them to `trace` as a Chrome trace)."""
     tok = loaded.tokenizer
     docs = get_task_or_error(cfg.eval.task).docs(cfg.eval, tok)
     prompts = tok([d.prompt for d in docs])["input_ids"]
@@ -172,7 +175,7 @@ def step_time(cfg: RunConfig, loaded, rows: int, first: int, profile: bool = Fal
         sim.decode_step(batch, active)
     sync()
     ms = 1e3 * (time.perf_counter() - t) / STEP_TIMED
-    kernels = profiled(lambda: sim.decode_step(batch, active), cuda) if profile else []
+    kernels = profiled(lambda: sim.decode_step(batch, active), cuda, trace) if profile else []
     return {
         "device": torch.cuda.get_device_name(loaded.device) if cuda else "cpu",
         "step_rows": rows,
@@ -184,10 +187,11 @@ def step_time(cfg: RunConfig, loaded, rows: int, first: int, profile: bool = Fal
     }
 
 
-def profiled(step, cuda: bool) -> list[dict]:
+def profiled(step, cuda: bool, trace: Path | None = None) -> list[dict]:
     """STEP_PROFILED more steps under torch.profiler: per kernel name (on the CPU: per op), its
     milliseconds and launches a step, the longest first. Kernels replayed from a CUDA graph
-    are listed one by one."""
+    are listed one by one. `trace`: the steps as a Chrome trace there (each kernel on its
+    stream, in order: where a step waits, chrome://tracing or ui.perfetto.dev shows it)."""
     from torch.profiler import ProfilerActivity, profile
 
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
@@ -196,6 +200,8 @@ def profiled(step, cuda: bool) -> list[dict]:
             step()
         if cuda:
             torch.cuda.synchronize()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     total, calls = Counter(), Counter()
     for ev in prof.events():
         if ev.device_type == kind:
@@ -226,6 +232,8 @@ def main(argv=None) -> dict:
                    help="--step's first prompt, by length rank (0: the longest)")  # fmt: skip
     p.add_argument("--profile", action="store_true",
                    help="with --step: its kernels by name, time and launches a step")  # fmt: skip
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="with --profile: the profiled steps as a Chrome trace (JSON) here")  # fmt: skip
     p.add_argument("--one-stream", action="store_true",
                    help="CUDA: the routing and the recording on the model's stream, as before "
                         "they ran beside it (to compare)")  # fmt: skip
@@ -238,6 +246,10 @@ def main(argv=None) -> dict:
         p.error(
             f"--step {a.step} --step-from {a.step_from}: ROWS must be 1 or more, RANK 0 or more"
         )
+    if a.trace is not None and (a.step is None or not a.profile):
+        p.error(f"--trace {a.trace}: it writes the profiled steps; add --step ROWS --profile")
+    if a.trace is not None and not a.trace.parent.is_dir():
+        p.error(f"--trace {a.trace}: no folder {a.trace.parent}; make it first")
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     )
@@ -272,7 +284,7 @@ def main(argv=None) -> dict:
         loaded = load(cfg, ahead=not a.no_compile_ahead)
         load_s = time.perf_counter() - t
         if a.step is not None:
-            row = step_time(cfg, loaded, a.step, a.step_from, a.profile)
+            row = step_time(cfg, loaded, a.step, a.step_from, a.profile, a.trace)
             print(f"recorded decode step on {row['device']}: {a.step} rows (length ranks "
                   f"{a.step_from}-{a.step_from + a.step - 1}), {row['step_slots']} KV slots, "
                   f"{'captured' if row['step_captured'] else 'eager'}: {row['step_ms']:.2f} ms "

@@ -39,9 +39,10 @@ def test_the_gsm8k_pass_runs_small_on_the_cpu(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="GSM8K is not at ../shared/data/gsm8k")
 def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
-    out = tmp_path / "step.json"
+    out, trace = tmp_path / "step.json", tmp_path / "trace.json"
     cmd = [sys.executable, "benchmarks/gsm8k_pass.py", "--small", "--device", "cpu",
-           "--limit", "4", "--step", "2", "--step-from", "1", "--profile", "--json", str(out)]  # fmt: skip
+           "--limit", "4", "--step", "2", "--step-from", "1", "--profile", "--json", str(out),
+           "--trace", str(trace)]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -54,3 +55,7 @@ def test_one_batchs_recorded_step_is_timed_small_on_the_cpu(tmp_path):
     assert ops and all(a["ms"] >= b["ms"] for a, b in zip(ops, ops[1:]))
     assert any(k["name"] in ("aten::addmm", "aten::mm") for k in ops)
     assert "ops a step, over 4 steps" in proc.stdout
+    # --trace: the profiled steps' events, each with its time and place, for a trace viewer
+    events = json.loads(trace.read_text())["traceEvents"]
+    timed = [e for e in events if e.get("ph") == "X" and e["name"] in ("aten::addmm", "aten::mm")]
+    assert timed and all(e["dur"] >= 0 and "ts" in e and "tid" in e for e in timed)
