@@ -7,10 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check uv
-# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (as on CI machines), every process
-# would otherwise compile torch, transformers, Ray and MLflow from source each time it starts;
-# the tests start hundreds (sweep drivers, Ray workers, MLflow servers).
-uv() { .venv/bin/python -m uv pip "$1" -q --compile-bytecode --python .venv/bin/python "${@:2}"; }
+# Where PYTHONDONTWRITEBYTECODE is set, no process may cache bytecode, and each would compile
+# torch, transformers, Ray and MLflow from source every time it starts (the tests start
+# hundreds: sweep drivers, Ray workers, MLflow servers): there all 25,000 files are compiled
+# here (~100 s of CPU). Elsewhere Python caches what is imported, the first time it is.
+compile=()
+[ -z "${PYTHONDONTWRITEBYTECODE:-}" ] || compile=(--compile-bytecode)
+uv() { .venv/bin/python -m uv pip "$1" -q "${compile[@]}" --python .venv/bin/python "${@:2}"; }
 # Wheels that lie on this machine's disk (pip's find-links) are offered to uv as well.
 links=()
 for folder in ${PIP_FIND_LINKS:-}; do [ -d "$folder" ] && links+=(--find-links "$folder"); done
