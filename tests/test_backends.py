@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -286,22 +285,11 @@ def test_on_cuda_the_captured_step_replays_the_eager_one_and_the_runtimes_agree(
 
 @cuda
 def test_on_cuda_the_routing_beside_the_block_changes_nothing(monkeypatch):
-    """Each block's routing on a second stream (slicemoe.models.adapter.BESIDE, with the
-    shared-expert gate's product) and the request stream's recording on a third
-    (tensor_runtime.RECORD_ASIDE) give the one-stream run's texts, counters and request stream,
-    captured or eager."""
+    """Each block's routing on a second stream (slicemoe.models.adapter.BESIDE) and the
+    request stream's recording on a third (tensor_runtime.RECORD_ASIDE) give the one-stream
+    run's texts, counters and request stream, captured or eager."""
     import slicemoe.models.adapter
     import slicemoe.tensor_runtime
-
-    # Where the shared-expert gates computed their product themselves (not beside: always).
-    own = Counter()
-    linear = torch.nn.Linear.forward
-
-    def counted(module, x):
-        own[type(module).__name__.startswith("Slice")] += 1
-        return linear(module, x)
-
-    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
 
     cfg = RunConfig(
         model=ModelConfig(backend="tensor"),
@@ -319,15 +307,12 @@ def test_on_cuda_the_routing_beside_the_block_changes_nothing(monkeypatch):
     for beside in (True, False):
         monkeypatch.setattr(slicemoe.models.adapter, "BESIDE", beside)
         monkeypatch.setattr(slicemoe.tensor_runtime, "RECORD_ASIDE", beside)
-        own.clear()
         for graphs in (True, False):
             sim = Simulator(cfg, loaded, capture=graphs)
             assert sim.graphs == graphs
             texts = sim.generate_until(range(len(prompts)), prompts, stop=("\n\n",), max_new=40)
             out[beside, graphs] = texts, sim.groups[0].rows()
         out[beside, "stream"] = record(replayable, loaded)
-        # Beside, every shared-expert gate's product came from the routing's stream.
-        assert own[True] == 0 if beside else own[True] > 0, own
     for graphs in (True, False):
         assert out[True, graphs][0] == out[False, graphs][0]
         assert np.array_equal(out[True, graphs][1], out[False, graphs][1])

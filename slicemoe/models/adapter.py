@@ -12,9 +12,7 @@ Two in-place changes per sparse block, both through the seams the model already 
   devices.
 On CUDA the routing (router logits and the runtime's choice) runs on a second stream, beside
 whatever the block launches before it (Qwen-MoE's shared expert): a decode step's routing is a
-chain of small kernels, which the experts wait for, so that stream goes first where both have
-work; Qwen-MoE's shared-expert gate, which the block applies after its experts, is computed there
-too.
+chain of small kernels.
 """
 
 from __future__ import annotations
@@ -91,20 +89,15 @@ def quantize_model(model, bits: BitsConfig, codes: bool = False) -> None:
 
 
 # On CUDA each block's routing runs on a second stream, beside the block's earlier work (False:
-# one stream; the results are the same) ...
+# one stream; the results are the same).
 BESIDE = True
-# ... at this CUDA stream priority (lower: scheduled first; the model's stream has 0): the
-# experts wait for the routing, not for the work beside it.
-PRIORITY = -1
 
 
 def install(model, runtime: Bindable) -> None:
     """Swap each block's router class for one that defers to the runtime (and, BESIDE, routes
     on a second stream)."""
     device = next(model.parameters()).device
-    side = None
-    if BESIDE and device.type == "cuda":
-        side = torch.cuda.Stream(device, priority=PRIORITY)
+    side = torch.cuda.Stream(device) if BESIDE and device.type == "cuda" else None
     for layer, block in enumerate(moe_blocks(model)):
         gate = router_of(block)
         _subclass(gate, _routed_forward)
@@ -114,7 +107,6 @@ def install(model, runtime: Bindable) -> None:
         gate._slicemoe_linear = _is_linear(gate)
         gate._slicemoe_side = side
         gate._slicemoe_fork = None
-        gate._slicemoe_shared_gate = _shared_gate(block) if side is not None else None
 
 
 def _subclass(module, forward) -> None:
@@ -124,25 +116,6 @@ def _subclass(module, forward) -> None:
         module.__class__ = type(
             f"Slice{base.__name__}", (base,), {"forward": forward, "_slicemoe": True}
         )
-
-
-def _shared_gate(block):
-    """Qwen-MoE's `shared_expert_gate` (a Linear without bias, its product taken after the
-    experts), made to hand back a product computed earlier on the routing's stream (`_early`):
-    the same call on the same input, off the experts' path."""
-    g = getattr(block, "shared_expert_gate", None)
-    if type(g) is not torch.nn.Linear or g.bias is not None:
-        return None
-    _subclass(g, _early_forward)
-    g._slicemoe_early = None
-    return g
-
-
-def _early_forward(self, x):
-    early, self._slicemoe_early = self._slicemoe_early, None
-    if early is not None and early[0] == (x.data_ptr(), x.shape):
-        return early[1]
-    return super(type(self), self).forward(x)
 
 
 @torch.no_grad()
@@ -204,20 +177,14 @@ def _routed_forward(self, hidden_states, *args):
     # waited for): a family that transforms it inside the block routes on the block's stream.
     side = self._slicemoe_side
     beside = side is not None and self._slicemoe_fork == hidden_states.data_ptr()
-    block_stream = torch.cuda.current_stream() if beside else None
     with torch.cuda.stream(side) if beside else nullcontext():
-        shared = self._slicemoe_shared_gate
-        if beside and shared is not None:
-            early = F.linear(hidden_states, shared.weight)
-            early.record_stream(block_stream)  # read there, after the join below
-            shared._slicemoe_early = ((hidden_states.data_ptr(), hidden_states.shape), early)
         logits = _logits(self, hidden_states, args)
         bias = selection_bias(self, args)
         weights, idx = self._slicemoe_runtime.routed(
             self._slicemoe_layer, logits, bias, hidden_states
         )
     if beside:
-        block_stream.wait_stream(side)
+        torch.cuda.current_stream().wait_stream(side)
     return logits, weights, idx
 
 
