@@ -10,7 +10,8 @@ cd "$(dirname "$0")"
 # Where PYTHONDONTWRITEBYTECODE is set, no process may cache bytecode, and each would compile
 # torch, transformers, Ray and MLflow from source every time it starts (the tests start
 # hundreds: sweep drivers, Ray workers, MLflow servers): there all 25,000 files are compiled
-# here (~100 s of CPU). Elsewhere Python caches what is imported, the first time it is.
+# here (the install 18 s -> 56 s on a 2-core box). Elsewhere Python caches what is imported,
+# the first time it is.
 compile=()
 [ -z "${PYTHONDONTWRITEBYTECODE:-}" ] || compile=(--compile-bytecode)
 uv() { .venv/bin/python -m uv pip "$1" -q "${compile[@]}" --python .venv/bin/python "${@:2}"; }
